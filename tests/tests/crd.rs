@@ -14,8 +14,13 @@ fn cluster() -> &'static ControlPlane {
 fn credential(name: &str, spec: &str) -> String {
     let spec = spec.trim_matches('\n');
     let indent = spec.len() - spec.trim_start().len();
-    let spec: String = spec.lines().map(|l| format!("  {}\n", l.get(indent..).unwrap_or(""))).collect();
-    format!("apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata:\n  name: {name}\nspec:\n{spec}")
+    let spec: String = spec
+        .lines()
+        .map(|l| format!("  {}\n", l.get(indent..).unwrap_or("")))
+        .collect();
+    format!(
+        "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata:\n  name: {name}\nspec:\n{spec}"
+    )
 }
 
 const VALID_SOURCE: &str = "source:\n  apiKey:\n    secretKeyRef: {name: key, key: api-key}\n";
@@ -52,13 +57,22 @@ fn every_example_is_accepted_by_the_api_server() {
     let cp = cluster();
     let ns = cp.namespace("crd-examples");
     let docs = example_documents();
-    assert!(docs.len() >= 8, "expected the examples for GitHub, Slack, Jira, Linear, Notion, JWT, session and token exchange, found {}", docs.len());
+    assert!(
+        docs.len() >= 8,
+        "expected the examples for GitHub, Slack, Jira, Linear, Notion, JWT, session and token exchange, found {}",
+        docs.len()
+    );
     for (file, doc) in &docs {
         let out = cp.apply(&ns, doc);
         assert!(out.success, "{file} was rejected: {}", out.stderr);
     }
     let out = cp.kubectl(&["get", "mcpcred", "-n", &ns, "-o", "name"]);
-    assert_eq!(out.stdout.lines().count(), docs.len(), "every example is stored: {}", out.stdout);
+    assert_eq!(
+        out.stdout.lines().count(),
+        docs.len(),
+        "every example is stored: {}",
+        out.stdout
+    );
 }
 
 #[test]
@@ -73,7 +87,10 @@ fn invalid_credentials_are_rejected_with_a_message_naming_the_fix() {
         ),
         (
             "an empty source",
-            credential("empty-source", "upstream: https://mcp.example.com/mcp\nsource: {}\n"),
+            credential(
+                "empty-source",
+                "upstream: https://mcp.example.com/mcp\nsource: {}\n",
+            ),
             "spec.source must set exactly one of oauth2, tokenExchange, jwt, githubApp, apiKey or session",
         ),
         (
@@ -91,12 +108,18 @@ fn invalid_credentials_are_rejected_with_a_message_naming_the_fix() {
         ),
         (
             "an http upstream that is not loopback",
-            credential("http-upstream", &format!("upstream: http://mcp.example.com/mcp\n{VALID_SOURCE}")),
+            credential(
+                "http-upstream",
+                &format!("upstream: http://mcp.example.com/mcp\n{VALID_SOURCE}"),
+            ),
             "spec.upstream must be an absolute https:// URL (plain http:// is allowed only for loopback",
         ),
         (
             "an upstream with credentials in the URL",
-            credential("userinfo-upstream", &format!("upstream: https://user:pw@mcp.example.com/\n{VALID_SOURCE}")),
+            credential(
+                "userinfo-upstream",
+                &format!("upstream: https://user:pw@mcp.example.com/\n{VALID_SOURCE}"),
+            ),
             "spec.upstream must be an absolute https:// URL",
         ),
         (
@@ -123,7 +146,9 @@ fn invalid_credentials_are_rejected_with_a_message_naming_the_fix() {
             "both renewBefore and renewBeforePercentage",
             credential(
                 "both-renewals",
-                &format!("upstream: https://mcp.example.com/mcp\n{VALID_SOURCE}refresh: {{renewBefore: 10m, renewBeforePercentage: 20}}\n"),
+                &format!(
+                    "upstream: https://mcp.example.com/mcp\n{VALID_SOURCE}refresh: {{renewBefore: 10m, renewBeforePercentage: 20}}\n"
+                ),
             ),
             "set at most one of refresh.renewBefore and refresh.renewBeforePercentage",
         ),
@@ -131,7 +156,9 @@ fn invalid_credentials_are_rejected_with_a_message_naming_the_fix() {
             "a percentage of 0",
             credential(
                 "percentage-zero",
-                &format!("upstream: https://mcp.example.com/mcp\n{VALID_SOURCE}refresh: {{renewBeforePercentage: 0}}\n"),
+                &format!(
+                    "upstream: https://mcp.example.com/mcp\n{VALID_SOURCE}refresh: {{renewBeforePercentage: 0}}\n"
+                ),
             ),
             "refresh.renewBeforePercentage must be between 1 and 99",
         ),
@@ -139,7 +166,9 @@ fn invalid_credentials_are_rejected_with_a_message_naming_the_fix() {
             "a percentage of 100",
             credential(
                 "percentage-hundred",
-                &format!("upstream: https://mcp.example.com/mcp\n{VALID_SOURCE}refresh: {{renewBeforePercentage: 100}}\n"),
+                &format!(
+                    "upstream: https://mcp.example.com/mcp\n{VALID_SOURCE}refresh: {{renewBeforePercentage: 100}}\n"
+                ),
             ),
             "refresh.renewBeforePercentage must be between 1 and 99",
         ),
@@ -171,7 +200,9 @@ fn invalid_credentials_are_rejected_with_a_message_naming_the_fix() {
             "a header name with a space",
             credential(
                 "bad-header",
-                &format!("upstream: https://mcp.example.com/mcp\n{VALID_SOURCE}inject: {{header: 'X API Key'}}\n"),
+                &format!(
+                    "upstream: https://mcp.example.com/mcp\n{VALID_SOURCE}inject: {{header: 'X API Key'}}\n"
+                ),
             ),
             "inject.header must be a valid HTTP header name",
         ),
@@ -179,7 +210,9 @@ fn invalid_credentials_are_rejected_with_a_message_naming_the_fix() {
             "a header name with a colon",
             credential(
                 "colon-header",
-                &format!("upstream: https://mcp.example.com/mcp\n{VALID_SOURCE}inject: {{header: 'Authorization:'}}\n"),
+                &format!(
+                    "upstream: https://mcp.example.com/mcp\n{VALID_SOURCE}inject: {{header: 'Authorization:'}}\n"
+                ),
             ),
             "inject.header must be a valid HTTP header name",
         ),
@@ -187,7 +220,9 @@ fn invalid_credentials_are_rejected_with_a_message_naming_the_fix() {
             "a hop-by-hop header",
             credential(
                 "hop-header",
-                &format!("upstream: https://mcp.example.com/mcp\n{VALID_SOURCE}inject: {{header: Transfer-Encoding}}\n"),
+                &format!(
+                    "upstream: https://mcp.example.com/mcp\n{VALID_SOURCE}inject: {{header: Transfer-Encoding}}\n"
+                ),
             ),
             "inject.header cannot be a header that controls the connection",
         ),
@@ -273,9 +308,13 @@ fn invalid_credentials_are_rejected_with_a_message_naming_the_fix() {
 fn loopback_http_is_accepted_for_local_servers() {
     let cp = cluster();
     let ns = cp.namespace("crd-loopback");
-    for (i, url) in ["http://127.0.0.1:8080/mcp", "http://localhost:3000/", "http://[::1]:9000/mcp"]
-        .iter()
-        .enumerate()
+    for (i, url) in [
+        "http://127.0.0.1:8080/mcp",
+        "http://localhost:3000/",
+        "http://[::1]:9000/mcp",
+    ]
+    .iter()
+    .enumerate()
     {
         let doc = credential(&format!("local-{i}"), &format!("upstream: {url}\n{VALID_SOURCE}"));
         let out = cp.apply(&ns, &doc);
@@ -287,29 +326,83 @@ fn loopback_http_is_accepted_for_local_servers() {
 fn kubectl_get_shows_ready_source_upstream_expiry_and_renewal() {
     let cp = cluster();
     let ns = cp.namespace("crd-columns");
-    let out = cp.apply(&ns, &credential("github", &format!("upstream: https://api.githubcopilot.com/mcp/\n{VALID_SOURCE}")));
+    let out = cp.apply(
+        &ns,
+        &credential(
+            "github",
+            &format!("upstream: https://api.githubcopilot.com/mcp/\n{VALID_SOURCE}"),
+        ),
+    );
     assert!(out.success, "{}", out.stderr);
     let status = r#"{"status":{"source":"apiKey","notAfter":"2099-01-01T00:00:00Z","renewalTime":"2098-12-31T00:00:00Z","secretName":"github-mcp-credential","conditions":[{"type":"Ready","status":"True","reason":"Issued","message":"credential is current","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}"#;
-    let out = cp.kubectl(&["patch", "mcpcred", "github", "-n", &ns, "--subresource=status", "--type=merge", "-p", status]);
-    assert!(out.success, "the status subresource accepts a status: {}", out.stderr);
+    let out = cp.kubectl(&[
+        "patch",
+        "mcpcred",
+        "github",
+        "-n",
+        &ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        status,
+    ]);
+    assert!(
+        out.success,
+        "the status subresource accepts a status: {}",
+        out.stderr
+    );
 
     let out = cp.kubectl(&["get", "mcpcred", "-n", &ns]);
     assert!(out.success, "{}", out.stderr);
-    let header: Vec<&str> = out.stdout.lines().next().unwrap_or("").split_whitespace().collect();
-    assert_eq!(header, ["NAME", "READY", "SOURCE", "UPSTREAM", "EXPIRES", "RENEWAL", "AGE"]);
-    let row: Vec<&str> = out.stdout.lines().nth(1).unwrap_or("").split_whitespace().collect();
-    assert_eq!(&row[..4], ["github", "True", "apiKey", "https://api.githubcopilot.com/mcp/"]);
+    let header: Vec<&str> = out
+        .stdout
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "SOURCE", "UPSTREAM", "EXPIRES", "RENEWAL", "AGE"]
+    );
+    let row: Vec<&str> = out
+        .stdout
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        &row[..4],
+        ["github", "True", "apiKey", "https://api.githubcopilot.com/mcp/"]
+    );
 
     let out = cp.kubectl(&["get", "mcpcred", "-n", &ns, "-o", "wide"]);
-    assert!(out.stdout.lines().next().unwrap_or("").contains("REASON"), "wide adds REASON: {}", out.stdout);
-    assert!(out.stdout.contains("github-mcp-credential"), "wide adds the Secret: {}", out.stdout);
+    assert!(
+        out.stdout.lines().next().unwrap_or("").contains("REASON"),
+        "wide adds REASON: {}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("github-mcp-credential"),
+        "wide adds the Secret: {}",
+        out.stdout
+    );
 
     // The short name and the category work too.
     assert!(cp.kubectl(&["get", "mcpcredentials", "-n", &ns]).success);
     assert!(cp.kubectl(&["get", "mcp", "-n", &ns]).stdout.contains("github"));
 
     // A spec change bumps the generation; a status change does not.
-    let generation = cp.kubectl(&["get", "mcpcred", "github", "-n", &ns, "-o", "jsonpath={.metadata.generation}"]);
+    let generation = cp.kubectl(&[
+        "get",
+        "mcpcred",
+        "github",
+        "-n",
+        &ns,
+        "-o",
+        "jsonpath={.metadata.generation}",
+    ]);
     assert_eq!(generation.stdout, "1");
 }
 
@@ -318,11 +411,27 @@ fn kubectl_explain_shows_the_field_docs() {
     let cp = cluster();
     let out = cp.kubectl(&["explain", "mcpcredential.spec.source"]);
     assert!(out.success, "{}", out.stderr);
-    for needle in ["Set exactly one of", "oauth2", "tokenExchange", "githubApp", "apiKey", "session", "jwt"] {
-        assert!(out.stdout.contains(needle), "explain spec.source lacks {needle:?}:\n{}", out.stdout);
+    for needle in [
+        "Set exactly one of",
+        "oauth2",
+        "tokenExchange",
+        "githubApp",
+        "apiKey",
+        "session",
+        "jwt",
+    ] {
+        assert!(
+            out.stdout.contains(needle),
+            "explain spec.source lacks {needle:?}:\n{}",
+            out.stdout
+        );
     }
     let out = cp.kubectl(&["explain", "mcpcredential.spec.refresh.renewBeforePercentage"]);
-    assert!(out.stdout.contains("Default: 33"), "defaults are stated:\n{}", out.stdout);
+    assert!(
+        out.stdout.contains("Default: 33"),
+        "defaults are stated:\n{}",
+        out.stdout
+    );
     let out = cp.kubectl(&["explain", "mcpcredential.spec.source.oauth2.resource"]);
     assert!(out.stdout.contains("RFC 8707"), "{}", out.stdout);
 }

@@ -18,7 +18,10 @@ fn the_charts_copy_of_the_crds_matches_crds_directory() {
     // condition, so compare the body.
     let chart = repo_root().join("charts/mcp-credentials/templates/crds/mcpcredentials.yaml");
     let Ok(copy) = std::fs::read_to_string(&chart) else {
-        assert!(!repo_root().join("charts/mcp-credentials").exists(), "the chart has no CRD copy at {chart:?}");
+        assert!(
+            !repo_root().join("charts/mcp-credentials").exists(),
+            "the chart has no CRD copy at {chart:?}"
+        );
         return;
     };
     let crd = mcp_credentials_core::crds_yaml();
