@@ -1,14 +1,21 @@
 //! The domain of mcp-credentials, free of any Kubernetes runtime: the `McpCredential` API and the
-//! contract of the Secret the operator writes and the sidecar reads.
+//! contract of the Secret the operator writes and the sidecar reads, credential sources and refresh timing.
 
 /// The `McpCredential` custom resource (`mcpcredentials.dev/v1alpha1`), as users write it.
 pub mod crd;
+/// Credential material that never prints.
+pub mod redact;
 /// What the operator writes into a credential's Secret and the sidecar reads back.
 pub mod secret;
+/// Credential sources: how to obtain each kind of credential (shared with the sidecar's standalone mode).
+pub mod source;
+/// Renewal times and failure backoff.
+pub mod timing;
 /// CEL rules shared by several fields of the CRD schema.
 mod validation;
 
 pub use crd::*;
+pub use redact::SecretString;
 
 /// The API group of every resource this project defines.
 pub const GROUP: &str = "mcpcredentials.dev";

@@ -1,0 +1,405 @@
+//! The oauth2 source against an in-process HTTP server that answers exactly what each test needs,
+//! including the malformed and slow answers real servers sometimes give.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use base64::Engine;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+use super::*;
+use crate::{CredentialSource, SecretKeyRef, source::test_support::MapResolver};
+
+/// A test-only EC P-256 key (generated for these tests, trusted by nothing).
+const TEST_EC_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg9zThmBQaMSgyDyk2
+ce2ltFj4CaOyPV8dMqNxOEqA2SShRANCAARCCAT8mPhgphw96LASBR3S2pqMEiwV
+1GGTI7nd+Z8Md5SV7yBYA9QGCQvnH8j9EhpHdwmfkep1wdgECuneqX/D
+-----END PRIVATE KEY-----
+";
+
+/// What the test server answers.
+#[derive(Clone)]
+enum Answer {
+    Json(u16, String),
+    Raw(u16, &'static str, String),
+    Hang,
+}
+
+/// A request the test server received: the head (request line and headers) and the body.
+#[derive(Clone, Debug)]
+struct Seen {
+    head: String,
+    body: String,
+}
+
+impl Seen {
+    fn param(&self, name: &str) -> Option<String> {
+        self.body.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == name).then(|| decode(v))
+        })
+    }
+}
+
+fn decode(s: &str) -> String {
+    let s = s.replace('+', " ");
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+async fn server(answer: Answer) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/token", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let answer = answer.clone();
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let (head, body) = loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().to_owned())
+                            })
+                            .and_then(|v| v.parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            break (head.to_owned(), body.to_owned());
+                        }
+                    }
+                };
+                log.lock().unwrap().push(Seen { head, body });
+                let (status, ctype, body) = match answer {
+                    Answer::Json(s, b) => (s, "application/json", b),
+                    Answer::Raw(s, t, b) => (s, t, b),
+                    Answer::Hang => {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        return;
+                    }
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+fn spec(token_url: &str, o: impl FnOnce(&mut OAuth2Source)) -> McpCredentialSpec {
+    let mut source = OAuth2Source {
+        grant: OAuth2Grant::ClientCredentials,
+        token_url: Some(token_url.to_owned()),
+        client_id: "agent one".into(),
+        client_secret: Some(SecretKeyRef {
+            name: "idp".into(),
+            key: "client-secret".into(),
+        }),
+        client_auth: None,
+        private_key: None,
+        refresh_token: None,
+        scopes: vec!["read".into(), "write".into()],
+        resource: None,
+        audience: None,
+        extra_params: Default::default(),
+        quirks: None,
+    };
+    o(&mut source);
+    McpCredentialSpec {
+        upstream: "https://mcp.example.com/mcp".into(),
+        source: CredentialSource {
+            oauth2: Some(source),
+            ..Default::default()
+        },
+        inject: None,
+        refresh: None,
+        secret_name: None,
+        access: None,
+    }
+}
+
+fn secrets() -> MapResolver {
+    MapResolver::default()
+        .with("idp", "client-secret", "s3cr:t&")
+        .with("idp", "refresh-token", "rt-1")
+        .with("idp", "key.pem", TEST_EC_KEY)
+}
+
+fn http() -> reqwest::Client {
+    crate::source::http_client(Duration::from_secs(2)).unwrap()
+}
+
+fn jwt(claims: &str) -> String {
+    let e = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!("{}.{}.sig", e(r#"{"alg":"ES256"}"#), e(claims))
+}
+
+async fn obtain_with(
+    answer: Answer,
+    o: impl FnOnce(&mut OAuth2Source),
+) -> (Result<Issued, SourceError>, Vec<Seen>) {
+    let (url, seen) = server(answer).await;
+    let spec = spec(&url, o);
+    let r = crate::source::obtain("test", &spec, &secrets(), &http()).await;
+    let seen = seen.lock().unwrap().clone();
+    (r, seen)
+}
+
+fn ok_token() -> Answer {
+    Answer::Json(
+        200,
+        r#"{"access_token":"at-1","token_type":"Bearer","expires_in":60}"#.into(),
+    )
+}
+
+#[tokio::test]
+async fn client_credentials_with_basic_auth_sends_the_upstream_as_resource() {
+    let (r, seen) = obtain_with(ok_token(), |_| {}).await;
+    let issued = r.unwrap();
+    assert_eq!(issued.token.expose(), "at-1");
+    let exp = issued
+        .expires_at
+        .unwrap()
+        .duration_since(issued.not_before)
+        .unwrap();
+    assert_eq!(exp, Duration::from_secs(60));
+    assert_eq!(seen.len(), 1);
+    let req = &seen[0];
+    assert_eq!(req.param("grant_type").as_deref(), Some("client_credentials"));
+    assert_eq!(
+        req.param("resource").as_deref(),
+        Some("https://mcp.example.com/mcp")
+    );
+    assert_eq!(req.param("scope").as_deref(), Some("read write"));
+    assert_eq!(req.param("client_secret"), None);
+    let basic = base64::engine::general_purpose::STANDARD.encode("agent+one:s3cr%3At%26");
+    assert!(
+        req.head
+            .to_ascii_lowercase()
+            .contains(&format!("authorization: basic {}", basic.to_ascii_lowercase())),
+        "{}",
+        req.head
+    );
+}
+
+#[tokio::test]
+async fn client_secret_post_puts_the_client_in_the_body() {
+    let (r, seen) = obtain_with(ok_token(), |o| o.client_auth = Some(ClientAuth::ClientSecretPost)).await;
+    r.unwrap();
+    assert_eq!(seen[0].param("client_id").as_deref(), Some("agent one"));
+    assert_eq!(seen[0].param("client_secret").as_deref(), Some("s3cr:t&"));
+    assert!(!seen[0].head.to_ascii_lowercase().contains("authorization:"));
+}
+
+#[tokio::test]
+async fn private_key_jwt_sends_a_signed_assertion_for_the_token_endpoint() {
+    let (r, seen) = obtain_with(ok_token(), |o| {
+        o.client_secret = None;
+        o.private_key = Some(SecretKeyRef {
+            name: "idp".into(),
+            key: "key.pem".into(),
+        });
+    })
+    .await;
+    r.unwrap();
+    let assertion = seen[0].param("client_assertion").unwrap();
+    let parts: Vec<_> = assertion.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(parts[0])
+        .unwrap();
+    assert!(String::from_utf8(header).unwrap().contains("ES256"));
+    let claims = crate::source::token_response::jwt_claims(&assertion).unwrap();
+    assert!(claims.aud[0].ends_with("/token"));
+    assert_eq!(
+        seen[0].param("client_assertion_type").as_deref(),
+        Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+    );
+}
+
+#[tokio::test]
+async fn refresh_sends_resource_too_and_reports_a_rotated_refresh_token() {
+    let answer = Answer::Json(
+        200,
+        r#"{"access_token":"at-2","expires_in":300,"refresh_token":"rt-2"}"#.into(),
+    );
+    let (r, seen) = obtain_with(answer, |o| {
+        o.grant = OAuth2Grant::RefreshToken;
+        o.refresh_token = Some(SecretKeyRef {
+            name: "idp".into(),
+            key: "refresh-token".into(),
+        });
+        o.resource = Some("https://other.example.com/".into());
+    })
+    .await;
+    let issued = r.unwrap();
+    assert_eq!(issued.rotated_refresh_token.unwrap().expose(), "rt-2");
+    assert_eq!(seen[0].param("refresh_token").as_deref(), Some("rt-1"));
+    assert_eq!(
+        seen[0].param("resource").as_deref(),
+        Some("https://other.example.com/")
+    );
+}
+
+#[tokio::test]
+async fn omit_resource_quirk_sends_no_resource() {
+    let (r, seen) = obtain_with(ok_token(), |o| {
+        o.quirks = Some(crate::ProviderQuirks {
+            omit_resource: true,
+            ..Default::default()
+        })
+    })
+    .await;
+    r.unwrap();
+    assert_eq!(seen[0].param("resource"), None);
+}
+
+#[tokio::test]
+async fn expiry_comes_from_the_jwt_when_expires_in_is_absent() {
+    let exp = timing::unix_seconds(SystemTime::now()) + 120;
+    let token = jwt(&format!(r#"{{"exp":{exp},"aud":"https://mcp.example.com/mcp"}}"#));
+    let (r, _) = obtain_with(
+        Answer::Json(200, format!(r#"{{"access_token":"{token}"}}"#)),
+        |_| {},
+    )
+    .await;
+    assert_eq!(timing::unix_seconds(r.unwrap().expires_at.unwrap()), exp);
+}
+
+#[tokio::test]
+async fn a_jwt_for_another_audience_is_rejected() {
+    let exp = timing::unix_seconds(SystemTime::now()) + 120;
+    let token = jwt(&format!(
+        r#"{{"exp":{exp},"aud":"https://elsewhere.example.com"}}"#
+    ));
+    let (r, _) = obtain_with(
+        Answer::Json(200, format!(r#"{{"access_token":"{token}"}}"#)),
+        |_| {},
+    )
+    .await;
+    let e = r.unwrap_err();
+    assert_eq!(e.reason(), "AudienceMismatch");
+    assert!(!e.to_string().contains(&token));
+}
+
+#[tokio::test]
+async fn a_hanging_server_is_a_transient_timeout() {
+    let (r, _) = obtain_with(Answer::Hang, |_| {}).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.category(), "transient_error");
+    assert!(e.to_string().contains("timed out"), "{e}");
+}
+
+#[tokio::test]
+async fn html_instead_of_json_is_a_bad_response() {
+    let (r, _) = obtain_with(Answer::Raw(200, "text/html", "<html>login</html>".into()), |_| {}).await;
+    assert_eq!(r.unwrap_err().reason(), "BadTokenResponse");
+}
+
+#[tokio::test]
+async fn a_server_error_is_transient() {
+    let (r, _) = obtain_with(Answer::Raw(500, "text/plain", "boom".into()), |_| {}).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.category(), "transient_error");
+    assert_eq!(e.to_string(), "the token endpoint answered HTTP 500");
+}
+
+#[tokio::test]
+async fn invalid_grant_is_reported_as_such() {
+    let (r, _) = obtain_with(Answer::Json(400, r#"{"error":"invalid_grant"}"#.into()), |o| {
+        o.grant = OAuth2Grant::RefreshToken;
+        o.refresh_token = Some(SecretKeyRef {
+            name: "idp".into(),
+            key: "refresh-token".into(),
+        });
+    })
+    .await;
+    assert_eq!(r.unwrap_err().category(), "invalid_grant");
+}
+
+#[tokio::test]
+async fn an_unreachable_server_names_the_endpoint_without_the_query() {
+    let spec = spec("http://127.0.0.1:9/token?secret=x", |_| {});
+    let e = crate::source::obtain("t", &spec, &secrets(), &http())
+        .await
+        .unwrap_err();
+    assert_eq!(e.category(), "transient_error");
+    assert!(e.to_string().contains("http://127.0.0.1:9/token"), "{e}");
+    assert!(!e.to_string().contains("secret=x"), "{e}");
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_a_configuration_error() {
+    let (url, _) = server(ok_token()).await;
+    let spec = spec(&url, |_| {});
+    let e = crate::source::obtain("t", &spec, &MapResolver::default(), &http())
+        .await
+        .unwrap_err();
+    assert_eq!(e.category(), "config_error");
+    assert_eq!(e.reason(), "SecretUnavailable");
+}
+
+#[test]
+fn the_default_header_is_bearer_and_api_keys_in_custom_headers_are_bare() {
+    let issued = Issued {
+        token: "tok".into(),
+        not_before: SystemTime::now(),
+        expires_at: None,
+        rotated_refresh_token: None,
+    };
+    let s = spec("http://127.0.0.1/token", |_| {});
+    let (name, value) = crate::source::header(&s, &issued);
+    assert_eq!((name.as_str(), value.expose()), ("Authorization", "Bearer tok"));
+
+    let mut s = s;
+    s.source = CredentialSource {
+        api_key: Some(crate::ApiKeySource {
+            secret_key_ref: SecretKeyRef {
+                name: "k".into(),
+                key: "k".into(),
+            },
+        }),
+        ..Default::default()
+    };
+    s.inject = Some(crate::Inject {
+        header: Some("X-API-Key".into()),
+        format: None,
+    });
+    let (name, value) = crate::source::header(&s, &issued);
+    assert_eq!((name.as_str(), value.expose()), ("X-API-Key", "tok"));
+}
