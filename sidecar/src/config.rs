@@ -1,0 +1,273 @@
+//! Configuration: environment variables with their defaults side by side, each default justified.
+//! The injector sets these in the pod; standalone mode takes its file arguments from the command line.
+
+use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use crate::proxy::ClientSettings;
+
+/// Where the proxy listens. Loopback only: the agent in the same pod (or on the same laptop) is the
+/// only client, and nothing else on the network may use the credentials.
+pub const LISTEN: (&str, &str) = ("MCP_SIDECAR_LISTEN", "127.0.0.1:7007");
+/// Where `/metrics`, `/healthz` and `/readyz` listen. All interfaces in a pod, because the kubelet's
+/// probes and Prometheus reach the pod IP; this port carries no credential. Standalone mode defaults
+/// to loopback instead (a laptop has no kubelet).
+pub const ADMIN_LISTEN: (&str, &str) = ("MCP_SIDECAR_ADMIN_LISTEN", "0.0.0.0:7008");
+/// Loopback admin address for standalone mode.
+pub const STANDALONE_ADMIN_LISTEN: &str = "127.0.0.1:7008";
+/// Comma-separated credentials this pod needs, each `name` or `name=secret-name` (when the
+/// McpCredential sets `spec.secretName`); `/readyz` waits for all of them. Empty: every credential
+/// found is served (the Kubernetes store then watches every managed Secret of the namespace), and
+/// readiness waits for at least one.
+pub const CREDENTIALS: (&str, &str) = ("MCP_SIDECAR_CREDENTIALS", "");
+/// A directory with one subdirectory per credential holding files named like the Secret's data keys
+/// (a projected Secret volume). When set, it replaces the Kubernetes watch.
+pub const CREDENTIALS_DIR: (&str, &str) = ("MCP_SIDECAR_CREDENTIALS_DIR", "");
+/// The namespace of the credential Secrets. Empty: the pod's own namespace.
+pub const NAMESPACE: (&str, &str) = ("MCP_SIDECAR_NAMESPACE", "");
+/// A PEM file of extra CA certificates trusted for upstreams, besides the system roots. Empty: none.
+pub const EXTRA_CA_FILE: (&str, &str) = ("MCP_SIDECAR_EXTRA_CA_FILE", "");
+/// Give up connecting to an upstream after this long: long enough for a slow TLS handshake across
+/// a continent, short enough that an agent learns quickly that an upstream is down.
+pub const CONNECT_TIMEOUT: (&str, &str) = ("MCP_SIDECAR_CONNECT_TIMEOUT", "10s");
+/// Close pooled upstream connections idle this long: below the 60 s idle timeout of common cloud load
+/// balancers, so the sidecar closes first and never writes into a connection being torn down.
+pub const POOL_IDLE_TIMEOUT: (&str, &str) = ("MCP_SIDECAR_POOL_IDLE_TIMEOUT", "55s");
+/// The largest request header section accepted (431 above it). Twice nginx's 4 × 8 KiB default
+/// buffers: room for large cookies and JWTs, while a runaway agent cannot make the sidecar hold much.
+pub const MAX_HEADER_BYTES: (&str, &str) = ("MCP_SIDECAR_MAX_HEADER_BYTES", "65536");
+/// Tokio worker threads. One agent is the only client, and one core proxies tens of thousands of
+/// requests a second; a sidecar's CPU limit is usually one core or less.
+pub const WORKER_THREADS: (&str, &str) = ("MCP_SIDECAR_WORKER_THREADS", "1");
+/// How often the credentials directory is re-read. The kubelet updates projected volumes within
+/// about a minute; reading a few small files four times a second costs nothing and adds no delay
+/// that matters next to it.
+pub const FILE_POLL_INTERVAL: (&str, &str) = ("MCP_SIDECAR_FILE_POLL_INTERVAL", "250ms");
+/// How long open requests and streams may finish after SIGTERM: under Kubernetes' default 30 s
+/// termination grace period, so the sidecar exits on its own before it is killed.
+pub const SHUTDOWN_GRACE: (&str, &str) = ("MCP_SIDECAR_SHUTDOWN_GRACE", "25s");
+
+/// Where credentials come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// Watch the credential Secrets through the Kubernetes API.
+    Kubernetes {
+        /// Their namespace; `None` for the pod's own.
+        namespace: Option<String>,
+    },
+    /// Read a directory of files (a projected Secret volume).
+    Files {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// Run core's credential sources in-process from McpCredential YAML and local secret files.
+    Standalone {
+        /// The McpCredential documents.
+        credentials_file: PathBuf,
+        /// `<dir>/<secret-name>/<key>` holds what a `secretKeyRef` names.
+        secrets_dir: PathBuf,
+    },
+}
+
+/// A credential this pod needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    /// The McpCredential's name: the first path segment agents use.
+    pub name: String,
+    /// The Secret holding it.
+    pub secret_name: String,
+}
+
+impl Wanted {
+    /// Parses `name` or `name=secret-name`.
+    pub fn parse(entry: &str) -> Wanted {
+        match entry.split_once('=') {
+            Some((name, secret)) => Wanted {
+                name: name.trim().into(),
+                secret_name: secret.trim().into(),
+            },
+            None => Wanted {
+                name: entry.into(),
+                secret_name: mcp_credentials_core::secret::secret_name(entry, None),
+            },
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The proxy's address.
+    pub listen: SocketAddr,
+    /// The admin address.
+    pub admin_listen: SocketAddr,
+    /// Credentials required for readiness.
+    pub credentials: Vec<Wanted>,
+    /// The credential store.
+    pub store: StoreConfig,
+    /// The upstream client.
+    pub client: ClientSettings,
+    /// Request header limit in bytes.
+    pub max_header_bytes: usize,
+    /// Tokio worker threads.
+    pub worker_threads: usize,
+    /// Directory re-read interval.
+    pub file_poll_interval: Duration,
+    /// Shutdown grace period.
+    pub shutdown_grace: Duration,
+}
+
+/// A setting that cannot be used, named with the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// An environment variable has a value that does not parse.
+    #[error("{name}={value:?} is not valid: expected {expected}")]
+    Invalid {
+        /// The variable.
+        name: &'static str,
+        /// Its value.
+        value: String,
+        /// What it should look like.
+        expected: &'static str,
+    },
+    /// The command line is wrong.
+    #[error("usage: mcp-credentials-sidecar [standalone <mcpcredentials.yaml> [<secrets-dir>]]")]
+    Usage,
+}
+
+impl Config {
+    /// Reads the configuration from `args` (without the program name) and the environment.
+    pub fn load(args: &[String]) -> Result<Config, ConfigError> {
+        Self::load_from(args, |name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::load`], with the environment given as a function (for tests).
+    pub fn load_from(args: &[String], env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let get = |(name, default): (&'static str, &'static str)| -> (&'static str, String) {
+            (name, env(name).unwrap_or_else(|| default.to_owned()))
+        };
+        let standalone = match args {
+            [] => None,
+            [cmd, file] if cmd == "standalone" => {
+                let file = PathBuf::from(file);
+                let dir = file.parent().map(PathBuf::from).unwrap_or_default();
+                Some((file, dir))
+            }
+            [cmd, file, dir] if cmd == "standalone" => Some((file.into(), dir.into())),
+            _ => return Err(ConfigError::Usage),
+        };
+        let dir = get(CREDENTIALS_DIR).1;
+        let namespace = get(NAMESPACE).1;
+        let store = match standalone {
+            Some((credentials_file, secrets_dir)) => StoreConfig::Standalone {
+                credentials_file,
+                secrets_dir,
+            },
+            None if !dir.is_empty() => StoreConfig::Files { dir: dir.into() },
+            None => StoreConfig::Kubernetes {
+                namespace: (!namespace.is_empty()).then_some(namespace),
+            },
+        };
+        let admin_default = match store {
+            StoreConfig::Standalone { .. } => STANDALONE_ADMIN_LISTEN,
+            _ => ADMIN_LISTEN.1,
+        };
+        let extra_ca = get(EXTRA_CA_FILE).1;
+        Ok(Config {
+            listen: parse(get(LISTEN), "an address like 127.0.0.1:7007")?,
+            admin_listen: parse(
+                get((ADMIN_LISTEN.0, admin_default)),
+                "an address like 0.0.0.0:7008",
+            )?,
+            credentials: get(CREDENTIALS)
+                .1
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Wanted::parse)
+                .collect(),
+            store,
+            client: ClientSettings {
+                connect_timeout: duration(get(CONNECT_TIMEOUT))?,
+                pool_idle_timeout: duration(get(POOL_IDLE_TIMEOUT))?,
+                extra_ca_file: (!extra_ca.is_empty()).then(|| extra_ca.into()),
+            },
+            max_header_bytes: parse(get(MAX_HEADER_BYTES), "a number of bytes like 65536")?,
+            worker_threads: parse(get(WORKER_THREADS), "a number of threads like 1").and_then(
+                |n: usize| {
+                    if n == 0 {
+                        Err(invalid(WORKER_THREADS.0, "0", "at least 1"))
+                    } else {
+                        Ok(n)
+                    }
+                },
+            )?,
+            file_poll_interval: duration(get(FILE_POLL_INTERVAL))?,
+            shutdown_grace: duration(get(SHUTDOWN_GRACE))?,
+        })
+    }
+}
+
+fn invalid(name: &'static str, value: &str, expected: &'static str) -> ConfigError {
+    ConfigError::Invalid {
+        name,
+        value: value.to_owned(),
+        expected,
+    }
+}
+
+fn parse<T: FromStr>(
+    (name, value): (&'static str, String),
+    expected: &'static str,
+) -> Result<T, ConfigError> {
+    value.trim().parse().map_err(|_| invalid(name, &value, expected))
+}
+
+fn duration((name, value): (&'static str, String)) -> Result<Duration, ConfigError> {
+    value
+        .trim()
+        .parse::<jiff::SignedDuration>()
+        .ok()
+        .and_then(|d| Duration::try_from(d).ok())
+        .ok_or_else(|| invalid(name, &value, "a duration like 250ms, 10s or 1m"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_listen_on_loopback_and_watch_kubernetes() {
+        let c = Config::load_from(&[], |_| None).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7007".parse().unwrap());
+        assert_eq!(c.store, StoreConfig::Kubernetes { namespace: None });
+        assert_eq!(c.client.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.file_poll_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn standalone_mode_reads_secrets_next_to_the_file_and_keeps_admin_on_loopback() {
+        let args = ["standalone".to_owned(), "ex/creds.yaml".to_owned()];
+        let c = Config::load_from(&args, |_| None).unwrap();
+        assert_eq!(
+            c.store,
+            StoreConfig::Standalone {
+                credentials_file: "ex/creds.yaml".into(),
+                secrets_dir: "ex".into()
+            }
+        );
+        assert!(c.admin_listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn a_bad_setting_is_named_with_what_it_should_be() {
+        let e = Config::load_from(&[], |n| {
+            (n == "MCP_SIDECAR_CONNECT_TIMEOUT").then(|| "soon".into())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("MCP_SIDECAR_CONNECT_TIMEOUT=\"soon\"") && e.contains("10s"),
+            "{e}"
+        );
+    }
+}

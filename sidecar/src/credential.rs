@@ -1,0 +1,275 @@
+//! One credential as the proxy uses it, parsed from the Secret contract (`header.<Name>`, `upstream`,
+//! `expires-at`, `version`), whichever store the data came from.
+
+use std::{collections::BTreeMap, fmt};
+
+use http::{HeaderName, HeaderValue, Uri, uri::Scheme};
+use jiff::Timestamp;
+use mcp_credentials_core::secret::{EXPIRES_AT_KEY, HEADER_KEY_PREFIX, UPSTREAM_KEY, VERSION_KEY};
+
+/// The current credential for one upstream.
+#[derive(Clone)]
+pub struct Credential {
+    /// Where requests for this credential go.
+    pub upstream: Upstream,
+    /// The headers to attach, values marked sensitive so they never reach a `Debug` print.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// When the credential stops being valid; `None` when it does not expire.
+    pub expires_at: Option<Timestamp>,
+    /// Changes on every new credential.
+    pub version: String,
+    /// When this sidecar first saw this version (for the credential-age metric).
+    pub loaded_at: Timestamp,
+}
+
+impl fmt::Debug for Credential {
+    // Header values are secrets: only their names are printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("upstream", &self.upstream.to_string())
+            .field(
+                "headers",
+                &self.headers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            )
+            .field("expires_at", &self.expires_at)
+            .field("version", &self.version)
+            .finish()
+    }
+}
+
+impl Credential {
+    /// True when the credential must not be sent any more at `now`.
+    pub fn is_expired(&self, now: Timestamp) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// Parses the data of a credential Secret (or the files of a projected volume).
+    pub fn from_data(data: &BTreeMap<String, Vec<u8>>) -> Result<Self, InvalidCredential> {
+        let text = |key: &'static str| -> Result<Option<&str>, InvalidCredential> {
+            data.get(key)
+                .map(|v| {
+                    std::str::from_utf8(v)
+                        .map(str::trim)
+                        .map_err(|_| InvalidCredential::NotUtf8(key))
+                })
+                .transpose()
+        };
+        let upstream = text(UPSTREAM_KEY)?.ok_or(InvalidCredential::Missing(UPSTREAM_KEY))?;
+        let upstream = Upstream::parse(upstream)?;
+        let expires_at = text(EXPIRES_AT_KEY)?
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<Timestamp>().map_err(|_| InvalidCredential::ExpiresAt))
+            .transpose()?;
+        let version = text(VERSION_KEY)?.unwrap_or_default().to_owned();
+        let mut headers = Vec::new();
+        for (key, value) in data {
+            let Some(name) = key.strip_prefix(HEADER_KEY_PREFIX) else {
+                continue;
+            };
+            let name =
+                HeaderName::try_from(name).map_err(|_| InvalidCredential::HeaderName(name.to_owned()))?;
+            if is_hop_by_hop(&name) || name == http::header::HOST {
+                return Err(InvalidCredential::HeaderName(name.to_string()));
+            }
+            // A trailing newline is common in files written by hand; it is never part of a header value.
+            let value = value.strip_suffix(b"\n").unwrap_or(value);
+            let mut value = HeaderValue::from_bytes(value)
+                .map_err(|_| InvalidCredential::HeaderValue(name.to_string()))?;
+            value.set_sensitive(true);
+            headers.push((name, value));
+        }
+        if headers.is_empty() {
+            return Err(InvalidCredential::NoHeader);
+        }
+        Ok(Credential {
+            upstream,
+            headers,
+            expires_at,
+            version,
+            loaded_at: Timestamp::now(),
+        })
+    }
+}
+
+/// Why credential data was rejected. Never carries a header value.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum InvalidCredential {
+    /// A required key is absent.
+    #[error("the key {0:?} is missing")]
+    Missing(&'static str),
+    /// A key that must be text is not UTF-8.
+    #[error("the key {0:?} is not UTF-8")]
+    NotUtf8(&'static str),
+    /// `expires-at` is not RFC 3339.
+    #[error("expires-at is not an RFC 3339 timestamp")]
+    ExpiresAt,
+    /// No `header.<Name>` key.
+    #[error("no header.<Name> key: nothing to attach")]
+    NoHeader,
+    /// A `header.<Name>` key names an invalid or connection-level header.
+    #[error("header.{0} is not a header the sidecar may set")]
+    HeaderName(String),
+    /// A header value holds bytes a header cannot carry.
+    #[error("the value of header.{0} is not a valid header value")]
+    HeaderValue(String),
+    /// `upstream` is not an absolute http(s) URL without query or fragment.
+    #[error("upstream is not an absolute http or https URL without query, fragment or user info")]
+    Upstream,
+}
+
+/// An upstream base URL: `<scheme>://<authority><base_path>`; requests append to the path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// Host and port, without user info.
+    pub authority: http::uri::Authority,
+    /// The path, without a trailing slash (empty for the root).
+    pub base_path: String,
+    /// Whether the configured URL ended with a slash (`/<credential>` then maps to it exactly).
+    pub trailing_slash: bool,
+}
+
+impl Upstream {
+    /// Parses an upstream URL.
+    pub fn parse(url: &str) -> Result<Self, InvalidCredential> {
+        let uri: Uri = url.parse().map_err(|_| InvalidCredential::Upstream)?;
+        let scheme = uri.scheme().cloned().ok_or(InvalidCredential::Upstream)?;
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(InvalidCredential::Upstream);
+        }
+        let authority = uri.authority().cloned().ok_or(InvalidCredential::Upstream)?;
+        if authority.as_str().contains('@') || uri.query().is_some() || url.contains('#') {
+            return Err(InvalidCredential::Upstream);
+        }
+        let path = uri.path();
+        Ok(Upstream {
+            scheme,
+            authority,
+            base_path: path.trim_end_matches('/').to_owned(),
+            trailing_slash: path.ends_with('/') && path.len() > 1,
+        })
+    }
+
+    /// The upstream URI for `rest` (the request path after `/<credential>`, empty or starting with
+    /// `/`) and the query. `rest` must already be checked by the router.
+    pub fn join(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
+        let mut path = String::with_capacity(self.base_path.len() + rest.len() + 2);
+        path.push_str(&self.base_path);
+        if rest.is_empty() {
+            if self.trailing_slash || path.is_empty() {
+                path.push('/');
+            }
+        } else {
+            path.push_str(rest);
+        }
+        if let Some(q) = query {
+            path.push('?');
+            path.push_str(q);
+        }
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let slash = if self.trailing_slash { "/" } else { "" };
+        write!(
+            f,
+            "{}://{}{}{}",
+            self.scheme, self.authority, self.base_path, slash
+        )
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1); never forwarded.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    use http::header::*;
+    [
+        CONNECTION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+        PROXY_AUTHORIZATION,
+        PROXY_AUTHENTICATE,
+    ]
+    .contains(name)
+        || name == "keep-alive"
+        || name == "proxy-connection"
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    //! Builders for credential data in tests.
+    use super::*;
+
+    /// Secret data for an upstream with one header.
+    pub fn data(upstream: &str, header: &str, value: &str) -> BTreeMap<String, Vec<u8>> {
+        BTreeMap::from([
+            (UPSTREAM_KEY.to_owned(), upstream.as_bytes().to_vec()),
+            (format!("{HEADER_KEY_PREFIX}{header}"), value.as_bytes().to_vec()),
+            (VERSION_KEY.to_owned(), b"1".to_vec()),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fixtures::data, *};
+
+    #[test]
+    fn secret_data_becomes_a_credential_with_sensitive_values() {
+        let mut d = data("https://mcp.example.com/mcp", "Authorization", "Bearer abc\n");
+        d.insert(EXPIRES_AT_KEY.into(), b"2030-01-01T00:00:00Z".to_vec());
+        let c = Credential::from_data(&d).unwrap();
+        assert_eq!(c.headers[0].0, "authorization");
+        assert_eq!(c.headers[0].1, "Bearer abc");
+        assert!(c.headers[0].1.is_sensitive());
+        assert!(!format!("{c:?}").contains("abc"));
+        assert!(!c.is_expired("2029-12-31T23:59:59Z".parse().unwrap()));
+        assert!(c.is_expired("2030-01-01T00:00:00Z".parse().unwrap()));
+    }
+
+    #[test]
+    fn invalid_data_is_rejected_without_echoing_values() {
+        let bad = |k: &str, v: &str| {
+            let mut d = data("https://mcp.example.com/mcp", "Authorization", "Bearer abc");
+            d.insert(k.into(), v.as_bytes().to_vec());
+            Credential::from_data(&d).unwrap_err()
+        };
+        assert_eq!(bad("expires-at", "tomorrow"), InvalidCredential::ExpiresAt);
+        assert_eq!(bad("upstream", "ftp://x/"), InvalidCredential::Upstream);
+        assert_eq!(bad("upstream", "https://u:p@x/"), InvalidCredential::Upstream);
+        assert_eq!(
+            bad("header.Host", "evil"),
+            InvalidCredential::HeaderName("host".into())
+        );
+        assert_eq!(
+            bad("header.X-Key", "a\u{7}b"),
+            InvalidCredential::HeaderValue("x-key".into())
+        );
+    }
+
+    #[test]
+    fn paths_are_appended_to_the_upstream_path() {
+        let u = Upstream::parse("https://mcp.example.com/mcp").unwrap();
+        assert_eq!(u.join("", None).unwrap(), "https://mcp.example.com/mcp");
+        assert_eq!(
+            u.join("/sse", Some("a=1")).unwrap(),
+            "https://mcp.example.com/mcp/sse?a=1"
+        );
+        let u = Upstream::parse("https://mcp.example.com/mcp/").unwrap();
+        assert_eq!(u.join("", None).unwrap(), "https://mcp.example.com/mcp/");
+        let u = Upstream::parse("http://127.0.0.1:9000").unwrap();
+        assert_eq!(u.join("", None).unwrap(), "http://127.0.0.1:9000/");
+        assert_eq!(
+            u.join("/messages/", None).unwrap(),
+            "http://127.0.0.1:9000/messages/"
+        );
+    }
+}

@@ -1,0 +1,54 @@
+//! `mcp-credentials-sidecar`: the proxy in a pod (credentials from the Kubernetes API or files), or
+//! `mcp-credentials-sidecar standalone <mcpcredentials.yaml> [<secrets-dir>]` on a laptop.
+
+use std::process::ExitCode;
+
+use mcp_credentials_sidecar::{config::Config, run, telemetry};
+
+fn main() -> ExitCode {
+    telemetry::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let config = match Config::load(&args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("mcp-credentials-sidecar: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    match runtime.block_on(run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "mcp-credentials-sidecar failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM (Kubernetes) or Ctrl-C (a terminal).
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install the SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

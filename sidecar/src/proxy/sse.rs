@@ -1,0 +1,271 @@
+//! The legacy HTTP+SSE transport (2024-11-05) announces where to POST with an `endpoint` event. This
+//! body wrapper rewrites that URI to `/<credential>/...` so follow-up POSTs come back through the
+//! sidecar. Every other byte passes unchanged, and each complete event is forwarded as soon as it
+//! arrives: only an incomplete trailing event is held.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+
+use crate::credential::Upstream;
+
+/// A response body whose legacy `endpoint` events point back through the sidecar.
+pub struct EndpointRewrite<B> {
+    inner: B,
+    pending: BytesMut,
+    prefix: String,
+    upstream: Upstream,
+    request_path: String,
+}
+
+impl<B> EndpointRewrite<B> {
+    /// Wraps the SSE body of a GET to `request_path` on `upstream`, for credential `name`.
+    pub fn new(inner: B, name: &str, upstream: Upstream, request_path: String) -> Self {
+        EndpointRewrite {
+            inner,
+            pending: BytesMut::new(),
+            prefix: format!("/{name}"),
+            upstream,
+            request_path,
+        }
+    }
+
+    fn rewrite(&self, events: Bytes) -> Bytes {
+        if memchr(b"endpoint", &events).is_none() {
+            return events;
+        }
+        let Ok(text) = std::str::from_utf8(&events) else {
+            return events;
+        };
+        let mut out = String::with_capacity(text.len() + self.prefix.len());
+        let mut event: Vec<&str> = Vec::new();
+        for line in text.split_inclusive('\n') {
+            let bare = line.trim_end_matches(['\r', '\n']);
+            if !bare.is_empty() {
+                event.push(bare);
+                continue;
+            }
+            let is_endpoint = event
+                .iter()
+                .any(|l| field(l, "event").is_some_and(|v| v == "endpoint"));
+            for l in event.drain(..) {
+                match field(l, "data").filter(|_| is_endpoint).and_then(|v| self.map(v)) {
+                    Some(mapped) => {
+                        out.push_str("data: ");
+                        out.push_str(&mapped);
+                    }
+                    None => out.push_str(l),
+                }
+                out.push('\n');
+            }
+            out.push('\n');
+        }
+        // Lines after the last blank line (only at the end of a stream) pass unchanged.
+        for l in event {
+            out.push_str(l);
+            out.push('\n');
+        }
+        Bytes::from(out)
+    }
+
+    /// Maps an endpoint URI on the upstream to the sidecar path that reaches it.
+    fn map(&self, endpoint: &str) -> Option<String> {
+        let path_and_query = if let Some(rest) = endpoint
+            .strip_prefix("http://")
+            .or_else(|| endpoint.strip_prefix("https://"))
+        {
+            let scheme_ok = endpoint.starts_with(self.upstream.scheme.as_str());
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            if !scheme_ok || !authority.eq_ignore_ascii_case(self.upstream.authority.as_str()) {
+                tracing::warn!("legacy endpoint event names another origin; left unchanged");
+                return None;
+            }
+            if path.is_empty() {
+                "/".to_owned()
+            } else {
+                path.to_owned()
+            }
+        } else if endpoint.starts_with('/') {
+            endpoint.to_owned()
+        } else {
+            // Relative to the stream's own URL (RFC 3986 §5.2).
+            let dir = &self.request_path[..self.request_path.rfind('/').map_or(0, |i| i + 1)];
+            format!("{dir}{endpoint}")
+        };
+        let base = &self.upstream.base_path;
+        let below = path_and_query
+            .strip_prefix(base.as_str())
+            .filter(|r| r.is_empty() || r.starts_with(['/', '?']));
+        match below {
+            Some(rest) => Some(format!("{}{rest}", self.prefix)),
+            None => {
+                tracing::warn!(
+                    "legacy endpoint event is outside the upstream's path; configure the upstream at a common prefix"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// The value of an SSE field line `name: value` (one optional space after the colon).
+fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let value = line.strip_prefix(name)?.strip_prefix(':')?;
+    Some(value.strip_prefix(' ').unwrap_or(value))
+}
+
+fn memchr(needle: &[u8], haystack: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The end of the last complete event in `buf` (just after its blank line), if any.
+fn last_event_end(buf: &[u8]) -> Option<usize> {
+    (1..buf.len()).rev().find_map(|i| match (buf[i - 1], buf[i]) {
+        (b'\n', b'\n') | (b'\r', b'\r') => Some(i + 1),
+        _ => None,
+    })
+}
+
+impl<B> Body for EndpointRewrite<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        loop {
+            let this = &mut *self;
+            let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                // The stream ended inside an event: pass what there is.
+                None if !this.pending.is_empty() => {
+                    let rest = this.pending.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+                None => return Poll::Ready(None),
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+            };
+            // The common case: whole events and no endpoint event, forwarded without a copy.
+            if this.pending.is_empty() && last_event_end(&data) == Some(data.len()) {
+                return Poll::Ready(Some(Ok(Frame::data(this.rewrite(data)))));
+            }
+            this.pending.extend_from_slice(&data);
+            if let Some(end) = last_event_end(&this.pending) {
+                let complete = this.pending.split_to(end).freeze();
+                return Poll::Ready(Some(Ok(Frame::data(this.rewrite(complete)))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Rewriting changes the length.
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rewriter(upstream: &str, path: &str) -> EndpointRewrite<http_body_util::Empty<Bytes>> {
+        EndpointRewrite::new(
+            Default::default(),
+            "legacy",
+            Upstream::parse(upstream).unwrap(),
+            path.into(),
+        )
+    }
+
+    fn rewrite(r: &EndpointRewrite<http_body_util::Empty<Bytes>>, s: &str) -> String {
+        String::from_utf8(r.rewrite(Bytes::from(s.to_owned())).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn the_endpoint_event_points_back_through_the_sidecar() {
+        let r = rewriter("http://127.0.0.1:9000", "/sse");
+        assert_eq!(
+            rewrite(&r, "event: endpoint\ndata: /messages/?session_id=abc\n\n"),
+            "event: endpoint\ndata: /legacy/messages/?session_id=abc\n\n"
+        );
+        assert_eq!(
+            rewrite(
+                &r,
+                "event:endpoint\r\ndata:http://127.0.0.1:9000/messages?s=1\r\n\r\n"
+            ),
+            "event:endpoint\ndata: /legacy/messages?s=1\n\n"
+        );
+        assert_eq!(
+            rewrite(&r, "event: endpoint\ndata: messages?s=1\n\n"),
+            "event: endpoint\ndata: /legacy/messages?s=1\n\n"
+        );
+        let r = rewriter("https://h.example/mcp/", "/mcp/sse");
+        assert_eq!(
+            rewrite(&r, "event: endpoint\ndata: /mcp/msg\n\n"),
+            "event: endpoint\ndata: /legacy/msg\n\n"
+        );
+        // Outside the upstream's path, or on another origin: unchanged (the sidecar would refuse it).
+        assert_eq!(
+            rewrite(&r, "event: endpoint\ndata: /other\n\n"),
+            "event: endpoint\ndata: /other\n\n"
+        );
+        assert_eq!(
+            rewrite(&r, "event: endpoint\ndata: https://evil.example/mcp/x\n\n"),
+            "event: endpoint\ndata: https://evil.example/mcp/x\n\n"
+        );
+    }
+
+    #[test]
+    fn other_events_pass_unchanged_even_when_they_mention_endpoints() {
+        let r = rewriter("http://127.0.0.1:9000", "/sse");
+        let s = "event: message\ndata: {\"endpoint\":\"/x\"}\n\nid: 7\ndata: y\n\n";
+        assert_eq!(rewrite(&r, s), s);
+    }
+
+    #[tokio::test]
+    async fn events_split_across_chunks_are_forwarded_once_complete() {
+        use http_body_util::{BodyExt, StreamBody};
+        let chunks = [
+            "event: endp",
+            "oint\ndata: /messages/?s=1\n",
+            "\nevent: message\ndata: 1\n\n",
+            "data: par",
+        ];
+        let stream = futures_util::stream::iter(
+            chunks.map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(c)))),
+        );
+        let mut body = EndpointRewrite::new(
+            StreamBody::new(stream),
+            "legacy",
+            Upstream::parse("http://127.0.0.1:9000").unwrap(),
+            "/sse".into(),
+        );
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            frames.push(String::from_utf8(frame.unwrap().into_data().unwrap().to_vec()).unwrap());
+        }
+        assert_eq!(
+            frames,
+            // The third chunk completes two events at once: both go out together, the partial one after.
+            [
+                "event: endpoint\ndata: /legacy/messages/?s=1\n\nevent: message\ndata: 1\n\n",
+                "data: par"
+            ]
+        );
+    }
+}

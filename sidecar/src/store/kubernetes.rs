@@ -1,0 +1,92 @@
+//! The Kubernetes store: watches the credential Secrets and publishes each new version the moment the
+//! watch event arrives. With named credentials, one watch per Secret with a `metadata.name` field
+//! selector, which RBAC can grant by `resourceNames` (least privilege); without, one watch on the
+//! managed-by label of the namespace.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use futures_util::{StreamExt, stream::BoxStream};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, Client, ResourceExt,
+    runtime::{WatchStreamExt, watcher},
+};
+use mcp_credentials_core::secret::{
+    CREDENTIAL_LABEL, DEFAULT_SECRET_SUFFIX, MANAGED_BY, MANAGED_BY_LABEL, SECRET_TYPE,
+};
+
+use super::Store;
+use crate::{config::Wanted, credential::Credential};
+
+/// Watch events, tagged with the credential name when the watch is for one named Secret.
+type Events = BoxStream<'static, (Option<String>, Result<watcher::Event<Secret>, watcher::Error>)>;
+
+/// Keeps `store` in step with the Secrets until the task is dropped. Watch errors are retried with
+/// kube's default backoff; the last good credential stays in use meanwhile.
+pub async fn run(store: Arc<Store>, client: Client, namespace: String, wanted: Vec<Wanted>) {
+    let api: Api<Secret> = Api::namespaced(client, &namespace);
+    let streams: Vec<Events> = if wanted.is_empty() {
+        let config = watcher::Config::default()
+            .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))
+            .fields(&format!("type={SECRET_TYPE}"));
+        vec![watcher(api, config).default_backoff().map(|e| (None, e)).boxed()]
+    } else {
+        wanted
+            .into_iter()
+            .map(|w| {
+                let config = watcher::Config::default().fields(&format!("metadata.name={}", w.secret_name));
+                let name = Some(w.name);
+                watcher(api.clone(), config)
+                    .default_backoff()
+                    .map(move |e| (name.clone(), e))
+                    .boxed()
+            })
+            .collect()
+    };
+    let mut events = futures_util::stream::select_all(streams);
+    while let Some((name, event)) = events.next().await {
+        match event {
+            Ok(watcher::Event::Apply(secret) | watcher::Event::InitApply(secret)) => {
+                let name = name.unwrap_or_else(|| credential_name(&secret));
+                apply(&store, &name, &secret);
+            }
+            Ok(watcher::Event::Delete(secret)) => {
+                let name = name.unwrap_or_else(|| credential_name(&secret));
+                store.remove(&name, "its Secret was deleted");
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
+            Err(e) => tracing::warn!(error = %e, "watching credential Secrets failed; retrying"),
+        }
+    }
+}
+
+/// The credential a Secret belongs to: its label, else its name without the default suffix.
+fn credential_name(secret: &Secret) -> String {
+    secret.labels().get(CREDENTIAL_LABEL).cloned().unwrap_or_else(|| {
+        let name = secret.name_any();
+        name.strip_suffix(DEFAULT_SECRET_SUFFIX)
+            .map(String::from)
+            .unwrap_or(name)
+    })
+}
+
+/// Publishes the credential in `secret`, or records why it cannot be used.
+pub fn apply(store: &Store, name: &str, secret: &Secret) {
+    if secret.type_.as_deref() != Some(SECRET_TYPE) {
+        store.fail(
+            name,
+            format!("Secret {} is not of type {SECRET_TYPE}", secret.name_any()),
+        );
+        return;
+    }
+    let data: BTreeMap<String, Vec<u8>> = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    match Credential::from_data(&data) {
+        Ok(credential) => store.set(name, credential),
+        Err(e) => store.fail(name, format!("Secret {}: {e}", secret.name_any())),
+    }
+}

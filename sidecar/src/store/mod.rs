@@ -1,0 +1,196 @@
+//! The credential store: the current credential of every configured upstream, fed by one source
+//! (the Kubernetes API, a directory of files, or core's sources in standalone mode) and read by the
+//! proxy on every request.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+};
+
+use jiff::Timestamp;
+use tokio::sync::watch;
+
+use crate::credential::Credential;
+
+pub mod files;
+pub mod kubernetes;
+pub mod standalone;
+
+/// What the store knows about one credential.
+#[derive(Clone, Debug, Default)]
+pub struct Slot {
+    /// The credential to attach, if one was ever loaded.
+    pub current: Option<Arc<Credential>>,
+    /// Why the last load failed (never contains credential material).
+    pub last_failure: Option<Arc<str>>,
+}
+
+/// Credentials by name. Cheap to read; writers are the one store task.
+#[derive(Debug)]
+pub struct Store {
+    slots: RwLock<BTreeMap<String, Slot>>,
+    /// Names that must be present and unexpired for `/readyz`.
+    required: Vec<String>,
+    /// Bumped on every change, so waiters (tests, replay) can wait for a new version.
+    generation: watch::Sender<u64>,
+}
+
+impl Store {
+    /// A store that expects the `required` credentials (they are listed even before they load).
+    pub fn new(required: impl IntoIterator<Item = String>) -> Arc<Self> {
+        let required: Vec<String> = required.into_iter().collect();
+        let slots = required.iter().map(|n| (n.clone(), Slot::default())).collect();
+        Arc::new(Store {
+            slots: RwLock::new(slots),
+            required,
+            generation: watch::channel(0).0,
+        })
+    }
+
+    /// The slot of `name`, `None` when it is not a configured credential.
+    pub fn get(&self, name: &str) -> Option<Slot> {
+        self.slots.read().expect("store lock").get(name).cloned()
+    }
+
+    /// Every configured credential name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.slots.read().expect("store lock").keys().cloned().collect()
+    }
+
+    /// A snapshot of every slot (for metrics).
+    pub fn snapshot(&self) -> Vec<(String, Slot)> {
+        self.slots
+            .read()
+            .expect("store lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Publishes a credential. A reload of the same version keeps the loaded one (and its age).
+    pub fn set(&self, name: &str, credential: Credential) {
+        {
+            let mut slots = self.slots.write().expect("store lock");
+            let slot = slots.entry(name.to_owned()).or_default();
+            if let Some(old) = &slot.current
+                && old.version == credential.version
+                && old.headers == credential.headers
+                && old.upstream == credential.upstream
+                && old.expires_at == credential.expires_at
+            {
+                slot.last_failure = None;
+                return;
+            }
+            tracing::info!(
+                credential = %name,
+                version = %credential.version,
+                expires_at = ?credential.expires_at.map(|t| t.to_string()),
+                "credential loaded"
+            );
+            slot.current = Some(Arc::new(credential));
+            slot.last_failure = None;
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Records why loading `name` failed; the last good credential stays until it expires.
+    pub fn fail(&self, name: &str, why: impl Into<String>) {
+        let why: String = why.into();
+        tracing::warn!(credential = %name, reason = %why, "credential not loaded");
+        self.slots
+            .write()
+            .expect("store lock")
+            .entry(name.to_owned())
+            .or_default()
+            .last_failure = Some(why.into());
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Forgets the credential of `name` (its Secret or directory was deleted). A required name
+    /// stays listed, with no credential.
+    pub fn remove(&self, name: &str, why: &str) {
+        let mut slots = self.slots.write().expect("store lock");
+        if self.required.iter().any(|r| r == name) {
+            slots.insert(
+                name.to_owned(),
+                Slot {
+                    current: None,
+                    last_failure: Some(why.into()),
+                },
+            );
+        } else {
+            slots.remove(name);
+        }
+        drop(slots);
+        tracing::warn!(credential = %name, reason = %why, "credential removed");
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Ok when every required credential is present and unexpired; otherwise the names that are not.
+    pub fn ready(&self, now: Timestamp) -> Result<(), Vec<String>> {
+        let slots = self.slots.read().expect("store lock");
+        let names: Vec<&String> = if self.required.is_empty() {
+            slots.keys().collect()
+        } else {
+            self.required.iter().collect()
+        };
+        let missing: Vec<String> = names
+            .into_iter()
+            .filter(|n| {
+                slots
+                    .get(*n)
+                    .and_then(|s| s.current.as_ref())
+                    .is_none_or(|c| c.is_expired(now))
+            })
+            .cloned()
+            .collect();
+        if missing.is_empty() && !slots.is_empty() {
+            Ok(())
+        } else {
+            Err(missing)
+        }
+    }
+
+    /// A receiver that changes whenever a credential is loaded, fails or is removed.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credential::fixtures::data;
+
+    #[test]
+    fn readiness_needs_every_required_credential_present_and_unexpired() {
+        let store = Store::new(["a".to_owned(), "b".to_owned()]);
+        assert_eq!(
+            store.ready(Timestamp::now()),
+            Err(vec!["a".to_owned(), "b".to_owned()])
+        );
+        store.set(
+            "a",
+            Credential::from_data(&data("https://a.example", "Authorization", "x")).unwrap(),
+        );
+        assert_eq!(store.ready(Timestamp::now()), Err(vec!["b".to_owned()]));
+        let mut d = data("https://b.example", "X-Key", "y");
+        d.insert("expires-at".into(), b"2000-01-01T00:00:00Z".to_vec());
+        store.set("b", Credential::from_data(&d).unwrap());
+        assert_eq!(store.ready(Timestamp::now()), Err(vec!["b".to_owned()]));
+        d.insert("expires-at".into(), b"2999-01-01T00:00:00Z".to_vec());
+        d.insert("version".into(), b"2".to_vec());
+        store.set("b", Credential::from_data(&d).unwrap());
+        assert_eq!(store.ready(Timestamp::now()), Ok(()));
+    }
+
+    #[test]
+    fn reloading_the_same_version_does_not_count_as_a_change() {
+        let store = Store::new([]);
+        let rx = store.subscribe();
+        let d = data("https://a.example", "Authorization", "x");
+        store.set("a", Credential::from_data(&d).unwrap());
+        store.set("a", Credential::from_data(&d).unwrap());
+        assert_eq!(*rx.borrow(), 1);
+    }
+}
