@@ -1,4 +1,4 @@
-//! The operator binary: `crd` prints the CRDs.
+//! The operator binary: `crd` prints the CRDs; without a subcommand it runs the operator.
 use clap::{Parser, Subcommand};
 
 /// Keeps every McpCredential's Secret fresh.
@@ -6,7 +6,9 @@ use clap::{Parser, Subcommand};
 #[command(version, about)]
 struct Args {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    config: mcp_credentials_operator::Config,
 }
 
 #[derive(Subcommand)]
@@ -15,8 +17,19 @@ enum Command {
     Crd,
 }
 
-fn main() {
-    match Args::parse().command {
-        Command::Crd => print!("{}", mcp_credentials_core::crds_yaml()),
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Some(Command::Crd) = args.command {
+        print!("{}", mcp_credentials_core::crds_yaml());
+        return std::process::ExitCode::SUCCESS;
+    }
+    mcp_credentials_operator::init_telemetry(&args.config.log_format);
+    match mcp_credentials_operator::run(args.config, mcp_credentials_operator::shutdown_signal()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "the operator stopped");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

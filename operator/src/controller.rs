@@ -1,0 +1,893 @@
+//! Reconciles each McpCredential into its Secret: decide whether a refresh is due, obtain the
+//! credential, persist a rotated refresh token, apply the Secret, write the status.
+//!
+//! All state survives a restart in the API: the Secret holds `expires-at`, `version` and
+//! annotations (issue time, a fingerprint of the inputs, the last handled refresh request), and
+//! the status holds `failedAttempts`. A restarted operator therefore re-issues nothing that is
+//! still valid. Only the "invalid_grant for these inputs" marker and the next retry time live in
+//! memory (a restart costs at most one more attempt for a credential in ReauthRequired).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::Secret,
+    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time},
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use mcp_credentials_core::{
+    McpCredential, McpCredentialStatus, SecretKeyRef, SecretString,
+    secret::{
+        CREDENTIAL_LABEL, EXPIRES_AT_KEY, HEADER_KEY_PREFIX, MANAGED_BY, MANAGED_BY_LABEL, SECRET_TYPE,
+        UPSTREAM_KEY, VERSION_KEY, secret_name,
+    },
+    source::{self, Issued, ResolveError, SecretResolver, SourceError},
+    timing,
+};
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+
+/// The one field manager for every write.
+pub const FIELD_MANAGER: &str = "mcp-credentials-operator";
+/// Setting this annotation on an McpCredential (to any new value, e.g. a timestamp) forces a refresh.
+pub const REFRESH_REQUESTED_ANNOTATION: &str = "mcpcredentials.dev/refresh-requested-at";
+/// Secret annotation: when the credential was issued (RFC 3339).
+pub const ISSUED_AT_ANNOTATION: &str = "mcpcredentials.dev/issued-at";
+/// Secret annotation: fingerprint of the spec and the referenced Secrets' versions it was made from.
+pub const INPUTS_ANNOTATION: &str = "mcpcredentials.dev/inputs";
+/// How long to wait after an API error before trying again.
+const API_ERROR_REQUEUE: Duration = Duration::from_secs(5);
+
+/// Why a reconcile failed (API errors only: source failures are reported in status, not here).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading a Secret failed.
+    #[error("reading Secret {namespace}/{name}")]
+    ReadSecret {
+        /// Namespace.
+        namespace: String,
+        /// Secret name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing the rotated refresh token back failed; the new access token was not published.
+    #[error("persisting the rotated refresh token to Secret {namespace}/{name}")]
+    PersistRefreshToken {
+        /// Namespace.
+        namespace: String,
+        /// Secret name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Applying the credential Secret failed.
+    #[error("applying Secret {namespace}/{name}")]
+    ApplySecret {
+        /// Namespace.
+        namespace: String,
+        /// Secret name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing the McpCredential's status failed.
+    #[error("writing the status of McpCredential {namespace}/{name}")]
+    ApplyStatus {
+        /// Namespace.
+        namespace: String,
+        /// McpCredential name.
+        name: String,
+        /// Cause.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// What a reconcile remembers between runs (lost on restart, see the module doc).
+#[derive(Default, Clone)]
+struct Memory {
+    /// Inputs fingerprint that got invalid_grant: no retry until it changes.
+    reauth_for: Option<String>,
+    /// No attempt before this time (backoff after a failure).
+    next_retry: Option<SystemTime>,
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    client: Client,
+    http: reqwest::Client,
+    recorder: Recorder,
+    metrics: Metrics,
+    memory: Mutex<HashMap<String, Memory>>,
+}
+
+impl Context {
+    /// A context for `client`, using `http` for token requests.
+    pub fn new(client: Client, http: reqwest::Client, metrics: Metrics, identity: &str) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(identity.into()),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            http,
+            metrics,
+            memory: Mutex::default(),
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves. `namespace`: watch only that namespace.
+pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16) {
+    let (creds, secrets): (Api<McpCredential>, Api<Secret>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(ctx.client.clone(), ns),
+            Api::namespaced(ctx.client.clone(), ns),
+        ),
+        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    };
+    let controller = Controller::new(creds, watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
+    let store = controller.store();
+    controller
+        // One watch on Secrets covers both the Secrets we write (a foreign or edited one) and the
+        // Secrets a credential references (a new API key, a replaced refresh token).
+        .watches(secrets, watcher::Config::default(), move |s: Secret| affected(&store, &s))
+        .run(reconcile, error_policy, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                warn!(error = %ErrorChain(&e), "reconcile failed");
+            }
+        })
+        .await;
+}
+
+/// Prints an error with its causes on one line.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut e = self.0.source();
+        while let Some(cause) = e {
+            write!(f, ": {cause}")?;
+            e = cause.source();
+        }
+        Ok(())
+    }
+}
+
+/// The credentials in the Secret's namespace that write it or read it.
+fn affected(store: &Store<McpCredential>, s: &Secret) -> Vec<ObjectRef<McpCredential>> {
+    let ns = s.namespace();
+    let name = s.name_any();
+    store
+        .state()
+        .iter()
+        .filter(|c| c.namespace() == ns)
+        .filter(|c| {
+            secret_name(&c.name_any(), c.spec.secret_name.as_deref()) == name
+                || source::referenced_secrets(&c.spec).iter().any(|r| r.name == name)
+        })
+        .map(|c| ObjectRef::from_obj(c.as_ref()))
+        .collect()
+}
+
+fn error_policy(_: Arc<McpCredential>, _: &Error, _: Arc<Context>) -> Action {
+    Action::requeue(API_ERROR_REQUEUE)
+}
+
+/// The credential currently in the Secret, as the Secret describes it.
+#[derive(Debug, Clone, PartialEq)]
+struct Current {
+    not_before: SystemTime,
+    expires_at: Option<SystemTime>,
+    version: String,
+    inputs: String,
+    handled_request: Option<String>,
+}
+
+impl Current {
+    fn from_secret(s: &Secret) -> Option<Self> {
+        let data = s.data.as_ref()?;
+        let text = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok());
+        let ann = s.metadata.annotations.as_ref();
+        let version = text(VERSION_KEY)?;
+        let expires_at = match text(EXPIRES_AT_KEY) {
+            Some(t) => Some(parse_time(&t)?),
+            None => None,
+        };
+        let not_before = ann
+            .and_then(|a| a.get(ISSUED_AT_ANNOTATION))
+            .and_then(|t| parse_time(t))?;
+        Some(Self {
+            not_before,
+            expires_at,
+            version,
+            inputs: ann
+                .and_then(|a| a.get(INPUTS_ANNOTATION))
+                .cloned()
+                .unwrap_or_default(),
+            handled_request: ann.and_then(|a| a.get(REFRESH_REQUESTED_ANNOTATION)).cloned(),
+        })
+    }
+
+    fn valid_at(&self, now: SystemTime) -> bool {
+        self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
+/// The referenced Secrets, read once per reconcile: resolves keys and fingerprints the inputs.
+struct Inputs(BTreeMap<String, Option<Secret>>);
+
+impl Inputs {
+    async fn fetch(api: &Api<Secret>, refs: &[&SecretKeyRef]) -> Result<Self, kube::Error> {
+        let mut map = BTreeMap::new();
+        for r in refs {
+            if !map.contains_key(&r.name) {
+                map.insert(r.name.clone(), api.get_opt(&r.name).await?);
+            }
+        }
+        Ok(Self(map))
+    }
+
+    /// A fingerprint of the spec and the referenced Secrets' resource versions (no secret values).
+    fn fingerprint(&self, cred: &McpCredential) -> String {
+        let mut text = serde_json::to_string(&cred.spec).unwrap_or_default();
+        for (name, s) in &self.0 {
+            let rv = s
+                .as_ref()
+                .and_then(|s| s.resource_version())
+                .unwrap_or_else(|| "absent".into());
+            text.push_str(&format!("|{name}={rv}"));
+        }
+        format!("{:016x}", fnv1a(text.as_bytes()))
+    }
+}
+
+impl SecretResolver for Inputs {
+    async fn get(&self, r: &SecretKeyRef) -> Result<SecretString, ResolveError> {
+        let not_found = || ResolveError::NotFound {
+            name: r.name.clone(),
+            key: r.key.clone(),
+        };
+        let secret = self
+            .0
+            .get(&r.name)
+            .and_then(Option::as_ref)
+            .ok_or_else(not_found)?;
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&r.key))
+            .ok_or_else(not_found)?;
+        let text = String::from_utf8(bytes.0.clone()).map_err(|_| ResolveError::Unavailable {
+            name: r.name.clone(),
+            reason: format!("key {:?} is not UTF-8", r.key),
+        })?;
+        // Values made with `kubectl create secret --from-file` often end with a newline.
+        Ok(SecretString::new(text.trim_end_matches(['\r', '\n'])))
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Reconciles one McpCredential.
+pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = cred.namespace().unwrap_or_default();
+    let name = cred.name_any();
+    let key = format!("{ns}/{name}");
+    let secret_name = secret_name(&name, cred.spec.secret_name.as_deref());
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let creds: Api<McpCredential> = Api::namespaced(ctx.client.clone(), &ns);
+    let read_err = |n: &str| {
+        let (namespace, name) = (ns.clone(), n.to_owned());
+        move |source| Error::ReadSecret {
+            namespace,
+            name,
+            source,
+        }
+    };
+    let now = SystemTime::now();
+    let mut status = StatusBuilder::new(&cred, &secret_name, now);
+
+    // Step 1: the Secret we write must be ours.
+    let existing = secrets
+        .get_opt(&secret_name)
+        .await
+        .map_err(read_err(&secret_name))?;
+    if let Some(s) = &existing
+        && !owned_by(s, &cred)
+    {
+        let msg = format!(
+            "Secret {secret_name} exists and is not owned by this McpCredential; nothing was written. \
+             Delete it or set spec.secretName to another name"
+        );
+        let newly = status.previous_reason("Ready") != Some("SecretNotOwned");
+        status.condition("Ready", false, "SecretNotOwned", &msg);
+        status.apply(&creds, &ctx).await?;
+        if newly {
+            publish(&ctx, &cred, EventType::Warning, "SecretNotOwned", "Apply", &msg).await;
+        }
+        return Ok(Action::await_change());
+    }
+    let current = existing.as_ref().and_then(Current::from_secret);
+    status.describe_current(current.as_ref(), cred.spec.refresh.as_ref(), &key);
+
+    // Step 2: read the referenced Secrets and fingerprint the inputs.
+    let refs = source::referenced_secrets(&cred.spec);
+    let mut inputs = match Inputs::fetch(&secrets, &refs).await {
+        Ok(i) => i,
+        Err(source) => {
+            return Err(Error::ReadSecret {
+                namespace: ns.clone(),
+                name: "(referenced)".into(),
+                source,
+            });
+        }
+    };
+    let fingerprint = inputs.fingerprint(&cred);
+    let requested = cred.annotations().get(REFRESH_REQUESTED_ANNOTATION).cloned();
+    let forced = requested.is_some() && requested != current.as_ref().and_then(|c| c.handled_request.clone());
+    let inputs_changed = current.as_ref().is_some_and(|c| c.inputs != fingerprint);
+    let memory = ctx.memory.lock().unwrap().get(&key).cloned().unwrap_or_default();
+
+    // Step 3: decide whether a token request is due.
+    if memory.reauth_for.as_deref() == Some(fingerprint.as_str()) && !forced {
+        // invalid_grant for exactly these inputs: wait for the referenced Secret (or spec) to change.
+        status.keep_failure_conditions();
+        status.apply(&creds, &ctx).await?;
+        return Ok(requeue_at_expiry(current.as_ref(), now));
+    }
+    let renewal = status.renewal;
+    let due = match &current {
+        None => true,
+        Some(_) => inputs_changed || forced || renewal.is_some_and(|r| r <= now),
+    };
+    if !due {
+        status.ready_describe_current(current.as_ref(), now);
+        status.apply(&creds, &ctx).await?;
+        return Ok(match renewal {
+            Some(r) => Action::requeue(until(r, now)),
+            None => Action::await_change(),
+        });
+    }
+    if let Some(retry) = memory.next_retry
+        && retry > now
+        && !forced
+        && !inputs_changed
+    {
+        return Ok(Action::requeue(until(retry, now)));
+    }
+
+    // Step 4: obtain the credential (at most one token request).
+    let kind = source::kind(&cred.spec);
+    if let Some(url) = cred
+        .spec
+        .source
+        .oauth2
+        .as_ref()
+        .and_then(|o| o.token_url.as_deref())
+    {
+        ctx.metrics
+            .token_requests
+            .with_label_values(&[&issuer_label(url)])
+            .inc();
+    }
+    let timer = ctx.metrics.refresh_duration.start_timer();
+    let result = source::obtain(&name, &cred.spec, &inputs, &ctx.http).await;
+    timer.observe_duration();
+    let issued = match result {
+        Ok(issued) => issued,
+        Err(e) => {
+            return failed(
+                &cred,
+                &ctx,
+                &creds,
+                status,
+                current.as_ref(),
+                &key,
+                &fingerprint,
+                e,
+                now,
+            )
+            .await;
+        }
+    };
+
+    // Step 5: a rotated refresh token is persisted before the new access token is published.
+    let mut fingerprint = fingerprint;
+    if let (Some(rotated), Some(r)) = (
+        &issued.rotated_refresh_token,
+        cred.spec
+            .source
+            .oauth2
+            .as_ref()
+            .and_then(|o| o.refresh_token.as_ref()),
+    ) {
+        let updated = persist_refresh_token(&secrets, r, rotated)
+            .await
+            .map_err(|source| Error::PersistRefreshToken {
+                namespace: ns.clone(),
+                name: r.name.clone(),
+                source,
+            })?;
+        inputs.0.insert(r.name.clone(), Some(updated));
+        fingerprint = inputs.fingerprint(&cred);
+    }
+
+    // Step 6: apply the Secret (one write), then the status (one write).
+    let secret = desired_secret(&cred, &secret_name, &issued, &fingerprint, requested.as_deref());
+    let version = secret_version(&secret);
+    secrets
+        .patch(
+            &secret_name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .map_err(|source| Error::ApplySecret {
+            namespace: ns.clone(),
+            name: secret_name.clone(),
+            source,
+        })?;
+    ctx.metrics.refreshes.with_label_values(&["success"]).inc();
+    let after_failure = cred.status.as_ref().and_then(|s| s.failed_attempts).unwrap_or(0) > 0;
+    ctx.memory.lock().unwrap().remove(&key);
+    let new_current = Current {
+        not_before: issued.not_before,
+        expires_at: issued.expires_at,
+        version,
+        inputs: fingerprint,
+        handled_request: requested,
+    };
+    status.describe_current(Some(&new_current), cred.spec.refresh.as_ref(), &key);
+    status.succeeded(kind, now);
+    status.ready_describe_current(Some(&new_current), now);
+    status.apply(&creds, &ctx).await?;
+    info!(credential = %key, source = kind, expires_at = ?issued.expires_at.map(rfc3339), "refreshed");
+    if after_failure {
+        publish(
+            &ctx,
+            &cred,
+            EventType::Normal,
+            "Refreshed",
+            "Refresh",
+            "credential refreshed after earlier failures",
+        )
+        .await;
+    }
+    Ok(match status.renewal {
+        Some(r) => Action::requeue(until(r, SystemTime::now())),
+        None => Action::await_change(),
+    })
+}
+
+/// Records a failed attempt: status, event, metric, backoff (or ReauthRequired for invalid_grant).
+#[allow(clippy::too_many_arguments)]
+async fn failed(
+    cred: &McpCredential,
+    ctx: &Context,
+    creds: &Api<McpCredential>,
+    mut status: StatusBuilder,
+    current: Option<&Current>,
+    key: &str,
+    fingerprint: &str,
+    e: SourceError,
+    now: SystemTime,
+) -> Result<Action, Error> {
+    let category = e.category();
+    ctx.metrics.refreshes.with_label_values(&[category]).inc();
+    let attempts = cred
+        .status
+        .as_ref()
+        .and_then(|s| s.failed_attempts)
+        .unwrap_or(0)
+        .saturating_add(1);
+    let message = e.to_string();
+    warn!(credential = %key, reason = e.reason(), category, attempts, error = %message, "refresh failed");
+    let expires_at = current.and_then(|c| c.expires_at);
+    let (action, next_retry, reauth_for) = if category == "invalid_grant" {
+        status.condition(
+            "ReauthRequired",
+            true,
+            "InvalidGrant",
+            &format!("{message}. Store a new refresh token in the referenced Secret to resume"),
+        );
+        status.condition(
+            "Refreshing",
+            false,
+            "ReauthRequired",
+            "waiting for a new refresh token",
+        );
+        (
+            requeue_at_expiry(current, now),
+            None,
+            Some(fingerprint.to_owned()),
+        )
+    } else {
+        let wait = timing::backoff(u32::try_from(attempts).unwrap_or(1), now, expires_at, key);
+        status.condition(
+            "Refreshing",
+            true,
+            e.reason(),
+            &format!("{message} ({category}); retrying in {}s", wait.as_secs()),
+        );
+        (Action::requeue(wait), Some(now + wait), None)
+    };
+    status.failed(attempts, now, &message);
+    match current {
+        Some(c) if c.valid_at(now) => status.ready_describe_current(Some(c), now),
+        Some(_) => status.condition(
+            "Ready",
+            false,
+            "Expired",
+            &format!("the credential expired and refreshing failed: {message}"),
+        ),
+        None => status.condition("Ready", false, e.reason(), &message),
+    }
+    ctx.memory.lock().unwrap().insert(
+        key.to_owned(),
+        Memory {
+            reauth_for,
+            next_retry,
+        },
+    );
+    status.apply(creds, ctx).await?;
+    let reason = if category == "invalid_grant" {
+        "ReauthRequired"
+    } else {
+        "RefreshFailed"
+    };
+    publish(ctx, cred, EventType::Warning, reason, "Refresh", &message).await;
+    Ok(action)
+}
+
+fn requeue_at_expiry(current: Option<&Current>, now: SystemTime) -> Action {
+    match current.and_then(|c| c.expires_at).filter(|e| *e > now) {
+        Some(e) => Action::requeue(until(e, now) + Duration::from_secs(1)),
+        None => Action::await_change(),
+    }
+}
+
+fn until(t: SystemTime, now: SystemTime) -> Duration {
+    t.duration_since(now)
+        .unwrap_or_default()
+        .max(Duration::from_millis(100))
+}
+
+async fn publish(
+    ctx: &Context,
+    cred: &McpCredential,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &cred.object_ref(&())).await {
+        warn!(error = %e, "publishing an event failed");
+    }
+}
+
+fn owned_by(s: &Secret, cred: &McpCredential) -> bool {
+    let uid = cred.uid();
+    s.owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref())
+}
+
+async fn persist_refresh_token(
+    api: &Api<Secret>,
+    r: &SecretKeyRef,
+    token: &SecretString,
+) -> Result<Secret, kube::Error> {
+    use base64::Engine;
+    let value = base64::engine::general_purpose::STANDARD.encode(token.expose());
+    let patch = serde_json::json!({ "data": { r.key.clone(): value } });
+    let mut last = None;
+    // The old refresh token may already be revoked: try hard before giving up.
+    for attempt in 0..3 {
+        match api
+            .patch(&r.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                warn!(secret = %r.name, attempt, error = %e, "persisting the rotated refresh token failed");
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+        }
+    }
+    Err(last.expect("at least one attempt"))
+}
+
+fn desired_secret(
+    cred: &McpCredential,
+    name: &str,
+    issued: &Issued,
+    fingerprint: &str,
+    handled: Option<&str>,
+) -> Secret {
+    let (header, value) = source::header(&cred.spec, issued);
+    let mut data = BTreeMap::new();
+    let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
+    data.insert(format!("{HEADER_KEY_PREFIX}{header}"), bytes(value.expose()));
+    data.insert(UPSTREAM_KEY.to_owned(), bytes(&cred.spec.upstream));
+    if let Some(exp) = issued.expires_at {
+        data.insert(EXPIRES_AT_KEY.to_owned(), bytes(&rfc3339(exp)));
+    }
+    // A new value for every credential: issue time in milliseconds, then the object's generation.
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    data.insert(
+        VERSION_KEY.to_owned(),
+        bytes(&format!("{millis:x}-{}", cred.metadata.generation.unwrap_or(0))),
+    );
+    let mut annotations = BTreeMap::from([
+        (ISSUED_AT_ANNOTATION.to_owned(), rfc3339(issued.not_before)),
+        (INPUTS_ANNOTATION.to_owned(), fingerprint.to_owned()),
+    ]);
+    if let Some(h) = handled {
+        annotations.insert(REFRESH_REQUESTED_ANNOTATION.to_owned(), h.to_owned());
+    }
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: cred.namespace(),
+            labels: Some(BTreeMap::from([
+                (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
+                (CREDENTIAL_LABEL.to_owned(), cred.name_any()),
+            ])),
+            annotations: Some(annotations),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "mcpcredentials.dev/v1alpha1".into(),
+                kind: "McpCredential".into(),
+                name: cred.name_any(),
+                uid: cred.uid().unwrap_or_default(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..Default::default()
+        },
+        type_: Some(SECRET_TYPE.to_owned()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+fn secret_version(s: &Secret) -> String {
+    s.data
+        .as_ref()
+        .and_then(|d| d.get(VERSION_KEY))
+        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+        .unwrap_or_default()
+}
+
+/// Scheme, host and port of a token URL: a bounded label without path or query.
+fn issuer_label(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => format!(
+            "{}://{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or(""),
+            u.port().map(|p| format!(":{p}")).unwrap_or_default()
+        ),
+        Err(_) => "invalid".into(),
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    to_time(t).0.to_string()
+}
+
+fn to_time(t: SystemTime) -> Time {
+    Time(jiff::Timestamp::from_second(timing::unix_seconds(t) as i64).unwrap_or(jiff::Timestamp::UNIX_EPOCH))
+}
+
+fn parse_time(s: &str) -> Option<SystemTime> {
+    let ts: jiff::Timestamp = s.parse().ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(ts.as_second()).ok()?))
+}
+
+/// Builds the status a reconcile wants and writes it only when it differs from what is there.
+struct StatusBuilder {
+    previous: McpCredentialStatus,
+    next: McpCredentialStatus,
+    generation: Option<i64>,
+    renewal: Option<SystemTime>,
+    namespace: String,
+    name: String,
+}
+
+impl StatusBuilder {
+    fn new(cred: &McpCredential, secret_name: &str, _now: SystemTime) -> Self {
+        let previous = cred.status.clone().unwrap_or_default();
+        let mut next = previous.clone();
+        next.observed_generation = cred.metadata.generation;
+        next.source = Some(source::kind(&cred.spec).to_owned());
+        next.secret_name = Some(secret_name.to_owned());
+        Self {
+            previous,
+            next,
+            generation: cred.metadata.generation,
+            renewal: None,
+            namespace: cred.namespace().unwrap_or_default(),
+            name: cred.name_any(),
+        }
+    }
+
+    fn previous_reason(&self, type_: &str) -> Option<&str> {
+        self.previous
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| c.reason.as_str())
+    }
+
+    fn describe_current(
+        &mut self,
+        current: Option<&Current>,
+        refresh: Option<&mcp_credentials_core::Refresh>,
+        key: &str,
+    ) {
+        let Some(c) = current else {
+            self.renewal = None;
+            return;
+        };
+        self.renewal = c
+            .expires_at
+            .map(|e| timing::renewal_time(c.not_before, e, refresh, key));
+        self.next.not_before = Some(to_time(c.not_before));
+        self.next.not_after = c.expires_at.map(to_time);
+        self.next.renewal_time = self.renewal.map(to_time);
+        self.next.credential_version = Some(c.version.clone());
+    }
+
+    fn condition(&mut self, type_: &str, status: bool, reason: &str, message: &str) {
+        let status_s = if status { "True" } else { "False" };
+        let previous = self.previous.conditions.iter().find(|c| c.type_ == type_);
+        let last_transition_time = match previous {
+            Some(p) if p.status == status_s => p.last_transition_time.clone(),
+            _ => Time(
+                jiff::Timestamp::from_second(jiff::Timestamp::now().as_second())
+                    .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+            ),
+        };
+        let c = Condition {
+            type_: type_.to_owned(),
+            status: status_s.to_owned(),
+            reason: reason.to_owned(),
+            message: message.chars().take(2000).collect(),
+            observed_generation: self.generation,
+            last_transition_time,
+        };
+        match self.next.conditions.iter_mut().find(|x| x.type_ == type_) {
+            Some(x) => *x = c,
+            None => self.next.conditions.push(c),
+        }
+    }
+
+    /// Keeps the failure conditions as they are (nothing new happened).
+    fn keep_failure_conditions(&mut self) {
+        for c in &mut self.next.conditions {
+            c.observed_generation = self.generation;
+        }
+    }
+
+    fn ready_describe_current(&mut self, current: Option<&Current>, now: SystemTime) {
+        match current {
+            Some(c) if c.valid_at(now) => {
+                let msg = match c.expires_at {
+                    Some(e) => format!("the credential is valid until {}", rfc3339(e)),
+                    None => "the credential does not expire".to_owned(),
+                };
+                self.condition("Ready", true, "CredentialValid", &msg);
+            }
+            Some(_) => self.condition("Ready", false, "Expired", "the credential expired"),
+            None => self.condition("Ready", false, "Pending", "no credential obtained yet"),
+        }
+    }
+
+    fn succeeded(&mut self, kind: &str, now: SystemTime) {
+        self.next.last_refresh_time = Some(to_time(now));
+        self.next.failed_attempts = None;
+        self.next.last_failure_time = None;
+        self.next.last_failure_message = None;
+        self.condition(
+            "Refreshing",
+            false,
+            "Succeeded",
+            &format!("obtained a new credential from {kind}"),
+        );
+        self.condition("ReauthRequired", false, "Authorized", "the grant is valid");
+    }
+
+    fn failed(&mut self, attempts: i32, now: SystemTime, message: &str) {
+        self.next.failed_attempts = Some(attempts);
+        self.next.last_failure_time = Some(to_time(now));
+        self.next.last_failure_message = Some(message.chars().take(1000).collect());
+    }
+
+    /// One status write, only if something changed.
+    async fn apply(&self, api: &Api<McpCredential>, ctx: &Context) -> Result<(), Error> {
+        let ready = self
+            .next
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        ctx.metrics
+            .ready
+            .with_label_values(&[&self.namespace, &self.name])
+            .set(i64::from(ready));
+        if let Some(t) = &self.next.not_after {
+            ctx.metrics
+                .expiration
+                .with_label_values(&[&self.namespace, &self.name])
+                .set(t.0.as_second() as f64);
+        }
+        if let Some(r) = self.renewal {
+            ctx.metrics
+                .renewal
+                .with_label_values(&[&self.namespace, &self.name])
+                .set(timing::unix_seconds(r) as f64);
+        }
+        if self.next == self.previous {
+            return Ok(());
+        }
+        let patch = serde_json::json!({
+            "apiVersion": "mcpcredentials.dev/v1alpha1",
+            "kind": "McpCredential",
+            "status": self.next,
+        });
+        api.patch_status(
+            &self.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::ApplyStatus {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            source,
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

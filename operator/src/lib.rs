@@ -1,0 +1,222 @@
+//! The mcp-credentials operator: keeps every McpCredential's Secret fresh.
+//!
+//! [`Config`] is the command line (every flag has an environment fallback); [`run`] serves
+//! `/metrics`, `/healthz` and `/readyz`, waits for the leader Lease, then runs the controller until
+//! shutdown.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use kube::{Api, Client, client::ClientBuilder};
+use tracing::info;
+
+/// Reconciling McpCredentials into Secrets.
+pub mod controller;
+/// Lease-based leader election.
+pub mod leader;
+/// Prometheus metrics.
+pub mod metrics;
+
+/// How the operator runs. Every flag can also be set through the environment variable shown.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    /// Watch only this namespace (default: every namespace).
+    #[arg(long, env = "MCP_CREDENTIALS_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(long, env = "MCP_CREDENTIALS_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Elect a leader through a Lease, so that several replicas can run. Disable only for a single process.
+    #[arg(long, env = "MCP_CREDENTIALS_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// Name of the leader Lease.
+    #[arg(
+        long,
+        env = "MCP_CREDENTIALS_LEASE_NAME",
+        default_value = "mcp-credentials-operator"
+    )]
+    pub lease_name: String,
+
+    /// Namespace of the leader Lease (default: --namespace, else `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// Seconds a leader Lease stays valid without renewal (a standby takes over after this).
+    #[arg(long, env = "MCP_CREDENTIALS_LEASE_DURATION", default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
+    pub lease_duration: u64,
+
+    /// This process's identity in the Lease and in events (default: host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// Seconds a token request may take before it counts as failed.
+    #[arg(long, env = "MCP_CREDENTIALS_TOKEN_TIMEOUT", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub token_timeout: u64,
+
+    /// How many credentials are reconciled at the same time.
+    #[arg(long, env = "MCP_CREDENTIALS_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub concurrency: u16,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "MCP_CREDENTIALS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// One `tracing` subscriber for the process; `RUST_LOG` filters (default `info`).
+pub fn init_telemetry(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_runtime=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs the operator until `shutdown` resolves (or leadership is lost, which is an error).
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let metrics = metrics::Metrics::register().context("registering metrics")?;
+    let client = kube_client(&metrics).await?;
+    let identity = config
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("--listen {}: cannot listen there", config.listen))?;
+    info!(listen = %config.listen, identity = %identity, namespace = ?config.namespace, "starting");
+    tokio::spawn(serve(listener, metrics.clone(), ready.clone()));
+
+    let http = mcp_credentials_core::source::http_client(Duration::from_secs(config.token_timeout))
+        .context("building the HTTP client")?;
+    let ctx = Arc::new(controller::Context::new(
+        client.clone(),
+        http,
+        metrics.clone(),
+        &identity,
+    ));
+    let lease_ns = config
+        .lease_namespace
+        .clone()
+        .or_else(|| config.namespace.clone())
+        .unwrap_or_else(|| "default".into());
+    let election = config.leader_election.then(|| {
+        leader::LeaderElection::new(
+            Api::namespaced(client.clone(), &lease_ns),
+            &config.lease_name,
+            &identity,
+            Duration::from_secs(config.lease_duration),
+        )
+    });
+
+    tokio::pin!(shutdown);
+    if let Some(e) = &election {
+        ready.store(true, Ordering::Relaxed); // a standby is healthy and ready to take over
+        tokio::select! {
+            _ = e.acquire() => {}
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+    metrics.leader.with_label_values(&[&identity]).set(1);
+    ready.store(true, Ordering::Relaxed);
+    let hold = async {
+        match &election {
+            Some(e) => e.hold().await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        _ = controller::run(ctx, config.namespace.as_deref(), config.concurrency) => Ok(()),
+        _ = hold => Err(anyhow::anyhow!("lost the leader Lease {lease_ns}/{}; exiting", config.lease_name)),
+        _ = &mut shutdown => {
+            info!("shutting down");
+            Ok(())
+        }
+    };
+    metrics.leader.with_label_values(&[&identity]).set(0);
+    if let Some(e) = &election
+        && result.is_ok()
+    {
+        e.release().await;
+    }
+    result
+}
+
+/// A kube client whose every request is counted in `mcp_credentials_kube_api_requests_total`.
+async fn kube_client(metrics: &metrics::Metrics) -> anyhow::Result<Client> {
+    let config = kube::Config::infer()
+        .await
+        .context("no Kubernetes configuration found (in-cluster service account or KUBECONFIG)")?;
+    let counter = metrics.api_requests.clone();
+    let count = tower::util::MapRequestLayer::new(move |req: http::Request<kube::client::Body>| {
+        counter
+            .with_label_values(&[req.method().as_str(), metrics::api_resource(req.uri().path())])
+            .inc();
+        req
+    });
+    Ok(ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&count)
+        .build())
+}
+
+async fn serve(listener: tokio::net::TcpListener, metrics: metrics::Metrics, ready: Arc<AtomicBool>) {
+    use axum::{Router, http::StatusCode, routing::get};
+    let app = Router::new()
+        .route("/metrics", get(move || std::future::ready(metrics.render())))
+        .route("/healthz", get(|| std::future::ready("ok")))
+        .route(
+            "/readyz",
+            get(move || {
+                let ok = ready.load(Ordering::Relaxed);
+                std::future::ready(if ok {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                })
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "the metrics server stopped");
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "operator".into())
+}

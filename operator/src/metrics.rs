@@ -1,0 +1,156 @@
+//! The operator's Prometheus metrics, as one typed struct registered in one place.
+
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the operator exports (prefix `mcp_credentials_`).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Refresh attempts by result: `success`, `transient_error`, `invalid_grant`, `config_error`.
+    pub refreshes: IntCounterVec,
+    /// How long obtaining a credential took, in seconds.
+    pub refresh_duration: Histogram,
+    /// When each credential expires (Unix seconds); absent for credentials that do not expire.
+    pub expiration: GaugeVec,
+    /// When each credential will be renewed (Unix seconds).
+    pub renewal: GaugeVec,
+    /// 1 when the credential is Ready, else 0.
+    pub ready: IntGaugeVec,
+    /// Token endpoint calls by issuer (scheme, host and port of the token endpoint).
+    pub token_requests: IntCounterVec,
+    /// Requests to the Kubernetes API by HTTP method and resource (to check the write budget).
+    pub api_requests: IntCounterVec,
+    /// 1 while this process holds the leader Lease.
+    pub leader: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn register() -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let p = |n: &str| format!("mcp_credentials_{n}");
+        let refreshes = IntCounterVec::new(
+            Opts::new(p("refreshes_total"), "Refresh attempts by result"),
+            &["result"],
+        )?;
+        let refresh_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                p("refresh_duration_seconds"),
+                "Time to obtain a credential from its source",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+        )?;
+        let labels = &["namespace", "name"];
+        let expiration = GaugeVec::new(
+            Opts::new(
+                p("credential_expiration_timestamp_seconds"),
+                "When the credential expires",
+            ),
+            labels,
+        )?;
+        let renewal = GaugeVec::new(
+            Opts::new(
+                p("credential_renewal_timestamp_seconds"),
+                "When the credential will be renewed",
+            ),
+            labels,
+        )?;
+        let ready = IntGaugeVec::new(
+            Opts::new(p("credential_ready"), "1 when the credential is Ready"),
+            labels,
+        )?;
+        let token_requests = IntCounterVec::new(
+            Opts::new(
+                p("token_endpoint_requests_total"),
+                "Token endpoint calls by issuer",
+            ),
+            &["issuer"],
+        )?;
+        let api_requests = IntCounterVec::new(
+            Opts::new(
+                p("kube_api_requests_total"),
+                "Kubernetes API requests by method and resource",
+            ),
+            &["method", "resource"],
+        )?;
+        let leader = IntGaugeVec::new(
+            Opts::new(p("leader"), "1 while this process is the leader"),
+            &["identity"],
+        )?;
+        for c in [
+            Box::new(refreshes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(refresh_duration.clone()),
+            Box::new(expiration.clone()),
+            Box::new(renewal.clone()),
+            Box::new(ready.clone()),
+            Box::new(token_requests.clone()),
+            Box::new(api_requests.clone()),
+            Box::new(leader.clone()),
+        ] {
+            registry.register(c)?;
+        }
+        Ok(Self {
+            registry,
+            refreshes,
+            refresh_duration,
+            expiration,
+            renewal,
+            ready,
+            token_requests,
+            api_requests,
+            leader,
+        })
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Forgets a deleted credential's series.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let _ = self.expiration.remove_label_values(&[namespace, name]);
+        let _ = self.renewal.remove_label_values(&[namespace, name]);
+        let _ = self.ready.remove_label_values(&[namespace, name]);
+    }
+}
+
+/// The resource an API path addresses, for the `resource` label: `secrets`, `mcpcredentials/status`, ...
+pub fn api_resource(path: &str) -> &'static str {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let status = segs.last() == Some(&"status");
+    for known in ["secrets", "mcpcredentials", "leases", "events"] {
+        if segs.contains(&known) {
+            return match (known, status) {
+                ("mcpcredentials", true) => "mcpcredentials/status",
+                _ => known,
+            };
+        }
+    }
+    "other"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_paths_map_to_few_resource_labels() {
+        assert_eq!(api_resource("/api/v1/namespaces/a/secrets/b"), "secrets");
+        assert_eq!(
+            api_resource("/apis/mcpcredentials.dev/v1alpha1/namespaces/a/mcpcredentials/b/status"),
+            "mcpcredentials/status"
+        );
+        assert_eq!(
+            api_resource("/apis/coordination.k8s.io/v1/namespaces/a/leases/x"),
+            "leases"
+        );
+        assert_eq!(api_resource("/version"), "other");
+    }
+}
