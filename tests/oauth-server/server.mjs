@@ -1,0 +1,99 @@
+// A real, independent OAuth 2.0 authorization server (panva/oidc-provider) for the operator's
+// end-to-end tests. Usage: node server.mjs <port> [access-token-ttl-seconds]
+//
+// Clients (all on http://127.0.0.1:<port>, token endpoint /token):
+//   cc-basic / cc-basic-secret   client_credentials, client_secret_basic
+//   cc-post  / cc-post-secret    client_credentials, client_secret_post
+//   cc-jwt                       client_credentials, private_key_jwt (key printed at start)
+//   rt-client / rt-client-secret refresh_token (rotating), client_secret_basic
+// Access tokens are JWTs whose `aud` is the RFC 8707 resource requested.
+// Test-only helpers: GET /test/refresh-token?resource=<url> mints a refresh token for rt-client
+// (standing in for a user's browser login); GET /test/stats counts token requests.
+// Prints one JSON line {"ready":true,...} on stdout when it listens.
+import { createServer } from 'node:http';
+import { generateKeyPairSync, randomUUID } from 'node:crypto';
+import Provider from 'oidc-provider';
+
+const port = Number(process.argv[2] || 0);
+const ttl = Number(process.argv[3] || 60);
+const issuer = `http://127.0.0.1:${port}`;
+
+const signing = generateKeyPairSync('rsa', { modulusLength: 2048 });
+const client = generateKeyPairSync('ec', { namedCurve: 'P-256' });
+const clientJwk = { ...client.publicKey.export({ format: 'jwk' }), kid: 'cc-jwt', use: 'sig', alg: 'ES256' };
+
+const provider = new Provider(issuer, {
+  clients: [
+    { client_id: 'cc-basic', client_secret: 'cc-basic-secret', grant_types: ['client_credentials'], response_types: [], redirect_uris: [], token_endpoint_auth_method: 'client_secret_basic' },
+    { client_id: 'cc-post', client_secret: 'cc-post-secret', grant_types: ['client_credentials'], response_types: [], redirect_uris: [], token_endpoint_auth_method: 'client_secret_post' },
+    { client_id: 'cc-jwt', grant_types: ['client_credentials'], response_types: [], redirect_uris: [], token_endpoint_auth_method: 'private_key_jwt', jwks: { keys: [clientJwk] } },
+    { client_id: 'rt-client', client_secret: 'rt-client-secret', grant_types: ['authorization_code', 'refresh_token'], response_types: ['code'], redirect_uris: ['http://127.0.0.1/callback'], token_endpoint_auth_method: 'client_secret_basic' },
+  ],
+  jwks: { keys: [{ ...signing.privateKey.export({ format: 'jwk' }), kid: 'signing', use: 'sig', alg: 'RS256' }] },
+  findAccount: (ctx, id) => ({ accountId: id, claims: () => ({ sub: id }) }),
+  scopes: ['openid', 'offline_access', 'read', 'write'],
+  rotateRefreshToken: true,
+  features: {
+    devInteractions: { enabled: false },
+    clientCredentials: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      defaultResource: (ctx, client, oneOf) => oneOf ?? undefined,
+      useGrantedResource: () => true,
+      getResourceServerInfo: (ctx, resource) => ({
+        scope: 'read write',
+        audience: resource,
+        accessTokenTTL: ttl,
+        accessTokenFormat: 'jwt',
+        jwt: { sign: { alg: 'RS256' } },
+      }),
+    },
+  },
+  ttl: { RefreshToken: 24 * 3600, Grant: 24 * 3600 },
+});
+provider.proxy = false;
+
+let tokenRequests = 0;
+provider.use(async (ctx, next) => {
+  if (ctx.path === '/token') tokenRequests += 1;
+  await next();
+});
+
+async function mintRefreshToken(resource) {
+  const accountId = `user-${randomUUID()}`;
+  const grant = new provider.Grant({ accountId, clientId: 'rt-client' });
+  grant.addOIDCScope('openid offline_access');
+  grant.addResourceScope(resource, 'read write');
+  const grantId = await grant.save();
+  const rtClient = await provider.Client.find('rt-client');
+  const rt = new provider.RefreshToken({
+    accountId, client: rtClient, grantId, gty: 'authorization_code',
+    scope: 'openid offline_access read write', resource, rotations: 0, iiat: Math.floor(Date.now() / 1000),
+  });
+  return rt.save();
+}
+
+const callback = provider.callback();
+const server = createServer(async (req, res) => {
+  const url = new URL(req.url, issuer);
+  try {
+    if (url.pathname === '/test/refresh-token') {
+      const token = await mintRefreshToken(url.searchParams.get('resource'));
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ refresh_token: token }));
+    } else if (url.pathname === '/test/stats') {
+      res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ token_requests: tokenRequests }));
+    } else {
+      callback(req, res);
+    }
+  } catch (e) {
+    res.writeHead(500).end(String(e));
+  }
+});
+server.listen(port, '127.0.0.1', () => {
+  const actual = server.address().port;
+  process.stdout.write(`${JSON.stringify({
+    ready: true, port: actual, issuer,
+    ccJwtPrivateKeyPem: client.privateKey.export({ format: 'pem', type: 'pkcs8' }),
+  })}\n`);
+});
+process.on('SIGTERM', () => server.close(() => process.exit(0)));
