@@ -1,23 +1,297 @@
-//! Standalone mode: McpCredential YAML plus local secret files, with core's credential sources run
-//! in-process. Not implemented yet: it waits for `mcp_credentials_core::source`.
+//! Standalone mode (no cluster): McpCredential YAML plus local secret files, with core's credential
+//! sources run in-process, one task per credential that renews it on core's schedule and publishes
+//! each new credential to the store exactly as the operator would write it into a Secret.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use kube::ResourceExt;
+use mcp_credentials_core::{
+    McpCredential, McpCredentialSpec, SecretKeyRef, SecretString,
+    secret::{EXPIRES_AT_KEY, HEADER_KEY_PREFIX, UPSTREAM_KEY, VERSION_KEY},
+    source::{self, Issued, ResolveError, SecretResolver, SourceError},
+    timing,
+};
+use serde::Deserialize;
+use tokio::task::JoinHandle;
 
 use super::Store;
+use crate::credential::Credential;
+
+/// A credential that does not expire (an API key) is re-read this often, so editing its file takes
+/// effect within seconds, as a Secret update does in a cluster; reading one small file costs nothing.
+const NON_EXPIRING_RECHECK: Duration = Duration::from_secs(5);
+/// A token issued without an expiry is renewed this often anyway: servers that omit `expires_in`
+/// still revoke tokens eventually, and one token request an hour is no load on anyone.
+const UNKNOWN_EXPIRY_RENEWAL: Duration = Duration::from_secs(3600);
+/// After `invalid_grant`, retrying is pointless until someone changes the secret files; check this often.
+const TERMINAL_RECHECK: Duration = Duration::from_secs(30);
+/// Token requests give up after this long: a hanging token endpoint is a transient failure.
+const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Why standalone mode could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StandaloneError {
-    /// Not implemented yet.
-    #[error("standalone mode is not implemented yet")]
-    NotImplemented,
+    /// The McpCredential file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A YAML document is not an McpCredential.
+    #[error("{path} holds a document that is not a valid McpCredential")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: serde_yaml::Error,
+    },
+    /// The file holds no McpCredential.
+    #[error("{0} holds no McpCredential documents")]
+    Empty(PathBuf),
+    /// The token endpoint client could not be built.
+    #[error("cannot build the token endpoint client")]
+    HttpClient(#[source] reqwest::Error),
 }
 
-/// Loads the McpCredentials and starts a task that keeps each one fresh.
+/// Reads the McpCredentials in `credentials_file` and starts keeping each one fresh. The handle
+/// ends when every credential task has (never, unless aborted).
 pub async fn start(
-    _store: Arc<Store>,
-    _credentials_file: &Path,
-    _secrets_dir: &Path,
-) -> Result<tokio::task::JoinHandle<()>, StandaloneError> {
-    Err(StandaloneError::NotImplemented)
+    store: Arc<Store>,
+    credentials_file: &Path,
+    secrets_dir: &Path,
+) -> Result<JoinHandle<()>, StandaloneError> {
+    let credentials = load(credentials_file)?;
+    let http = source::http_client(TOKEN_REQUEST_TIMEOUT).map_err(StandaloneError::HttpClient)?;
+    let secrets = Arc::new(SecretFiles(secrets_dir.to_path_buf()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for credential in credentials {
+        let name = credential.name_any();
+        tracing::info!(credential = %name, source = source::kind(&credential.spec), upstream = %credential.spec.upstream, "standalone credential");
+        tasks.spawn(keep_fresh(
+            store.clone(),
+            name,
+            credential.spec,
+            secrets.clone(),
+            http.clone(),
+        ));
+    }
+    Ok(tokio::spawn(
+        async move { while tasks.join_next().await.is_some() {} },
+    ))
+}
+
+/// The McpCredential documents of a multi-document YAML file (empty documents skipped).
+pub fn load(path: &Path) -> Result<Vec<McpCredential>, StandaloneError> {
+    let text = std::fs::read_to_string(path).map_err(|source| StandaloneError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(document).map_err(|source| StandaloneError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        out.push(
+            serde_yaml::from_value(value).map_err(|source| StandaloneError::Parse {
+                path: path.into(),
+                source,
+            })?,
+        );
+    }
+    if out.is_empty() {
+        return Err(StandaloneError::Empty(path.into()));
+    }
+    Ok(out)
+}
+
+/// Secrets as files: `<dir>/<secret-name>/<key>`, the layout of a mounted Secret.
+struct SecretFiles(PathBuf);
+
+impl SecretFiles {
+    fn path(&self, r: &SecretKeyRef) -> PathBuf {
+        self.0.join(&r.name).join(&r.key)
+    }
+}
+
+impl SecretResolver for SecretFiles {
+    async fn get(&self, r: &SecretKeyRef) -> Result<SecretString, ResolveError> {
+        match tokio::fs::read_to_string(self.path(r)).await {
+            // A trailing newline from an editor is never part of a secret.
+            Ok(s) => Ok(SecretString::new(s.trim_end_matches(['\n', '\r']))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ResolveError::NotFound {
+                name: r.name.clone(),
+                key: r.key.clone(),
+            }),
+            Err(e) => Err(ResolveError::Unavailable {
+                name: r.name.clone(),
+                reason: e.kind().to_string(),
+            }),
+        }
+    }
+}
+
+/// Obtains the credential, publishes it, sleeps until its renewal time (or a backoff after a
+/// failure), forever. The last good credential stays in the store until it expires.
+async fn keep_fresh(
+    store: Arc<Store>,
+    name: String,
+    spec: McpCredentialSpec,
+    secrets: Arc<SecretFiles>,
+    http: reqwest::Client,
+) {
+    let mut failures = 0u32;
+    let mut published: Option<(String, Option<SystemTime>)> = None;
+    let mut version = 0u64;
+    loop {
+        let wait = match source::obtain(&name, &spec, &*secrets, &http).await {
+            Ok(issued) => {
+                failures = 0;
+                if let Err(e) = persist_rotated_refresh_token(&spec, &secrets, &issued).await {
+                    // Without the rotated token the next refresh fails; say so, but use this token now.
+                    store.fail(&name, format!("cannot save the rotated refresh token: {e}"));
+                }
+                let (header, value) = source::header(&spec, &issued);
+                let fingerprint = (format!("{header}\n{}", value.expose()), issued.expires_at);
+                if published.as_ref() != Some(&fingerprint) {
+                    version += 1;
+                    match Credential::from_data(&secret_data(&spec, &header, &value, &issued, version)) {
+                        Ok(credential) => store.set(&name, credential),
+                        Err(e) => store.fail(&name, e.to_string()),
+                    }
+                    published = Some(fingerprint);
+                }
+                next_renewal(&name, &spec, &issued)
+            }
+            Err(e) => {
+                failures += 1;
+                store.fail(&name, format!("{} ({})", e, e.category()));
+                match e {
+                    SourceError::InvalidGrant(_) => TERMINAL_RECHECK,
+                    _ => timing::backoff(
+                        failures,
+                        SystemTime::now(),
+                        published.as_ref().and_then(|p| p.1),
+                        &name,
+                    ),
+                }
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// How long until the credential should be renewed.
+fn next_renewal(name: &str, spec: &McpCredentialSpec, issued: &Issued) -> Duration {
+    match issued.expires_at {
+        Some(expires_at) => {
+            let at = timing::renewal_time(issued.not_before, expires_at, spec.refresh.as_ref(), name);
+            at.duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .max(Duration::from_secs(1))
+        }
+        None if spec.source.api_key.is_some() => NON_EXPIRING_RECHECK,
+        None => UNKNOWN_EXPIRY_RENEWAL,
+    }
+}
+
+/// What the operator would write into the credential's Secret.
+fn secret_data(
+    spec: &McpCredentialSpec,
+    header: &str,
+    value: &SecretString,
+    issued: &Issued,
+    version: u64,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut data = BTreeMap::from([
+        (
+            format!("{HEADER_KEY_PREFIX}{header}"),
+            value.expose().as_bytes().to_vec(),
+        ),
+        (UPSTREAM_KEY.to_owned(), spec.upstream.as_bytes().to_vec()),
+        (VERSION_KEY.to_owned(), version.to_string().into_bytes()),
+    ]);
+    if let Some(at) = issued.expires_at.and_then(|t| jiff::Timestamp::try_from(t).ok()) {
+        data.insert(EXPIRES_AT_KEY.to_owned(), at.to_string().into_bytes());
+    }
+    data
+}
+
+/// Writes a rotated refresh token back to its file (atomically) before the new token is used.
+async fn persist_rotated_refresh_token(
+    spec: &McpCredentialSpec,
+    secrets: &SecretFiles,
+    issued: &Issued,
+) -> std::io::Result<()> {
+    let (Some(token), Some(r)) = (
+        &issued.rotated_refresh_token,
+        spec.source.oauth2.as_ref().and_then(|o| o.refresh_token.as_ref()),
+    ) else {
+        return Ok(());
+    };
+    let path = secrets.path(r);
+    let tmp = path.with_extension("rotating");
+    tokio::fs::write(&tmp, token.expose()).await?;
+    tokio::fs::rename(&tmp, &path).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_api_key_file_becomes_a_credential_and_edits_are_picked_up() {
+        let dir = std::env::temp_dir().join(format!("mcp-sidecar-standalone-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("demo-key")).unwrap();
+        std::fs::write(dir.join("demo-key/api-key"), "key-one\n").unwrap();
+        let file = dir.join("creds.yaml");
+        std::fs::write(
+            &file,
+            "---\napiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: demo}\n\
+             spec:\n  upstream: http://127.0.0.1:9/mcp\n  source:\n    apiKey:\n      secretKeyRef: {name: demo-key, key: api-key}\n  \
+             inject: {header: X-API-Key}\n---\n",
+        )
+        .unwrap();
+        let store = Store::new(["demo".to_owned()]);
+        let mut changes = store.subscribe();
+        let task = start(store.clone(), &file, &dir).await.unwrap();
+        changes
+            .wait_for(|_| store.get("demo").unwrap().current.is_some())
+            .await
+            .unwrap();
+        let c = store.get("demo").unwrap().current.unwrap();
+        assert_eq!(c.headers[0].0, "x-api-key");
+        assert_eq!(c.headers[0].1, "key-one");
+        assert_eq!(c.upstream.to_string(), "http://127.0.0.1:9/mcp");
+        assert_eq!(c.expires_at, None);
+
+        std::fs::write(dir.join("demo-key/api-key"), "key-two").unwrap();
+        changes
+            .wait_for(|_| store.get("demo").unwrap().current.unwrap().headers[0].1 == "key-two")
+            .await
+            .unwrap();
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_without_credentials_is_an_error_naming_it() {
+        let file = std::env::temp_dir().join(format!("mcp-sidecar-empty-{}.yaml", std::process::id()));
+        std::fs::write(&file, "---\n").unwrap();
+        let e = load(&file).unwrap_err();
+        assert!(e.to_string().contains("no McpCredential"), "{e}");
+        std::fs::remove_file(&file).unwrap();
+    }
 }
