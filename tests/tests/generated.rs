@@ -13,21 +13,10 @@ fn crds_directory_matches_the_code() {
 }
 
 #[test]
-fn the_charts_copy_of_the_crds_matches_crds_directory() {
-    // The chart templates the CRDs behind `crds.enabled`; its copy is the crds/ file wrapped in a
-    // condition, so compare the body.
-    let chart = repo_root().join("charts/mcp-credentials/templates/crds/mcpcredentials.yaml");
-    let Ok(copy) = std::fs::read_to_string(&chart) else {
-        assert!(
-            !repo_root().join("charts/mcp-credentials").exists(),
-            "the chart has no CRD copy at {chart:?}"
-        );
-        return;
-    };
-    let crd = mcp_credentials_core::crds_yaml();
-    let body = crd.split_once("---\n").map(|(_, b)| b).unwrap_or(&crd);
-    assert!(
-        copy.contains(body),
-        "{chart:?} drifted from crds/; regenerate it with tests/generate"
-    );
+fn the_charts_crds_and_values_schema_match_their_sources() {
+    let out = std::process::Command::new(repo_root().join("tests/generate"))
+        .arg("--check")
+        .output()
+        .expect("run tests/generate --check");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
