@@ -213,3 +213,157 @@ fn helm_install_creates_a_least_privilege_operator() {
     let out = helm(cp, &["uninstall", &release, "--namespace", &ns]);
     assert!(out.success, "{}", out.stderr);
 }
+
+/// Runs `promtool check rules` on `groups` (a rule file's `groups:` list).
+fn promtool_check(groups: &serde_json::Value) -> mcp_credentials_e2e::Outcome {
+    let file = std::env::temp_dir().join(format!("mcp-rules-{}-{}.yaml", std::process::id(), rand_suffix()));
+    std::fs::write(
+        &file,
+        serde_yaml::to_string(&serde_json::json!({ "groups": groups })).unwrap(),
+    )
+    .unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool is installed by tests/run (Debian package prometheus)");
+    let _ = std::fs::remove_file(&file);
+    mcp_credentials_e2e::Outcome {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// The rendered documents of the chart with `args` added to `helm template`.
+fn rendered(cp: &ControlPlane, args: &[&str]) -> Vec<serde_json::Value> {
+    let chart_path = chart();
+    let mut all = vec!["template", "mcpc", chart_path.as_str()];
+    all.extend_from_slice(args);
+    let out = helm(cp, &all);
+    assert!(out.success, "helm template {args:?}: {}", out.stderr);
+    serde_yaml::Deserializer::from_str(&out.stdout)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .filter(|d: &serde_json::Value| !d.is_null())
+        .collect()
+}
+
+#[test]
+fn the_alerts_are_valid_prometheus_rules_on_the_operators_metrics() {
+    let cp = control_plane();
+    let docs = rendered(cp, &["--set", "metrics.prometheusRule.enabled=true"]);
+    let rule = docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .expect("a PrometheusRule");
+    let out = promtool_check(&rule["spec"]["groups"]);
+    assert!(
+        out.success,
+        "promtool rejected the alerts:\n{}{}",
+        out.stdout, out.stderr
+    );
+    let alerts: Vec<&str> = rule["spec"]["groups"][0]["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    assert_eq!(
+        alerts,
+        [
+            "McpCredentialExpiringWithoutRenewal",
+            "McpCredentialNotReady",
+            "McpCredentialRefreshFailing",
+            "McpCredentialReauthRequired"
+        ]
+    );
+    let text = serde_json::to_string(rule).unwrap();
+    assert!(text.contains("< 300"), "the expiry threshold comes from values");
+    assert!(!text.contains("EXPIRING_WITHIN_SECONDS"));
+}
+
+#[test]
+fn the_dashboard_is_json_whose_queries_prometheus_accepts() {
+    let cp = control_plane();
+    let docs = rendered(cp, &["--set", "metrics.dashboard.enabled=true"]);
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("a dashboard ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(cm["data"]["mcp-credentials.json"].as_str().unwrap())
+            .expect("the dashboard is JSON");
+    let exprs: Vec<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            p["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["expr"].as_str().unwrap())
+        })
+        .collect();
+    assert!(exprs.len() >= 7);
+    // promtool parses each query as a recording rule.
+    let rules: Vec<serde_json::Value> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| serde_json::json!({"record": format!("dashboard:query_{i}"), "expr": e}))
+        .collect();
+    let out = promtool_check(&serde_json::json!([{"name": "dashboard", "rules": rules}]));
+    assert!(
+        out.success,
+        "promtool rejected a dashboard query:\n{}{}",
+        out.stdout, out.stderr
+    );
+}
+
+#[test]
+fn every_metric_the_alerts_and_dashboard_use_is_one_the_operator_exports() {
+    let m = mcp_credentials_operator::metrics::Metrics::register().expect("metrics register");
+    // Vector metrics are exported once they have a child.
+    m.refreshes.with_label_values(&["success"]).inc();
+    m.refresh_duration.observe(0.1);
+    m.expiration.with_label_values(&["ns", "cred"]).set(1.0);
+    m.renewal.with_label_values(&["ns", "cred"]).set(1.0);
+    m.ready.with_label_values(&["ns", "cred"]).set(1);
+    m.token_requests
+        .with_label_values(&["https://idp.example.com"])
+        .inc();
+    m.leader.with_label_values(&["me"]).set(1);
+    let exported = m.render();
+
+    let root = repo_root().join("charts/mcp-credentials/files");
+    let text = std::fs::read_to_string(root.join("alerts.yaml")).unwrap()
+        + &std::fs::read_to_string(root.join("dashboard.json")).unwrap();
+    let mut used: Vec<&str> = text
+        .match_indices("mcp_credentials_")
+        .map(|(i, _)| {
+            let rest = &text[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .collect();
+    used.sort();
+    used.dedup();
+    assert!(used.len() >= 5, "{used:?}");
+    for name in used {
+        let base = name.strip_suffix("_bucket").unwrap_or(name);
+        assert!(
+            exported.contains(&format!("# TYPE {base} ")),
+            "{name} is not exported by the operator"
+        );
+    }
+}
