@@ -103,6 +103,8 @@ pub async fn shutdown_signal() {
 
 /// Runs the operator until `shutdown` resolves (or leadership is lost, which is an error).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    // Several rustls crypto providers are compiled in (kube: ring, reqwest: its default); choose one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = metrics::Metrics::register().context("registering metrics")?;
     let client = kube_client(&metrics).await?;
     let identity = config
