@@ -48,7 +48,15 @@ pub enum RunError {
 /// Serves the proxy and the admin listener until `shutdown` completes, then lets open requests and
 /// streams finish for the configured grace period.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    let store = Store::new(config.credentials.iter().map(|w| w.name.clone()));
+    let required: Vec<String> = match &config.store {
+        // Standalone mode serves exactly the credentials of its file.
+        StoreConfig::Standalone { credentials_file, .. } => store::standalone::load(credentials_file)?
+            .iter()
+            .map(kube::ResourceExt::name_any)
+            .collect(),
+        _ => config.credentials.iter().map(|w| w.name.clone()).collect(),
+    };
+    let store = Store::new(required);
     let metrics = Metrics::register();
     let client = proxy::upstream_client(&config.client)?;
     let bind = |addr: SocketAddr| async move {

@@ -15,13 +15,6 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use http::{HeaderName, HeaderValue, StatusCode};
-use mcp_credentials_sidecar::{
-    credential::Credential,
-    metrics::Metrics,
-    proxy::{self, ClientSettings, Proxy},
-    serve,
-    store::Store,
-};
 use rmcp::{
     ClientHandler, ClientLifecycleMode, ClientServiceExt, Peer, RoleClient, RoleServer, ServerHandler,
     ServiceExt,
@@ -41,7 +34,7 @@ use rmcp::{
         },
     },
 };
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 
 // ---- The upstream: an rmcp server behind a credential check ----------------------------------------
 
@@ -182,48 +175,11 @@ async fn upstream(config: StreamableHttpServerConfig) -> Upstream {
 
 // ---- The sidecar ---------------------------------------------------------------------------------
 
-fn credential(upstream: &str, key: &str, version: &str, expires_at: Option<&str>) -> Credential {
-    let mut data = std::collections::BTreeMap::from([
-        ("upstream".to_owned(), upstream.as_bytes().to_vec()),
-        ("header.X-API-Key".to_owned(), key.as_bytes().to_vec()),
-        ("version".to_owned(), version.as_bytes().to_vec()),
-    ]);
-    if let Some(at) = expires_at {
-        data.insert("expires-at".to_owned(), at.as_bytes().to_vec());
-    }
-    Credential::from_data(&data).unwrap()
-}
-
-struct Sidecar {
-    url: String,
-    store: Arc<Store>,
-    _stop: watch::Sender<bool>,
-}
+mod common;
+use common::{Sidecar, credential};
 
 async fn sidecar(upstream: &Upstream) -> Sidecar {
-    let store = Store::new(["demo".to_owned()]);
-    store.set("demo", credential(&upstream.url, "key-1", "1", None));
-    let client = proxy::upstream_client(&ClientSettings {
-        connect_timeout: Duration::from_secs(5),
-        pool_idle_timeout: Duration::from_secs(30),
-        extra_ca_file: None,
-    })
-    .unwrap();
-    let app = proxy::app(Proxy {
-        store: store.clone(),
-        client,
-        metrics: Metrics::register(),
-        max_header_bytes: 65536,
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(serve(listener, app, stopped));
-    Sidecar {
-        url,
-        store,
-        _stop: stop,
-    }
+    common::sidecar("demo", &upstream.url, "key-1").await
 }
 
 // ---- The client ----------------------------------------------------------------------------------

@@ -122,11 +122,16 @@ fn memchr(needle: &[u8], haystack: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The end of the last complete event in `buf` (just after its blank line), if any.
+/// The end of the last complete event in `buf` (just after its blank line), if any. Lines end with
+/// CRLF, LF or CR (the SSE grammar), so a blank line is a line terminator right after another one.
 fn last_event_end(buf: &[u8]) -> Option<usize> {
-    (1..buf.len()).rev().find_map(|i| match (buf[i - 1], buf[i]) {
-        (b'\n', b'\n') | (b'\r', b'\r') => Some(i + 1),
-        _ => None,
+    (0..buf.len()).rev().find_map(|i| {
+        let start = match buf[i] {
+            b'\n' if i > 0 && buf[i - 1] == b'\r' => i - 1,
+            b'\n' | b'\r' => i,
+            _ => return None,
+        };
+        (start > 0 && matches!(buf[start - 1], b'\n' | b'\r')).then_some(i + 1)
     })
 }
 
@@ -228,6 +233,15 @@ mod tests {
             rewrite(&r, "event: endpoint\ndata: https://evil.example/mcp/x\n\n"),
             "event: endpoint\ndata: https://evil.example/mcp/x\n\n"
         );
+    }
+
+    #[test]
+    fn events_end_at_a_blank_line_whatever_the_line_endings() {
+        assert_eq!(last_event_end(b"data: x\n\n"), Some(9));
+        assert_eq!(last_event_end(b"data: x\r\n\r\ndata: y"), Some(11));
+        assert_eq!(last_event_end(b"data: x\r\rdata"), Some(9));
+        assert_eq!(last_event_end(b"data: x\r\ndata: y\r\n"), None);
+        assert_eq!(last_event_end(b"data: x\n"), None);
     }
 
     #[test]

@@ -286,6 +286,29 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    #[tokio::test]
+    async fn the_offline_example_loads_its_api_key() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/standalone");
+        let store = Store::new(["demo".to_owned()]);
+        let mut changes = store.subscribe();
+        let task = start(
+            store.clone(),
+            &dir.join("mcpcredentials.yaml"),
+            &dir.join("secrets"),
+        )
+        .await
+        .unwrap();
+        changes
+            .wait_for(|_| store.get("demo").unwrap().current.is_some())
+            .await
+            .unwrap();
+        let c = store.get("demo").unwrap().current.unwrap();
+        assert_eq!(c.upstream.to_string(), "http://127.0.0.1:8931/mcp");
+        assert_eq!(c.headers[0].0, "x-api-key");
+        assert_eq!(c.headers[0].1, "demo-key-change-me");
+        task.abort();
+    }
+
     #[test]
     fn a_file_without_credentials_is_an_error_naming_it() {
         let file = std::env::temp_dir().join(format!("mcp-sidecar-empty-{}.yaml", std::process::id()));
