@@ -48,7 +48,7 @@ async fn a_restart_with_valid_credentials_makes_no_token_requests() {
     }
     let issued = oauth.token_requests().await;
     assert_eq!(issued, 3);
-    let versions: Vec<_> = versions(&secrets, &names).await;
+    let before = versions(&secrets, &names).await;
     first.kill();
 
     let second = Operator::start(cp, &ns, "second", &["--leader-election", "false"]);
@@ -66,7 +66,7 @@ async fn a_restart_with_valid_credentials_makes_no_token_requests() {
         "no token request after the restart\n{}",
         second.log_text()
     );
-    assert_eq!(versions(&secrets, &names).await, versions, "no Secret rewritten");
+    assert_eq!(versions(&secrets, &names).await, before, "no Secret rewritten");
     let m = second.metrics().await;
     let writes = metric_value(
         &m,
