@@ -45,9 +45,16 @@ pub enum RunError {
     Standalone(#[from] store::standalone::StandaloneError),
 }
 
+/// Selects ring as rustls' process-wide provider. Dependencies enable both ring and aws-lc-rs, and
+/// then the kube client cannot pick one by itself. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Serves the proxy and the admin listener until `shutdown` completes, then lets open requests and
 /// streams finish for the configured grace period.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    install_crypto_provider();
     let required: Vec<String> = match &config.store {
         // Standalone mode serves exactly the credentials of its file.
         StoreConfig::Standalone { credentials_file, .. } => store::standalone::load(credentials_file)?

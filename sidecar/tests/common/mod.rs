@@ -39,6 +39,12 @@ pub struct Sidecar {
 pub async fn sidecar(name: &str, upstream: &str, key: &str) -> Sidecar {
     let store = Store::new([name.to_owned()]);
     store.set(name, credential(upstream, key, "1", None));
+    sidecar_with_store(store).await
+}
+
+/// A sidecar serving whatever `store` holds.
+pub async fn sidecar_with_store(store: Arc<Store>) -> Sidecar {
+    mcp_credentials_sidecar::install_crypto_provider();
     let client = proxy::upstream_client(&ClientSettings {
         connect_timeout: Duration::from_secs(5),
         pool_idle_timeout: Duration::from_secs(30),
