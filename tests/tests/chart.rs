@@ -162,6 +162,8 @@ fn the_crd_is_kept_on_uninstall_unless_asked_otherwise() {
 #[test]
 fn helm_install_creates_a_least_privilege_operator() {
     let cp = control_plane();
+    // `kubectl auth can-i` resolves resources through discovery, so the CRD must be served.
+    cp.install_crds();
     let ns = cp.namespace("chart-install");
     let release = format!("mcpc-{}", std::process::id());
     // The CRD is shared by every test on this API server, so this release does not own it.
