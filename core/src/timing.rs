@@ -75,7 +75,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 /// How long before expiry to renew a credential that lives `lifetime` seconds.
 pub fn renew_before(lifetime: u64, refresh: Option<&Refresh>) -> u64 {
-    let default = lifetime * DEFAULT_RENEW_BEFORE_PERCENTAGE / 100;
+    // In u128: `lifetime` comes from servers (a JWT's `exp`) and may be near u64::MAX.
+    let percent_of = |p: u64| (u128::from(lifetime) * u128::from(p) / 100) as u64;
+    let default = percent_of(DEFAULT_RENEW_BEFORE_PERCENTAGE);
     let Some(refresh) = refresh else { return default };
     if let Some(d) = refresh.renew_before.as_deref().and_then(parse_duration) {
         let secs = d.as_secs();
@@ -88,7 +90,7 @@ pub fn renew_before(lifetime: u64, refresh: Option<&Refresh>) -> u64 {
     }
     if let Some(p) = refresh.renew_before_percentage {
         let p = u64::try_from(p.clamp(1, 99)).unwrap_or(DEFAULT_RENEW_BEFORE_PERCENTAGE);
-        return lifetime * p / 100;
+        return percent_of(p);
     }
     default
 }

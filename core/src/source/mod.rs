@@ -44,7 +44,8 @@ use std::{
 use crate::{McpCredentialSpec, SecretKeyRef, SecretString};
 
 pub mod oauth2;
-mod token_response;
+/// Parsing token endpoint answers and JWT claims (public for the property tests).
+pub mod token_response;
 
 pub use token_response::{TokenResponse, parse_token_response};
 

@@ -137,9 +137,34 @@ pub fn jwt_claims(token: &str) -> Option<JwtClaims> {
     })
 }
 
-/// Server-provided text made safe for a status message: printable, short.
+/// Server-provided text made safe for a status message: printable, short, and without anything
+/// that looks like a token. Some servers echo the grant they rejected ("refresh token eyJ... is
+/// invalid"), and status, events and logs must never show one: every unbroken run of 16 or more
+/// token characters is replaced. Real error descriptions are words, so they survive.
 fn safe_text(s: &str) -> String {
-    shorten(&s.chars().filter(|c| !c.is_control()).collect::<String>(), 200)
+    const TOKEN_RUN: usize = 16;
+    let is_token_char = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
+    let printable: String = s.chars().filter(|c| !c.is_control()).collect();
+    let mut out = String::with_capacity(printable.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.chars().count() >= TOKEN_RUN {
+            out.push_str("[redacted]");
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in printable.chars() {
+        if is_token_char(c) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    shorten(&out, 200)
 }
 
 fn shorten(s: &str, max: usize) -> String {
@@ -156,6 +181,20 @@ mod tests {
 
     fn parse(status: u16, body: &str) -> Result<TokenResponse, SourceError> {
         parse_token_response(status, body.as_bytes())
+    }
+
+    #[test]
+    fn a_token_echoed_in_an_error_description_is_redacted() {
+        let err = parse(
+            400,
+            r#"{"error":"invalid_request","error_description":"refresh token eyJhbGciOiJIUzI1NiJ9.e30.abc is unknown"}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "the authorization server answered HTTP 400 invalid_request: refresh token [redacted] is unknown"
+        );
     }
 
     #[test]

@@ -1,0 +1,130 @@
+//! Property tests ("fuzzing" bounded in time) of everything in core that reads untrusted input:
+//! token endpoint answers, JWTs issued by servers, durations from users, and the timing math fed
+//! by them. Each must never panic, and no error may carry the token it was given.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mcp_credentials_core::{
+    Refresh,
+    source::token_response::{jwt_claims, parse_token_response},
+    timing::{MAX_BACKOFF, backoff, parse_duration, renewal_time},
+};
+use proptest::prelude::*;
+
+/// A JSON value of any shape, for the fields of a token response.
+fn any_json() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into)),
+        ".{0,40}".prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+            prop::collection::btree_map("[a-z_]{1,12}", inner, 0..4)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    // Runs are seeded afresh each time; a failure prints its minimal input, so nothing is persisted.
+    #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn token_responses_of_any_bytes_never_panic(status in 100u16..600, body in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = parse_token_response(status, &body);
+    }
+
+    #[test]
+    fn no_token_response_error_repeats_the_token(
+        status in prop_oneof![Just(200u16), Just(400u16), Just(401u16), Just(500u16), 100u16..600],
+        token in "[A-Za-z0-9_-]{24,48}",
+        expires_in in any_json(),
+        token_type in any_json(),
+        error in prop_oneof![Just(serde_json::Value::Null), any_json()],
+        extra in any_json(),
+    ) {
+        // The token stands where a broken server might put it: in the token field, the error
+        // description, and an unknown field.
+        let body = serde_json::json!({
+            "access_token": token,
+            "refresh_token": token,
+            "expires_in": expires_in,
+            "token_type": token_type,
+            "error": error,
+            "error_description": format!("bad {token}"),
+            "extra": extra,
+        });
+        if let Err(e) = parse_token_response(status, body.to_string().as_bytes()) {
+            let shown = format!("{e} {e:?}");
+            prop_assert!(!shown.contains(&token), "the error shows the token: {shown}");
+        }
+    }
+
+    #[test]
+    fn a_successful_token_response_keeps_a_sane_lifetime(secs in any::<i64>(), as_string in any::<bool>()) {
+        let expires_in = if as_string { serde_json::Value::from(secs.to_string()) } else { secs.into() };
+        let body = serde_json::json!({"access_token": "t0ken", "expires_in": expires_in});
+        if let Ok(r) = parse_token_response(200, body.to_string().as_bytes()) {
+            let lifetime = r.expires_in.expect("a parsed expires_in");
+            prop_assert!(lifetime >= Duration::from_secs(1));
+            prop_assert!(lifetime <= Duration::from_secs(366 * 24 * 3600));
+        }
+    }
+
+    #[test]
+    fn jwts_of_any_shape_never_panic(token in ".{0,300}", payload in any_json()) {
+        let _ = jwt_claims(&token);
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let jwt = format!("{}.{}.sig", b64.encode(b"{\"alg\":\"none\"}"), b64.encode(payload.to_string()));
+        let _ = jwt_claims(&jwt);
+    }
+
+    #[test]
+    fn durations_of_any_text_never_panic(s in ".{0,40}", n in any::<u64>(), unit in "(ns|us|ms|s|m|h|d|)") {
+        let _ = parse_duration(&s);
+        let _ = parse_duration(&format!("{n}{unit}"));
+    }
+
+    /// Expiry comes from servers (`exp`, `expires_in`): any pair of instants must give a renewal
+    /// time inside the credential's lifetime, whatever the refresh settings.
+    #[test]
+    fn renewal_is_always_within_the_lifetime(
+        start in any::<u64>(),
+        lifetime in prop_oneof![0u64..10, 10u64..100_000, any::<u64>()],
+        renew_before in prop::option::of("[0-9]{1,6}(s|m|h)"),
+        percentage in prop::option::of(-5i32..120),
+        key in "[a-z0-9/-]{1,30}",
+    ) {
+        let start = start % (u64::MAX / 4);
+        let end = start.saturating_add(lifetime) % (u64::MAX / 2);
+        let (nb, exp) = (UNIX_EPOCH + Duration::from_secs(start), UNIX_EPOCH + Duration::from_secs(end));
+        let refresh = Refresh { renew_before, renew_before_percentage: percentage };
+        let at = renewal_time(nb, exp, Some(&refresh), &key);
+        let at = at.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        if end > start + 1 {
+            prop_assert!(at > start && at <= end, "renewal {at} outside ({start}, {end}]");
+        }
+        let _ = renewal_time(nb, exp, None, &key);
+    }
+
+    #[test]
+    fn backoff_is_bounded_and_never_zero(
+        attempts in any::<u32>(),
+        now in 0u64..4_000_000_000,
+        remaining in prop::option::of(any::<u64>()),
+        key in "[a-z0-9/-]{1,30}",
+    ) {
+        let now_t = UNIX_EPOCH + Duration::from_secs(now);
+        let expires = remaining.map(|r| now_t + Duration::from_secs(r % 1_000_000_000));
+        let wait = backoff(attempts.max(1), now_t, expires, &key);
+        prop_assert!(wait >= Duration::from_secs(1));
+        prop_assert!(wait <= MAX_BACKOFF);
+        let _ = SystemTime::now();
+    }
+}
