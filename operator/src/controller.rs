@@ -106,9 +106,13 @@ pub enum Error {
 /// What a reconcile remembers between runs (lost on restart, see the module doc).
 #[derive(Default, Clone)]
 struct Memory {
-    /// Inputs fingerprint that got invalid_grant: no retry until it changes.
-    reauth_for: Option<String>,
-    /// No attempt before this time (backoff after a failure).
+    /// The inputs fingerprint of the last failed attempt.
+    failed_inputs: String,
+    /// The refresh request annotation at the last failed attempt.
+    failed_request: Option<String>,
+    /// The last failure was invalid_grant: no retry until the inputs or the request change.
+    reauth: bool,
+    /// No attempt before this time (backoff after a failure) unless the inputs or the request change.
     next_retry: Option<SystemTime>,
 }
 
@@ -358,7 +362,9 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     let memory = ctx.memory.lock().unwrap().get(&key).cloned().unwrap_or_default();
 
     // Step 3: decide whether a token request is due.
-    if memory.reauth_for.as_deref() == Some(fingerprint.as_str()) && !forced {
+    // Our own status writes wake us up too: only new inputs or a new request skip the wait.
+    let same_as_failure = memory.failed_inputs == fingerprint && memory.failed_request == requested;
+    if memory.reauth && same_as_failure {
         // invalid_grant for exactly these inputs: wait for the referenced Secret (or spec) to change.
         status.keep_failure_conditions();
         status.apply(&creds, &ctx).await?;
@@ -379,8 +385,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     }
     if let Some(retry) = memory.next_retry
         && retry > now
-        && !forced
-        && !inputs_changed
+        && same_as_failure
     {
         return Ok(Action::requeue(until(retry, now)));
     }
@@ -413,6 +418,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
                 current.as_ref(),
                 &key,
                 &fingerprint,
+                requested.as_deref(),
                 e,
                 now,
             )
@@ -498,6 +504,7 @@ async fn failed(
     current: Option<&Current>,
     key: &str,
     fingerprint: &str,
+    requested: Option<&str>,
     e: SourceError,
     now: SystemTime,
 ) -> Result<Action, Error> {
@@ -512,7 +519,8 @@ async fn failed(
     let message = e.to_string();
     warn!(credential = %key, reason = e.reason(), category, attempts, error = %message, "refresh failed");
     let expires_at = current.and_then(|c| c.expires_at);
-    let (action, next_retry, reauth_for) = if category == "invalid_grant" {
+    let reauth = category == "invalid_grant";
+    let (action, next_retry) = if reauth {
         status.condition(
             "ReauthRequired",
             true,
@@ -525,11 +533,7 @@ async fn failed(
             "ReauthRequired",
             "waiting for a new refresh token",
         );
-        (
-            requeue_at_expiry(current, now),
-            None,
-            Some(fingerprint.to_owned()),
-        )
+        (requeue_at_expiry(current, now), None)
     } else {
         let wait = timing::backoff(u32::try_from(attempts).unwrap_or(1), now, expires_at, key);
         status.condition(
@@ -538,7 +542,7 @@ async fn failed(
             e.reason(),
             &format!("{message} ({category}); retrying in {}s", wait.as_secs()),
         );
-        (Action::requeue(wait), Some(now + wait), None)
+        (Action::requeue(wait), Some(now + wait))
     };
     status.failed(attempts, now, &message);
     match current {
@@ -554,7 +558,9 @@ async fn failed(
     ctx.memory.lock().unwrap().insert(
         key.to_owned(),
         Memory {
-            reauth_for,
+            failed_inputs: fingerprint.to_owned(),
+            failed_request: requested.map(str::to_owned),
+            reauth,
             next_retry,
         },
     );

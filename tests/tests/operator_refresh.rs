@@ -386,6 +386,17 @@ async fn a_token_endpoint_that_is_down_is_retried_until_it_is_back() {
             >= 1.0
     );
 
+    // Backoff, not a hot loop: our own status writes wake the controller up, yet within 4 s at
+    // most a handful of attempts happen (1 s, 2 s, 4 s... with jitter).
+    let before = op
+        .metric(r#"mcp_credentials_refreshes_total{result="transient_error"}"#)
+        .await;
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let after = op
+        .metric(r#"mcp_credentials_refreshes_total{result="transient_error"}"#)
+        .await;
+    assert!(after - before <= 5.0, "{} attempts in 4 s", after - before);
+
     let _oauth = OAuthServer::start(port, 300);
     let c = wait_condition(&creds, "linear", "Ready", "True", None).await;
     assert_eq!(

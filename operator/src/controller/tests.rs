@@ -94,3 +94,89 @@ async fn the_fingerprint_changes_with_the_referenced_secret_and_the_spec_only() 
     };
     assert_eq!(a.get(&r).await.unwrap().expose(), "key-1");
 }
+
+/// The API server as a script: each expected request, checked, then answered.
+mod api_budget {
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    use super::*;
+
+    fn json(status: u16, v: serde_json::Value) -> Response<Body> {
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&v).unwrap()))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_refresh_costs_one_secret_write_and_one_status_write() {
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(mock, "agents");
+        let http = source::http_client(Duration::from_secs(1)).unwrap();
+        let metrics = crate::metrics::Metrics::register().unwrap();
+        let ctx = Arc::new(Context::new(client, http, metrics, "test"));
+        let cred = cred();
+
+        let server = tokio::spawn(async move {
+            let mut writes = Vec::new();
+            // 1. The credential Secret does not exist yet.
+            let (req, send) = handle.next_request().await.expect("GET the credential Secret");
+            assert_eq!(
+                (req.method().as_str(), req.uri().path()),
+                ("GET", "/api/v1/namespaces/agents/secrets/github-mcp-credential")
+            );
+            send.send_response(json(404, serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})));
+            // 2. The referenced Secret holds the API key.
+            let (req, send) = handle.next_request().await.expect("GET the referenced Secret");
+            assert_eq!(
+                (req.method().as_str(), req.uri().path()),
+                ("GET", "/api/v1/namespaces/agents/secrets/keys")
+            );
+            send.send_response(json(200, serde_json::to_value(secret_with_rv("7")).unwrap()));
+            // 3 and 4: the writes, whatever they are, are recorded and answered.
+            while let Some((req, send)) = handle.next_request().await {
+                let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+                let query = req.uri().query().unwrap_or_default().to_owned();
+                let body = http_body_bytes(req.into_body()).await;
+                let mut obj: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                if path.ends_with("/status") {
+                    obj["metadata"] = serde_json::json!({"name": "github", "namespace": "agents"});
+                    obj["spec"] = serde_json::to_value(&super::cred().spec).unwrap();
+                }
+                writes.push(format!("{method} {path} {query}"));
+                send.send_response(json(200, obj));
+            }
+            writes
+        });
+
+        let action = reconcile(Arc::new(cred), ctx).await.unwrap();
+        assert_eq!(
+            action,
+            Action::await_change(),
+            "an API key does not expire: nothing to schedule"
+        );
+        // Dropping the reconcile's clients ends the script.
+        let writes = server.await.unwrap();
+        assert_eq!(writes.len(), 2, "{writes:#?}");
+        assert!(
+            writes[0].starts_with("PATCH /api/v1/namespaces/agents/secrets/github-mcp-credential"),
+            "{writes:#?}"
+        );
+        assert!(
+            writes[0].contains("fieldManager=mcp-credentials-operator"),
+            "server-side apply: {writes:#?}"
+        );
+        assert!(
+            writes[1].starts_with(
+                "PATCH /apis/mcpcredentials.dev/v1alpha1/namespaces/agents/mcpcredentials/github/status"
+            ),
+            "{writes:#?}"
+        );
+    }
+
+    async fn http_body_bytes(body: Body) -> Vec<u8> {
+        use http_body_util::BodyExt;
+        body.collect().await.unwrap().to_bytes().to_vec()
+    }
+}
