@@ -486,3 +486,59 @@ spec:
     // Reported, not asserted (shared machine): the goal is under 2 s.
     eprintln!("api key change reflected after {:?}", changed.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_last_good_credential_is_kept_while_the_endpoint_is_down() {
+    let (cp, ns) = setup("op-keep");
+    let mut oauth = OAuthServer::start(0, 300);
+    create_secret(cp, &ns, "idp", &[("secret", "cc-basic-secret")]);
+    apply(
+        cp,
+        &ns,
+        &cc_credential(
+            "kept",
+            "http://127.0.0.1:7009/mcp",
+            &oauth.token_url(),
+            "cc-basic",
+            "clientSecretBasic",
+            "clientSecret: { name: idp, key: secret }",
+        ),
+    );
+    let _op = Operator::start(cp, &ns, "a", &[]);
+    let client = client(cp).await;
+    let creds: Api<McpCredential> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client, &ns);
+    wait_condition(&creds, "kept", "Ready", "True", None).await;
+    let good = secrets.get("kept-mcp-credential").await.unwrap();
+
+    oauth.stop();
+    let patch =
+        serde_json::json!({"metadata": {"annotations": {"mcpcredentials.dev/refresh-requested-at": "1"}}});
+    creds
+        .patch("kept", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let c = wait_condition(
+        &creds,
+        "kept",
+        "Refreshing",
+        "True",
+        Some("TokenEndpointUnreachable"),
+    )
+    .await;
+    let (ready, reason, _) = condition(&c, "Ready").unwrap();
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("True", "CredentialValid"),
+        "still valid, still Ready"
+    );
+    let s = secrets.get("kept-mcp-credential").await.unwrap();
+    assert_eq!(s.data, good.data, "the last good credential is kept");
+    assert!(
+        c.status
+            .unwrap()
+            .last_failure_message
+            .unwrap()
+            .contains("token request")
+    );
+}
