@@ -1,0 +1,48 @@
+//! The benchmark's SSE client: `bench-sse <url>` reads the stream of `bench-upstream /sse` and prints
+//! the per-event latency (receive time minus the send time in the event) as `p50_us p99_us max_us events`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let url = std::env::args().nth(1).expect("usage: bench-sse <url>");
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let request = hyper::Request::get(url)
+        .header("accept", "text/event-stream")
+        .header("x-api-key", "bench-key")
+        .body(Empty::new())
+        .unwrap();
+    let mut body = client.request(request).await.expect("connect").into_body();
+    let mut latencies = Vec::new();
+    let mut pending = String::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.expect("stream").into_data() else {
+            continue;
+        };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        pending.push_str(std::str::from_utf8(&data).unwrap());
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            if let Some(sent) = event
+                .trim()
+                .strip_prefix("data: ")
+                .and_then(|s| s.parse::<u128>().ok())
+            {
+                latencies.push((now.saturating_sub(sent) / 1000) as u64);
+            }
+        }
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    println!(
+        "{} {} {} {}",
+        at(0.5),
+        at(0.99),
+        latencies.last().unwrap(),
+        latencies.len()
+    );
+}
