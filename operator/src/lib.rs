@@ -19,6 +19,8 @@ use tracing::info;
 
 /// Reconciling McpCredentials into Secrets.
 pub mod controller;
+/// What the injection webhook does to a pod (pure functions; the admission server is not built yet).
+pub mod inject;
 /// Lease-based leader election.
 pub mod leader;
 /// Prometheus metrics.
