@@ -123,6 +123,10 @@ pub struct Context {
     recorder: Recorder,
     metrics: Metrics,
     memory: Mutex<HashMap<String, Memory>>,
+    /// The status this process last wrote for each credential. We are the only writer of status, so
+    /// it is newer than a status read from the watch cache, which lags behind our own writes: using
+    /// it avoids a second, redundant status write when a reconcile runs on a stale object.
+    written: Mutex<HashMap<String, McpCredentialStatus>>,
 }
 
 impl Context {
@@ -138,6 +142,7 @@ impl Context {
             http,
             metrics,
             memory: Mutex::default(),
+            written: Mutex::default(),
         }
     }
 }
@@ -318,7 +323,8 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         }
     };
     let now = SystemTime::now();
-    let mut status = StatusBuilder::new(&cred, &secret_name, now);
+    let last_written = ctx.written.lock().unwrap().get(&key).cloned();
+    let mut status = StatusBuilder::new(&cred, &secret_name, last_written);
 
     // Step 1: the Secret we write must be ours.
     let existing = secrets
@@ -463,7 +469,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
             source,
         })?;
     ctx.metrics.refreshes.with_label_values(&["success"]).inc();
-    let after_failure = cred.status.as_ref().and_then(|s| s.failed_attempts).unwrap_or(0) > 0;
+    let after_failure = status.previous.failed_attempts.unwrap_or(0) > 0;
     ctx.memory.lock().unwrap().remove(&key);
     let new_current = Current {
         not_before: issued.not_before,
@@ -510,12 +516,7 @@ async fn failed(
 ) -> Result<Action, Error> {
     let category = e.category();
     ctx.metrics.refreshes.with_label_values(&[category]).inc();
-    let attempts = cred
-        .status
-        .as_ref()
-        .and_then(|s| s.failed_attempts)
-        .unwrap_or(0)
-        .saturating_add(1);
+    let attempts = status.previous.failed_attempts.unwrap_or(0).saturating_add(1);
     let message = e.to_string();
     warn!(credential = %key, reason = e.reason(), category, attempts, error = %message, "refresh failed");
     let expires_at = current.and_then(|c| c.expires_at);
@@ -741,8 +742,8 @@ struct StatusBuilder {
 }
 
 impl StatusBuilder {
-    fn new(cred: &McpCredential, secret_name: &str, _now: SystemTime) -> Self {
-        let previous = cred.status.clone().unwrap_or_default();
+    fn new(cred: &McpCredential, secret_name: &str, last_written: Option<McpCredentialStatus>) -> Self {
+        let previous = last_written.or_else(|| cred.status.clone()).unwrap_or_default();
         let mut next = previous.clone();
         next.observed_generation = cred.metadata.generation;
         next.source = Some(source::kind(&cred.spec).to_owned());
@@ -891,6 +892,8 @@ impl StatusBuilder {
             name: self.name.clone(),
             source,
         })?;
+        let key = format!("{}/{}", self.namespace, self.name);
+        ctx.written.lock().unwrap().insert(key, self.next.clone());
         Ok(())
     }
 }
