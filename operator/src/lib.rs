@@ -19,12 +19,14 @@ use tracing::info;
 
 /// Reconciling McpCredentials into Secrets.
 pub mod controller;
-/// What the injection webhook does to a pod (pure functions; the admission server is not built yet).
+/// What the injection webhook does to a pod, as pure functions.
 pub mod inject;
 /// Lease-based leader election.
 pub mod leader;
 /// Prometheus metrics.
 pub mod metrics;
+/// The mutating admission webhook that injects the sidecar.
+pub mod webhook;
 
 /// How the operator runs. Every flag can also be set through the environment variable shown.
 #[derive(clap::Args, Debug, Clone)]
@@ -68,6 +70,27 @@ pub struct Config {
     /// How many credentials are reconciled at the same time.
     #[arg(long, env = "MCP_CREDENTIALS_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub concurrency: u16,
+
+    /// Serve the sidecar-injection admission webhook over HTTPS on this address (every replica
+    /// serves it; the Helm chart points the MutatingWebhookConfiguration here). Default: off.
+    #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_LISTEN", requires_all = ["webhook_cert_file", "webhook_key_file"])]
+    pub webhook_listen: Option<SocketAddr>,
+
+    /// PEM certificate chain of the webhook (re-read when the file changes).
+    #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_CERT_FILE")]
+    pub webhook_cert_file: Option<std::path::PathBuf>,
+
+    /// PEM private key of the webhook.
+    #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_KEY_FILE")]
+    pub webhook_key_file: Option<std::path::PathBuf>,
+
+    /// The sidecar image the webhook injects.
+    #[arg(
+        long,
+        env = "MCP_CREDENTIALS_SIDECAR_IMAGE",
+        default_value = concat!("ghcr.io/mcp-credentials/sidecar:", env!("CARGO_PKG_VERSION"))
+    )]
+    pub sidecar_image: String,
 
     /// Log format: `text` or `json`.
     #[arg(long, env = "MCP_CREDENTIALS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -119,6 +142,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .with_context(|| format!("--listen {}: cannot listen there", config.listen))?;
     info!(listen = %config.listen, identity = %identity, namespace = ?config.namespace, "starting");
     tokio::spawn(serve(listener, metrics.clone(), ready.clone()));
+    if let (Some(listen), Some(cert_file), Some(key_file)) =
+        (config.webhook_listen, config.webhook_cert_file.clone(), config.webhook_key_file.clone())
+    {
+        let webhook_config =
+            webhook::WebhookConfig { listen, cert_file, key_file, sidecar_image: config.sidecar_image.clone() };
+        tokio::spawn(webhook::Webhook::bind(webhook_config, client.clone()).await?.run());
+    }
 
     let http = mcp_credentials_core::source::http_client(Duration::from_secs(config.token_timeout))
         .context("building the HTTP client")?;

@@ -1,0 +1,265 @@
+//! The injection webhook as the real API server uses it: a MutatingWebhookConfiguration points at
+//! the operator process over HTTPS, and pods created through `kubectl` come back with the sidecar,
+//! untouched, or denied with a message that says why.
+
+#[allow(dead_code)]
+mod operator_support;
+
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use mcp_credentials_e2e::ControlPlane;
+use operator_support::{Operator, free_port, setup};
+
+/// A CA and a serving certificate for 127.0.0.1, as PEM files in `dir`; returns the CA's PEM.
+fn certificates(dir: &Path) -> String {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=webhook-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "tls.key",
+        "-out",
+        "tls.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "tls.crt",
+    ]);
+    std::fs::read_to_string(dir.join("ca.crt")).unwrap()
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn pod(name: &str, service_account: &str, labelled: bool, credentials: Option<&str>) -> String {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": if labelled { serde_json::json!({"mcpcredentials.dev/inject": "true"}) } else { serde_json::json!({}) },
+            "annotations": credentials.map(|c| serde_json::json!({"mcpcredentials.dev/credentials": c})).unwrap_or(serde_json::json!({})),
+        },
+        "spec": {
+            "serviceAccountName": service_account,
+            "containers": [{"name": "agent", "image": "example.com/agent:1"}]
+        }
+    })
+    .to_string()
+}
+
+fn create(cp: &ControlPlane, ns: &str, doc: &str) -> mcp_credentials_e2e::Outcome {
+    cp.tool("kubectl", &["create", "-n", ns, "-f", "-"], Some(doc))
+}
+
+#[test]
+fn the_api_server_injects_the_sidecar_through_the_operators_webhook() {
+    let (cp, ns) = setup("webhook");
+    let dir = std::env::temp_dir().join(format!("mcp-webhook-{ns}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = certificates(&dir);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let operator = Operator::start(
+        cp,
+        &ns,
+        "webhook",
+        &[
+            "--webhook-listen",
+            &listen,
+            "--webhook-cert-file",
+            cert.to_str().unwrap(),
+            "--webhook-key-file",
+            key.to_str().unwrap(),
+            "--sidecar-image",
+            "example.com/mcp-credentials-sidecar:test",
+        ],
+    );
+
+    for sa in ["coding-agent", "research"] {
+        assert!(cp.kubectl(&["create", "serviceaccount", sa, "-n", &ns]).success);
+    }
+    let credentials = format!(
+        "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: github}}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {{apiKey: {{secretKeyRef: {{name: gh, key: token}}}}}}\n  access: {{serviceAccounts: [coding-agent]}}\n---\n\
+         apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: slack}}\nspec:\n  upstream: https://mcp.slack.com/mcp\n  source: {{apiKey: {{secretKeyRef: {{name: sl, key: token}}}}}}\n  secretName: slack-token\n"
+    );
+    let out = cp.apply(&ns, &credentials);
+    assert!(out.success, "{}", out.stderr);
+
+    // Only this test's namespace and only labelled pods reach the webhook.
+    let webhook_name = format!("mcp-credentials-test-{ns}");
+    let config = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": webhook_name},
+        "webhooks": [{
+            "name": "inject.mcpcredentials.dev",
+            "clientConfig": {"url": format!("https://{listen}/mutate"), "caBundle": b64(&ca)},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+            "objectSelector": {"matchLabels": {"mcpcredentials.dev/inject": "true"}},
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "timeoutSeconds": 5,
+            "reinvocationPolicy": "IfNeeded",
+            "admissionReviewVersions": ["v1"],
+        }]
+    });
+    let out = cp.tool("kubectl", &["apply", "-f", "-"], Some(&config.to_string()));
+    assert!(out.success, "{}", out.stderr);
+
+    // The operator (and its webhook) may still be starting: retry until the webhook answers.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let created = loop {
+        let out = create(
+            cp,
+            &ns,
+            &pod("agent", "coding-agent", true, Some("github, slack")),
+        );
+        if out.success || !out.stderr.contains("failed calling webhook") || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        created.success,
+        "the labelled pod was not admitted: {}\noperator log:\n{}",
+        created.stderr,
+        operator.log_text()
+    );
+
+    let injected: serde_json::Value = serde_json::from_str(
+        &cp.kubectl(&["get", "pod", "agent", "-n", &ns, "-o", "json"])
+            .stdout,
+    )
+    .unwrap();
+    let sidecar = &injected["spec"]["initContainers"][0];
+    assert_eq!(sidecar["name"], "mcp-credentials-sidecar", "{injected:#}");
+    assert_eq!(
+        sidecar["restartPolicy"], "Always",
+        "a native sidecar on Kubernetes 1.37"
+    );
+    assert_eq!(sidecar["image"], "example.com/mcp-credentials-sidecar:test");
+    assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/readyz");
+    let sidecar_env = sidecar["env"].as_array().unwrap();
+    assert!(
+        sidecar_env
+            .iter()
+            .any(|e| e["name"] == "MCP_SIDECAR_CREDENTIALS" && e["value"] == "github,slack=slack-token")
+    );
+    let agent_env = injected["spec"]["containers"][0]["env"].as_array().unwrap();
+    assert!(
+        agent_env
+            .iter()
+            .any(|e| e["name"] == "MCP_GITHUB_URL" && e["value"] == "http://127.0.0.1:7007/github")
+    );
+    assert!(
+        agent_env
+            .iter()
+            .any(|e| e["name"] == "MCP_SLACK_URL" && e["value"] == "http://127.0.0.1:7007/slack")
+    );
+    assert_eq!(
+        injected["metadata"]["annotations"]["mcpcredentials.dev/injected"],
+        "github,slack"
+    );
+    assert_eq!(
+        injected["spec"]["containers"].as_array().unwrap().len(),
+        1,
+        "nothing else added"
+    );
+
+    // An unlabelled pod never reaches the webhook and is stored as written.
+    let out = create(cp, &ns, &pod("plain", "research", false, Some("github")));
+    assert!(out.success, "{}", out.stderr);
+    let plain = cp.kubectl(&[
+        "get",
+        "pod",
+        "plain",
+        "-n",
+        &ns,
+        "-o",
+        "jsonpath={.spec.initContainers}",
+    ]);
+    assert_eq!(plain.stdout, "", "an unlabelled pod is untouched");
+
+    // A service account the credential does not allow is denied, naming both.
+    let out = create(cp, &ns, &pod("intruder", "research", true, Some("github")));
+    assert!(!out.success, "a disallowed service account was admitted");
+    assert!(
+        out.stderr
+            .contains("service account \"research\" may not use McpCredential \"github\"")
+            && out.stderr.contains("coding-agent"),
+        "{}",
+        out.stderr
+    );
+    // A credential that does not exist, and a labelled pod that names none.
+    let out = create(cp, &ns, &pod("typo", "coding-agent", true, Some("githib")));
+    assert!(
+        !out.success && out.stderr.contains("McpCredential \"githib\""),
+        "{}",
+        out.stderr
+    );
+    let out = create(cp, &ns, &pod("unnamed", "coding-agent", true, None));
+    assert!(
+        !out.success && out.stderr.contains("names no credential"),
+        "{}",
+        out.stderr
+    );
+
+    assert!(
+        cp.kubectl(&["delete", "mutatingwebhookconfiguration", &webhook_name])
+            .success
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
