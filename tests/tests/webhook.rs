@@ -2,7 +2,6 @@
 //! the operator process over HTTPS, and pods created through `kubectl` come back with the sidecar,
 //! untouched, or denied with a message that says why.
 
-#[allow(dead_code)]
 mod operator_support;
 
 use std::{
@@ -130,11 +129,9 @@ fn the_api_server_injects_the_sidecar_through_the_operators_webhook() {
     for sa in ["coding-agent", "research"] {
         assert!(cp.kubectl(&["create", "serviceaccount", sa, "-n", &ns]).success);
     }
-    let credentials = format!(
-        "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: github}}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {{apiKey: {{secretKeyRef: {{name: gh, key: token}}}}}}\n  access: {{serviceAccounts: [coding-agent]}}\n---\n\
-         apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: slack}}\nspec:\n  upstream: https://mcp.slack.com/mcp\n  source: {{apiKey: {{secretKeyRef: {{name: sl, key: token}}}}}}\n  secretName: slack-token\n"
-    );
-    let out = cp.apply(&ns, &credentials);
+    let credentials = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: github}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {apiKey: {secretKeyRef: {name: gh, key: token}}}\n  access: {serviceAccounts: [coding-agent]}\n---\n\
+         apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: slack}\nspec:\n  upstream: https://mcp.slack.com/mcp\n  source: {apiKey: {secretKeyRef: {name: sl, key: token}}}\n  secretName: slack-token\n";
+    let out = cp.apply(&ns, credentials);
     assert!(out.success, "{}", out.stderr);
 
     // Only this test's namespace and only labelled pods reach the webhook.
