@@ -1,6 +1,8 @@
 //! Layer: attach the current credential, or refuse with 503 when there is none or it has expired. An
 //! expired credential is never sent.
 
+use std::sync::Arc;
+
 use axum::{
     extract::{Request, State},
     middleware::Next,
@@ -11,7 +13,7 @@ use jiff::Timestamp;
 use super::{Proxy, Routed};
 use crate::error::ProxyError;
 
-pub(super) async fn attach(State(proxy): State<Proxy>, mut request: Request, next: Next) -> Response {
+pub(super) async fn attach(State(proxy): State<Arc<Proxy>>, mut request: Request, next: Next) -> Response {
     let Some(routed) = request.extensions().get::<Routed>() else {
         // Unreachable through `app`: the router answers every request it cannot route.
         return ProxyError::BadPath("it matches no route").into_response();

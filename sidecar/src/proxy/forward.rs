@@ -108,7 +108,7 @@ pub fn upstream_client(settings: &ClientSettings) -> Result<UpstreamClient, Clie
         .build(connector))
 }
 
-pub(super) async fn forward(State(proxy): State<Proxy>, mut request: Request) -> Response {
+pub(super) async fn forward(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Response {
     let Some(Routed {
         name,
         slot,

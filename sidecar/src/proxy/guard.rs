@@ -1,6 +1,8 @@
 //! Layer: refuse request targets that only a forward proxy would accept, and header sections larger
 //! than the limit, before anything else looks at the request.
 
+use std::sync::Arc;
+
 use axum::{
     extract::{Request, State},
     middleware::Next,
@@ -11,7 +13,7 @@ use http::{Method, Version};
 use super::Proxy;
 use crate::error::ProxyError;
 
-pub(super) async fn guard(State(proxy): State<Proxy>, request: Request, next: Next) -> Response {
+pub(super) async fn guard(State(proxy): State<Arc<Proxy>>, request: Request, next: Next) -> Response {
     // HTTP/2 always carries :authority, so only HTTP/1 absolute-form targets are refused. Either way the
     // target's authority is never used: the upstream comes from configuration alone.
     let http1 = matches!(

@@ -15,7 +15,7 @@ use crate::metrics::NO_CREDENTIAL;
 #[derive(Clone, Debug)]
 pub(super) struct CredentialName(pub Arc<str>);
 
-pub(super) async fn measure(State(proxy): State<Proxy>, request: Request, next: Next) -> Response {
+pub(super) async fn measure(State(proxy): State<Arc<Proxy>>, request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let credential = response
         .extensions()

@@ -17,8 +17,7 @@ mod strip;
 pub use forward::{ClientError, ClientSettings, UpstreamClient, upstream_client};
 pub use route::Routed;
 
-/// What every layer shares. Cheap to clone.
-#[derive(Clone)]
+/// What every layer shares (behind one `Arc`: each layer receives it per request).
 pub struct Proxy {
     /// The current credentials.
     pub store: Arc<Store>,
@@ -32,6 +31,7 @@ pub struct Proxy {
 
 /// The proxy as a Router. Layers run top to bottom on the way in (axum applies the last `.layer` first).
 pub fn app(proxy: Proxy) -> Router {
+    let proxy = Arc::new(proxy);
     Router::new()
         .fallback(forward::forward)
         // 5. attach the current credential; after strip, so nothing the agent sent can replace it.

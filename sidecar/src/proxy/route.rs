@@ -25,7 +25,7 @@ pub struct Routed {
     pub upstream_uri: Option<Uri>,
 }
 
-pub(super) async fn route(State(proxy): State<Proxy>, mut request: Request, next: Next) -> Response {
+pub(super) async fn route(State(proxy): State<Arc<Proxy>>, mut request: Request, next: Next) -> Response {
     let (name, rest) = match split(request.uri().path()) {
         Ok(parts) => parts,
         Err(e) => return e.into_response(),

@@ -5,7 +5,6 @@ use axum::{extract::Request, middleware::Next, response::Response};
 use http::{HeaderMap, header};
 
 use super::Routed;
-use crate::credential::is_hop_by_hop;
 
 pub(super) async fn strip(mut request: Request, next: Next) -> Response {
     let attached = request
@@ -27,19 +26,34 @@ pub(super) async fn strip(mut request: Request, next: Next) -> Response {
 }
 
 /// Removes hop-by-hop headers and every header the `Connection` header names (RFC 9110 §7.6.1).
+/// Allocates only when a `Connection` header is present.
 pub(super) fn strip_connection_headers(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
-        .filter(|s| !s.is_empty())
-        .collect();
-    for name in named {
-        headers.remove(name.as_str());
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<String> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+            .filter(|s| !s.is_empty())
+            .collect();
+        for name in named {
+            headers.remove(name.as_str());
+        }
     }
-    let hop: Vec<_> = headers.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
-    for name in hop {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
 }
+
+/// The hop-by-hop headers of RFC 9110 §7.6.1, plus the non-standard ones still seen in the wild.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "keep-alive",
+    "proxy-connection",
+];
