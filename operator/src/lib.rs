@@ -17,6 +17,8 @@ use anyhow::Context as _;
 use kube::{Api, Client, client::ClientBuilder};
 use tracing::info;
 
+/// Roles and RoleBindings so each service account reads only the Secrets it may use.
+pub mod access;
 /// Reconciling McpCredentials into Secrets.
 pub mod controller;
 /// What the injection webhook does to a pod, as pure functions.
@@ -189,7 +191,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     };
     let result = tokio::select! {
-        _ = controller::run(ctx, config.namespace.as_deref(), config.concurrency) => Ok(()),
+        _ = futures::future::join(
+            controller::run(ctx, config.namespace.as_deref(), config.concurrency),
+            access::run(client.clone(), config.namespace.as_deref()),
+        ) => Ok(()),
         _ = hold => Err(anyhow::anyhow!("lost the leader Lease {lease_ns}/{}; exiting", config.lease_name)),
         _ = &mut shutdown => {
             info!("shutting down");

@@ -1,0 +1,243 @@
+//! The access policy: for each McpCredential, a Role that may read exactly its Secret and a
+//! RoleBinding to the service accounts in `spec.access.serviceAccounts` (all of the namespace's
+//! when the list is empty). A sidecar can then read its own credentials and nothing else. Its own
+//! controller, because it is a separate concern from refreshing (and a change of the access list
+//! must not cost a token request).
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{ObjectMeta, Patch, PatchParams},
+    runtime::{Controller, controller::Action, watcher},
+};
+use mcp_credentials_core::{
+    McpCredential,
+    secret::{CREDENTIAL_LABEL, MANAGED_BY, MANAGED_BY_LABEL, secret_name},
+};
+use tracing::warn;
+
+/// The field manager of every object this controller writes.
+const FIELD_MANAGER: &str = "mcp-credentials-access";
+
+/// Why the access objects of a credential could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Applying the Role failed.
+    #[error("applying Role {name}")]
+    ApplyRole {
+        /// The Role.
+        name: String,
+        /// The cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Applying the RoleBinding failed.
+    #[error("applying RoleBinding {name}")]
+    ApplyRoleBinding {
+        /// The RoleBinding.
+        name: String,
+        /// The cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// The object has no namespace or UID (never true of one read from the API).
+    #[error("McpCredential has no namespace or uid")]
+    Incomplete,
+}
+
+/// The name of a credential's Role and RoleBinding.
+pub fn object_name(credential: &str) -> String {
+    let name = format!("mcp-credential-{credential}");
+    name.chars().take(253).collect()
+}
+
+/// The Role that may read exactly the credential's Secret. `list` and `watch` are granted too:
+/// with `resourceNames` they allow only requests selecting that one name (`metadata.name=`),
+/// which is how the sidecar watches.
+pub fn role(cred: &McpCredential) -> Result<Role, Error> {
+    let name = cred.name_any();
+    Ok(Role {
+        metadata: metadata(cred, &object_name(&name))?,
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".into()]),
+            resource_names: Some(vec![secret_name(&name, cred.spec.secret_name.as_deref())]),
+            verbs: vec!["get".into(), "list".into(), "watch".into()],
+            ..PolicyRule::default()
+        }]),
+    })
+}
+
+/// The RoleBinding of the Role to the allowed service accounts.
+pub fn role_binding(cred: &McpCredential) -> Result<RoleBinding, Error> {
+    let name = object_name(&cred.name_any());
+    let namespace = cred.namespace().ok_or(Error::Incomplete)?;
+    let allowed = cred
+        .spec
+        .access
+        .as_ref()
+        .map(|a| a.service_accounts.clone())
+        .unwrap_or_default();
+    let subjects = if allowed.is_empty() {
+        vec![Subject {
+            kind: "Group".into(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            name: format!("system:serviceaccounts:{namespace}"),
+            namespace: None,
+        }]
+    } else {
+        allowed
+            .iter()
+            .map(|sa| Subject {
+                kind: "ServiceAccount".into(),
+                api_group: None,
+                name: sa.clone(),
+                namespace: Some(namespace.clone()),
+            })
+            .collect()
+    };
+    Ok(RoleBinding {
+        metadata: metadata(cred, &name)?,
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name,
+        },
+        subjects: Some(subjects),
+    })
+}
+
+fn metadata(cred: &McpCredential, name: &str) -> Result<ObjectMeta, Error> {
+    Ok(ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(cred.namespace().ok_or(Error::Incomplete)?),
+        labels: Some(
+            [
+                (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
+                (CREDENTIAL_LABEL.to_owned(), cred.name_any()),
+            ]
+            .into(),
+        ),
+        // Deleted with the credential by the garbage collector.
+        owner_references: Some(vec![cred.controller_owner_ref(&()).ok_or(Error::Incomplete)?]),
+        ..ObjectMeta::default()
+    })
+}
+
+async fn reconcile(cred: Arc<McpCredential>, client: Arc<Client>) -> Result<Action, Error> {
+    let namespace = cred.namespace().ok_or(Error::Incomplete)?;
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let role = role(&cred)?;
+    let name = role.metadata.name.clone().unwrap_or_default();
+    Api::<Role>::namespaced((*client).clone(), &namespace)
+        .patch(&name, &params, &Patch::Apply(&role))
+        .await
+        .map_err(|source| Error::ApplyRole {
+            name: name.clone(),
+            source,
+        })?;
+    let binding = role_binding(&cred)?;
+    Api::<RoleBinding>::namespaced((*client).clone(), &namespace)
+        .patch(&name, &params, &Patch::Apply(&binding))
+        .await
+        .map_err(|source| Error::ApplyRoleBinding { name, source })?;
+    Ok(Action::await_change())
+}
+
+fn error_policy(cred: Arc<McpCredential>, error: &Error, _: Arc<Client>) -> Action {
+    warn!(credential = %cred.name_any(), error = %error, cause = ?std::error::Error::source(error).map(|s| s.to_string()), "access policy not applied");
+    Action::requeue(Duration::from_secs(10))
+}
+
+/// Keeps every McpCredential's Role and RoleBinding in step with its spec until the stream ends.
+pub async fn run(client: Client, namespace: Option<&str>) {
+    let (credentials, roles, bindings) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let managed = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    Controller::<McpCredential>::new(credentials, watcher::Config::default())
+        .owns::<Role>(roles, managed.clone())
+        .owns::<RoleBinding>(bindings, managed)
+        .run(reconcile, error_policy, Arc::new(client))
+        .for_each(|_| std::future::ready(()))
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use mcp_credentials_core::{Access, ApiKeySource, CredentialSource, McpCredentialSpec, SecretKeyRef};
+
+    use super::*;
+
+    fn credential(allowed: &[&str], secret: Option<&str>) -> McpCredential {
+        let mut c = McpCredential::new(
+            "github",
+            McpCredentialSpec {
+                upstream: "https://api.githubcopilot.com/mcp/".into(),
+                source: CredentialSource {
+                    api_key: Some(ApiKeySource {
+                        secret_key_ref: SecretKeyRef {
+                            name: "k".into(),
+                            key: "k".into(),
+                        },
+                    }),
+                    ..CredentialSource::default()
+                },
+                inject: None,
+                refresh: None,
+                secret_name: secret.map(Into::into),
+                access: Some(Access {
+                    service_accounts: allowed.iter().map(|s| s.to_string()).collect(),
+                }),
+            },
+        );
+        c.metadata.namespace = Some("agents".into());
+        c.metadata.uid = Some("0000-1111".into());
+        c
+    }
+
+    #[test]
+    fn the_role_reads_only_the_credentials_secret() {
+        let role = role(&credential(&[], Some("gh-token"))).unwrap();
+        let rule = &role.rules.unwrap()[0];
+        assert_eq!(
+            rule.resource_names.as_deref(),
+            Some(&["gh-token".to_string()][..])
+        );
+        assert_eq!(rule.resources.as_deref(), Some(&["secrets".to_string()][..]));
+        assert_eq!(rule.verbs, ["get", "list", "watch"]);
+        assert_eq!(role.metadata.owner_references.unwrap()[0].uid, "0000-1111");
+    }
+
+    #[test]
+    fn the_binding_names_each_allowed_service_account_or_the_whole_namespace() {
+        let binding = role_binding(&credential(&["coding-agent", "research"], None)).unwrap();
+        let names: Vec<_> = binding
+            .subjects
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.kind, s.name))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("ServiceAccount".into(), "coding-agent".into()),
+                ("ServiceAccount".into(), "research".into())
+            ]
+        );
+        let open = role_binding(&credential(&[], None)).unwrap();
+        assert_eq!(open.subjects.unwrap()[0].name, "system:serviceaccounts:agents");
+    }
+}
