@@ -87,7 +87,7 @@ fn each_service_account_reads_only_the_secrets_of_credentials_it_may_use() {
         "-n",
         &ns,
         "--as",
-        &other,
+        other,
     ]);
     assert_eq!(
         out.stdout.trim(),
