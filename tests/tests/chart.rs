@@ -167,18 +167,26 @@ fn helm_install_creates_a_least_privilege_operator() {
     let ns = cp.namespace("chart-install");
     let release = format!("mcpc-{}", std::process::id());
     // The CRD is shared by every test on this API server, so this release does not own it.
-    let out = helm(
-        cp,
-        &[
-            "install",
-            &release,
-            &chart(),
-            "--namespace",
-            &ns,
-            "--set",
-            "crds.enabled=false",
-        ],
-    );
+    // failurePolicy Ignore: this release's webhook has no running operator behind it, and other
+    // tests create labelled pods on the same API server.
+    let settings = [
+        "--set",
+        "crds.enabled=false",
+        "--set",
+        "webhook.failurePolicy=Ignore",
+    ];
+    let chart_path = chart();
+    let install: Vec<&str> = [
+        "install",
+        release.as_str(),
+        chart_path.as_str(),
+        "--namespace",
+        ns.as_str(),
+    ]
+    .into_iter()
+    .chain(settings)
+    .collect();
+    let out = helm(cp, &install);
     assert!(out.success, "helm install failed:\n{}{}", out.stdout, out.stderr);
     assert!(
         out.stdout.contains("kubectl get mcpcred"),
@@ -212,8 +220,126 @@ fn helm_install_creates_a_least_privilege_operator() {
             out.stderr
         );
     }
+    let hook_name = format!("{release}-mcp-credentials");
+    let hook = cp.kubectl(&["get", "mutatingwebhookconfiguration", &hook_name, "-o", "json"]);
+    assert!(hook.success, "the webhook is registered: {}", hook.stderr);
+    let hook: serde_json::Value = serde_json::from_str(&hook.stdout).unwrap();
+    assert_eq!(hook["webhooks"][0]["timeoutSeconds"], 5);
+    assert_eq!(
+        hook["webhooks"][0]["objectSelector"]["matchLabels"]["mcpcredentials.dev/inject"],
+        "true"
+    );
+    let excluded = hook["webhooks"][0]["namespaceSelector"]["matchExpressions"][0]["values"].to_string();
+    assert!(
+        excluded.contains("kube-system") && excluded.contains(&ns),
+        "system and own namespaces excluded: {excluded}"
+    );
+    // An upgrade keeps the generated certificate (and so the caBundle).
+    let tls = format!("{release}-mcp-credentials-webhook-tls");
+    let ca = || {
+        cp.kubectl(&[
+            "get",
+            "secret",
+            &tls,
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.data.ca\\.crt}",
+        ])
+        .stdout
+    };
+    let ca_before = ca();
+    let upgrade: Vec<&str> = [
+        "upgrade",
+        release.as_str(),
+        chart_path.as_str(),
+        "--namespace",
+        ns.as_str(),
+    ]
+    .into_iter()
+    .chain(settings)
+    .collect();
+    let out = helm(cp, &upgrade);
+    assert!(out.success, "helm upgrade failed: {}", out.stderr);
+    assert!(
+        !ca_before.is_empty() && ca_before == ca(),
+        "the CA changed on upgrade"
+    );
+
     let out = helm(cp, &["uninstall", &release, "--namespace", &ns]);
     assert!(out.success, "{}", out.stderr);
+    let gone = cp.kubectl(&["get", "mutatingwebhookconfiguration", &hook_name]);
+    assert!(!gone.success, "uninstall removes the webhook");
+}
+
+#[test]
+fn the_generated_webhook_certificate_is_signed_by_the_ca_in_the_ca_bundle() {
+    let cp = control_plane();
+    let docs = rendered(cp, &["--namespace", "tools"]);
+    let secret = docs
+        .iter()
+        .find(|d| d["kind"] == "Secret")
+        .expect("the webhook TLS Secret");
+    let hook = docs
+        .iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .expect("the webhook");
+    assert_eq!(
+        hook["webhooks"][0]["clientConfig"]["caBundle"],
+        secret["data"]["ca.crt"]
+    );
+    use base64::Engine;
+    let decode = |k: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(secret["data"][k].as_str().unwrap())
+            .unwrap()
+    };
+    let dir = std::env::temp_dir().join(format!("mcp-chart-tls-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("ca.crt"), decode("ca.crt")).unwrap();
+    std::fs::write(dir.join("tls.crt"), decode("tls.crt")).unwrap();
+    let verify = std::process::Command::new("openssl")
+        .args([
+            "verify",
+            "-CAfile",
+            "ca.crt",
+            "-verify_hostname",
+            "mcpc-mcp-credentials-webhook.tools.svc",
+            "tls.crt",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+#[test]
+fn with_cert_manager_the_chart_asks_for_a_certificate_and_ca_injection() {
+    let cp = control_plane();
+    let docs = rendered(cp, &["--set", "webhook.certManager.enabled=true"]);
+    assert!(docs.iter().any(|d| d["kind"] == "Certificate"));
+    assert!(
+        docs.iter().any(|d| d["kind"] == "Issuer"),
+        "a self-signed Issuer when none is named"
+    );
+    assert!(
+        !docs.iter().any(|d| d["kind"] == "Secret"),
+        "cert-manager writes the Secret"
+    );
+    let hook = docs
+        .iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    assert_eq!(
+        hook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "default/mcpc-mcp-credentials-webhook"
+    );
 }
 
 /// Runs `promtool check rules` on `groups` (a rule file's `groups:` list).
