@@ -33,6 +33,12 @@ pub enum ProxyError {
     /// An absolute-form or authority-form request target (`GET http://host/ HTTP/1.1`, CONNECT).
     #[error("the sidecar is a reverse proxy for configured upstreams only; send origin-form requests")]
     NotAForwardProxy,
+    /// The `Host` is not a loopback name: a web page reached the sidecar through DNS rebinding.
+    #[error("the Host header must name this machine (127.0.0.1 or localhost)")]
+    ForeignHost,
+    /// The `Origin` is a web site: browsers must not reach the sidecar from other sites.
+    #[error("requests from web origins other than this machine are refused")]
+    ForeignOrigin,
     /// The request headers exceed the configured limit.
     #[error("the request headers are larger than {limit} bytes")]
     HeadersTooLarge {
@@ -75,6 +81,8 @@ impl ProxyError {
             ProxyError::UnknownCredential { .. } => "unknown_credential",
             ProxyError::BadPath(_) => "bad_path",
             ProxyError::NotAForwardProxy => "not_a_forward_proxy",
+            ProxyError::ForeignHost => "foreign_host",
+            ProxyError::ForeignOrigin => "foreign_origin",
             ProxyError::HeadersTooLarge { .. } => "headers_too_large",
             ProxyError::CredentialUnavailable { .. } => "credential_unavailable",
             ProxyError::CredentialExpired { .. } => "credential_expired",
@@ -86,6 +94,7 @@ impl ProxyError {
         match self {
             ProxyError::UnknownCredential { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadPath(_) | ProxyError::NotAForwardProxy => StatusCode::BAD_REQUEST,
+            ProxyError::ForeignHost | ProxyError::ForeignOrigin => StatusCode::FORBIDDEN,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::CredentialUnavailable { .. } | ProxyError::CredentialExpired { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -1,5 +1,7 @@
-//! Layer: refuse request targets that only a forward proxy would accept, and header sections larger
-//! than the limit, before anything else looks at the request.
+//! Layer: refuse request targets that only a forward proxy would accept, requests a web page made
+//! through DNS rebinding (a non-loopback `Host` or `Origin`: the sidecar attaches credentials, so a
+//! browser must never reach it from another site), and header sections larger than the limit, before
+//! anything else looks at the request.
 
 use std::sync::Arc;
 
@@ -8,7 +10,7 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use http::{Method, Version};
+use http::{Method, Version, header};
 
 use super::Proxy;
 use crate::error::ProxyError;
@@ -23,6 +25,22 @@ pub(super) async fn guard(State(proxy): State<Arc<Proxy>>, request: Request, nex
     if request.method() == Method::CONNECT || (http1 && request.uri().authority().is_some()) {
         return ProxyError::NotAForwardProxy.into_response();
     }
+    if !request
+        .headers()
+        .get(header::HOST)
+        .is_none_or(|h| is_loopback_authority(h.as_bytes()))
+        || !request
+            .uri()
+            .authority()
+            .is_none_or(|a| is_loopback_authority(a.as_str().as_bytes()))
+    {
+        return ProxyError::ForeignHost.into_response();
+    }
+    if let Some(origin) = request.headers().get(header::ORIGIN)
+        && !is_loopback_origin(origin.as_bytes())
+    {
+        return ProxyError::ForeignOrigin.into_response();
+    }
     let size: usize = request
         .headers()
         .iter()
@@ -35,4 +53,70 @@ pub(super) async fn guard(State(proxy): State<Arc<Proxy>>, request: Request, nex
         .into_response();
     }
     next.run(request).await
+}
+
+/// `localhost`, `*.localhost`, a loopback IPv4 address or `[::1]`, with an optional port.
+fn is_loopback_authority(authority: &[u8]) -> bool {
+    let Ok(authority) = std::str::from_utf8(authority) else {
+        return false;
+    };
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((ip, _)) => return ip.parse::<std::net::Ipv6Addr>().is_ok_and(|ip| ip.is_loopback()),
+            None => return false,
+        },
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    let host = host.to_ascii_lowercase();
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// An `Origin` of a page served from this machine (`http://localhost:3000`), or `null` (not a site).
+fn is_loopback_origin(origin: &[u8]) -> bool {
+    if origin == b"null" {
+        return true;
+    }
+    let Ok(origin) = std::str::from_utf8(origin) else {
+        return false;
+    };
+    origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|authority| is_loopback_authority(authority.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_hosts_and_origins_pass() {
+        for ok in [
+            "127.0.0.1:7007",
+            "localhost",
+            "LOCALHOST:1",
+            "agent.localhost:7007",
+            "127.1.2.3",
+            "[::1]:7007",
+        ] {
+            assert!(is_loopback_authority(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "evil.example:7007",
+            "169.254.169.254",
+            "[::2]:80",
+            "localhost.evil.example",
+            "10.0.0.1:7007",
+        ] {
+            assert!(!is_loopback_authority(bad.as_bytes()), "{bad}");
+        }
+        assert!(is_loopback_origin(b"http://localhost:3000"));
+        assert!(is_loopback_origin(b"null"));
+        assert!(!is_loopback_origin(b"https://evil.example"));
+        assert!(!is_loopback_origin(b"http://127.0.0.1.evil.example"));
+    }
 }

@@ -200,9 +200,30 @@ async fn the_host_header_and_absolute_targets_cannot_choose_the_upstream() {
     let app = app_with(store);
     let authority = upstream.trim_start_matches("http://");
 
-    let (status, _, body) = send(&app, get("/gh/x").header("host", "169.254.169.254")).await;
+    let (status, _, body) = send(&app, get("/gh/x").header("host", "localhost:7007")).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(body["headers"]["host"], json!([authority]));
+    assert_eq!(
+        body["headers"]["host"],
+        json!([authority]),
+        "the upstream's own Host is sent"
+    );
+
+    // DNS rebinding: a web page whose name resolves to 127.0.0.1 sends its own Host and Origin.
+    for (name, value, error) in [
+        ("host", "169.254.169.254", "foreign_host"),
+        ("host", "evil.example:7007", "foreign_host"),
+        ("origin", "https://evil.example", "foreign_origin"),
+    ] {
+        let (status, headers, _) = send(&app, get("/gh/x").header(name, value)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{name}: {value}");
+        assert_eq!(headers[SIDECAR_ERROR_HEADER], error);
+    }
+    let (status, _, _) = send(&app, get("/gh/x").header("origin", "http://localhost:3000")).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a page served from this machine may call the sidecar"
+    );
 
     for target in [
         "http://169.254.169.254/gh/x",
@@ -216,8 +237,8 @@ async fn the_host_header_and_absolute_targets_cannot_choose_the_upstream() {
     }
     assert_eq!(
         hits.load(Ordering::SeqCst),
-        1,
-        "only the origin-form request reached the upstream"
+        2,
+        "only the two loopback origin-form requests reached the upstream"
     );
 }
 
