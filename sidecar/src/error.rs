@@ -39,6 +39,9 @@ pub enum ProxyError {
     /// The `Origin` is a web site: browsers must not reach the sidecar from other sites.
     #[error("requests from web origins other than this machine are refused")]
     ForeignOrigin,
+    /// The agent's request body could not be read to the end.
+    #[error("the request body could not be read")]
+    RequestBody,
     /// The request headers exceed the configured limit.
     #[error("the request headers are larger than {limit} bytes")]
     HeadersTooLarge {
@@ -84,6 +87,7 @@ impl ProxyError {
             ProxyError::ForeignHost => "foreign_host",
             ProxyError::ForeignOrigin => "foreign_origin",
             ProxyError::HeadersTooLarge { .. } => "headers_too_large",
+            ProxyError::RequestBody => "request_body",
             ProxyError::CredentialUnavailable { .. } => "credential_unavailable",
             ProxyError::CredentialExpired { .. } => "credential_expired",
             ProxyError::Upstream { .. } => "upstream_unreachable",
@@ -93,7 +97,9 @@ impl ProxyError {
     fn status(&self) -> StatusCode {
         match self {
             ProxyError::UnknownCredential { .. } => StatusCode::NOT_FOUND,
-            ProxyError::BadPath(_) | ProxyError::NotAForwardProxy => StatusCode::BAD_REQUEST,
+            ProxyError::BadPath(_) | ProxyError::NotAForwardProxy | ProxyError::RequestBody => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::ForeignHost | ProxyError::ForeignOrigin => StatusCode::FORBIDDEN,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::CredentialUnavailable { .. } | ProxyError::CredentialExpired { .. } => {

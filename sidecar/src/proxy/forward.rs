@@ -17,7 +17,7 @@ use hyper_util::{
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use tokio::time::Instant;
 
-use super::{Proxy, Routed, sse::EndpointRewrite, strip::strip_connection_headers};
+use super::{Proxy, Routed, replay, sse::EndpointRewrite, strip::strip_connection_headers};
 use crate::error::ProxyError;
 
 /// The pooled HTTP/1.1 + HTTP/2 (ALPN) client to every upstream.
@@ -124,6 +124,19 @@ pub(super) async fn forward(State(proxy): State<Arc<Proxy>>, mut request: Reques
     // The pooled connection decides between HTTP/1.1 and HTTP/2; the agent's version says nothing about it.
     parts.version = Version::HTTP_11;
     parts.extensions = Default::default();
+    // Small bodies are kept, so the request can be sent again after the upstream rejects the credential.
+    let (body, kept) = match replay::keep(body).await {
+        Ok(kept) => kept,
+        Err(e) => return e.into_response(),
+    };
+    let again = kept.map(|bytes| {
+        (
+            parts.method.clone(),
+            parts.uri.clone(),
+            parts.headers.clone(),
+            bytes,
+        )
+    });
     let started = Instant::now();
     // Dropping this future (the agent went away) drops the upstream request: that is the cancellation.
     let result = proxy.client.request(http::Request::from_parts(parts, body)).await;
@@ -132,18 +145,39 @@ pub(super) async fn forward(State(proxy): State<Arc<Proxy>>, mut request: Reques
         .upstream_duration
         .with_label_values(&[&name])
         .observe(started.elapsed().as_secs_f64());
-    let response = match result {
+    let mut response = match result {
         Ok(response) => response,
         Err(source) => return ProxyError::Upstream { name, source }.into_response(),
     };
-    let (mut parts, body) = response.into_parts();
-    if let Some(reason) = rejection_reason(parts.status, &parts.headers) {
+    let reason = rejection_reason(response.status(), response.headers());
+    if let Some(reason) = reason {
         proxy
             .metrics
             .upstream_rejections
             .with_label_values(&[&name, reason])
             .inc();
     }
+    if let (true, Some((method, uri, mut headers, bytes)), Some(used)) =
+        (replay::worth_replaying(reason), again, slot.current.as_ref())
+        && let Some(newer) = replay::newer_credential(&proxy.store, &name, used).await
+    {
+        for (header, _) in &used.headers {
+            headers.remove(header);
+        }
+        for (header, value) in &newer.headers {
+            headers.insert(header.clone(), value.clone());
+        }
+        let mut request = http::Request::new(Body::from(bytes));
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = headers;
+        tracing::info!(credential = %name, version = %newer.version, "replaying once with the new credential");
+        response = match proxy.client.request(request).await {
+            Ok(response) => response,
+            Err(source) => return ProxyError::Upstream { name, source }.into_response(),
+        };
+    }
+    let (mut parts, body) = response.into_parts();
     strip_connection_headers(&mut parts.headers);
     let is_sse = parts
         .headers

@@ -10,6 +10,7 @@ mod attach;
 mod forward;
 mod guard;
 mod measure;
+mod replay;
 mod route;
 mod sse;
 mod strip;

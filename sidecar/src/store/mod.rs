@@ -8,7 +8,7 @@ use std::{
 };
 
 use jiff::Timestamp;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::credential::Credential;
 
@@ -33,6 +33,8 @@ pub struct Store {
     required: Vec<String>,
     /// Bumped on every change, so waiters (tests, replay) can wait for a new version.
     generation: watch::Sender<u64>,
+    /// Names whose credential an upstream rejected: the source should renew them now.
+    refresh: broadcast::Sender<String>,
 }
 
 impl Store {
@@ -44,6 +46,8 @@ impl Store {
             slots: RwLock::new(slots),
             required,
             generation: watch::channel(0).0,
+            // A few pending requests are plenty: one is enough to trigger a renewal.
+            refresh: broadcast::channel(16).0,
         })
     }
 
@@ -149,6 +153,17 @@ impl Store {
         } else {
             Err(missing)
         }
+    }
+
+    /// Asks the credential source to renew `name` now (an upstream rejected it). Sources that cannot
+    /// (a directory of files) ignore it.
+    pub fn request_refresh(&self, name: &str) {
+        let _ = self.refresh.send(name.to_owned());
+    }
+
+    /// The renewal requests, for the credential source.
+    pub fn refresh_requests(&self) -> broadcast::Receiver<String> {
+        self.refresh.subscribe()
     }
 
     /// A receiver that changes whenever a credential is loaded, fails or is removed.

@@ -30,6 +30,9 @@ const NON_EXPIRING_RECHECK: Duration = Duration::from_secs(5);
 const UNKNOWN_EXPIRY_RENEWAL: Duration = Duration::from_secs(3600);
 /// After `invalid_grant`, retrying is pointless until someone changes the secret files; check this often.
 const TERMINAL_RECHECK: Duration = Duration::from_secs(30);
+/// An upstream's rejection renews the credential at once, but at most this often: an upstream that
+/// rejects every token must not turn into a loop of token requests.
+const MIN_FORCED_RENEWAL_INTERVAL: Duration = Duration::from_secs(5);
 /// Token requests give up after this long: a hanging token endpoint is a transient failure.
 const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -155,7 +158,9 @@ async fn keep_fresh(
     let mut failures = 0u32;
     let mut published: Option<(String, Option<SystemTime>)> = None;
     let mut version = 0u64;
+    let mut renewal_requests = store.refresh_requests();
     loop {
+        let attempted = tokio::time::Instant::now();
         let wait = match source::obtain(&name, &spec, &*secrets, &http).await {
             Ok(issued) => {
                 failures = 0;
@@ -189,7 +194,24 @@ async fn keep_fresh(
                 }
             }
         };
-        tokio::time::sleep(wait).await;
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                () = &mut deadline => break,
+                request = renewal_requests.recv() => match request {
+                    Ok(n) if n == name && attempted.elapsed() >= MIN_FORCED_RENEWAL_INTERVAL => {
+                        tracing::info!(credential = %name, "the upstream rejected the credential: renewing now");
+                        break;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        (&mut deadline).await;
+                        break;
+                    }
+                    _ => {}
+                },
+            }
+        }
     }
 }
 

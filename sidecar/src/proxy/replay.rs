@@ -1,0 +1,65 @@
+//! Replay after the upstream rejects the credential (401 `invalid_token`, 403 `insufficient_scope`):
+//! the sidecar asks its credential source for a new credential, waits briefly for one, and sends the
+//! request once more if its body was small enough to keep. Otherwise the upstream's answer stands.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use jiff::Timestamp;
+
+use crate::{credential::Credential, error::ProxyError, store::Store};
+
+/// The largest request body kept for a replay (the MCP messages worth replaying are a few KiB).
+pub const MAX_BODY: u64 = 1 << 20;
+/// How long a rejected request waits for a new credential: long enough for a token request to a
+/// nearby authorization server, short enough that the agent is not left hanging when none comes.
+pub const WAIT: Duration = Duration::from_secs(2);
+
+/// Takes `body` in memory when its length is known and at most [`MAX_BODY`], so it can be sent twice.
+/// Bodies of unknown or larger size keep streaming (and are never replayed).
+pub async fn keep(body: Body) -> Result<(Body, Option<Bytes>), ProxyError> {
+    match body.size_hint().exact() {
+        Some(0) => Ok((Body::empty(), Some(Bytes::new()))),
+        Some(n) if n <= MAX_BODY => {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|_| ProxyError::RequestBody)?
+                .to_bytes();
+            Ok((Body::from(bytes.clone()), Some(bytes)))
+        }
+        _ => Ok((body, None)),
+    }
+}
+
+/// Whether the upstream's rejection says the credential itself is stale or too narrow.
+pub fn worth_replaying(reason: Option<&str>) -> bool {
+    matches!(reason, Some("invalid_token" | "insufficient_scope"))
+}
+
+/// Asks for a new credential for `name` and waits up to [`WAIT`] for a version other than `used`.
+pub async fn newer_credential(
+    store: &Store,
+    name: &str,
+    used: &Credential,
+) -> Option<std::sync::Arc<Credential>> {
+    let newer = || {
+        store
+            .get(name)
+            .and_then(|slot| slot.current)
+            .filter(|c| c.version != used.version && !c.is_expired(Timestamp::now()))
+    };
+    let mut changes = store.subscribe();
+    store.request_refresh(name);
+    if let Some(c) = newer() {
+        return Some(c);
+    }
+    tokio::time::timeout(WAIT, changes.wait_for(|_| newer().is_some()))
+        .await
+        .ok()?
+        .ok()?;
+    newer()
+}
