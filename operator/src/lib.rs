@@ -19,6 +19,8 @@ use tracing::info;
 
 /// Roles and RoleBindings so each service account reads only the Secrets it may use.
 pub mod access;
+/// The webhook's self-managed CA and serving certificate, rotated before expiry.
+pub mod certs;
 /// Reconciling McpCredentials into Secrets.
 pub mod controller;
 /// What the injection webhook does to a pod, as pure functions.
@@ -85,6 +87,24 @@ pub struct Config {
     /// PEM private key of the webhook.
     #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_KEY_FILE")]
     pub webhook_key_file: Option<std::path::PathBuf>,
+
+    /// Self-managed webhook certificates: keep a CA and serving certificate in this Secret of the
+    /// operator's namespace, renew them before expiry and patch the caBundle (the leader does this).
+    /// Default: off (the certificate files come from elsewhere, such as cert-manager).
+    #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_TLS_SECRET")]
+    pub webhook_tls_secret: Option<String>,
+
+    /// The MutatingWebhookConfiguration whose caBundle self-managed certificates keep current.
+    #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_CONFIGURATION", default_value = "mcp-credentials")]
+    pub webhook_configuration: String,
+
+    /// The webhook's Service, whose DNS names self-managed certificates carry.
+    #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_SERVICE", default_value = "mcp-credentials-webhook")]
+    pub webhook_service: String,
+
+    /// Lifetime of a self-managed serving certificate, in seconds (renewed with a third left).
+    #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_CERT_VALIDITY", default_value_t = 90 * 86400, value_parser = clap::value_parser!(u64).range(60..=10 * 365 * 86400))]
+    pub webhook_cert_validity: u64,
 
     /// The sidecar image the webhook injects.
     #[arg(
@@ -191,9 +211,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     };
     let result = tokio::select! {
-        _ = futures::future::join(
+        _ = futures::future::join3(
             controller::run(ctx, config.namespace.as_deref(), config.concurrency),
             access::run(client.clone(), config.namespace.as_deref()),
+            webhook_certificates(&config, &client, &lease_ns),
         ) => Ok(()),
         _ = hold => Err(anyhow::anyhow!("lost the leader Lease {lease_ns}/{}; exiting", config.lease_name)),
         _ = &mut shutdown => {
@@ -208,6 +229,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         e.release().await;
     }
     result
+}
+
+/// Keeps self-managed webhook certificates current (leader only), or waits forever when off.
+async fn webhook_certificates(config: &Config, client: &Client, namespace: &str) {
+    let Some(secret) = config.webhook_tls_secret.clone() else {
+        return std::future::pending().await;
+    };
+    let managed = certs::SelfManaged {
+        secret,
+        namespace: namespace.to_owned(),
+        webhook_configuration: config.webhook_configuration.clone(),
+        service: config.webhook_service.clone(),
+        ca_validity: Duration::from_secs(365 * 86400).max(Duration::from_secs(config.webhook_cert_validity * 4)),
+        cert_validity: Duration::from_secs(config.webhook_cert_validity),
+    };
+    certs::run(client.clone(), managed, Duration::from_secs(3600)).await;
 }
 
 /// A kube client whose every request is counted in `mcp_credentials_kube_api_requests_total`.

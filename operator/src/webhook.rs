@@ -86,7 +86,9 @@ impl Webhook {
                     continue;
                 }
             };
-            let acceptor = self.tls.acceptor();
+            let Some(acceptor) = self.tls.acceptor() else {
+                continue;
+            };
             let router = self.router.clone();
             tokio::spawn(async move {
                 let Ok(stream) = acceptor.accept(tcp).await else {
@@ -107,32 +109,41 @@ fn supports_native_sidecars(major: &str, minor: &str) -> bool {
     major != "1" || minor >= 29
 }
 
-/// The TLS configuration, rebuilt when the certificate file changes.
+/// The TLS configuration, rebuilt when the certificate file changes. Until the files exist (a
+/// self-managed certificate is written by the leader and then mounted by the kubelet), connections
+/// are closed and the API server retries.
 struct CertReloader {
     cert_file: PathBuf,
     key_file: PathBuf,
     loaded_at: Option<SystemTime>,
-    acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl CertReloader {
     fn new(config: &WebhookConfig) -> anyhow::Result<Self> {
-        let acceptor = load_acceptor(&config.cert_file, &config.key_file)?;
+        let loaded_at = modified(&config.cert_file);
+        let acceptor = match loaded_at {
+            Some(_) => Some(load_acceptor(&config.cert_file, &config.key_file)?),
+            None => {
+                warn!(cert = %config.cert_file.display(), "waiting for the webhook certificate");
+                None
+            }
+        };
         Ok(Self {
             cert_file: config.cert_file.clone(),
             key_file: config.key_file.clone(),
-            loaded_at: modified(&config.cert_file),
+            loaded_at,
             acceptor,
         })
     }
 
-    fn acceptor(&mut self) -> tokio_rustls::TlsAcceptor {
+    fn acceptor(&mut self) -> Option<tokio_rustls::TlsAcceptor> {
         let now = modified(&self.cert_file);
-        if now != self.loaded_at {
+        if now.is_some() && now != self.loaded_at {
             match load_acceptor(&self.cert_file, &self.key_file) {
                 Ok(acceptor) => {
-                    info!(cert = %self.cert_file.display(), "webhook certificate reloaded");
-                    self.acceptor = acceptor;
+                    info!(cert = %self.cert_file.display(), "webhook certificate loaded");
+                    self.acceptor = Some(acceptor);
                     self.loaded_at = now;
                 }
                 // Mid-rotation the certificate and key may not match yet: keep the old pair.

@@ -260,3 +260,170 @@ fn the_api_server_injects_the_sidecar_through_the_operators_webhook() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// What the kubelet does for a mounted Secret: copy its keys to files when it changes.
+fn mount_secret_until(
+    cp: &ControlPlane,
+    ns: &str,
+    secret: &str,
+    dir: &Path,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut last = String::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let out = cp.kubectl(&["get", "secret", secret, "-n", ns, "-o", "json"]);
+        if out.success && out.stdout != last {
+            let s: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+            use base64::Engine;
+            let decode = |k: &str| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(s["data"][k].as_str().unwrap_or(""))
+                    .unwrap_or_default()
+            };
+            // The key first: the webhook reloads when the certificate file changes.
+            std::fs::write(dir.join("tls.key"), decode("tls.key")).unwrap();
+            std::fs::write(dir.join("tls.crt"), decode("tls.crt")).unwrap();
+            last = out.stdout;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn self_managed_webhook_certificates_are_issued_trusted_and_rotated() {
+    let (cp, ns) = setup("webhook-certs");
+    let dir = std::env::temp_dir().join(format!("mcp-webhook-certs-{ns}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let webhook_name = format!("mcp-credentials-certs-{ns}");
+    // Registered without a caBundle: the operator fills it in.
+    let config = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": webhook_name},
+        "webhooks": [{
+            "name": "inject.mcpcredentials.dev",
+            "clientConfig": {"url": format!("https://{listen}/mutate")},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+            "objectSelector": {"matchLabels": {"mcpcredentials.dev/inject": "true"}},
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "failurePolicy": "Fail", "sideEffects": "None", "timeoutSeconds": 5,
+            "admissionReviewVersions": ["v1"],
+        }]
+    });
+    assert!(
+        cp.tool("kubectl", &["apply", "-f", "-"], Some(&config.to_string()))
+            .success
+    );
+    let credential = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: github}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {apiKey: {secretKeyRef: {name: gh, key: token}}}\n";
+    assert!(cp.apply(&ns, credential).success);
+
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let operator = Operator::start(
+        cp,
+        &ns,
+        "certs",
+        &[
+            "--webhook-listen",
+            &listen,
+            "--webhook-cert-file",
+            cert.to_str().unwrap(),
+            "--webhook-key-file",
+            key.to_str().unwrap(),
+            "--webhook-tls-secret",
+            "webhook-tls",
+            "--webhook-configuration",
+            &webhook_name,
+            "--webhook-service",
+            "mcp-credentials-webhook",
+            // 90 s certificates: renewed after about 60 s, within this test.
+            "--webhook-cert-validity",
+            "90",
+        ],
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| mount_secret_until(cp, &ns, "webhook-tls", &dir, &stop));
+        let admit = |name: &str| {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let out = create(cp, &ns, &pod(name, "default", true, Some("github")));
+                if out.success || Instant::now() > deadline {
+                    break out;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        };
+        let first = admit("before-rotation");
+        assert!(
+            first.success,
+            "{}\noperator log:\n{}",
+            first.stderr,
+            operator.log_text()
+        );
+
+        let secret = |key: &str| {
+            cp.kubectl(&[
+                "get",
+                "secret",
+                "webhook-tls",
+                "-n",
+                &ns,
+                "-o",
+                &format!("jsonpath={{.data.{key}}}"),
+            ])
+            .stdout
+        };
+        let bundle = cp
+            .kubectl(&[
+                "get",
+                "mutatingwebhookconfiguration",
+                &webhook_name,
+                "-o",
+                "jsonpath={.webhooks[0].clientConfig.caBundle}",
+            ])
+            .stdout;
+        assert_eq!(
+            bundle,
+            secret("ca\\.crt"),
+            "the caBundle is the Secret's trust bundle"
+        );
+        let first_cert = secret("tls\\.crt");
+
+        // Rotation: a new serving certificate from the same CA, served without a failed admission.
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while secret("tls\\.crt") == first_cert {
+            assert!(
+                Instant::now() < deadline,
+                "the certificate was not renewed:\n{}",
+                operator.log_text()
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        std::thread::sleep(Duration::from_secs(2)); // the files follow, as the kubelet's would
+        let out = create(cp, &ns, &pod("after-rotation", "default", true, Some("github")));
+        assert!(
+            out.success,
+            "admission failed after rotation: {}\n{}",
+            out.stderr,
+            operator.log_text()
+        );
+        let injected = cp.kubectl(&[
+            "get",
+            "pod",
+            "after-rotation",
+            "-n",
+            &ns,
+            "-o",
+            "jsonpath={.spec.initContainers[0].name}",
+        ]);
+        assert_eq!(injected.stdout, "mcp-credentials-sidecar");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert!(
+        cp.kubectl(&["delete", "mutatingwebhookconfiguration", &webhook_name])
+            .success
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
