@@ -177,40 +177,12 @@ pub async fn run(client: Client, namespace: Option<&str>) {
 
 #[cfg(test)]
 mod tests {
-    use mcp_credentials_core::{Access, ApiKeySource, CredentialSource, McpCredentialSpec, SecretKeyRef};
-
     use super::*;
-
-    fn credential(allowed: &[&str], secret: Option<&str>) -> McpCredential {
-        let mut c = McpCredential::new(
-            "github",
-            McpCredentialSpec {
-                upstream: "https://api.githubcopilot.com/mcp/".into(),
-                source: CredentialSource {
-                    api_key: Some(ApiKeySource {
-                        secret_key_ref: SecretKeyRef {
-                            name: "k".into(),
-                            key: "k".into(),
-                        },
-                    }),
-                    ..CredentialSource::default()
-                },
-                inject: None,
-                refresh: None,
-                secret_name: secret.map(Into::into),
-                access: Some(Access {
-                    service_accounts: allowed.iter().map(|s| s.to_string()).collect(),
-                }),
-            },
-        );
-        c.metadata.namespace = Some("agents".into());
-        c.metadata.uid = Some("0000-1111".into());
-        c
-    }
+    use crate::fixtures::credential;
 
     #[test]
     fn the_role_reads_only_the_credentials_secret() {
-        let role = role(&credential(&[], Some("gh-token"))).unwrap();
+        let role = role(&credential("github", &[], Some("gh-token"))).unwrap();
         let rule = &role.rules.unwrap()[0];
         assert_eq!(
             rule.resource_names.as_deref(),
@@ -223,7 +195,7 @@ mod tests {
 
     #[test]
     fn the_binding_names_each_allowed_service_account_or_the_whole_namespace() {
-        let binding = role_binding(&credential(&["coding-agent", "research"], None)).unwrap();
+        let binding = role_binding(&credential("github", &["coding-agent", "research"], None)).unwrap();
         let names: Vec<_> = binding
             .subjects
             .unwrap()
@@ -237,7 +209,7 @@ mod tests {
                 ("ServiceAccount".into(), "research".into())
             ]
         );
-        let open = role_binding(&credential(&[], None)).unwrap();
+        let open = role_binding(&credential("github", &[], None)).unwrap();
         assert_eq!(open.subjects.unwrap()[0].name, "system:serviceaccounts:agents");
     }
 }

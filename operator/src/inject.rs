@@ -365,9 +365,8 @@ fn token_volume() -> Volume {
 
 #[cfg(test)]
 mod tests {
-    use mcp_credentials_core::{Access, ApiKeySource, CredentialSource, McpCredentialSpec, SecretKeyRef};
-
     use super::*;
+    use crate::fixtures::credential;
 
     fn pod(annotation: Option<&str>) -> Pod {
         serde_json::from_value(serde_json::json!({
@@ -386,32 +385,6 @@ mod tests {
             }
         }))
         .unwrap()
-    }
-
-    fn credential(name: &str, allowed: &[&str], secret: Option<&str>) -> McpCredential {
-        let mut c = McpCredential::new(
-            name,
-            McpCredentialSpec {
-                upstream: format!("https://{name}.example.com/mcp"),
-                source: CredentialSource {
-                    api_key: Some(ApiKeySource {
-                        secret_key_ref: SecretKeyRef {
-                            name: "k".into(),
-                            key: "k".into(),
-                        },
-                    }),
-                    ..CredentialSource::default()
-                },
-                inject: None,
-                refresh: None,
-                secret_name: secret.map(Into::into),
-                access: Some(Access {
-                    service_accounts: allowed.iter().map(|s| s.to_string()).collect(),
-                }),
-            },
-        );
-        c.metadata.namespace = Some("agents".into());
-        c
     }
 
     fn config(native: bool) -> InjectConfig {

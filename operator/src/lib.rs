@@ -23,6 +23,9 @@ pub mod access;
 pub mod certs;
 /// Reconciling McpCredentials into Secrets.
 pub mod controller;
+/// Test fixtures.
+#[cfg(test)]
+mod fixtures;
 /// What the injection webhook does to a pod, as pure functions.
 pub mod inject;
 /// Lease-based leader election.

@@ -97,6 +97,34 @@ fn pod(name: &str, service_account: &str, labelled: bool, credentials: Option<&s
     .to_string()
 }
 
+/// Registers a webhook at `https://<listen>/mutate` for labelled pods of namespace `ns` only, so
+/// other tests sharing the API server never reach it.
+fn register_webhook(cp: &ControlPlane, name: &str, listen: &str, ns: &str, ca_bundle: Option<&str>) {
+    let mut client_config = serde_json::json!({"url": format!("https://{listen}/mutate")});
+    if let Some(ca) = ca_bundle {
+        client_config["caBundle"] = ca.into();
+    }
+    let config = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "inject.mcpcredentials.dev",
+            "clientConfig": client_config,
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+            "objectSelector": {"matchLabels": {"mcpcredentials.dev/inject": "true"}},
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "timeoutSeconds": 5,
+            "reinvocationPolicy": "IfNeeded",
+            "admissionReviewVersions": ["v1"],
+        }]
+    });
+    let out = cp.tool("kubectl", &["apply", "-f", "-"], Some(&config.to_string()));
+    assert!(out.success, "{}", out.stderr);
+}
+
 fn create(cp: &ControlPlane, ns: &str, doc: &str) -> mcp_credentials_e2e::Outcome {
     cp.tool("kubectl", &["create", "-n", ns, "-f", "-"], Some(doc))
 }
@@ -136,25 +164,7 @@ fn the_api_server_injects_the_sidecar_through_the_operators_webhook() {
 
     // Only this test's namespace and only labelled pods reach the webhook.
     let webhook_name = format!("mcp-credentials-test-{ns}");
-    let config = serde_json::json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": webhook_name},
-        "webhooks": [{
-            "name": "inject.mcpcredentials.dev",
-            "clientConfig": {"url": format!("https://{listen}/mutate"), "caBundle": b64(&ca)},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
-            "objectSelector": {"matchLabels": {"mcpcredentials.dev/inject": "true"}},
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-            "failurePolicy": "Fail",
-            "sideEffects": "None",
-            "timeoutSeconds": 5,
-            "reinvocationPolicy": "IfNeeded",
-            "admissionReviewVersions": ["v1"],
-        }]
-    });
-    let out = cp.tool("kubectl", &["apply", "-f", "-"], Some(&config.to_string()));
-    assert!(out.success, "{}", out.stderr);
+    register_webhook(cp, &webhook_name, &listen, &ns, Some(&b64(&ca)));
 
     // The operator (and its webhook) may still be starting: retry until the webhook answers.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -298,24 +308,7 @@ fn self_managed_webhook_certificates_are_issued_trusted_and_rotated() {
     let listen = format!("127.0.0.1:{port}");
     let webhook_name = format!("mcp-credentials-certs-{ns}");
     // Registered without a caBundle: the operator fills it in.
-    let config = serde_json::json!({
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": webhook_name},
-        "webhooks": [{
-            "name": "inject.mcpcredentials.dev",
-            "clientConfig": {"url": format!("https://{listen}/mutate")},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
-            "objectSelector": {"matchLabels": {"mcpcredentials.dev/inject": "true"}},
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
-            "failurePolicy": "Fail", "sideEffects": "None", "timeoutSeconds": 5,
-            "admissionReviewVersions": ["v1"],
-        }]
-    });
-    assert!(
-        cp.tool("kubectl", &["apply", "-f", "-"], Some(&config.to_string()))
-            .success
-    );
+    register_webhook(cp, &webhook_name, &listen, &ns, None);
     let credential = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: github}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {apiKey: {secretKeyRef: {name: gh, key: token}}}\n";
     assert!(cp.apply(&ns, credential).success);
 
