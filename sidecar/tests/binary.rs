@@ -1,0 +1,109 @@
+//! The real binary: configured by environment with a credentials directory (a projected Secret
+//! volume), ready once the credential loads, picks up a rewritten credential, and exits cleanly on
+//! SIGTERM. Waits poll for a condition; none asserts on time.
+
+use std::{
+    process::{Child, Command},
+    time::Duration,
+};
+
+use axum::Router;
+use http::HeaderMap;
+
+/// The sidecar process, killed if a test fails before it exits.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..600 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("gave up waiting for {what}");
+}
+
+#[tokio::test]
+async fn the_binary_serves_a_credentials_directory_reloads_it_and_stops_on_sigterm() {
+    let app = Router::new().fallback(|headers: HeaderMap| async move {
+        headers
+            .get("x-api-key")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default()
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = std::env::temp_dir().join(format!("mcp-sidecar-binary-{}", std::process::id()));
+    let cred = dir.join("demo");
+    std::fs::create_dir_all(&cred).unwrap();
+    std::fs::write(cred.join("upstream"), &upstream).unwrap();
+    std::fs::write(cred.join("header.X-API-Key"), "key-1").unwrap();
+    std::fs::write(cred.join("version"), "1").unwrap();
+
+    let (proxy, admin) = (free_port(), free_port());
+    let mut process = Process(
+        Command::new(env!("CARGO_BIN_EXE_mcp-credentials-sidecar"))
+            .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{proxy}"))
+            .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("MCP_SIDECAR_CREDENTIALS", "demo")
+            .env("MCP_SIDECAR_CREDENTIALS_DIR", &dir)
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::Client::new();
+    let get = async |url: String| match http.get(url).send().await {
+        Ok(r) => Some((r.status().as_u16(), r.text().await.unwrap_or_default())),
+        Err(_) => None,
+    };
+    until("/readyz", async || {
+        get(format!("http://127.0.0.1:{admin}/readyz"))
+            .await
+            .is_some_and(|r| r.0 == 200)
+    })
+    .await;
+    assert_eq!(
+        get(format!("http://127.0.0.1:{proxy}/demo/x")).await,
+        Some((200, "key-1".into()))
+    );
+
+    std::fs::write(cred.join("header.X-API-Key"), "key-2").unwrap();
+    std::fs::write(cred.join("version"), "2").unwrap();
+    until("the rewritten credential", async || {
+        get(format!("http://127.0.0.1:{proxy}/demo/x")).await == Some((200, "key-2".into()))
+    })
+    .await;
+    let metrics = get(format!("http://127.0.0.1:{admin}/metrics")).await.unwrap().1;
+    assert!(metrics.contains(r#"mcp_credentials_sidecar_requests_total{credential="demo",status="200"}"#));
+    assert!(
+        !metrics.contains("key-1") && !metrics.contains("key-2"),
+        "no credential in metrics"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &process.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || process.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
