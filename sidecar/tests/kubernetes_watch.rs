@@ -194,6 +194,16 @@ rules:
         (200, "key-2".to_owned())
     );
 
+    // Before its Secret exists, a named credential answers 503 saying so (once its watch has listed).
+    let mut changes = store.subscribe();
+    changes
+        .wait_for(|_| store.get("custom").unwrap().last_failure.is_some())
+        .await
+        .unwrap();
+    let (status, body) = get(&format!("{}/custom/y", sidecar.url)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("Secret renamed-secret not found"), "{body}");
+
     // `name=secret-name` for a credential whose spec.secretName differs, created after the watch began.
     secrets
         .create(

@@ -25,6 +25,10 @@ type Events = BoxStream<'static, (Option<String>, Result<watcher::Event<Secret>,
 /// kube's default backoff; the last good credential stays in use meanwhile.
 pub async fn run(store: Arc<Store>, client: Client, namespace: String, wanted: Vec<Wanted>) {
     let api: Api<Secret> = Api::namespaced(client, &namespace);
+    let secret_names: BTreeMap<String, String> = wanted
+        .iter()
+        .map(|w| (w.name.clone(), w.secret_name.clone()))
+        .collect();
     let streams: Vec<Events> = if wanted.is_empty() {
         let config = watcher::Config::default()
             .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"))
@@ -54,8 +58,24 @@ pub async fn run(store: Arc<Store>, client: Client, namespace: String, wanted: V
                 let name = name.unwrap_or_else(|| credential_name(&secret));
                 store.remove(&name, "its Secret was deleted");
             }
-            Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
-            Err(e) => tracing::warn!(error = %e, "watching credential Secrets failed; retrying"),
+            // The initial list is complete: a named Secret that was not in it does not exist (yet).
+            Ok(watcher::Event::InitDone) => {
+                if let Some(name) = name
+                    && store.get(&name).is_some_and(|slot| slot.current.is_none())
+                {
+                    let secret = secret_names.get(&name).map_or("?", String::as_str);
+                    store.fail(
+                        &name,
+                        format!("Secret {secret} not found in namespace {namespace}"),
+                    );
+                }
+            }
+            Ok(watcher::Event::Init) => {}
+            Err(e) => match name {
+                // The API server's message (forbidden, not found...) is what an operator needs to see.
+                Some(name) => store.fail(&name, format!("watching its Secret failed: {e}")),
+                None => tracing::warn!(error = %e, "watching credential Secrets failed; retrying"),
+            },
         }
     }
 }
