@@ -1,0 +1,116 @@
+//! An HTTPS upstream with a private CA: the sidecar trusts it through `extra_ca_file` (on top of the
+//! system roots), negotiates HTTP/2 by ALPN, pools the connection, and attaches the credential there too.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mcp_credentials_sidecar::{
+    metrics::Metrics,
+    proxy::{self, ClientSettings, Proxy},
+    serve,
+    store::Store,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::watch;
+
+mod common;
+
+/// Answers `<HTTP version> <X-API-Key>`.
+async fn answer(request: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let key = request
+        .headers()
+        .get("x-api-key")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    Ok(Response::new(Full::from(format!(
+        "{:?} {key}",
+        request.version()
+    ))))
+}
+
+#[tokio::test]
+async fn an_https_upstream_with_an_extra_ca_is_reached_over_http2() {
+    mcp_credentials_sidecar::install_crypto_provider();
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let ca_file = std::env::temp_dir().join(format!("mcp-sidecar-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca_file, certified.cert.pem()).unwrap();
+
+    let mut tls =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(certified.cert.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der())),
+            )
+            .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("https://{}", listener.local_addr().unwrap());
+    let (connections_tx, mut connections) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _ = connections_tx.send(());
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let tls = acceptor.accept(tcp).await.unwrap();
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), service_fn(answer))
+                    .await;
+            });
+        }
+    });
+
+    let store = Store::new(["secure".to_owned()]);
+    store.set("secure", common::credential(&upstream, "tls-key", "1", None));
+    let client = proxy::upstream_client(&ClientSettings {
+        connect_timeout: Duration::from_secs(5),
+        pool_idle_timeout: Duration::from_secs(30),
+        extra_ca_file: Some(ca_file.clone()),
+    })
+    .unwrap();
+    let app = proxy::app(Proxy {
+        store,
+        client,
+        metrics: Metrics::register(),
+        max_header_bytes: 65536,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sidecar = format!("http://{}", listener.local_addr().unwrap());
+    let (_stop, stopped) = watch::channel(false);
+    tokio::spawn(serve(listener, app, stopped));
+
+    for _ in 0..3 {
+        let body = reqwest::get(format!("{sidecar}/secure/mcp"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(body, "HTTP/2.0 tls-key");
+    }
+    connections.recv().await.unwrap();
+    assert!(
+        connections.try_recv().is_err(),
+        "three requests shared one pooled HTTP/2 connection"
+    );
+    std::fs::remove_file(&ca_file).unwrap();
+}
+
+#[test]
+fn an_unreadable_extra_ca_file_is_an_error_naming_it() {
+    let e = proxy::upstream_client(&ClientSettings {
+        connect_timeout: Duration::from_secs(5),
+        pool_idle_timeout: Duration::from_secs(30),
+        extra_ca_file: Some("/nonexistent/ca.pem".into()),
+    })
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+}
