@@ -268,3 +268,81 @@ async fn without_names_every_managed_secret_of_the_namespace_is_served() {
     watch.abort();
     cp.kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }
+
+/// The real binary in Kubernetes mode (`KUBECONFIG` with a service-account token, as in-cluster
+/// config would give it): ready once its Secret loads, then proxies with it.
+#[tokio::test]
+async fn the_binary_in_kubernetes_mode_serves_its_secret() {
+    mcp_credentials_sidecar::install_crypto_provider();
+    let cp = mcp_credentials_e2e::control_plane();
+    let ns = cp.namespace("sidecar-binary");
+    let writer = secret_writer(cp, &ns).await;
+    let upstream = key_echo().await;
+    let role = "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: sidecar}\n\
+                rules: [{apiGroups: [''], resources: [secrets], resourceNames: [demo-mcp-credential], verbs: [get, list, watch]}]\n";
+    assert!(cp.apply(&ns, role).success);
+    let _ = service_account_client(cp, &ns, "sidecar", "Role, name: sidecar").await;
+    let token = cp.kubectl(&["create", "token", "sidecar", "-n", &ns]);
+    assert!(token.success, "{}", token.stderr);
+    let admin = std::fs::read_to_string(&cp.kubeconfig).unwrap();
+    let field = |k: &str| {
+        admin
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(k).map(|v| v.trim().to_owned()))
+            .unwrap()
+    };
+    let kubeconfig = std::env::temp_dir().join(format!("mcp-sidecar-kubeconfig-{}", std::process::id()));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: '{}', certificate-authority: '{}'}}}}]\n\
+             users: [{{name: u, user: {{token: '{}'}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u, namespace: {ns}}}}}]\n\
+             current-context: x\n",
+            field("server:"),
+            field("certificate-authority:"),
+            token.stdout.trim()
+        ),
+    )
+    .unwrap();
+
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (proxy, admin_port) = (free_port(), free_port());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mcp-credentials-sidecar"))
+        .env("KUBECONFIG", &kubeconfig)
+        .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{proxy}"))
+        .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .env("MCP_SIDECAR_CREDENTIALS", "demo")
+        .spawn()
+        .unwrap();
+    Api::<Secret>::namespaced(writer, &ns)
+        .create(
+            &PostParams::default(),
+            &secret("demo-mcp-credential", "demo", &upstream, "key-k", "1"),
+        )
+        .await
+        .unwrap();
+    let mut ready = false;
+    for _ in 0..600 {
+        if reqwest::get(format!("http://127.0.0.1:{admin_port}/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let answer = get(&format!("http://127.0.0.1:{proxy}/demo/x")).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_file(&kubeconfig).unwrap();
+    cp.kubectl(&["delete", "namespace", &ns, "--wait=false"]);
+    assert!(ready, "the sidecar never became ready");
+    assert_eq!(answer, (200, "key-k".to_owned()));
+}
