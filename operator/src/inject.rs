@@ -18,6 +18,10 @@ pub const INJECT_LABEL: &str = "mcpcredentials.dev/inject";
 pub const CREDENTIALS_ANNOTATION: &str = "mcpcredentials.dev/credentials";
 /// Set on a pod once injected, with the credentials injected.
 pub const INJECTED_ANNOTATION: &str = "mcpcredentials.dev/injected";
+/// Set to `"true"` to keep the service-account token mounted in the agent's containers. By default
+/// it is removed from them: that token may read the credential Secrets (the access policy grants
+/// the pod's service account exactly that), and the agent must never hold a credential.
+pub const AGENT_API_ACCESS_ANNOTATION: &str = "mcpcredentials.dev/agent-api-access";
 /// The injected container's name.
 pub const SIDECAR_NAME: &str = "mcp-credentials-sidecar";
 /// The sidecar's own service-account token volume (it must not depend on the pod's automount).
@@ -162,6 +166,10 @@ pub fn url_env_name(credential: &str) -> String {
     format!("MCP_{upper}_URL")
 }
 
+fn pod_annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
 /// The pod with the sidecar injected, or `None` when it already has it (reinvocation and
 /// re-admission are no-ops). `credentials` are `(name, secret name)` from [`authorize`].
 pub fn inject(
@@ -192,7 +200,6 @@ pub fn inject(
     }
 
     let mut pod = pod.clone();
-    let spec = pod.spec.as_mut().expect("checked above");
     let url_env: Vec<EnvVar> = credentials
         .iter()
         .map(|(name, _)| EnvVar {
@@ -201,6 +208,8 @@ pub fn inject(
             ..EnvVar::default()
         })
         .collect();
+    let keep_token = pod_annotation(&pod, AGENT_API_ACCESS_ANNOTATION) == Some("true");
+    let spec = pod.spec.as_mut().expect("checked above");
     for container in &mut spec.containers {
         let env = container.env.get_or_insert_with(Vec::new);
         for var in &url_env {
@@ -208,6 +217,9 @@ pub fn inject(
                 env.push(var.clone());
             }
         }
+    }
+    if !keep_token {
+        remove_service_account_token(spec);
     }
 
     spec.volumes.get_or_insert_with(Vec::new).push(token_volume());
@@ -227,6 +239,33 @@ pub fn inject(
         .get_or_insert_with(BTreeMap::new)
         .insert(INJECTED_ANNOTATION.into(), names.join(","));
     Ok(Some(pod))
+}
+
+/// Takes the API server's service-account token out of every container. Removing the mounts is
+/// not enough: the API server re-runs its ServiceAccount plugin after a webhook changed the pod,
+/// which would mount it again, unless automounting is off for the pod.
+fn remove_service_account_token(spec: &mut k8s_openapi::api::core::v1::PodSpec) {
+    spec.automount_service_account_token = Some(false);
+    let mut removed = Vec::new();
+    for container in spec
+        .containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut().flatten())
+    {
+        if let Some(mounts) = container.volume_mounts.as_mut() {
+            mounts.retain(|m| {
+                let token = m.mount_path == TOKEN_MOUNT;
+                if token {
+                    removed.push(m.name.clone());
+                }
+                !token
+            });
+        }
+    }
+    // The API server's own token volume (`kube-api-access-<random>`), now unused.
+    if let Some(volumes) = spec.volumes.as_mut() {
+        volumes.retain(|v| !(removed.contains(&v.name) && v.name.starts_with("kube-api-access-")));
+    }
 }
 
 fn sidecar_container(credentials: &[(String, String)], config: &InjectConfig) -> Container {
@@ -494,6 +533,70 @@ mod tests {
         let last = spec.containers.last().unwrap();
         assert_eq!(last.name, SIDECAR_NAME);
         assert_eq!(last.restart_policy, None);
+    }
+
+    #[test]
+    fn the_agent_loses_its_service_account_token_unless_it_asks_to_keep_it() {
+        let wanted = [("github".to_string(), "github-mcp-credential".to_string())];
+        let mut with_token = pod(Some("github"));
+        with_token.spec.as_mut().unwrap().containers[0].volume_mounts = Some(vec![
+            VolumeMount {
+                name: "kube-api-access-x".into(),
+                mount_path: TOKEN_MOUNT.into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "data".into(),
+                mount_path: "/data".into(),
+                ..VolumeMount::default()
+            },
+        ]);
+        with_token.spec.as_mut().unwrap().volumes = Some(vec![Volume {
+            name: "kube-api-access-x".into(),
+            ..Volume::default()
+        }]);
+        let out = inject(&with_token, &wanted, &config(true)).unwrap().unwrap();
+        let spec = out.spec.unwrap();
+        assert_eq!(
+            spec.automount_service_account_token,
+            Some(false),
+            "or the API server mounts it again"
+        );
+        let volumes: Vec<_> = spec.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+        assert_eq!(
+            volumes,
+            [TOKEN_VOLUME],
+            "the API server's token volume is gone, the sidecar's is there"
+        );
+        let mounts: Vec<_> = spec.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.mount_path.as_str())
+            .collect();
+        assert_eq!(mounts, ["/data"], "the agent keeps its other mounts");
+        let sidecar = &spec.init_containers.unwrap()[0];
+        assert_eq!(
+            sidecar.volume_mounts.as_ref().unwrap()[0].mount_path,
+            TOKEN_MOUNT,
+            "the sidecar has its own token"
+        );
+
+        with_token
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(AGENT_API_ACCESS_ANNOTATION.into(), "true".into());
+        let kept = inject(&with_token, &wanted, &config(true)).unwrap().unwrap();
+        assert_eq!(
+            kept.spec.unwrap().containers[0]
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .len(),
+            2
+        );
     }
 
     #[test]

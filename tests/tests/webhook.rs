@@ -220,6 +220,25 @@ fn the_api_server_injects_the_sidecar_through_the_operators_webhook() {
         injected["metadata"]["annotations"]["mcpcredentials.dev/injected"],
         "github,slack"
     );
+    // The API server mounts the service-account token into every container, and that token may
+    // read the credential Secrets: the agent must not have it. The sidecar has a token of its own.
+    let token_path = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let agent_mounts = injected["spec"]["containers"][0]["volumeMounts"].to_string();
+    assert!(
+        !agent_mounts.contains(token_path),
+        "the agent still holds a token: {agent_mounts}"
+    );
+    assert!(sidecar["volumeMounts"].to_string().contains(token_path));
+    assert!(
+        !injected["spec"]["volumes"]
+            .to_string()
+            .contains("kube-api-access"),
+        "{injected:#}"
+    );
+    assert_eq!(
+        injected["spec"]["automountServiceAccountToken"], false,
+        "or the API server mounts it again"
+    );
     assert_eq!(
         injected["spec"]["containers"].as_array().unwrap().len(),
         1,
