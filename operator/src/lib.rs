@@ -98,11 +98,19 @@ pub struct Config {
     pub webhook_tls_secret: Option<String>,
 
     /// The MutatingWebhookConfiguration whose caBundle self-managed certificates keep current.
-    #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_CONFIGURATION", default_value = "mcp-credentials")]
+    #[arg(
+        long,
+        env = "MCP_CREDENTIALS_WEBHOOK_CONFIGURATION",
+        default_value = "mcp-credentials"
+    )]
     pub webhook_configuration: String,
 
     /// The webhook's Service, whose DNS names self-managed certificates carry.
-    #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_SERVICE", default_value = "mcp-credentials-webhook")]
+    #[arg(
+        long,
+        env = "MCP_CREDENTIALS_WEBHOOK_SERVICE",
+        default_value = "mcp-credentials-webhook"
+    )]
     pub webhook_service: String,
 
     /// Lifetime of a self-managed serving certificate, in seconds (renewed with a third left).
@@ -167,12 +175,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .with_context(|| format!("--listen {}: cannot listen there", config.listen))?;
     info!(listen = %config.listen, identity = %identity, namespace = ?config.namespace, "starting");
     tokio::spawn(serve(listener, metrics.clone(), ready.clone()));
-    if let (Some(listen), Some(cert_file), Some(key_file)) =
-        (config.webhook_listen, config.webhook_cert_file.clone(), config.webhook_key_file.clone())
-    {
-        let webhook_config =
-            webhook::WebhookConfig { listen, cert_file, key_file, sidecar_image: config.sidecar_image.clone() };
-        tokio::spawn(webhook::Webhook::bind(webhook_config, client.clone()).await?.run());
+    if let (Some(listen), Some(cert_file), Some(key_file)) = (
+        config.webhook_listen,
+        config.webhook_cert_file.clone(),
+        config.webhook_key_file.clone(),
+    ) {
+        let webhook_config = webhook::WebhookConfig {
+            listen,
+            cert_file,
+            key_file,
+            sidecar_image: config.sidecar_image.clone(),
+        };
+        tokio::spawn(
+            webhook::Webhook::bind(webhook_config, client.clone())
+                .await?
+                .run(),
+        );
     }
 
     let http = mcp_credentials_core::source::http_client(Duration::from_secs(config.token_timeout))
@@ -244,7 +262,8 @@ async fn webhook_certificates(config: &Config, client: &Client, namespace: &str)
         namespace: namespace.to_owned(),
         webhook_configuration: config.webhook_configuration.clone(),
         service: config.webhook_service.clone(),
-        ca_validity: Duration::from_secs(365 * 86400).max(Duration::from_secs(config.webhook_cert_validity * 4)),
+        ca_validity: Duration::from_secs(365 * 86400)
+            .max(Duration::from_secs(config.webhook_cert_validity * 4)),
         cert_validity: Duration::from_secs(config.webhook_cert_validity),
     };
     certs::run(client.clone(), managed, Duration::from_secs(3600)).await;
