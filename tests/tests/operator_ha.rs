@@ -151,3 +151,26 @@ async fn a_standby_takes_over_when_the_leader_is_killed() {
     .await;
     wait_condition(&creds, "github", "Ready", "True", None).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_exits_cleanly_and_hands_the_lease_over_at_once() {
+    let (cp, ns) = setup("op-term");
+    let mut a = Operator::start(cp, &ns, "a", &["--lease-duration", "300"]);
+    wait_for("a leads", || async {
+        (a.metric(r#"mcp_credentials_leader{identity="a"}"#).await == 1.0).then_some(())
+    })
+    .await;
+    let b = Operator::start(cp, &ns, "b", &["--lease-duration", "300"]);
+    wait_for("b serves metrics", || async {
+        (!b.metrics().await.is_empty()).then_some(())
+    })
+    .await;
+    assert!(a.terminate(), "exit status 0 on SIGTERM\n{}", a.log_text());
+    // With a 300 s Lease, b can only lead this soon if a released the Lease on its way out.
+    let start = Instant::now();
+    wait_for("b leads", || async {
+        (b.metric(r#"mcp_credentials_leader{identity="b"}"#).await == 1.0).then_some(())
+    })
+    .await;
+    assert!(start.elapsed().as_secs() < 300);
+}

@@ -138,7 +138,9 @@ impl Operator {
                 "--lease-namespace",
                 ns,
             ])
-            .args(["--token-timeout", "3", "--lease-duration", "12"])
+            .args(["--token-timeout", "3"])
+            // A short Lease for takeover tests, unless the test sets its own.
+            .args(if extra.contains(&"--lease-duration") { &[][..] } else { &["--lease-duration", "12"][..] })
             .args(extra)
             .env("KUBECONFIG", token_kubeconfig(cp))
             .env("RUST_LOG", "info,kube_runtime=warn")
@@ -167,6 +169,13 @@ impl Operator {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit; true when it exited successfully.
+    pub fn terminate(&mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
     }
 
     /// The log so far (for failure messages).
