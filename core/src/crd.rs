@@ -77,6 +77,16 @@ pub struct McpCredentialSpec {
     pub access: Option<Access>,
 }
 
+impl McpCredentialSpec {
+    /// The service accounts allowed to use the credential; empty means every one of the namespace.
+    pub fn allowed_service_accounts(&self) -> &[String] {
+        self.access
+            .as_ref()
+            .map(|a| a.service_accounts.as_slice())
+            .unwrap_or_default()
+    }
+}
+
 /// Where the credential comes from: exactly one of the fields.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]

@@ -75,12 +75,7 @@ pub fn role(cred: &McpCredential) -> Result<Role, Error> {
 pub fn role_binding(cred: &McpCredential) -> Result<RoleBinding, Error> {
     let name = object_name(&cred.name_any());
     let namespace = cred.namespace().ok_or(Error::Incomplete)?;
-    let allowed = cred
-        .spec
-        .access
-        .as_ref()
-        .map(|a| a.service_accounts.clone())
-        .unwrap_or_default();
+    let allowed = cred.spec.allowed_service_accounts().to_vec();
     let subjects = if allowed.is_empty() {
         vec![Subject {
             kind: "Group".into(),

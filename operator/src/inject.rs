@@ -132,12 +132,7 @@ pub fn authorize(
                     name: name.clone(),
                     namespace: namespace.to_owned(),
                 })?;
-            let allowed = cred
-                .spec
-                .access
-                .as_ref()
-                .map(|a| a.service_accounts.clone())
-                .unwrap_or_default();
+            let allowed = cred.spec.allowed_service_accounts().to_vec();
             if !allowed.is_empty() && !allowed.iter().any(|sa| sa == service_account) {
                 return Err(Denied::NotAllowed {
                     name: name.clone(),
