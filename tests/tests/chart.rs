@@ -176,17 +176,20 @@ fn helm_install_creates_a_least_privilege_operator() {
         "webhook.failurePolicy=Ignore",
     ];
     let chart_path = chart();
-    let install: Vec<&str> = [
-        "install",
-        release.as_str(),
-        chart_path.as_str(),
-        "--namespace",
-        ns.as_str(),
-    ]
-    .into_iter()
-    .chain(settings)
-    .collect();
-    let out = helm(cp, &install);
+    // `helm install` or `helm upgrade` of this release with these settings.
+    let release_args = |verb: &'static str| -> Vec<&str> {
+        [
+            verb,
+            release.as_str(),
+            chart_path.as_str(),
+            "--namespace",
+            ns.as_str(),
+        ]
+        .into_iter()
+        .chain(settings)
+        .collect()
+    };
+    let out = helm(cp, &release_args("install"));
     assert!(out.success, "helm install failed:\n{}{}", out.stdout, out.stderr);
     assert!(
         out.stdout.contains("kubectl get mcpcred"),
@@ -250,17 +253,7 @@ fn helm_install_creates_a_least_privilege_operator() {
         &patch,
     ]);
     assert!(out.success, "{}", out.stderr);
-    let upgrade: Vec<&str> = [
-        "upgrade",
-        release.as_str(),
-        chart_path.as_str(),
-        "--namespace",
-        ns.as_str(),
-    ]
-    .into_iter()
-    .chain(settings)
-    .collect();
-    let out = helm(cp, &upgrade);
+    let out = helm(cp, &release_args("upgrade"));
     assert!(out.success, "helm upgrade failed: {}", out.stderr);
     let after = cp.kubectl(&[
         "get",
