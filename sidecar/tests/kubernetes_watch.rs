@@ -218,7 +218,34 @@ rules:
         (200, "key-c".to_owned())
     );
 
-    // A deleted Secret stops the credential: 503, never a stale or missing header.
+    // A deleted Secret of a credential that expires: the last credential keeps being served until
+    // it expires (it is still valid upstream, and the operator recreates the Secret in seconds).
+    let expires = (jiff::Timestamp::now() + jiff::SignedDuration::from_secs(3600)).to_string();
+    let patch = json!({ "data": {
+        "expires-at": ByteString(expires.into_bytes()),
+        "version": ByteString(b"8".to_vec()),
+    }});
+    secrets
+        .patch("renamed-secret", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_for_version(&store, "custom", Some("8")).await;
+    secrets
+        .delete("renamed-secret", &DeleteParams::default())
+        .await
+        .unwrap();
+    let mut changes = store.subscribe();
+    changes
+        .wait_for(|_| store.get("custom").unwrap().last_failure.is_some())
+        .await
+        .unwrap();
+    assert_eq!(
+        get(&format!("{}/custom/y", sidecar.url)).await,
+        (200, "key-c".to_owned())
+    );
+
+    // A deleted Secret of a credential that never expires (an API key) stops it at once: deleting
+    // the Secret is how one revokes a key. 503, never a stale or missing header.
     secrets
         .delete("demo-mcp-credential", &DeleteParams::default())
         .await

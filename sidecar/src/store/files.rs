@@ -44,7 +44,7 @@ pub fn reload(store: &Store, dir: &Path, seen: &mut BTreeMap<String, Data>) {
         }
     }
     for name in seen.keys().filter(|n| !now.contains_key(*n)) {
-        store.remove(name, "its directory was removed");
+        store.source_deleted(name, "its directory was removed");
     }
     *seen = now;
 }

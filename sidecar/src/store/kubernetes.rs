@@ -3,7 +3,10 @@
 //! selector, which RBAC can grant by `resourceNames` (least privilege); without, one watch on the
 //! managed-by label of the namespace.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use futures_util::{StreamExt, stream::BoxStream};
 use k8s_openapi::api::core::v1::Secret;
@@ -48,29 +51,51 @@ pub async fn run(store: Arc<Store>, client: Client, namespace: String, wanted: V
             .collect()
     };
     let mut events = futures_util::stream::select_all(streams);
+    // The credentials seen since each watch began listing again (keyed by the watch: its credential
+    // name, or None for the label watch). A watch that reconnects lists anew instead of replaying the
+    // deletes it missed, so what a completed list lacks was deleted meanwhile.
+    let mut listing: BTreeMap<Option<String>, BTreeSet<String>> = BTreeMap::new();
     while let Some((name, event)) = events.next().await {
         match event {
-            Ok(watcher::Event::Apply(secret) | watcher::Event::InitApply(secret)) => {
+            Ok(watcher::Event::Init) => {
+                listing.insert(name, BTreeSet::new());
+            }
+            Ok(watcher::Event::InitApply(secret)) => {
+                let credential = name.clone().unwrap_or_else(|| credential_name(&secret));
+                listing.entry(name).or_default().insert(credential.clone());
+                apply(&store, &credential, &secret);
+            }
+            Ok(watcher::Event::Apply(secret)) => {
                 let name = name.unwrap_or_else(|| credential_name(&secret));
                 apply(&store, &name, &secret);
             }
             Ok(watcher::Event::Delete(secret)) => {
                 let name = name.unwrap_or_else(|| credential_name(&secret));
-                store.remove(&name, "its Secret was deleted");
+                store.source_deleted(&name, "its Secret was deleted");
             }
-            // The initial list is complete: a named Secret that was not in it does not exist (yet).
             Ok(watcher::Event::InitDone) => {
-                if let Some(name) = name
-                    && store.get(&name).is_some_and(|slot| slot.current.is_none())
-                {
-                    let secret = secret_names.get(&name).map_or("?", String::as_str);
-                    store.fail(
-                        &name,
-                        format!("Secret {secret} not found in namespace {namespace}"),
-                    );
+                let seen = listing.remove(&name).unwrap_or_default();
+                let in_scope: Vec<String> = match &name {
+                    Some(name) => vec![name.clone()],
+                    None => store.names(),
+                };
+                for credential in in_scope.into_iter().filter(|c| !seen.contains(c)) {
+                    match store.get(&credential) {
+                        // Never loaded: the Secret does not exist (yet); say which one and where.
+                        Some(slot) if slot.current.is_none() => {
+                            let secret = secret_names.get(&credential).map_or("?", String::as_str);
+                            if name.is_some() {
+                                store.fail(
+                                    &credential,
+                                    format!("Secret {secret} not found in namespace {namespace}"),
+                                );
+                            }
+                        }
+                        Some(_) => store.source_deleted(&credential, "its Secret is gone"),
+                        None => {}
+                    }
                 }
             }
-            Ok(watcher::Event::Init) => {}
             Err(e) => match name {
                 // The API server's message (forbidden, not found...) is what an operator needs to see.
                 Some(name) => store.fail(&name, format!("watching its Secret failed: {e}")),

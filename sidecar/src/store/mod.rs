@@ -155,6 +155,26 @@ impl Store {
         }
     }
 
+    /// The source of `name` is gone (its Secret was deleted, or was missing when a watch listed again).
+    /// A credential that expires keeps being served until then: it stays valid at the upstream
+    /// whatever happens to the Secret, and the operator writes a new Secret within seconds, so dropping
+    /// it would only cut agents off. A credential that never expires (an API key) is forgotten at once,
+    /// because deleting its Secret is how one revokes it.
+    pub fn source_deleted(&self, name: &str, why: &str) {
+        let expiring = self
+            .get(name)
+            .and_then(|slot| slot.current)
+            .is_some_and(|c| c.expires_at.is_some());
+        if expiring {
+            self.fail(
+                name,
+                format!("{why}; serving the last credential until it expires"),
+            );
+        } else {
+            self.remove(name, why);
+        }
+    }
+
     /// Asks the credential source to renew `name` now (an upstream rejected it). Sources that cannot
     /// (a directory of files) ignore it.
     pub fn request_refresh(&self, name: &str) {
@@ -197,6 +217,28 @@ mod tests {
         d.insert("version".into(), b"2".to_vec());
         store.set("b", Credential::from_data(&d).unwrap());
         assert_eq!(store.ready(Timestamp::now()), Ok(()));
+    }
+
+    #[test]
+    fn a_deleted_source_keeps_an_expiring_credential_and_forgets_an_api_key() {
+        let store = Store::new(["token".to_owned(), "key".to_owned()]);
+        let mut d = data("https://a.example", "Authorization", "x");
+        d.insert("expires-at".into(), b"2999-01-01T00:00:00Z".to_vec());
+        store.set("token", Credential::from_data(&d).unwrap());
+        store.set(
+            "key",
+            Credential::from_data(&data("https://b.example", "X-Key", "y")).unwrap(),
+        );
+
+        store.source_deleted("token", "its Secret was deleted");
+        store.source_deleted("key", "its Secret was deleted");
+
+        let token = store.get("token").unwrap();
+        assert!(token.current.is_some(), "an unexpired token stays in use");
+        assert!(token.last_failure.unwrap().contains("until it expires"));
+        let key = store.get("key").unwrap();
+        assert!(key.current.is_none(), "a deleted API key is revoked at once");
+        assert_eq!(store.ready(Timestamp::now()), Err(vec!["key".to_owned()]));
     }
 
     #[test]
