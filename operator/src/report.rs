@@ -257,35 +257,50 @@ impl IntoResponse for Answer {
     }
 }
 
-/// Every rule, in order: who sent it, whether it may use the credential, whether the credential
-/// exists, whether the report is still news, and whether a refresh was forced too recently.
-pub fn decide(f: &Facts) -> Answer {
-    let (sa_namespace, sa_name) = match f.identity {
-        Identity::Unauthenticated => return Answer::Unauthenticated,
+/// Who may report: an authenticated service account of the credential's namespace that its access
+/// policy allows. Returns the credential, or the answer that ends the report.
+pub fn authorize<'a>(
+    report: &Report,
+    identity: &Identity,
+    credential: Option<&'a McpCredential>,
+) -> Result<&'a McpCredential, Answer> {
+    let (sa_namespace, sa_name) = match identity {
+        Identity::Unauthenticated => return Err(Answer::Unauthenticated),
         Identity::User(user) => {
-            return Answer::Forbidden(format!(
+            return Err(Answer::Forbidden(format!(
                 "{user:?} is not a service account; only a sidecar's service account may report"
-            ));
+            )));
         }
         Identity::ServiceAccount { namespace, name, .. } => (namespace, name),
     };
-    let (namespace, name) = (&f.report.namespace, &f.report.credential);
+    let (namespace, name) = (&report.namespace, &report.credential);
     // Before the lookup, so that a service account cannot learn what exists in other namespaces.
     if sa_namespace != namespace {
-        return Answer::Forbidden(format!(
+        return Err(Answer::Forbidden(format!(
             "service account {sa_namespace}/{sa_name} may not report on McpCredential {namespace}/{name}: \
              only service accounts of its own namespace may"
-        ));
+        )));
     }
-    let Some(credential) = f.credential else {
-        return Answer::NotFound(format!("McpCredential {namespace}/{name} does not exist"));
+    let Some(credential) = credential else {
+        return Err(Answer::NotFound(format!(
+            "McpCredential {namespace}/{name} does not exist"
+        )));
     };
     let allowed = credential.spec.allowed_service_accounts();
     if !allowed.is_empty() && !allowed.iter().any(|a| a == sa_name) {
-        return Answer::Forbidden(format!(
+        return Err(Answer::Forbidden(format!(
             "service account {sa_namespace}/{sa_name} may not use McpCredential {namespace}/{name}: \
              its spec.access.serviceAccounts allows only {allowed:?}"
-        ));
+        )));
+    }
+    Ok(credential)
+}
+
+/// Every rule, in order: who sent it and whether it may use the credential ([`authorize`]), whether
+/// the report is still news, and whether a refresh was forced too recently.
+pub fn decide(f: &Facts) -> Answer {
+    if let Err(answer) = authorize(f.report, f.identity, f.credential) {
+        return answer;
     }
     if f.current_version != Some(f.report.version.as_str()) {
         return Answer::AlreadyNewer;
@@ -362,33 +377,30 @@ async fn answer(app: &ReportApp, headers: &HeaderMap, body: &[u8]) -> Answer {
     };
     let same_namespace =
         matches!(&identity, Identity::ServiceAccount { namespace, .. } if *namespace == report.namespace);
+    let credential = if same_namespace {
+        let creds: Api<McpCredential> = Api::namespaced(app.client.clone(), &report.namespace);
+        match creds.get_opt(&report.credential).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, namespace = %report.namespace, credential = %report.credential, "reading the McpCredential failed");
+                return Answer::Unavailable;
+            }
+        }
+    } else {
+        None
+    };
+    let credential = match authorize(&report, &identity, credential.as_ref()) {
+        Ok(c) => c,
+        // Not allowed or not found: nothing more to read.
+        Err(answer) => return logged(&report, &identity, answer),
+    };
     let mut facts = Facts {
         report: &report,
         identity: &identity,
-        credential: None,
+        credential: Some(credential),
         current_version: None,
         last_forced: None,
         now: Timestamp::now(),
-    };
-    if !same_namespace {
-        return logged(&report, &identity, decide(&facts));
-    }
-    let creds: Api<McpCredential> = Api::namespaced(app.client.clone(), &report.namespace);
-    let credential = match creds.get_opt(&report.credential).await {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(error = %e, namespace = %report.namespace, credential = %report.credential, "reading the McpCredential failed");
-            return Answer::Unavailable;
-        }
-    };
-    facts.credential = credential.as_ref();
-    let answer = decide(&facts);
-    if answer != Answer::Refresh {
-        // Not allowed or not found: nothing more to read.
-        return logged(&report, &identity, answer);
-    }
-    let Some(credential) = facts.credential else {
-        return Answer::Unavailable; // decide answered Refresh, so it exists
     };
     let secrets: Api<Secret> = Api::namespaced(app.client.clone(), &report.namespace);
     let secret = secret_name(&report.credential, credential.spec.secret_name.as_deref());
@@ -426,6 +438,7 @@ async fn answer(app: &ReportApp, headers: &HeaderMap, body: &[u8]) -> Answer {
     let patch = serde_json::json!({
         "metadata": {"annotations": {REFRESH_REQUESTED_ANNOTATION: facts.now.to_string()}}
     });
+    let creds: Api<McpCredential> = Api::namespaced(app.client.clone(), &report.namespace);
     if let Err(e) = creds
         .patch(&report.credential, &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -549,6 +562,13 @@ mod tests {
             decide_with(&sa("agents", "other"), Some(&anyone), Some(60)),
             Answer::Refresh
         );
+    }
+
+    #[test]
+    fn authorization_alone_needs_no_secret_or_rate_limit_facts() {
+        let cred = credential("github", &["research"], None);
+        let ok = authorize(&report("v1"), &sa("agents", "research"), Some(&cred));
+        assert!(ok.is_ok(), "{ok:?}");
     }
 
     #[test]
