@@ -86,7 +86,7 @@ impl Metrics {
         )?;
         let reports = IntCounterVec::new(
             Opts::new(
-                p("sidecar_reports_total"),
+                p("reports_total"),
                 "Sidecar reports of rejected credentials, by result",
             ),
             &["result"],

@@ -265,7 +265,7 @@ spec:
     let second = secret_version(&secrets.get("github-mcp-credential").await.unwrap());
     assert_ne!(first, second, "the operator published a new credential");
     assert_eq!(
-        op.metric(r#"mcp_credentials_sidecar_reports_total{result="refresh_requested"}"#)
+        op.metric(r#"mcp_credentials_reports_total{result="refresh_requested"}"#)
             .await,
         1.0
     );
@@ -319,7 +319,7 @@ spec:
         .unwrap();
     assert_eq!(anonymous.status(), 401);
     assert_eq!(
-        op.metric(r#"mcp_credentials_sidecar_reports_total{result="forbidden"}"#)
+        op.metric(r#"mcp_credentials_reports_total{result="forbidden"}"#)
             .await,
         1.0
     );
