@@ -47,6 +47,8 @@ pub const PATH: &str = "/v1/report";
 /// and the new Secret to reach every sidecar, short enough that a credential revoked twice in a row
 /// is replaced again soon. Reports within the window get 429 and cause nothing.
 pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// The field manager of the refresh-request annotation written for a report.
+const FIELD_MANAGER: &str = "mcp-credentials-report";
 /// A report is a few names; anything larger is not one.
 const MAX_BODY: usize = 4096;
 
@@ -440,7 +442,11 @@ async fn answer(app: &ReportApp, headers: &HeaderMap, body: &[u8]) -> Answer {
     });
     let creds: Api<McpCredential> = Api::namespaced(app.client.clone(), &report.namespace);
     if let Err(e) = creds
-        .patch(&report.credential, &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(
+            &report.credential,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Merge(&patch),
+        )
         .await
     {
         warn!(error = %e, namespace = %report.namespace, credential = %report.credential, "requesting the refresh failed");

@@ -142,6 +142,21 @@ fn the_api_server_injects_the_sidecar_through_the_operators_webhook() {
             .iter()
             .any(|e| e["name"] == "MCP_SIDECAR_CREDENTIALS" && e["value"] == "github,slack=slack-token")
     );
+    // The sidecar reports rejected credentials to the operator's Service, trusting the webhook's CA
+    // (`ca.crt` next to the certificate).
+    let report_url = format!("https://mcp-credentials-webhook.{ns}.svc/v1/report");
+    assert!(
+        sidecar_env
+            .iter()
+            .any(|e| e["name"] == "MCP_SIDECAR_REPORT_URL" && e["value"] == report_url.as_str()),
+        "{sidecar_env:?}"
+    );
+    assert!(
+        sidecar_env
+            .iter()
+            .any(|e| e["name"] == "MCP_SIDECAR_REPORT_CA" && e["value"] == ca.as_str()),
+        "{sidecar_env:?}"
+    );
     let agent_env = injected["spec"]["containers"][0]["env"].as_array().unwrap();
     assert!(
         agent_env
