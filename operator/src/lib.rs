@@ -110,6 +110,11 @@ pub struct Config {
     #[arg(long, env = "MCP_CREDENTIALS_REPORT_URL")]
     pub report_url: Option<String>,
 
+    /// Seconds between two refreshes of one credential forced by sidecar reports; reports in between
+    /// are answered 429 and change nothing.
+    #[arg(long, env = "MCP_CREDENTIALS_REPORT_MIN_INTERVAL", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub report_min_interval: u64,
+
     /// The MutatingWebhookConfiguration whose caBundle self-managed certificates keep current.
     #[arg(
         long,
@@ -219,7 +224,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             report_url,
             sidecar_image: config.sidecar_image.clone(),
         };
-        let reports = report::ReportApp::new(client.clone(), metrics.clone(), &identity);
+        let reports = report::ReportApp::new(
+            client.clone(),
+            metrics.clone(),
+            &identity,
+            Duration::from_secs(config.report_min_interval),
+        );
         tokio::spawn(
             webhook::Webhook::bind(webhook_config, client.clone(), reports)
                 .await?

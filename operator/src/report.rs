@@ -3,7 +3,7 @@
 //! authenticated with its pod's service-account token. The operator checks the token with a
 //! TokenReview, checks that the service account may use the credential (its namespace and
 //! `spec.access`), and, when the reported version is still the current one and no refresh was forced
-//! in the last [`RATE_WINDOW`], writes the refresh-request annotation: the leader's controller then
+//! in the last `--report-min-interval` (10 s), writes the refresh-request annotation: the leader's controller then
 //! refreshes. Any replica may answer, because the annotation is how the request reaches the leader.
 //!
 //! [`decide`] holds every rule as a pure function; [`handle`] gathers its facts from the API.
@@ -43,10 +43,11 @@ use crate::{controller::REFRESH_REQUESTED_ANNOTATION, metrics::Metrics};
 
 /// Where sidecars send reports, on the webhook's listener.
 pub const PATH: &str = "/v1/report";
-/// At most one refresh forced by reports per credential in this window: enough for a token request
-/// and the new Secret to reach every sidecar, short enough that a credential revoked twice in a row
-/// is replaced again soon. Reports within the window get 429 and cause nothing.
-pub const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// The default of `--report-min-interval`: at most one refresh forced by reports per credential in
+/// this window. Enough for a token request and the new Secret to reach every sidecar, short enough
+/// that a credential revoked twice in a row is replaced again soon. Reports within the window get
+/// 429 and cause nothing.
+pub const DEFAULT_RATE_WINDOW: Duration = Duration::from_secs(10);
 /// The field manager of the refresh-request annotation written for a report.
 const FIELD_MANAGER: &str = "mcp-credentials-report";
 /// A report is a few names; anything larger is not one.
@@ -177,6 +178,8 @@ pub struct Facts<'a> {
     pub current_version: Option<&'a str>,
     /// The last refresh forced for this credential (by a report, or by anyone through the annotation).
     pub last_forced: Option<Timestamp>,
+    /// At most one forced refresh per credential in this long.
+    pub window: Duration,
     /// Now.
     pub now: Timestamp,
 }
@@ -196,7 +199,7 @@ pub enum Answer {
     Forbidden(String),
     /// 404: no such credential.
     NotFound(String),
-    /// 429: a refresh was forced less than [`RATE_WINDOW`] ago; retry after this many seconds.
+    /// 429: a refresh was forced less than the window ago; retry after this many seconds.
     RateLimited(u64),
     /// 500: the API server could not be asked (retry later).
     Unavailable,
@@ -237,10 +240,9 @@ impl Answer {
             Answer::Unauthenticated => {
                 "a valid service-account token is required (Authorization: Bearer <token>)".into()
             }
-            Answer::RateLimited(s) => format!(
-                "a refresh was requested less than {} s ago; retry in {s} s",
-                RATE_WINDOW.as_secs()
-            ),
+            Answer::RateLimited(s) => {
+                format!("a refresh of this credential was just requested; retry in {s} s")
+            }
             Answer::Unavailable => "cannot check the report now; retry later".into(),
         }
     }
@@ -309,7 +311,7 @@ pub fn decide(f: &Facts) -> Answer {
     }
     if let Some(last) = f.last_forced {
         let since = f.now.duration_since(last);
-        let window = jiff::SignedDuration::try_from(RATE_WINDOW).unwrap_or_default();
+        let window = jiff::SignedDuration::try_from(f.window).unwrap_or(jiff::SignedDuration::MAX);
         if since < window {
             let left = (window - since.max(jiff::SignedDuration::ZERO))
                 .as_secs_f64()
@@ -325,14 +327,16 @@ pub struct ReportApp {
     client: Client,
     metrics: Metrics,
     recorder: Recorder,
+    window: Duration,
     /// The last refresh each credential (`namespace/name`) was forced by a report on this replica.
     /// The annotation carries it across replicas; this closes the gap until the watch shows it.
     forced: Mutex<HashMap<String, Timestamp>>,
 }
 
 impl ReportApp {
-    /// The endpoint's state; `identity` names this replica in events.
-    pub fn new(client: Client, metrics: Metrics, identity: &str) -> Arc<Self> {
+    /// The endpoint's state; `identity` names this replica in events; `window`: at most one forced
+    /// refresh per credential in this long.
+    pub fn new(client: Client, metrics: Metrics, identity: &str, window: Duration) -> Arc<Self> {
         let reporter = Reporter {
             controller: "mcp-credentials-operator".into(),
             instance: Some(identity.into()),
@@ -341,6 +345,7 @@ impl ReportApp {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
+            window,
             forced: Mutex::default(),
         })
     }
@@ -402,6 +407,7 @@ async fn answer(app: &ReportApp, headers: &HeaderMap, body: &[u8]) -> Answer {
         credential: Some(credential),
         current_version: None,
         last_forced: None,
+        window: app.window,
         now: Timestamp::now(),
     };
     let secrets: Api<Secret> = Api::namespaced(app.client.clone(), &report.namespace);
@@ -552,6 +558,7 @@ mod tests {
             credential: cred,
             current_version: Some("v1"),
             last_forced: last.map(|ago| now() - jiff::SignedDuration::from_secs(ago)),
+            window: DEFAULT_RATE_WINDOW,
             now: now(),
         })
     }
@@ -628,6 +635,7 @@ mod tests {
             credential: Some(&cred),
             current_version: Some("v2"),
             last_forced: None,
+            window: DEFAULT_RATE_WINDOW,
             now: now(),
         });
         assert_eq!(answer, Answer::AlreadyNewer);

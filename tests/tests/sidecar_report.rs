@@ -3,7 +3,8 @@
 //! An upstream that rejects a credential with 401 `invalid_token` makes the sidecar report it with
 //! its service-account token (from the TokenRequest API); the operator checks the token with a
 //! TokenReview and the access policy and refreshes; the sidecar replays and the client sees 200.
-//! A service account outside the access policy gets 403 and causes no refresh.
+//! A second report within the rate-limit window gets 429, a service account outside the access policy
+//! 403, a bad token 401; none of them causes a refresh.
 
 mod operator_support;
 
@@ -221,6 +222,9 @@ spec:
             cert.to_str().unwrap(),
             "--webhook-key-file",
             key.to_str().unwrap(),
+            // A window no test run outlasts, so the rate limit below does not depend on timing.
+            "--report-min-interval",
+            "3600",
         ],
     );
     let report_url = format!("https://127.0.0.1:{webhook_port}/v1/report");
@@ -288,11 +292,22 @@ spec:
         events.stdout
     );
 
-    // A service account the access policy does not name is refused, and nothing is refreshed.
+    // Another report on the new version, inside the window: 429, and nothing is refreshed.
     let operator = operator_client(&ca_pem);
     let report = serde_json::json!({
         "namespace": ns, "credential": "github", "reason": "invalid_token", "version": second,
     });
+    let limited = operator
+        .post(&report_url)
+        .bearer_auth(&agent_token)
+        .json(&report)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(limited.status(), 429);
+    assert!(limited.headers().contains_key("retry-after"));
+
+    // A service account the access policy does not name is refused, and nothing is refreshed.
     let refused = operator
         .post(&report_url)
         .bearer_auth(&intruder_token)
@@ -323,11 +338,16 @@ spec:
             .await,
         1.0
     );
+    assert_eq!(
+        op.metric(r#"mcp_credentials_reports_total{result="rate_limited"}"#)
+            .await,
+        1.0
+    );
     let cred = creds.get("github").await.unwrap();
     assert_eq!(
         cred.metadata.annotations.unwrap_or_default()["mcpcredentials.dev/refresh-requested-at"],
         requested,
-        "a refused report requests no refresh"
+        "a rate-limited or refused report requests no refresh"
     );
     assert_eq!(
         secret_version(&secrets.get("github-mcp-credential").await.unwrap()),
