@@ -98,13 +98,7 @@ impl Reporter {
                 Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => return,
             };
-            if !matches!(request.reason, "invalid_token" | "insufficient_scope") {
-                continue;
-            }
-            let recent = sent
-                .get(&request.name)
-                .is_some_and(|(version, at)| *version == request.version && at.elapsed() < REPEAT_AFTER);
-            if recent {
+            if !worth_reporting(&request, sent.get(&request.name), Instant::now()) {
                 continue;
             }
             sent.insert(request.name.clone(), (request.version.clone(), Instant::now()));
@@ -183,6 +177,15 @@ impl Reporter {
     }
 }
 
+/// Whether to report `request`, given the last report for its credential (version, when): only
+/// the two rejections a refresh can cure, and one report per version in [`REPEAT_AFTER`].
+fn worth_reporting(request: &RefreshRequest, last: Option<&(String, Instant)>, now: Instant) -> bool {
+    matches!(request.reason, "invalid_token" | "insufficient_scope")
+        && !last.is_some_and(|(version, at)| {
+            *version == request.version && now.duration_since(*at) < REPEAT_AFTER
+        })
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
@@ -216,6 +219,27 @@ mod tests {
             version: "1".into(),
         };
         assert_eq!(reporter.send(&request).await, "no_token");
+    }
+
+    #[test]
+    fn one_report_per_version_in_ten_seconds_and_only_for_curable_rejections() {
+        let request = |reason, version: &str| RefreshRequest {
+            name: "github".into(),
+            reason,
+            version: version.into(),
+        };
+        let now = Instant::now();
+        assert!(worth_reporting(&request("invalid_token", "1"), None, now));
+        assert!(worth_reporting(&request("insufficient_scope", "1"), None, now));
+        assert!(!worth_reporting(&request("other", "1"), None, now));
+        let last = ("1".to_owned(), now);
+        assert!(!worth_reporting(&request("invalid_token", "1"), Some(&last), now));
+        assert!(worth_reporting(&request("invalid_token", "2"), Some(&last), now));
+        assert!(worth_reporting(
+            &request("invalid_token", "1"),
+            Some(&last),
+            now + REPEAT_AFTER
+        ));
     }
 
     #[test]
