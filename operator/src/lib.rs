@@ -216,6 +216,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 report::PATH
             )
         });
+        // Sidecars refuse anything else: the report carries their service-account token.
+        anyhow::ensure!(
+            report_url.starts_with("https://"),
+            "--report-url {report_url}: must be an https:// URL (sidecars send their service-account token there)"
+        );
         let webhook_config = webhook::WebhookConfig {
             listen,
             cert_file,
