@@ -42,6 +42,12 @@ pub struct InjectConfig {
     /// Kubernetes 1.29 or later: inject a native sidecar (an init container that keeps running), so
     /// the agent starts only once its credentials are ready and the sidecar outlives it.
     pub native_sidecar: bool,
+    /// Where the sidecar reports credentials its upstream rejected (`MCP_SIDECAR_REPORT_URL`).
+    pub report_url: Option<String>,
+    /// The PEM CA bundle the sidecar trusts for that URL (`MCP_SIDECAR_REPORT_CA`). It travels in
+    /// the pod spec because the operator's certificate Secret lives in the operator's namespace,
+    /// which the pod cannot read; a CA is public.
+    pub report_ca: Option<String>,
 }
 
 /// Why a pod is refused. The message is shown by `kubectl` to whoever created the pod.
@@ -292,11 +298,25 @@ fn sidecar_container(credentials: &[(String, String)], config: &InjectConfig) ->
         name: SIDECAR_NAME.into(),
         image: Some(config.image.clone()),
         restart_policy: config.native_sidecar.then(|| "Always".into()),
-        env: Some(vec![
-            env("MCP_SIDECAR_CREDENTIALS", wanted.join(",")),
-            env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{PROXY_PORT}")),
-            env("MCP_SIDECAR_ADMIN_LISTEN", format!("0.0.0.0:{ADMIN_PORT}")),
-        ]),
+        env: Some(
+            [
+                Some(env("MCP_SIDECAR_CREDENTIALS", wanted.join(","))),
+                Some(env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{PROXY_PORT}"))),
+                Some(env("MCP_SIDECAR_ADMIN_LISTEN", format!("0.0.0.0:{ADMIN_PORT}"))),
+                // Reports authenticate with the token of the volume below (the sidecar's default path).
+                config
+                    .report_url
+                    .clone()
+                    .map(|url| env("MCP_SIDECAR_REPORT_URL", url)),
+                config
+                    .report_ca
+                    .clone()
+                    .map(|ca| env("MCP_SIDECAR_REPORT_CA", ca)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        ),
         ports: Some(vec![ContainerPort {
             name: Some("mcp-admin".into()),
             container_port: ADMIN_PORT.into(),
@@ -425,6 +445,8 @@ mod tests {
         InjectConfig {
             image: "ghcr.io/mcp-credentials/sidecar:0.1.0".into(),
             native_sidecar: native,
+            report_url: Some("https://mcp-credentials-webhook.mcp-system.svc/v1/report".into()),
+            report_ca: Some("-----BEGIN CERTIFICATE-----\n...".into()),
         }
     }
 
@@ -499,6 +521,21 @@ mod tests {
         );
         let env = sidecar.env.as_ref().unwrap();
         assert_eq!(env[0].value.as_deref(), Some("github,my.api=api-token"));
+        let value = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone());
+        assert_eq!(
+            value("MCP_SIDECAR_REPORT_URL").as_deref(),
+            Some("https://mcp-credentials-webhook.mcp-system.svc/v1/report")
+        );
+        assert!(value("MCP_SIDECAR_REPORT_CA").unwrap().starts_with("-----BEGIN"));
+        // The sidecar keeps the token it reports with, at the path it reads by default.
+        assert!(
+            sidecar
+                .volume_mounts
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.mount_path == TOKEN_MOUNT)
+        );
         for c in &spec.containers {
             let env = c.env.as_ref().unwrap();
             assert!(

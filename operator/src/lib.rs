@@ -32,6 +32,8 @@ pub mod inject;
 pub mod leader;
 /// Prometheus metrics.
 pub mod metrics;
+/// Sidecar reports of rejected credentials: `POST /v1/report` on the webhook's listener.
+pub mod report;
 /// The mutating admission webhook that injects the sidecar.
 pub mod webhook;
 
@@ -96,6 +98,22 @@ pub struct Config {
     /// Default: off (the certificate files come from elsewhere, such as cert-manager).
     #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_TLS_SECRET")]
     pub webhook_tls_secret: Option<String>,
+
+    /// PEM CA bundle that signs the webhook certificate, given to injected sidecars so they trust the
+    /// report endpoint (re-read at every injection). Default: `ca.crt` next to --webhook-cert-file
+    /// (where both self-managed certificates and cert-manager put it).
+    #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_CA_FILE")]
+    pub webhook_ca_file: Option<std::path::PathBuf>,
+
+    /// The URL injected sidecars send reports of rejected credentials to (`POST /v1/report`, served
+    /// on the webhook's listener). Default: `https://<--webhook-service>.<operator namespace>.svc/v1/report`.
+    #[arg(long, env = "MCP_CREDENTIALS_REPORT_URL")]
+    pub report_url: Option<String>,
+
+    /// Seconds between two refreshes of one credential forced by sidecar reports; reports in between
+    /// are answered 429 and change nothing.
+    #[arg(long, env = "MCP_CREDENTIALS_REPORT_MIN_INTERVAL", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub report_min_interval: u64,
 
     /// The MutatingWebhookConfiguration whose caBundle self-managed certificates keep current.
     #[arg(
@@ -175,19 +193,50 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .with_context(|| format!("--listen {}: cannot listen there", config.listen))?;
     info!(listen = %config.listen, identity = %identity, namespace = ?config.namespace, "starting");
     tokio::spawn(serve(listener, metrics.clone(), ready.clone()));
+    let lease_ns = config
+        .lease_namespace
+        .clone()
+        .or_else(|| config.namespace.clone())
+        .unwrap_or_else(|| "default".into());
     if let (Some(listen), Some(cert_file), Some(key_file)) = (
         config.webhook_listen,
         config.webhook_cert_file.clone(),
         config.webhook_key_file.clone(),
     ) {
+        let ca_file = config.webhook_ca_file.clone().unwrap_or_else(|| {
+            cert_file
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("ca.crt")
+        });
+        let report_url = config.report_url.clone().unwrap_or_else(|| {
+            format!(
+                "https://{}.{lease_ns}.svc{}",
+                config.webhook_service,
+                report::PATH
+            )
+        });
+        // Sidecars refuse anything else: the report carries their service-account token.
+        anyhow::ensure!(
+            report_url.starts_with("https://"),
+            "--report-url {report_url}: must be an https:// URL (sidecars send their service-account token there)"
+        );
         let webhook_config = webhook::WebhookConfig {
             listen,
             cert_file,
             key_file,
+            ca_file,
+            report_url,
             sidecar_image: config.sidecar_image.clone(),
         };
+        let reports = report::ReportApp::new(
+            client.clone(),
+            metrics.clone(),
+            &identity,
+            Duration::from_secs(config.report_min_interval),
+        );
         tokio::spawn(
-            webhook::Webhook::bind(webhook_config, client.clone())
+            webhook::Webhook::bind(webhook_config, client.clone(), reports)
                 .await?
                 .run(),
         );
@@ -201,11 +250,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         metrics.clone(),
         &identity,
     ));
-    let lease_ns = config
-        .lease_namespace
-        .clone()
-        .or_else(|| config.namespace.clone())
-        .unwrap_or_else(|| "default".into());
     let election = config.leader_election.then(|| {
         leader::LeaderElection::new(
             Api::namespaced(client.clone(), &lease_ns),

@@ -24,6 +24,9 @@ pub struct Metrics {
     pub api_requests: IntCounterVec,
     /// 1 while this process holds the leader Lease.
     pub leader: IntGaugeVec,
+    /// Sidecar reports (`POST /v1/report`) by result: `refresh_requested`, `already_newer`,
+    /// `rate_limited`, `unauthenticated`, `forbidden`, `not_found`, `bad_request`, `error`.
+    pub reports: IntCounterVec,
 }
 
 impl Metrics {
@@ -81,6 +84,13 @@ impl Metrics {
             Opts::new(p("leader"), "1 while this process is the leader"),
             &["identity"],
         )?;
+        let reports = IntCounterVec::new(
+            Opts::new(
+                p("reports_total"),
+                "Sidecar reports of rejected credentials, by result",
+            ),
+            &["result"],
+        )?;
         for c in [
             Box::new(refreshes.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(refresh_duration.clone()),
@@ -90,6 +100,7 @@ impl Metrics {
             Box::new(token_requests.clone()),
             Box::new(api_requests.clone()),
             Box::new(leader.clone()),
+            Box::new(reports.clone()),
         ] {
             registry.register(c)?;
         }
@@ -103,6 +114,7 @@ impl Metrics {
             token_requests,
             api_requests,
             leader,
+            reports,
         })
     }
 
@@ -125,7 +137,7 @@ impl Metrics {
 pub fn api_resource(path: &str) -> &'static str {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let status = segs.last() == Some(&"status");
-    for known in ["secrets", "mcpcredentials", "leases", "events"] {
+    for known in ["secrets", "mcpcredentials", "leases", "events", "tokenreviews"] {
         if segs.contains(&known) {
             return match (known, status) {
                 ("mcpcredentials", true) => "mcpcredentials/status",

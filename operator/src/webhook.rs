@@ -1,6 +1,7 @@
 //! The mutating admission webhook: an HTTPS server the API server calls for every pod labelled
 //! `mcpcredentials.dev/inject: "true"`. It runs on every replica (admission must not wait for a
-//! leader) and applies the rules in [`crate::inject`].
+//! leader) and applies the rules in [`crate::inject`]. The same listener serves sidecar reports
+//! ([`crate::report`]), so sidecars trust the certificate the API server already trusts.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::SystemTime};
 
@@ -29,6 +30,10 @@ pub struct WebhookConfig {
     pub cert_file: PathBuf,
     /// PEM private key.
     pub key_file: PathBuf,
+    /// PEM CA bundle of the certificate, given to injected sidecars (re-read at every injection).
+    pub ca_file: PathBuf,
+    /// Where injected sidecars send reports.
+    pub report_url: String,
     /// The sidecar image to inject.
     pub sidecar_image: String,
 }
@@ -36,6 +41,7 @@ pub struct WebhookConfig {
 struct App {
     client: Client,
     inject: InjectConfig,
+    ca_file: PathBuf,
 }
 
 /// A bound webhook server, ready to serve.
@@ -48,7 +54,11 @@ pub struct Webhook {
 impl Webhook {
     /// Loads the certificate and binds the address: a bad certificate, key or address fails here,
     /// at start-up, with the flag named.
-    pub async fn bind(config: WebhookConfig, client: Client) -> anyhow::Result<Self> {
+    pub async fn bind(
+        config: WebhookConfig,
+        client: Client,
+        reports: Arc<crate::report::ReportApp>,
+    ) -> anyhow::Result<Self> {
         let tls = CertReloader::new(&config)?;
         let native_sidecar = match client.apiserver_version().await {
             Ok(v) => supports_native_sidecars(&v.major, &v.minor),
@@ -62,9 +72,15 @@ impl Webhook {
             inject: InjectConfig {
                 image: config.sidecar_image.clone(),
                 native_sidecar,
+                report_url: Some(config.report_url.clone()),
+                report_ca: None,
             },
+            ca_file: config.ca_file.clone(),
         });
-        let router = Router::new().route("/mutate", post(mutate)).with_state(app);
+        let router = Router::new()
+            .route("/mutate", post(mutate))
+            .with_state(app)
+            .merge(crate::report::router(reports));
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("--webhook-listen {}: cannot listen there", config.listen))?;
@@ -246,8 +262,13 @@ async fn decide(
         .items;
     let wanted = inject::authorize(&requested, &namespace, &service_account, &existing)
         .map_err(|e| Decision::Deny(e.to_string()))?;
-    let Some(injected) =
-        inject::inject(&pod, &wanted, &app.inject).map_err(|e| Decision::Deny(e.to_string()))?
+    // The CA rotates (self-managed or cert-manager): each new pod gets the bundle of the moment.
+    let mut config = app.inject.clone();
+    config.report_ca = std::fs::read_to_string(&app.ca_file).ok();
+    if config.report_ca.is_none() {
+        warn!(ca = %app.ca_file.display(), "no CA bundle for the report endpoint: the sidecar will use its system roots");
+    }
+    let Some(injected) = inject::inject(&pod, &wanted, &config).map_err(|e| Decision::Deny(e.to_string()))?
     else {
         return Ok(None);
     };

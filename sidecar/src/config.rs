@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use crate::proxy::ClientSettings;
+use crate::{proxy::ClientSettings, report::ReportSettings};
 
 /// Where the proxy listens. Loopback only: the agent in the same pod (or on the same laptop) is the
 /// only client, and nothing else on the network may use the credentials.
@@ -42,6 +42,24 @@ pub const WORKER_THREADS: (&str, &str) = ("MCP_SIDECAR_WORKER_THREADS", "1");
 /// about a minute; reading a few small files four times a second costs nothing and adds no delay
 /// that matters next to it.
 pub const FILE_POLL_INTERVAL: (&str, &str) = ("MCP_SIDECAR_FILE_POLL_INTERVAL", "250ms");
+/// The operator's report endpoint: where an upstream's rejection of a credential is reported so the
+/// operator refreshes it now (Kubernetes mode only). Empty: no reports; a rejected request still
+/// waits for a newer credential. The injector sets it to the operator's Service.
+pub const REPORT_URL: (&str, &str) = ("MCP_SIDECAR_REPORT_URL", "");
+/// PEM CA bundle (the certificates themselves, not a path) trusted for the report endpoint. The
+/// injector copies the operator's CA here, because the operator's certificate Secret is in another
+/// namespace. Empty: the system roots.
+pub const REPORT_CA: (&str, &str) = ("MCP_SIDECAR_REPORT_CA", "");
+/// The service-account token reports authenticate with, re-read for each report (the kubelet
+/// rotates it). The default is where the injected token volume (and every pod's) puts it.
+pub const REPORT_TOKEN_FILE: (&str, &str) = (
+    "MCP_SIDECAR_REPORT_TOKEN_FILE",
+    "/var/run/secrets/kubernetes.io/serviceaccount/token",
+);
+/// How long a request the upstream rejected waits for a newer credential before the upstream's
+/// answer goes back: a token request to a nearby authorization server and a watch event fit in it,
+/// and an agent is not left hanging much longer than the upstream itself took.
+pub const REPLAY_WAIT: (&str, &str) = ("MCP_SIDECAR_REPLAY_WAIT", "2s");
 /// How long open requests and streams may finish after SIGTERM: under Kubernetes' default 30 s
 /// termination grace period, so the sidecar exits on its own before it is killed.
 pub const SHUTDOWN_GRACE: (&str, &str) = ("MCP_SIDECAR_SHUTDOWN_GRACE", "25s");
@@ -114,6 +132,10 @@ pub struct Config {
     pub file_poll_interval: Duration,
     /// Shutdown grace period.
     pub shutdown_grace: Duration,
+    /// Reports of rejected credentials to the operator; `None`: off.
+    pub report: Option<ReportSettings>,
+    /// How long a rejected request waits for a newer credential.
+    pub replay_wait: Duration,
 }
 
 /// A setting that cannot be used, named with the fix.
@@ -172,6 +194,25 @@ impl Config {
             _ => ADMIN_LISTEN.1,
         };
         let extra_ca = get(EXTRA_CA_FILE).1;
+        let report_url = get(REPORT_URL);
+        let report = if report_url.1.trim().is_empty() {
+            None
+        } else {
+            // The report carries the pod's token: never in clear text.
+            if !report_url.1.trim().starts_with("https://") {
+                return Err(invalid(
+                    REPORT_URL.0,
+                    &report_url.1,
+                    "an https:// URL (the report carries the service-account token)",
+                ));
+            }
+            let ca = get(REPORT_CA).1;
+            Some(ReportSettings {
+                url: report_url.1.trim().to_owned(),
+                ca_pem: (!ca.trim().is_empty()).then_some(ca),
+                token_file: get(REPORT_TOKEN_FILE).1.into(),
+            })
+        };
         Ok(Config {
             listen: parse(get(LISTEN), "an address like 127.0.0.1:7007")?,
             admin_listen: parse(
@@ -203,6 +244,8 @@ impl Config {
             )?,
             file_poll_interval: duration(get(FILE_POLL_INTERVAL))?,
             shutdown_grace: duration(get(SHUTDOWN_GRACE))?,
+            report,
+            replay_wait: duration(get(REPLAY_WAIT))?,
         })
     }
 }
@@ -256,6 +299,35 @@ mod tests {
             }
         );
         assert!(c.admin_listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn reports_are_off_by_default_and_need_https() {
+        let c = Config::load_from(&[], |_| None).unwrap();
+        assert_eq!(c.report, None);
+        assert_eq!(c.replay_wait, Duration::from_secs(2));
+        let e = Config::load_from(&[], |n| {
+            (n == "MCP_SIDECAR_REPORT_URL").then(|| "http://operator/v1/report".into())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("MCP_SIDECAR_REPORT_URL") && e.contains("https://"),
+            "{e}"
+        );
+        let c = Config::load_from(&[], |n| match n {
+            "MCP_SIDECAR_REPORT_URL" => Some("https://op.mcp.svc/v1/report".into()),
+            "MCP_SIDECAR_REPORT_CA" => Some("-----BEGIN CERTIFICATE-----".into()),
+            _ => None,
+        })
+        .unwrap();
+        let report = c.report.unwrap();
+        assert_eq!(report.url, "https://op.mcp.svc/v1/report");
+        assert!(report.ca_pem.is_some());
+        assert_eq!(
+            report.token_file,
+            PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod credential;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
+pub mod report;
 pub mod store;
 pub mod telemetry;
 
@@ -43,6 +44,9 @@ pub enum RunError {
     /// Standalone mode could not load its McpCredentials.
     #[error("standalone mode")]
     Standalone(#[from] store::standalone::StandaloneError),
+    /// Reports to the operator cannot be sent.
+    #[error("reports to the operator")]
+    Report(#[from] report::ReportError),
 }
 
 /// Selects ring as rustls' process-wide provider. Dependencies enable both ring and aws-lc-rs, and
@@ -65,6 +69,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let store = Store::new(required);
     let metrics = Metrics::register();
+    proxy::set_replay_wait(config.replay_wait);
     let client = proxy::upstream_client(&config.client)?;
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -80,6 +85,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             let namespace = namespace
                 .clone()
                 .unwrap_or_else(|| client.default_namespace().to_owned());
+            // The operator renews what an upstream rejected; standalone mode renews in-process.
+            if let Some(settings) = &config.report {
+                let reporter = report::Reporter::new(settings.clone(), &namespace, metrics.clone())?;
+                tokio::spawn(reporter.run(store.clone()));
+            }
             tokio::spawn(store::kubernetes::run(
                 store.clone(),
                 client,

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub credential_age: GaugeVec,
     /// `mcp_credentials_sidecar_credential_expiration_timestamp_seconds{credential}`.
     pub credential_expiration: GaugeVec,
+    /// `mcp_credentials_sidecar_reports_total{credential,result}`: reports of rejected credentials
+    /// to the operator, by result (`accepted`, `rate_limited`, `unauthenticated`, `forbidden`,
+    /// `not_found`, `no_token`, `error`).
+    pub reports: IntCounterVec,
 }
 
 impl Metrics {
@@ -84,6 +88,14 @@ impl Metrics {
             &["credential"],
         )
         .expect("valid metric");
+        let reports = IntCounterVec::new(
+            Opts::new(
+                "reports_total",
+                "Reports of rejected credentials sent to the operator, by credential and result",
+            ),
+            &["credential", "result"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(upstream_duration.clone()),
@@ -91,6 +103,7 @@ impl Metrics {
             Box::new(expired_refusals.clone()),
             Box::new(credential_age.clone()),
             Box::new(credential_expiration.clone()),
+            Box::new(reports.clone()),
         ] {
             registry.register(m).expect("metric names are unique");
         }
@@ -102,6 +115,7 @@ impl Metrics {
             expired_refusals,
             credential_age,
             credential_expiration,
+            reports,
         }
     }
 

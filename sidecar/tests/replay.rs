@@ -43,8 +43,9 @@ fn renew_on_request(sidecar: &common::Sidecar, upstream: &str) {
     let upstream = upstream.to_owned();
     let mut requests = store.refresh_requests();
     tokio::spawn(async move {
-        while let Ok(name) = requests.recv().await {
-            store.set(&name, common::credential(&upstream, "key-2", "2", None));
+        while let Ok(request) = requests.recv().await {
+            assert_eq!(request.reason, "invalid_token");
+            store.set(&request.name, common::credential(&upstream, "key-2", "2", None));
         }
     });
 }

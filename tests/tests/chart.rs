@@ -211,6 +211,8 @@ fn helm_install_creates_a_least_privilege_operator() {
         ("patch", "mcpcredentials.mcpcredentials.dev/status", "yes"),
         ("create", "secrets", "yes"),
         ("create", "events.events.k8s.io", "yes"),
+        // Sidecar reports are authenticated with TokenReviews.
+        ("create", "tokenreviews.authentication.k8s.io", "yes"),
         ("delete", "secrets", "no"),
         ("create", "pods", "no"),
         ("create", "mcpcredentials.mcpcredentials.dev", "no"),

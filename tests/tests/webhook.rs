@@ -6,74 +6,11 @@ mod operator_support;
 
 use std::{
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
 use mcp_credentials_e2e::ControlPlane;
-use operator_support::{Operator, free_port, setup};
-
-/// A CA and a serving certificate for 127.0.0.1, as PEM files in `dir`; returns the CA's PEM.
-fn certificates(dir: &Path) -> String {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=webhook-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "tls.key",
-        "-out",
-        "tls.csr",
-    ]);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "tls.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "tls.crt",
-    ]);
-    std::fs::read_to_string(dir.join("ca.crt")).unwrap()
-}
+use operator_support::{Operator, certificates, free_port, setup};
 
 fn b64(s: &str) -> String {
     use base64::Engine;
@@ -204,6 +141,21 @@ fn the_api_server_injects_the_sidecar_through_the_operators_webhook() {
         sidecar_env
             .iter()
             .any(|e| e["name"] == "MCP_SIDECAR_CREDENTIALS" && e["value"] == "github,slack=slack-token")
+    );
+    // The sidecar reports rejected credentials to the operator's Service, trusting the webhook's CA
+    // (`ca.crt` next to the certificate).
+    let report_url = format!("https://mcp-credentials-webhook.{ns}.svc/v1/report");
+    assert!(
+        sidecar_env
+            .iter()
+            .any(|e| e["name"] == "MCP_SIDECAR_REPORT_URL" && e["value"] == report_url.as_str()),
+        "{sidecar_env:?}"
+    );
+    assert!(
+        sidecar_env
+            .iter()
+            .any(|e| e["name"] == "MCP_SIDECAR_REPORT_CA" && e["value"] == ca.as_str()),
+        "{sidecar_env:?}"
     );
     let agent_env = injected["spec"]["containers"][0]["env"].as_array().unwrap();
     assert!(

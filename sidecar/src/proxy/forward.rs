@@ -159,7 +159,7 @@ pub(super) async fn forward(State(proxy): State<Arc<Proxy>>, mut request: Reques
     }
     if let (true, Some((method, uri, mut headers, bytes)), Some(used)) =
         (replay::worth_replaying(reason), again, slot.current.as_ref())
-        && let Some(newer) = replay::newer_credential(&proxy.store, &name, used).await
+        && let Some(newer) = replay::newer_credential(&proxy.store, &name, used, reason).await
     {
         for (header, _) in &used.headers {
             headers.remove(header);

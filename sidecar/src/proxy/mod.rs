@@ -16,6 +16,7 @@ mod sse;
 mod strip;
 
 pub use forward::{ClientError, ClientSettings, UpstreamClient, upstream_client};
+pub use replay::set_wait as set_replay_wait;
 pub use route::Routed;
 
 /// What every layer shares (behind one `Arc`: each layer receives it per request).

@@ -1,8 +1,9 @@
 //! Replay after the upstream rejects the credential (401 `invalid_token`, 403 `insufficient_scope`):
-//! the sidecar asks its credential source for a new credential, waits briefly for one, and sends the
-//! request once more if its body was small enough to keep. Otherwise the upstream's answer stands.
+//! the sidecar asks its credential source for a new credential (in a pod: a report to the operator,
+//! see [`crate::report`]), waits briefly for one, and sends the request once more if its body was
+//! small enough to keep. Otherwise the upstream's answer stands.
 
-use std::time::Duration;
+use std::{sync::OnceLock, time::Duration};
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -10,13 +11,28 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use jiff::Timestamp;
 
-use crate::{credential::Credential, error::ProxyError, store::Store};
+use crate::{
+    credential::Credential,
+    error::ProxyError,
+    store::{RefreshRequest, Store},
+};
 
 /// The largest request body kept for a replay (the MCP messages worth replaying are a few KiB).
 pub const MAX_BODY: u64 = 1 << 20;
 /// How long a rejected request waits for a new credential: long enough for a token request to a
 /// nearby authorization server, short enough that the agent is not left hanging when none comes.
 pub const WAIT: Duration = Duration::from_secs(2);
+
+static WAIT_SETTING: OnceLock<Duration> = OnceLock::new();
+
+/// Sets the wait for this process (`MCP_SIDECAR_REPLAY_WAIT`), once, at start-up; default [`WAIT`].
+pub fn set_wait(wait: Duration) {
+    let _ = WAIT_SETTING.set(wait);
+}
+
+fn wait() -> Duration {
+    WAIT_SETTING.get().copied().unwrap_or(WAIT)
+}
 
 /// Takes `body` in memory when its length is known and at most [`MAX_BODY`], so it can be sent twice.
 /// Bodies of unknown or larger size keep streaming (and are never replayed).
@@ -40,11 +56,13 @@ pub fn worth_replaying(reason: Option<&str>) -> bool {
     matches!(reason, Some("invalid_token" | "insufficient_scope"))
 }
 
-/// Asks for a new credential for `name` and waits up to [`WAIT`] for a version other than `used`.
+/// Asks for a new credential for `name` (the upstream rejected `used` for `reason`) and waits up to
+/// [`WAIT`] for a version other than `used`.
 pub async fn newer_credential(
     store: &Store,
     name: &str,
     used: &Credential,
+    reason: Option<&'static str>,
 ) -> Option<std::sync::Arc<Credential>> {
     let newer = || {
         store
@@ -53,11 +71,15 @@ pub async fn newer_credential(
             .filter(|c| c.version != used.version && !c.is_expired(Timestamp::now()))
     };
     let mut changes = store.subscribe();
-    store.request_refresh(name);
+    store.request_refresh(RefreshRequest {
+        name: name.to_owned(),
+        reason: reason.unwrap_or("other"),
+        version: used.version.clone(),
+    });
     if let Some(c) = newer() {
         return Some(c);
     }
-    tokio::time::timeout(WAIT, changes.wait_for(|_| newer().is_some()))
+    tokio::time::timeout(wait(), changes.wait_for(|_| newer().is_some()))
         .await
         .ok()?
         .ok()?;

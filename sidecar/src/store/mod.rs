@@ -25,6 +25,17 @@ pub struct Slot {
     pub last_failure: Option<Arc<str>>,
 }
 
+/// An upstream rejected a credential: the source should renew it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefreshRequest {
+    /// The credential's name.
+    pub name: String,
+    /// Why the upstream rejected it: `invalid_token` or `insufficient_scope`.
+    pub reason: &'static str,
+    /// The version that was rejected (so a renewal that already happened is not asked for again).
+    pub version: String,
+}
+
 /// Credentials by name. Cheap to read; writers are the one store task.
 #[derive(Debug)]
 pub struct Store {
@@ -34,7 +45,7 @@ pub struct Store {
     /// Bumped on every change, so waiters (tests, replay) can wait for a new version.
     generation: watch::Sender<u64>,
     /// Names whose credential an upstream rejected: the source should renew them now.
-    refresh: broadcast::Sender<String>,
+    refresh: broadcast::Sender<RefreshRequest>,
 }
 
 impl Store {
@@ -175,14 +186,14 @@ impl Store {
         }
     }
 
-    /// Asks the credential source to renew `name` now (an upstream rejected it). Sources that cannot
-    /// (a directory of files) ignore it.
-    pub fn request_refresh(&self, name: &str) {
-        let _ = self.refresh.send(name.to_owned());
+    /// Asks the credential source to renew a credential now (an upstream rejected it): standalone
+    /// mode renews in-process, the Kubernetes store reports to the operator, files ignore it.
+    pub fn request_refresh(&self, request: RefreshRequest) {
+        let _ = self.refresh.send(request);
     }
 
     /// The renewal requests, for the credential source.
-    pub fn refresh_requests(&self) -> broadcast::Receiver<String> {
+    pub fn refresh_requests(&self) -> broadcast::Receiver<RefreshRequest> {
         self.refresh.subscribe()
     }
 

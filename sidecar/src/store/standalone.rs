@@ -200,7 +200,7 @@ async fn keep_fresh(
             tokio::select! {
                 () = &mut deadline => break,
                 request = renewal_requests.recv() => match request {
-                    Ok(n) if n == name && attempted.elapsed() >= MIN_FORCED_RENEWAL_INTERVAL => {
+                    Ok(r) if r.name == name && attempted.elapsed() >= MIN_FORCED_RENEWAL_INTERVAL => {
                         tracing::info!(credential = %name, "the upstream rejected the credential: renewing now");
                         break;
                     }

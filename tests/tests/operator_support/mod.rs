@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::OnceLock,
     time::{Duration, Instant},
@@ -41,28 +41,39 @@ pub fn token_kubeconfig(cp: &ControlPlane) -> PathBuf {
         let _ = cp.kubectl(&["create", "namespace", ns]);
         let _ = cp.kubectl(&["create", "serviceaccount", "operator", "-n", ns]);
         let _ = cp.kubectl(&[
-            "create", "clusterrolebinding", "mcp-operator-e2e", "--clusterrole=cluster-admin",
+            "create",
+            "clusterrolebinding",
+            "mcp-operator-e2e",
+            "--clusterrole=cluster-admin",
             "--serviceaccount=mcp-operator-e2e:operator",
         ]);
         let token = cp.kubectl(&["create", "token", "operator", "-n", ns, "--duration=24h"]);
         assert!(token.success, "kubectl create token: {}", token.stderr);
-        let admin = std::fs::read_to_string(&cp.kubeconfig).unwrap();
-        let field = |k: &str| {
-            admin.lines().find_map(|l| l.trim().strip_prefix(k).map(|v| v.trim().to_owned())).unwrap_or_else(|| panic!("no {k}"))
-        };
-        let config = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
-             users:\n- name: operator\n  user:\n    token: {}\ncontexts:\n- name: test\n  context: {{cluster: test, user: operator}}\n\
-             current-context: test\n",
-            field("server:"),
-            field("certificate-authority:"),
-            token.stdout.trim()
-        );
-        let path = std::env::temp_dir().join(format!("mcp-operator-e2e-{}.kubeconfig", std::process::id()));
-        std::fs::write(&path, config).unwrap();
-        path
+        kubeconfig_with_token(cp, token.stdout.trim(), "operator")
     })
     .clone()
+}
+
+/// A kubeconfig for this control plane that authenticates with `token`, written to a temporary
+/// file named after `who`.
+pub fn kubeconfig_with_token(cp: &ControlPlane, token: &str, who: &str) -> PathBuf {
+    let admin = std::fs::read_to_string(&cp.kubeconfig).unwrap();
+    let field = |k: &str| {
+        admin
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(k).map(|v| v.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no {k}"))
+    };
+    let config = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {}\n    certificate-authority: {}\n\
+         users:\n- name: {who}\n  user:\n    token: {token}\ncontexts:\n- name: test\n  context: {{cluster: test, user: {who}}}\n\
+         current-context: test\n",
+        field("server:"),
+        field("certificate-authority:"),
+    );
+    let path = std::env::temp_dir().join(format!("mcp-e2e-{}-{who}.kubeconfig", std::process::id()));
+    std::fs::write(&path, config).unwrap();
+    path
 }
 
 /// A kube client with the token kubeconfig.
@@ -85,30 +96,32 @@ pub fn free_port() -> u16 {
 
 /// The operator binary, built once per test binary into this build's target directory.
 pub fn operator_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // <target>/debug/deps/<this test> -> <target>
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let target = profile_dir.parent().unwrap().to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "mcp-credentials-operator",
-                "--bin",
-                "mcp-credentials-operator",
-            ])
-            .env("CARGO_TARGET_DIR", &target)
-            .current_dir(repo_root())
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building the operator failed");
-        profile_dir.join("mcp-credentials-operator")
-    })
-    .clone()
+    workspace_binary("mcp-credentials-operator")
+}
+
+/// The binary of the same name as workspace package `package`, built once per test binary into this
+/// build's target directory.
+pub fn workspace_binary(package: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap();
+    if let Some((_, path)) = built.iter().find(|(p, _)| p == package) {
+        return path.clone();
+    }
+    // <target>/debug/deps/<this test> -> <target>
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let target = profile_dir.parent().unwrap().to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-q", "-p", package, "--bin", package])
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(repo_root())
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building {package} failed");
+    let path = profile_dir.join(package);
+    built.push((package.to_owned(), path.clone()));
+    path
 }
 
 /// The operator running as its own process, watching one namespace.
@@ -353,4 +366,66 @@ pub fn create_secret(cp: &ControlPlane, ns: &str, name: &str, pairs: &[(&str, &s
 pub fn apply(cp: &ControlPlane, ns: &str, yaml: &str) {
     let out = cp.apply(ns, yaml);
     assert!(out.success, "kubectl apply failed: {}\n{yaml}", out.stderr);
+}
+
+/// A CA and a serving certificate for 127.0.0.1, as PEM files in `dir`; returns the CA's PEM.
+pub fn certificates(dir: &Path) -> String {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=webhook-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "tls.key",
+        "-out",
+        "tls.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "tls.crt",
+    ]);
+    std::fs::read_to_string(dir.join("ca.crt")).unwrap()
 }
