@@ -42,6 +42,11 @@ pub const WORKER_THREADS: (&str, &str) = ("MCP_SIDECAR_WORKER_THREADS", "1");
 /// about a minute; reading a few small files four times a second costs nothing and adds no delay
 /// that matters next to it.
 pub const FILE_POLL_INTERVAL: (&str, &str) = ("MCP_SIDECAR_FILE_POLL_INTERVAL", "250ms");
+/// Standalone mode: let URLs learned through OAuth discovery (metadata documents,
+/// `WWW-Authenticate`) point at loopback addresses, over plain http too, for an authorization
+/// server running on the same laptop. Off by default: a metadata document must not be able to aim
+/// token requests at local services. Link-local and cloud metadata addresses stay refused.
+pub const DISCOVERY_ALLOW_LOOPBACK: (&str, &str) = ("MCP_SIDECAR_DISCOVERY_ALLOW_LOOPBACK", "false");
 /// How long open requests and streams may finish after SIGTERM: under Kubernetes' default 30 s
 /// termination grace period, so the sidecar exits on its own before it is killed.
 pub const SHUTDOWN_GRACE: (&str, &str) = ("MCP_SIDECAR_SHUTDOWN_GRACE", "25s");
@@ -65,6 +70,8 @@ pub enum StoreConfig {
         credentials_file: PathBuf,
         /// `<dir>/<secret-name>/<key>` holds what a `secretKeyRef` names.
         secrets_dir: PathBuf,
+        /// Loopback allowed for URLs learned through discovery.
+        discovery_allow_loopback: bool,
     },
 }
 
@@ -161,6 +168,7 @@ impl Config {
             Some((credentials_file, secrets_dir)) => StoreConfig::Standalone {
                 credentials_file,
                 secrets_dir,
+                discovery_allow_loopback: parse(get(DISCOVERY_ALLOW_LOOPBACK), "true or false")?,
             },
             None if !dir.is_empty() => StoreConfig::Files { dir: dir.into() },
             None => StoreConfig::Kubernetes {
@@ -252,7 +260,8 @@ mod tests {
             c.store,
             StoreConfig::Standalone {
                 credentials_file: "ex/creds.yaml".into(),
-                secrets_dir: "ex".into()
+                secrets_dir: "ex".into(),
+                discovery_allow_loopback: false,
             }
         );
         assert!(c.admin_listen.ip().is_loopback());
