@@ -14,6 +14,7 @@ use tokio::{
 };
 
 use super::*;
+use crate::CredentialSource;
 
 #[derive(Default)]
 pub struct MapResolver(pub HashMap<(String, String), String>);
@@ -68,9 +69,36 @@ impl Seen {
         })
     }
 
-    /// The request line's method and path.
+    /// The request line's path.
     pub fn path(&self) -> &str {
         self.head.split(' ').nth(1).unwrap_or("")
+    }
+
+    /// The `id:secret` of an HTTP Basic `Authorization` header, decoded.
+    pub fn basic(&self) -> Option<String> {
+        use base64::Engine;
+        let value = self.head.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("authorization")
+                .then(|| value.trim().to_owned())
+        })?;
+        let encoded = value
+            .strip_prefix("Basic ")
+            .or_else(|| value.strip_prefix("basic "))?;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).ok()?;
+        String::from_utf8(bytes).ok()
+    }
+}
+
+/// A credential for `https://mcp.example.com/mcp` with this source and nothing else set.
+pub fn spec(source: CredentialSource) -> McpCredentialSpec {
+    McpCredentialSpec {
+        upstream: "https://mcp.example.com/mcp".into(),
+        source,
+        inject: None,
+        refresh: None,
+        secret_name: None,
+        access: None,
     }
 }
 

@@ -12,7 +12,7 @@ use crate::{
     CredentialSource, McpCredentialSpec, OAuth2Grant, OAuth2Source, SecretKeyRef,
     source::{
         SourceContext, obtain,
-        test_support::{Answer, Log, MapResolver, Seen, context, routed},
+        test_support::{self, Answer, Log, MapResolver, Seen, context, routed},
     },
 };
 
@@ -179,33 +179,28 @@ async fn start(world: World) -> (String, Log) {
 }
 
 fn spec(upstream: &str) -> McpCredentialSpec {
-    McpCredentialSpec {
-        upstream: upstream.to_owned(),
-        source: CredentialSource {
-            oauth2: Some(OAuth2Source {
-                grant: OAuth2Grant::ClientCredentials,
-                token_url: None,
-                client_id: "agent".into(),
-                client_secret: Some(SecretKeyRef {
-                    name: "idp".into(),
-                    key: "secret".into(),
-                }),
-                client_auth: None,
-                private_key: None,
-                refresh_token: None,
-                scopes: vec![],
-                resource: None,
-                audience: None,
-                extra_params: Default::default(),
-                quirks: None,
+    let mut spec = test_support::spec(CredentialSource {
+        oauth2: Some(OAuth2Source {
+            grant: OAuth2Grant::ClientCredentials,
+            token_url: None,
+            client_id: "agent".into(),
+            client_secret: Some(SecretKeyRef {
+                name: "idp".into(),
+                key: "secret".into(),
             }),
-            ..Default::default()
-        },
-        inject: None,
-        refresh: None,
-        secret_name: None,
-        access: None,
-    }
+            client_auth: None,
+            private_key: None,
+            refresh_token: None,
+            scopes: vec![],
+            resource: None,
+            audience: None,
+            extra_params: Default::default(),
+            quirks: None,
+        }),
+        ..Default::default()
+    });
+    spec.upstream = upstream.to_owned();
+    spec
 }
 
 fn secrets() -> MapResolver {

@@ -8,7 +8,7 @@ use base64::Engine;
 use super::*;
 use crate::{
     CredentialSource, SecretKeyRef,
-    source::test_support::{Answer, MapResolver, Seen, context, server},
+    source::test_support::{self, Answer, MapResolver, Seen, context, server},
 };
 
 /// A test-only EC P-256 key (generated for these tests, trusted by nothing).
@@ -38,17 +38,10 @@ fn spec(token_url: &str, o: impl FnOnce(&mut OAuth2Source)) -> McpCredentialSpec
         quirks: None,
     };
     o(&mut source);
-    McpCredentialSpec {
-        upstream: "https://mcp.example.com/mcp".into(),
-        source: CredentialSource {
-            oauth2: Some(source),
-            ..Default::default()
-        },
-        inject: None,
-        refresh: None,
-        secret_name: None,
-        access: None,
-    }
+    test_support::spec(CredentialSource {
+        oauth2: Some(source),
+        ..Default::default()
+    })
 }
 
 fn secrets() -> MapResolver {
@@ -101,13 +94,10 @@ async fn client_credentials_with_basic_auth_sends_the_upstream_as_resource() {
     );
     assert_eq!(req.param("scope").as_deref(), Some("read write"));
     assert_eq!(req.param("client_secret"), None);
-    let basic = base64::engine::general_purpose::STANDARD.encode("agent+one:s3cr%3At%26");
-    assert!(
-        req.head
-            .to_ascii_lowercase()
-            .contains(&format!("authorization: basic {}", basic.to_ascii_lowercase())),
-        "{}",
-        req.head
+    assert_eq!(
+        req.basic().as_deref(),
+        Some("agent+one:s3cr%3At%26"),
+        "form-encoded, then Basic"
     );
 }
 

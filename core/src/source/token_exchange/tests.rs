@@ -10,7 +10,7 @@ use crate::{
     CredentialSource, ProviderQuirks, SecretKeyRef, SecretString, ServiceAccountSubject, SubjectToken,
     source::{
         ResolveError,
-        test_support::{Answer, MapResolver, Seen, context, server},
+        test_support::{self, Answer, MapResolver, Seen, context, server},
     },
 };
 
@@ -62,17 +62,10 @@ fn source(token_url: &str, t: impl FnOnce(&mut TokenExchangeSource)) -> McpCrede
         quirks: None,
     };
     t(&mut source);
-    McpCredentialSpec {
-        upstream: "https://analytics-mcp.example.com/mcp".into(),
-        source: CredentialSource {
-            token_exchange: Some(source),
-            ..Default::default()
-        },
-        inject: None,
-        refresh: None,
-        secret_name: None,
-        access: None,
-    }
+    test_support::spec(CredentialSource {
+        token_exchange: Some(source),
+        ..Default::default()
+    })
 }
 
 fn stored_subject(t: &mut TokenExchangeSource) {
@@ -148,7 +141,7 @@ async fn a_service_account_token_is_exchanged_for_an_upstream_token() {
             "requested_token_type",
             "urn:ietf:params:oauth:token-type:access_token",
         ),
-        ("resource", "https://analytics-mcp.example.com/mcp"),
+        ("resource", "https://mcp.example.com/mcp"),
         ("audience", "analytics"),
         ("scope", "analytics.read"),
         ("client_id", "exchanger"),
@@ -187,14 +180,7 @@ async fn jwt_bearer_sends_the_stored_token_as_the_assertion_with_basic_client_au
         None,
         "the client authenticates with Basic instead"
     );
-    let basic = base64::engine::general_purpose::STANDARD.encode("exchanger:cs");
-    assert!(
-        req.head
-            .to_ascii_lowercase()
-            .contains(&format!("authorization: basic {}", basic.to_ascii_lowercase())),
-        "{}",
-        req.head
-    );
+    assert_eq!(req.basic().as_deref(), Some("exchanger:cs"));
 }
 
 #[tokio::test]
