@@ -399,8 +399,10 @@ fn has_token_endpoint(spec: &McpCredentialSpec) -> bool {
 pub struct SourceContext {
     /// For URLs the user configured (token URLs, the upstream).
     http: reqwest::Client,
-    /// For URLs learned from a server: checked addresses and redirects.
+    /// For metadata URLs learned from a server: checked addresses and redirects.
     guarded: reqwest::Client,
+    /// For discovered token endpoints: checked addresses, no redirects.
+    guarded_token: reqwest::Client,
     policy: OutboundPolicy,
     discovery: discovery::Cache,
 }
@@ -418,7 +420,8 @@ impl SourceContext {
     pub fn new(timeout: Duration, policy: OutboundPolicy) -> reqwest::Result<Self> {
         Ok(Self {
             http: http_client(timeout)?,
-            guarded: outbound::guarded_client(timeout, policy)?,
+            guarded: outbound::guarded_client(timeout, policy, true)?,
+            guarded_token: outbound::guarded_client(timeout, policy, false)?,
             policy,
             discovery: discovery::Cache::default(),
         })
@@ -468,10 +471,10 @@ impl SourceContext {
         }
     }
 
-    /// The client for requests to `endpoint`.
+    /// The client for token requests to `endpoint`.
     pub(crate) fn client(&self, endpoint: &TokenEndpoint) -> &reqwest::Client {
         if endpoint.discovered {
-            &self.guarded
+            &self.guarded_token
         } else {
             &self.http
         }

@@ -198,18 +198,27 @@ impl Resolve for GuardedResolver {
     }
 }
 
-/// The client for learned URLs: every DNS answer checked, every redirect re-checked (at most
-/// [`MAX_REDIRECTS`]), bounded connect and total time.
-pub fn guarded_client(timeout: Duration, policy: OutboundPolicy) -> reqwest::Result<reqwest::Client> {
-    let redirects = reqwest::redirect::Policy::custom(move |attempt| {
-        if attempt.previous().len() > MAX_REDIRECTS {
-            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
-        }
-        match check(attempt.url(), policy) {
-            Ok(()) => attempt.follow(),
-            Err(e) => attempt.error(format!("redirected to a refused URL: {e}")),
-        }
-    });
+/// The client for learned URLs: every DNS answer checked, bounded connect and total time. With
+/// `follow_redirects` (metadata GETs), every redirect is re-checked, at most [`MAX_REDIRECTS`];
+/// without (token requests), none is followed: a 307 must not replay a secret to another host.
+pub fn guarded_client(
+    timeout: Duration,
+    policy: OutboundPolicy,
+    follow_redirects: bool,
+) -> reqwest::Result<reqwest::Client> {
+    let redirects = if follow_redirects {
+        reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() > MAX_REDIRECTS {
+                return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+            }
+            match check(attempt.url(), policy) {
+                Ok(()) => attempt.follow(),
+                Err(e) => attempt.error(format!("redirected to a refused URL: {e}")),
+            }
+        })
+    } else {
+        reqwest::redirect::Policy::none()
+    };
     reqwest::Client::builder()
         .redirect(redirects)
         .dns_resolver(Arc::new(GuardedResolver { policy }))

@@ -435,3 +435,22 @@ async fn a_failing_discovered_token_endpoint_is_discovered_again() {
     assert_eq!(again.first().map(String::as_str), Some("/mcp"), "{again:?}");
     assert_eq!(again.last().map(String::as_str), Some("/tenant/token"));
 }
+
+#[tokio::test]
+async fn a_discovered_token_endpoint_that_redirects_is_not_followed() {
+    // A 307 would replay the form (client secret, subject token) to wherever it points.
+    let world = World {
+        special: Some((
+            "/tenant/token",
+            Answer::With(307, vec![("location".into(), "/elsewhere".into())], String::new()),
+        )),
+        ..World::default()
+    };
+    let (_, log, r) = discover_in(world, &context()).await;
+    assert_eq!(r.unwrap_err().to_string(), "the token endpoint answered HTTP 307");
+    assert!(
+        !paths(&log).contains(&"/elsewhere".to_owned()),
+        "{:?}",
+        paths(&log)
+    );
+}
