@@ -22,8 +22,6 @@ use super::outbound::{self, OutboundPolicy, ReadError, check_url, label};
 pub const CACHE_TTL: Duration = Duration::from_secs(3600);
 /// The largest metadata document read. Real ones are a few KiB.
 const MAX_METADATA_BYTES: usize = 256 * 1024;
-/// The largest body read from the upstream's unauthenticated answer (it is not used).
-const MAX_PROBE_BYTES: usize = 64 * 1024;
 /// What the probe sends: the JSON-RPC request an MCP client sends first. Without a token, a
 /// server that needs one answers 401 with its challenge before looking at the body.
 const PROBE_BODY: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"mcp-credentials","version":"0"}}}"#;
@@ -205,8 +203,8 @@ async fn probe(up: &reqwest::Url, client: &reqwest::Client, log: &mut Log) -> Op
         .iter()
         .filter_map(|v| v.to_str().ok().map(str::to_owned))
         .collect();
-    // Drain a little so the connection can be reused; the body itself is not needed.
-    let _ = outbound::read_limited(resp, MAX_PROBE_BYTES).await;
+    // The body is not read: a server that needs no token may answer with a stream that stays open.
+    drop(resp);
     match resource_metadata(challenges.iter().map(String::as_str)) {
         Some(url) => Some(url),
         None => {
@@ -232,7 +230,7 @@ async fn fetch_json(client: &reqwest::Client, url: &str, log: &mut Log) -> Optio
     {
         Ok(r) => r,
         Err(e) => {
-            let transient = !e.is_redirect() && !e.is_builder();
+            let transient = !outbound::refused(&e) && !e.is_builder();
             log.fail(what, outbound::describe(&e), transient);
             return None;
         }

@@ -287,6 +287,11 @@ pub fn describe(e: &reqwest::Error) -> String {
     }
 }
 
+/// True when the guard refused the destination (at resolution or at a redirect): not transient.
+pub fn refused(e: &reqwest::Error) -> bool {
+    e.is_redirect() || find_cause::<Refused>(e).is_some()
+}
+
 fn find_cause<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
     let mut cur = Some(e);
     while let Some(err) = cur {
