@@ -311,8 +311,9 @@ pub struct TokenExchangeSource {
 ))]
 pub struct SubjectToken {
     /// A short-lived token for a service account in this namespace, requested by the operator from
-    /// the TokenRequest API. With an authorization server that trusts the cluster's service-account
-    /// issuer, no secret is stored anywhere.
+    /// the TokenRequest API on every refresh. With an authorization server that trusts the cluster's
+    /// service-account issuer, no secret is stored anywhere. The ServiceAccount must allow the
+    /// audience with the annotation `mcpcredentials.dev/token-exchange-audiences: <audience>[,...]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account: Option<ServiceAccountSubject>,
 

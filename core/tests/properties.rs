@@ -1,12 +1,18 @@
 //! Property tests ("fuzzing" bounded in time) of everything in core that reads untrusted input:
-//! token endpoint answers, JWTs issued by servers, durations from users, and the timing math fed
-//! by them. Each must never panic, and no error may carry the token it was given.
+//! token endpoint answers, JWTs issued by servers, `WWW-Authenticate` challenges and learned URLs,
+//! durations from users, and the timing math fed by them. Each must never panic, and no error may
+//! carry the token it was given.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mcp_credentials_core::{
     Refresh,
-    source::token_response::{jwt_claims, parse_token_response},
+    source::{
+        OutboundPolicy,
+        discovery::{challenges, resource_metadata},
+        outbound::check_url,
+        token_response::{jwt_claims, parse_token_response},
+    },
     timing::{MAX_BACKOFF, backoff, parse_duration, renewal_time},
 };
 use proptest::prelude::*;
@@ -126,5 +132,31 @@ proptest! {
         prop_assert!(wait >= Duration::from_secs(1));
         prop_assert!(wait <= MAX_BACKOFF);
         let _ = SystemTime::now();
+    }
+
+    #[test]
+    fn challenges_of_any_text_never_panic_and_keep_a_quoted_resource_metadata(
+        junk in ".{0,200}",
+        url in "https://[a-z]{1,12}\\.example/[a-z/]{0,20}",
+        before in "(Basic realm=\"x\", |Negotiate abc==, |DPoP algs=\"ES256\", |)",
+    ) {
+        let _ = challenges(&junk);
+        let _ = resource_metadata([junk.as_str()]);
+        let header = format!(r#"{before}Bearer error="invalid_token", resource_metadata="{url}""#);
+        prop_assert_eq!(resource_metadata([header.as_str()]), Some(url));
+    }
+
+    #[test]
+    fn learned_urls_of_any_text_never_panic_and_never_reach_link_local(
+        junk in ".{0,120}",
+        a in any::<u8>(), b in any::<u8>(), path in "[a-z/]{0,10}",
+        loopback in any::<bool>(),
+    ) {
+        let policy = OutboundPolicy { allow_loopback: loopback };
+        let _ = check_url(&junk, policy);
+        let link_local = format!("https://169.254.{a}.{b}/{path}");
+        prop_assert!(check_url(&link_local, policy).is_err());
+        let mapped = format!("https://[::ffff:169.254.{a}.{b}]/{path}");
+        prop_assert!(check_url(&mapped, policy).is_err());
     }
 }

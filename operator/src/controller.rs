@@ -16,12 +16,15 @@ use std::{
 use futures::StreamExt;
 use k8s_openapi::{
     ByteString,
-    api::core::v1::Secret,
+    api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        core::v1::{Secret, ServiceAccount},
+    },
     apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time},
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{Patch, PatchParams},
+    api::{Patch, PatchParams, PostParams},
     runtime::{
         Controller,
         controller::Action,
@@ -36,7 +39,7 @@ use mcp_credentials_core::{
         CREDENTIAL_LABEL, EXPIRES_AT_KEY, HEADER_KEY_PREFIX, MANAGED_BY, MANAGED_BY_LABEL, SECRET_TYPE,
         UPSTREAM_KEY, VERSION_KEY, secret_name,
     },
-    source::{self, Issued, ResolveError, SecretResolver, SourceError},
+    source::{self, Issued, ResolveError, SecretResolver, SourceContext, SourceError, token_exchange},
     timing,
 };
 use tracing::{info, warn};
@@ -119,7 +122,8 @@ struct Memory {
 /// Shared by every reconcile.
 pub struct Context {
     client: Client,
-    http: reqwest::Client,
+    /// HTTP clients and the discovery cache, shared by every refresh.
+    sources: SourceContext,
     recorder: Recorder,
     metrics: Metrics,
     memory: Mutex<HashMap<String, Memory>>,
@@ -130,8 +134,8 @@ pub struct Context {
 }
 
 impl Context {
-    /// A context for `client`, using `http` for token requests.
-    pub fn new(client: Client, http: reqwest::Client, metrics: Metrics, identity: &str) -> Self {
+    /// A context for `client`, using `sources` for token requests and discovery.
+    pub fn new(client: Client, sources: SourceContext, metrics: Metrics, identity: &str) -> Self {
         let reporter = Reporter {
             controller: FIELD_MANAGER.into(),
             instance: Some(identity.into()),
@@ -139,7 +143,7 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
-            http,
+            sources,
             metrics,
             memory: Mutex::default(),
             written: Mutex::default(),
@@ -300,6 +304,76 @@ impl SecretResolver for Inputs {
     }
 }
 
+/// What a source may read in the credential's namespace: the referenced Secrets (read once per
+/// reconcile) and, for tokenExchange, tokens of service accounts that allow it.
+struct Resolver<'a> {
+    inputs: &'a Inputs,
+    service_accounts: Api<ServiceAccount>,
+}
+
+impl SecretResolver for Resolver<'_> {
+    async fn get(&self, r: &SecretKeyRef) -> Result<SecretString, ResolveError> {
+        self.inputs.get(r).await
+    }
+
+    /// A TokenRequest for the service account, if its annotation allows `audience`: otherwise
+    /// anyone who may create an McpCredential could have the operator mint a token of any
+    /// service account in the namespace, for any audience, and send it to a URL of their choice.
+    async fn service_account_token(
+        &self,
+        name: &str,
+        audience: &str,
+        expiration_seconds: i64,
+    ) -> Result<SecretString, ResolveError> {
+        let fail = |reason: String, transient: bool| ResolveError::ServiceAccountToken {
+            name: name.to_owned(),
+            reason,
+            transient,
+        };
+        let api_fail = |e: kube::Error| match &e {
+            kube::Error::Api(s) if s.code == 404 => fail("it does not exist".into(), false),
+            kube::Error::Api(s) if s.code == 403 => fail(
+                "the operator may not read it or request its token (RBAC: get serviceaccounts, create \
+                 serviceaccounts/token)"
+                    .into(),
+                false,
+            ),
+            _ => fail(format!("the API server did not answer: {e}"), true),
+        };
+        let sa = self.service_accounts.get(name).await.map_err(api_fail)?;
+        let allowed = sa
+            .annotations()
+            .get(token_exchange::SERVICE_ACCOUNT_AUDIENCES_ANNOTATION)
+            .is_some_and(|list| list.split(',').any(|a| a.trim() == audience));
+        if !allowed {
+            return Err(fail(
+                format!(
+                    "it does not allow tokens for the audience {audience:?}: annotate it with {}={audience}",
+                    token_exchange::SERVICE_ACCOUNT_AUDIENCES_ANNOTATION
+                ),
+                false,
+            ));
+        }
+        let request = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                audiences: Some(vec![audience.to_owned()]),
+                expiration_seconds: Some(expiration_seconds),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let issued = self
+            .service_accounts
+            .create_token_request(name, &PostParams::default(), &request)
+            .await
+            .map_err(api_fail)?;
+        match issued.status.and_then(|s| s.token).filter(|t| !t.is_empty()) {
+            Some(token) => Ok(SecretString::new(token)),
+            None => Err(fail("the TokenRequest answer holds no token".into(), true)),
+        }
+    }
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
@@ -396,23 +470,35 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         return Ok(Action::requeue(until(retry, now)));
     }
 
-    // Step 4: obtain the credential (at most one token request).
+    // Step 4: obtain the credential (at most one token request, after discovery when no token
+    // URL is configured and none is cached).
     let kind = source::kind(&cred.spec);
-    if let Some(url) = cred
-        .spec
-        .source
-        .oauth2
-        .as_ref()
-        .and_then(|o| o.token_url.as_deref())
+    let cached = ctx.sources.discovered(&cred.spec);
+    let resolver = Resolver {
+        inputs: &inputs,
+        service_accounts: Api::namespaced(ctx.client.clone(), &ns),
+    };
+    let timer = ctx.metrics.refresh_duration.start_timer();
+    let result = source::obtain(&name, &cred.spec, &resolver, &ctx.sources).await;
+    timer.observe_duration();
+    let discovered = ctx.sources.discovered(&cred.spec);
+    // The endpoint used: configured, discovered now, or (when a failure dropped it) cached before.
+    let endpoint = source::configured_token_url(&cred.spec)
+        .map(str::to_owned)
+        .or_else(|| discovered.as_ref().and_then(|d| d.token_endpoint.clone()))
+        .or_else(|| cached.and_then(|d| d.token_endpoint));
+    if let Some(url) = endpoint
+        && result
+            .as_ref()
+            .err()
+            .is_none_or(SourceError::reached_token_endpoint)
     {
         ctx.metrics
             .token_requests
-            .with_label_values(&[&issuer_label(url)])
+            .with_label_values(&[&issuer_label(&url)])
             .inc();
     }
-    let timer = ctx.metrics.refresh_duration.start_timer();
-    let result = source::obtain(&name, &cred.spec, &inputs, &ctx.http).await;
-    timer.observe_duration();
+    status.discovered(discovered);
     let issued = match result {
         Ok(issued) => issued,
         Err(e) => {
@@ -526,7 +612,9 @@ async fn failed(
             "ReauthRequired",
             true,
             "InvalidGrant",
-            &format!("{message}. Store a new refresh token in the referenced Secret to resume"),
+            &format!(
+                "{message}. Store a new refresh token (or subject token) in the referenced Secret to resume"
+            ),
         );
         status.condition(
             "Refreshing",
@@ -842,6 +930,11 @@ impl StatusBuilder {
             &format!("obtained a new credential from {kind}"),
         );
         self.condition("ReauthRequired", false, "Authorized", "the grant is valid");
+    }
+
+    /// What discovery found (`None`: nothing, or the token URL is configured), after an attempt.
+    fn discovered(&mut self, found: Option<mcp_credentials_core::DiscoveryStatus>) {
+        self.next.discovery = found;
     }
 
     fn failed(&mut self, attempts: i32, now: SystemTime, message: &str) {

@@ -76,6 +76,13 @@ pub struct Config {
     #[arg(long, env = "MCP_CREDENTIALS_TOKEN_TIMEOUT", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub token_timeout: u64,
 
+    /// Let URLs learned through OAuth discovery (metadata documents, `WWW-Authenticate`) point at
+    /// loopback addresses, over plain http too. For tests and local development only: in a cluster
+    /// an authorization server is never on the operator's own loopback. Link-local and cloud
+    /// metadata addresses stay refused. Default: false.
+    #[arg(long, env = "MCP_CREDENTIALS_DISCOVERY_ALLOW_LOOPBACK", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub discovery_allow_loopback: bool,
+
     /// How many credentials are reconciled at the same time.
     #[arg(long, env = "MCP_CREDENTIALS_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub concurrency: u16,
@@ -242,11 +249,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         );
     }
 
-    let http = mcp_credentials_core::source::http_client(Duration::from_secs(config.token_timeout))
-        .context("building the HTTP client")?;
+    let policy = mcp_credentials_core::source::OutboundPolicy {
+        allow_loopback: config.discovery_allow_loopback,
+    };
+    let sources =
+        mcp_credentials_core::source::SourceContext::new(Duration::from_secs(config.token_timeout), policy)
+            .context("building the HTTP clients")?;
     let ctx = Arc::new(controller::Context::new(
         client.clone(),
-        http,
+        sources,
         metrics.clone(),
         &identity,
     ));

@@ -133,11 +133,12 @@ impl Metrics {
     }
 }
 
-/// The resource an API path addresses, for the `resource` label: `secrets`, `mcpcredentials/status`, ...
+/// The resource an API path addresses, for the `resource` label: `secrets`, `mcpcredentials/status`,
+/// `serviceaccounts` (reads and TokenRequests for tokenExchange subjects), ...
 pub fn api_resource(path: &str) -> &'static str {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let status = segs.last() == Some(&"status");
-    for known in ["secrets", "mcpcredentials", "leases", "events", "tokenreviews"] {
+    for known in ["secrets", "mcpcredentials", "leases", "events", "tokenreviews", "serviceaccounts"] {
         if segs.contains(&known) {
             return match (known, status) {
                 ("mcpcredentials", true) => "mcpcredentials/status",
@@ -162,6 +163,10 @@ mod tests {
         assert_eq!(
             api_resource("/apis/coordination.k8s.io/v1/namespaces/a/leases/x"),
             "leases"
+        );
+        assert_eq!(
+            api_resource("/api/v1/namespaces/a/serviceaccounts/agent/token"),
+            "serviceaccounts"
         );
         assert_eq!(api_resource("/version"), "other");
     }

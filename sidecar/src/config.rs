@@ -60,6 +60,11 @@ pub const REPORT_TOKEN_FILE: (&str, &str) = (
 /// answer goes back: a token request to a nearby authorization server and a watch event fit in it,
 /// and an agent is not left hanging much longer than the upstream itself took.
 pub const REPLAY_WAIT: (&str, &str) = ("MCP_SIDECAR_REPLAY_WAIT", "2s");
+/// Standalone mode: let URLs learned through OAuth discovery (metadata documents,
+/// `WWW-Authenticate`) point at loopback addresses, over plain http too, for an authorization
+/// server running on the same laptop. Off by default: a metadata document must not be able to aim
+/// token requests at local services. Link-local and cloud metadata addresses stay refused.
+pub const DISCOVERY_ALLOW_LOOPBACK: (&str, &str) = ("MCP_SIDECAR_DISCOVERY_ALLOW_LOOPBACK", "false");
 /// How long open requests and streams may finish after SIGTERM: under Kubernetes' default 30 s
 /// termination grace period, so the sidecar exits on its own before it is killed.
 pub const SHUTDOWN_GRACE: (&str, &str) = ("MCP_SIDECAR_SHUTDOWN_GRACE", "25s");
@@ -83,6 +88,8 @@ pub enum StoreConfig {
         credentials_file: PathBuf,
         /// `<dir>/<secret-name>/<key>` holds what a `secretKeyRef` names.
         secrets_dir: PathBuf,
+        /// Loopback allowed for URLs learned through discovery.
+        discovery_allow_loopback: bool,
     },
 }
 
@@ -183,6 +190,7 @@ impl Config {
             Some((credentials_file, secrets_dir)) => StoreConfig::Standalone {
                 credentials_file,
                 secrets_dir,
+                discovery_allow_loopback: parse(get(DISCOVERY_ALLOW_LOOPBACK), "true or false")?,
             },
             None if !dir.is_empty() => StoreConfig::Files { dir: dir.into() },
             None => StoreConfig::Kubernetes {
@@ -295,7 +303,8 @@ mod tests {
             c.store,
             StoreConfig::Standalone {
                 credentials_file: "ex/creds.yaml".into(),
-                secrets_dir: "ex".into()
+                secrets_dir: "ex".into(),
+                discovery_allow_loopback: false,
             }
         );
         assert!(c.admin_listen.ip().is_loopback());

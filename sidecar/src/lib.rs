@@ -105,7 +105,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         StoreConfig::Standalone {
             credentials_file,
             secrets_dir,
-        } => store::standalone::start(store.clone(), credentials_file, secrets_dir).await?,
+            discovery_allow_loopback,
+        } => {
+            let policy = mcp_credentials_core::source::OutboundPolicy {
+                allow_loopback: *discovery_allow_loopback,
+            };
+            store::standalone::start(store.clone(), credentials_file, secrets_dir, policy).await?
+        }
     };
 
     tracing::info!(proxy = %config.listen, admin = %config.admin_listen, credentials = ?store.names(), "serving");

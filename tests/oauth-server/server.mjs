@@ -1,26 +1,57 @@
 // A real, independent OAuth 2.0 authorization server (panva/oidc-provider) for the operator's
 // end-to-end tests. Usage: node server.mjs <port> [access-token-ttl-seconds]
 //
-// Clients (all on http://127.0.0.1:<port>, token endpoint /token):
+// Clients (all on http://127.0.0.1:<port>, token endpoint /token; discovery at
+// /.well-known/openid-configuration, issuer http://127.0.0.1:<port>):
 //   cc-basic / cc-basic-secret   client_credentials, client_secret_basic
 //   cc-post  / cc-post-secret    client_credentials, client_secret_post
 //   cc-jwt                       client_credentials, private_key_jwt (key printed at start)
 //   rt-client / rt-client-secret refresh_token (rotating), client_secret_basic
+//   wi-client                    RFC 8693 token exchange and RFC 7523 jwt-bearer, no client secret
+//                                (token_endpoint_auth_method none): workload identity
 // Access tokens are JWTs whose `aud` is the RFC 8707 resource requested.
+//
+// Workload identity: with MCP_TEST_TRUSTED_ISSUER and MCP_TEST_TRUSTED_JWKS (a JWKS as JSON) set,
+// wi-client may present a JWT from that issuer (a Kubernetes service-account token: the cluster's
+// --service-account-issuer and its /openid/v1/jwks) as `subject_token` or `assertion`. Its
+// signature, issuer, expiry and audience (this server's issuer) are verified; the access token
+// issued has the subject token's `sub`. Anything else is invalid_grant.
+//
 // Test-only helpers: GET /test/refresh-token?resource=<url> mints a refresh token for rt-client
 // (standing in for a user's browser login); GET /test/stats counts token requests.
 // Prints one JSON line {"ready":true,...} on stdout when it listens.
 import { createServer } from 'node:http';
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
-import Provider from 'oidc-provider';
+import { createLocalJWKSet, jwtVerify } from 'jose';
+import Provider, { errors } from 'oidc-provider';
 
-const port = Number(process.argv[2] || 0);
+const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const JWT_BEARER = 'urn:ietf:params:oauth:grant-type:jwt-bearer';
+const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
+
 const ttl = Number(process.argv[3] || 60);
+const trustedIssuer = process.env.MCP_TEST_TRUSTED_ISSUER;
+const trustedKeys = process.env.MCP_TEST_TRUSTED_JWKS
+  ? createLocalJWKSet(JSON.parse(process.env.MCP_TEST_TRUSTED_JWKS))
+  : undefined;
+
+// Listen first, so the issuer carries the real port when the port argument is 0.
+let callback = (req, res) => res.writeHead(503).end();
+const server = createServer((req, res) => callback(req, res));
+await new Promise((resolve) => server.listen(Number(process.argv[2] || 0), '127.0.0.1', resolve));
+const { port } = server.address();
 const issuer = `http://127.0.0.1:${port}`;
 
 const signing = generateKeyPairSync('rsa', { modulusLength: 2048 });
 const client = generateKeyPairSync('ec', { namedCurve: 'P-256' });
 const clientJwk = { ...client.publicKey.export({ format: 'jwk' }), kid: 'cc-jwt', use: 'sig', alg: 'ES256' };
+const resourceServerInfo = (resource) => ({
+  scope: 'read write',
+  audience: resource,
+  accessTokenTTL: ttl,
+  accessTokenFormat: 'jwt',
+  jwt: { sign: { alg: 'RS256' } },
+});
 
 const provider = new Provider(issuer, {
   clients: [
@@ -28,6 +59,7 @@ const provider = new Provider(issuer, {
     { client_id: 'cc-post', client_secret: 'cc-post-secret', grant_types: ['client_credentials'], response_types: [], redirect_uris: [], token_endpoint_auth_method: 'client_secret_post' },
     { client_id: 'cc-jwt', grant_types: ['client_credentials'], response_types: [], redirect_uris: [], token_endpoint_auth_method: 'private_key_jwt', jwks: { keys: [clientJwk] } },
     { client_id: 'rt-client', client_secret: 'rt-client-secret', grant_types: ['authorization_code', 'refresh_token'], response_types: ['code'], redirect_uris: ['http://127.0.0.1/callback'], token_endpoint_auth_method: 'client_secret_basic' },
+    { client_id: 'wi-client', grant_types: [TOKEN_EXCHANGE, JWT_BEARER], response_types: [], redirect_uris: [], token_endpoint_auth_method: 'none' },
   ],
   jwks: { keys: [{ ...signing.privateKey.export({ format: 'jwk' }), kid: 'signing', use: 'sig', alg: 'RS256' }] },
   findAccount: (ctx, id) => ({ accountId: id, claims: () => ({ sub: id }) }),
@@ -40,13 +72,15 @@ const provider = new Provider(issuer, {
       enabled: true,
       defaultResource: (ctx, client, oneOf) => oneOf ?? undefined,
       useGrantedResource: () => true,
-      getResourceServerInfo: (ctx, resource) => ({
-        scope: 'read write',
-        audience: resource,
-        accessTokenTTL: ttl,
-        accessTokenFormat: 'jwt',
-        jwt: { sign: { alg: 'RS256' } },
-      }),
+      getResourceServerInfo: (ctx, resource) => resourceServerInfo(resource),
+    },
+  },
+  // An exchanged token speaks for the workload: its `sub` is the subject token's.
+  formats: {
+    customizers: {
+      jwt: (ctx, token, jwt) => {
+        if (ctx?.exchangedSubject) jwt.payload.sub = ctx.exchangedSubject;
+      },
     },
   },
   ttl: { RefreshToken: 24 * 3600, Grant: 24 * 3600 },
@@ -73,8 +107,43 @@ async function mintRefreshToken(resource) {
   return rt.save();
 }
 
-const callback = provider.callback();
-const server = createServer(async (req, res) => {
+// Workload identity: verify the presented JWT against the trusted issuer's keys, then issue an
+// access token for the one requested resource, as the client credentials grant does.
+async function exchange(ctx, presented) {
+  const { InvalidGrant, InvalidRequest, InvalidTarget } = errors;
+  if (!presented) throw new InvalidRequest('no subject token');
+  if (!trustedKeys) throw new InvalidGrant('no trusted issuer is configured');
+  let claims;
+  try {
+    ({ payload: claims } = await jwtVerify(presented, trustedKeys, { issuer: trustedIssuer, audience: issuer }));
+  } catch (e) {
+    throw new InvalidGrant(`subject token rejected: ${e.code || e.message}`);
+  }
+  const { resource } = ctx.oidc.params;
+  if (!resource || Array.isArray(resource)) throw new InvalidTarget('exactly one resource is required');
+  const token = new provider.ClientCredentials({ client: ctx.oidc.client, scope: ctx.oidc.params.scope || undefined });
+  token.resourceServer = new provider.ResourceServer(resource, resourceServerInfo(resource));
+  ctx.exchangedSubject = claims.sub;
+  const value = await token.save();
+  ctx.body = {
+    access_token: value,
+    issued_token_type: ACCESS_TOKEN_TYPE,
+    token_type: 'Bearer',
+    expires_in: token.expiration,
+    scope: token.scope,
+  };
+}
+
+provider.registerGrantType(TOKEN_EXCHANGE, async (ctx) => {
+  const { subject_token: subject, subject_token_type: type, requested_token_type: requested } = ctx.oidc.params;
+  if (type !== 'urn:ietf:params:oauth:token-type:jwt') throw new errors.InvalidRequest('subject_token_type must be jwt');
+  if (requested && requested !== ACCESS_TOKEN_TYPE) throw new errors.InvalidRequest('only access tokens are issued');
+  await exchange(ctx, subject);
+}, ['subject_token', 'subject_token_type', 'requested_token_type', 'resource', 'audience', 'scope'], ['resource', 'audience']);
+provider.registerGrantType(JWT_BEARER, async (ctx) => exchange(ctx, ctx.oidc.params.assertion), ['assertion', 'resource', 'scope'], ['resource']);
+
+const providerCallback = provider.callback();
+callback = async (req, res) => {
   const url = new URL(req.url, issuer);
   try {
     if (url.pathname === '/test/refresh-token') {
@@ -83,17 +152,14 @@ const server = createServer(async (req, res) => {
     } else if (url.pathname === '/test/stats') {
       res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ token_requests: tokenRequests }));
     } else {
-      callback(req, res);
+      providerCallback(req, res);
     }
   } catch (e) {
     res.writeHead(500).end(String(e));
   }
-});
-server.listen(port, '127.0.0.1', () => {
-  const actual = server.address().port;
-  process.stdout.write(`${JSON.stringify({
-    ready: true, port: actual, issuer,
-    ccJwtPrivateKeyPem: client.privateKey.export({ format: 'pem', type: 'pkcs8' }),
-  })}\n`);
-});
+};
+process.stdout.write(`${JSON.stringify({
+  ready: true, port, issuer,
+  ccJwtPrivateKeyPem: client.privateKey.export({ format: 'pem', type: 'pkcs8' }),
+})}\n`);
 process.on('SIGTERM', () => server.close(() => process.exit(0)));

@@ -213,6 +213,8 @@ fn helm_install_creates_a_least_privilege_operator() {
         ("create", "events.events.k8s.io", "yes"),
         // Sidecar reports are authenticated with TokenReviews.
         ("create", "tokenreviews.authentication.k8s.io", "yes"),
+        ("get", "serviceaccounts", "yes"),
+        ("create", "serviceaccounts", "no"),
         ("delete", "secrets", "no"),
         ("create", "pods", "no"),
         ("create", "mcpcredentials.mcpcredentials.dev", "no"),
@@ -225,6 +227,24 @@ fn helm_install_creates_a_least_privilege_operator() {
             out.stderr
         );
     }
+    // TokenRequest, for tokenExchange subjects (`can-i` reads `a/b` as a name, hence --subresource).
+    let out = cp.kubectl(&[
+        "auth",
+        "can-i",
+        "create",
+        "serviceaccounts",
+        "--subresource=token",
+        "-n",
+        &ns,
+        "--as",
+        &sa,
+    ]);
+    assert_eq!(
+        out.stdout.trim(),
+        "yes",
+        "can the operator request service-account tokens? {}",
+        out.stderr
+    );
     let hook_name = format!("{release}-mcp-credentials");
     let hook = cp.kubectl(&["get", "mutatingwebhookconfiguration", &hook_name, "-o", "json"]);
     assert!(hook.success, "the webhook is registered: {}", hook.stderr);

@@ -17,9 +17,11 @@
 //!     }
 //! }
 //!
-//! // 2. Obtain a credential (one token request at most) with the safe outbound client.
-//! let http = source::http_client(std::time::Duration::from_secs(15))?;
-//! let issued: Issued = source::obtain("github", &cred.spec, &Files(dir), &http).await?;
+//! // 2. Obtain a credential (one token request at most). The context holds the HTTP clients
+//! //    (a guarded one for URLs learned from metadata) and the discovery cache: make one, share it.
+//! let ctx = source::SourceContext::new(std::time::Duration::from_secs(15), OutboundPolicy::default())?;
+//! let issued: Issued = source::obtain("github", &cred.spec, &Files(dir), &ctx).await?;
+//! //   ctx.discovered(&cred.spec): what discovery found, when no token URL is configured.
 //! //   issued.token, issued.not_before, issued.expires_at (None: does not expire),
 //! //   issued.rotated_refresh_token (Some: persist it BEFORE using the new token).
 //!
@@ -33,7 +35,9 @@
 //! ```
 //!
 //! Sources implemented: `oauth2` (clientCredentials, refreshToken; client_secret_basic,
-//! client_secret_post, private_key_jwt, none) and `apiKey`. The others return
+//! client_secret_post, private_key_jwt, none), `tokenExchange` (RFC 8693 token exchange and the
+//! RFC 7523 JWT-bearer grant; the subject from a service account or a Secret) and `apiKey`; either
+//! token source discovers its token endpoint when none is configured. The others return
 //! [`SourceError::Unsupported`].
 
 use std::{
@@ -43,16 +47,44 @@ use std::{
 
 use crate::{McpCredentialSpec, SecretKeyRef, SecretString};
 
+/// Finding a token endpoint from the upstream's metadata (RFC 9728, RFC 8414, OpenID Connect).
+pub mod discovery;
 pub mod oauth2;
+/// Checks and limits for every URL learned from a server.
+pub mod outbound;
+/// The `tokenExchange` source: RFC 8693 token exchange and the RFC 7523 JWT-bearer grant.
+pub mod token_exchange;
 /// Parsing token endpoint answers and JWT claims (public for the property tests).
 pub mod token_response;
 
+pub use outbound::OutboundPolicy;
 pub use token_response::{TokenResponse, parse_token_response};
 
 /// Looks up the value of a key in a Secret the credential references.
 pub trait SecretResolver: Send + Sync {
     /// The value of `r.key` in the Secret `r.name`.
     fn get(&self, r: &SecretKeyRef) -> impl Future<Output = Result<SecretString, ResolveError>> + Send;
+
+    /// A token of the service account `name` (in the credential's namespace) with `audience`,
+    /// valid `expiration_seconds`: what the TokenRequest API issues. Only a resolver inside a
+    /// cluster can; the default says so.
+    fn service_account_token(
+        &self,
+        name: &str,
+        _audience: &str,
+        _expiration_seconds: i64,
+    ) -> impl Future<Output = Result<SecretString, ResolveError>> + Send {
+        let name = name.to_owned();
+        async move {
+            Err(ResolveError::ServiceAccountToken {
+                name,
+                reason: "this environment cannot issue service-account tokens (there is no cluster); \
+                         use tokenExchange.subject.secretKeyRef instead"
+                    .into(),
+                transient: false,
+            })
+        }
+    }
 }
 
 /// Why a referenced secret could not be read.
@@ -73,6 +105,16 @@ pub enum ResolveError {
         name: String,
         /// Why, without any secret value.
         reason: String,
+    },
+    /// A service-account token could not be issued.
+    #[error("requesting a token for service account {name:?} failed: {reason}")]
+    ServiceAccountToken {
+        /// The service account's name.
+        name: String,
+        /// Why.
+        reason: String,
+        /// True when trying again later may work (the API server did not answer).
+        transient: bool,
     },
 }
 
@@ -132,9 +174,25 @@ pub enum SourceError {
     /// The response body is not a valid token response.
     #[error("bad token response: {0}")]
     BadResponse(String),
+    /// No token endpoint is configured and discovery found none.
+    #[error("no tokenUrl is set and discovering the token endpoint of {upstream} failed: {failure}")]
+    Discovery {
+        /// The upstream (scheme, host, port and path).
+        upstream: String,
+        /// What was tried, and why each failed.
+        failure: discovery::Failure,
+    },
+    /// The authorization server refused the service-account token as a subject: it does not
+    /// trust the cluster's issuer or that audience. Not terminal: the next attempt uses a new token.
+    #[error(
+        "the authorization server rejected the service-account token (invalid_grant){}; check that it trusts the \
+         cluster's service-account issuer and expects the audience in subject.serviceAccount.audience",
+        describe(.0)
+    )]
+    SubjectRejected(Option<String>),
     /// The issued token is a JWT whose `aud` is not the requested resource.
     #[error(
-        "the issued token's audience {actual:?} does not include the requested resource {expected:?} (set oauth2.quirks.acceptAudiences to allow it)"
+        "the issued token's audience {actual:?} does not include the requested resource {expected:?} (set quirks.acceptAudiences to allow it)"
     )]
     AudienceMismatch {
         /// The requested resource.
@@ -161,7 +219,13 @@ impl SourceError {
                 "transient_error"
             }
             Self::ResolveSecret(ResolveError::Unavailable { .. }) => "transient_error",
+            Self::ResolveSecret(ResolveError::ServiceAccountToken { transient: true, .. }) => {
+                "transient_error"
+            }
+            Self::Discovery { failure, .. } if failure.transient => "transient_error",
             Self::HttpStatus(_)
+            | Self::Discovery { .. }
+            | Self::SubjectRejected(_)
             | Self::OAuthError { .. }
             | Self::Unsupported(_)
             | Self::Config(_)
@@ -176,7 +240,10 @@ impl SourceError {
         match self {
             Self::Unsupported(_) => "UnsupportedSource",
             Self::Config(_) => "InvalidConfiguration",
+            Self::ResolveSecret(ResolveError::ServiceAccountToken { .. }) => "ServiceAccountTokenFailed",
             Self::ResolveSecret(_) => "SecretUnavailable",
+            Self::Discovery { .. } => "DiscoveryFailed",
+            Self::SubjectRejected(_) => "SubjectTokenRejected",
             Self::SignAssertion(_) => "ClientAssertionFailed",
             Self::FetchToken { .. } => "TokenEndpointUnreachable",
             Self::InvalidGrant(_) => "InvalidGrant",
@@ -185,6 +252,20 @@ impl SourceError {
             Self::BadResponse(_) => "BadTokenResponse",
             Self::AudienceMismatch { .. } => "AudienceMismatch",
         }
+    }
+
+    /// True when a token endpoint answered or was tried: the request counts as a token request.
+    pub fn reached_token_endpoint(&self) -> bool {
+        matches!(
+            self,
+            Self::FetchToken { .. }
+                | Self::InvalidGrant(_)
+                | Self::OAuthError { .. }
+                | Self::HttpStatus(_)
+                | Self::BadResponse(_)
+                | Self::SubjectRejected(_)
+                | Self::AudienceMismatch { .. }
+        )
     }
 }
 
@@ -249,15 +330,19 @@ pub fn referenced_secrets(spec: &McpCredentialSpec) -> Vec<&SecretKeyRef> {
     out
 }
 
-/// Obtains a credential for the McpCredential `name` from its source: at most one token request.
+/// Obtains a credential for the McpCredential `name` from its source: at most one token request
+/// (plus discovery's metadata requests when no token URL is configured and none is cached).
 pub async fn obtain(
     name: &str,
     spec: &McpCredentialSpec,
     secrets: &impl SecretResolver,
-    http: &reqwest::Client,
+    ctx: &SourceContext,
 ) -> Result<Issued, SourceError> {
     if let Some(o) = &spec.source.oauth2 {
-        return oauth2::obtain(name, spec, o, secrets, http).await;
+        return oauth2::obtain(name, spec, o, secrets, ctx).await;
+    }
+    if let Some(t) = &spec.source.token_exchange {
+        return token_exchange::obtain(spec, t, secrets, ctx).await;
     }
     if let Some(a) = &spec.source.api_key {
         let key = secrets.get(&a.secret_key_ref).await?;
@@ -295,6 +380,126 @@ pub fn header(spec: &McpCredentialSpec, issued: &Issued) -> (String, SecretStrin
     )
 }
 
+/// The token URL a source configures, if any (`None`: discovered).
+pub fn configured_token_url(spec: &McpCredentialSpec) -> Option<&str> {
+    let s = &spec.source;
+    s.oauth2
+        .as_ref()
+        .and_then(|o| o.token_url.as_deref())
+        .or_else(|| s.token_exchange.as_ref().and_then(|t| t.token_url.as_deref()))
+}
+
+/// Whether the source talks to a token endpoint (and so may discover one).
+fn has_token_endpoint(spec: &McpCredentialSpec) -> bool {
+    spec.source.oauth2.is_some() || spec.source.token_exchange.is_some()
+}
+
+/// What every source shares across calls: the HTTP clients and the discovery cache. Make one per
+/// process and pass it to every [`obtain`].
+pub struct SourceContext {
+    /// For URLs the user configured (token URLs, the upstream).
+    http: reqwest::Client,
+    /// For metadata URLs learned from a server: checked addresses and redirects.
+    guarded: reqwest::Client,
+    /// For discovered token endpoints: checked addresses, no redirects.
+    guarded_token: reqwest::Client,
+    policy: OutboundPolicy,
+    discovery: discovery::Cache,
+}
+
+/// A token endpoint, configured or discovered.
+pub(crate) struct TokenEndpoint {
+    pub url: String,
+    /// Discovered: requests go through the guarded client, and a failure drops the cache entry.
+    pub discovered: bool,
+}
+
+impl SourceContext {
+    /// Clients with `timeout` for each request (connect, send and the whole body), and `policy`
+    /// for every URL learned from a server.
+    pub fn new(timeout: Duration, policy: OutboundPolicy) -> reqwest::Result<Self> {
+        Ok(Self {
+            http: http_client(timeout)?,
+            guarded: outbound::guarded_client(timeout, policy, true)?,
+            guarded_token: outbound::guarded_client(timeout, policy, false)?,
+            policy,
+            discovery: discovery::Cache::default(),
+        })
+    }
+
+    /// What discovery found for this credential, when its source discovers (no token URL set)
+    /// and has done so within the cache's lifetime. No request is made.
+    pub fn discovered(&self, spec: &McpCredentialSpec) -> Option<crate::DiscoveryStatus> {
+        if !has_token_endpoint(spec) || configured_token_url(spec).is_some() {
+            return None;
+        }
+        self.discovery
+            .get(&spec.upstream)
+            .map(|d| crate::DiscoveryStatus {
+                resource_metadata: Some(d.resource_metadata),
+                issuer: Some(d.issuer),
+                token_endpoint: Some(d.token_endpoint),
+            })
+    }
+
+    /// The configured token URL, else the discovered one.
+    pub(crate) async fn token_endpoint(
+        &self,
+        spec: &McpCredentialSpec,
+        configured: Option<&str>,
+    ) -> Result<TokenEndpoint, SourceError> {
+        if let Some(url) = configured {
+            return Ok(TokenEndpoint {
+                url: url.to_owned(),
+                discovered: false,
+            });
+        }
+        let clients = discovery::Clients {
+            direct: &self.http,
+            guarded: &self.guarded,
+            policy: self.policy,
+        };
+        match discovery::token_endpoint(&self.discovery, &spec.upstream, &clients).await {
+            Ok(d) => Ok(TokenEndpoint {
+                url: d.token_endpoint,
+                discovered: true,
+            }),
+            Err(failure) => Err(SourceError::Discovery {
+                upstream: oauth2::endpoint_label(&spec.upstream),
+                failure,
+            }),
+        }
+    }
+
+    /// The client for token requests to `endpoint`.
+    pub(crate) fn client(&self, endpoint: &TokenEndpoint) -> &reqwest::Client {
+        if endpoint.discovered {
+            &self.guarded_token
+        } else {
+            &self.http
+        }
+    }
+
+    /// After a failed token request: a discovered endpoint that did not answer like a token
+    /// endpoint (unreachable, an error status without an OAuth error, garbage) is forgotten, so
+    /// the next attempt discovers again (the server may have moved it).
+    pub(crate) fn token_request_failed(
+        &self,
+        spec: &McpCredentialSpec,
+        endpoint: &TokenEndpoint,
+        e: &SourceError,
+    ) {
+        if endpoint.discovered
+            && matches!(
+                e,
+                SourceError::FetchToken { .. } | SourceError::HttpStatus(_) | SourceError::BadResponse(_)
+            )
+        {
+            self.discovery.invalidate(&spec.upstream);
+        }
+    }
+}
+
 /// The outbound HTTP client for token endpoints: rustls, no redirects (a token request must not be
 /// replayed elsewhere), bounded connect and total time (a hanging server is a timeout, not a hang).
 pub fn http_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
@@ -307,31 +512,4 @@ pub fn http_client(timeout: Duration) -> reqwest::Result<reqwest::Client> {
 }
 
 #[cfg(test)]
-pub(crate) mod test_support {
-    //! A map-backed resolver for unit tests.
-    use std::collections::HashMap;
-
-    use super::*;
-
-    #[derive(Default)]
-    pub struct MapResolver(pub HashMap<(String, String), String>);
-
-    impl MapResolver {
-        pub fn with(mut self, name: &str, key: &str, value: &str) -> Self {
-            self.0.insert((name.into(), key.into()), value.into());
-            self
-        }
-    }
-
-    impl SecretResolver for MapResolver {
-        async fn get(&self, r: &SecretKeyRef) -> Result<SecretString, ResolveError> {
-            self.0
-                .get(&(r.name.clone(), r.key.clone()))
-                .map(|v| SecretString::new(v.clone()))
-                .ok_or_else(|| ResolveError::NotFound {
-                    name: r.name.clone(),
-                    key: r.key.clone(),
-                })
-        }
-    }
-}
+pub(crate) mod test_support;

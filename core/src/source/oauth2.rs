@@ -8,10 +8,11 @@ use std::{
 };
 
 use super::{
-    Issued, SecretResolver, SourceError,
-    token_response::{jwt_claims, parse_token_response},
+    Issued, SecretResolver, SourceContext, SourceError, TokenEndpoint,
+    outbound::{self, ReadError},
+    token_response::{TokenResponse, jwt_claims, parse_token_response},
 };
-use crate::{ClientAuth, McpCredentialSpec, OAuth2Grant, OAuth2Source, SecretString, timing};
+use crate::{ClientAuth, McpCredentialSpec, OAuth2Grant, OAuth2Source, ProviderQuirks, SecretString, timing};
 
 /// The largest token response we read: far above any real one.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
@@ -39,21 +40,7 @@ pub fn client_auth(o: &OAuth2Source) -> ClientAuth {
 
 /// Scheme, host and path of a URL: what may appear in messages and metric labels.
 pub fn endpoint_label(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(u) => {
-            format!(
-                "{}://{}{}",
-                u.scheme(),
-                u.host_str().unwrap_or(""),
-                port_suffix(&u)
-            ) + u.path()
-        }
-        Err(_) => "<invalid URL>".to_owned(),
-    }
-}
-
-fn port_suffix(u: &reqwest::Url) -> String {
-    u.port().map(|p| format!(":{p}")).unwrap_or_default()
+    reqwest::Url::parse(url).map_or_else(|_| "<invalid URL>".to_owned(), |u| outbound::label(&u))
 }
 
 /// One token request for `o`. See [`super::obtain`].
@@ -62,15 +49,12 @@ pub async fn obtain(
     spec: &McpCredentialSpec,
     o: &OAuth2Source,
     secrets: &impl SecretResolver,
-    http: &reqwest::Client,
+    ctx: &SourceContext,
 ) -> Result<Issued, SourceError> {
-    let token_url = o.token_url.as_deref().ok_or_else(|| {
-        SourceError::Config("oauth2.tokenUrl is required (discovery is not supported by this version)".into())
-    })?;
-    let endpoint = endpoint_label(token_url);
+    let endpoint = ctx.token_endpoint(spec, o.token_url.as_deref()).await?;
+    let token_url = endpoint.url.as_str();
 
     let mut form: Vec<(&str, String)> = Vec::new();
-    // Extra parameters first, so the ones we set below win when a name repeats.
     let current_refresh_token = match o.grant {
         OAuth2Grant::ClientCredentials => {
             form.push(("grant_type", "client_credentials".into()));
@@ -113,8 +97,7 @@ pub async fn obtain(
             })?;
             let secret = secrets.get(r).await?;
             if client_auth(o) == ClientAuth::ClientSecretBasic {
-                // RFC 6749 §2.3.1: form-encode both before Basic.
-                basic = Some((form_encode(&o.client_id), form_encode(secret.expose())));
+                basic = Some((o.client_id.clone(), secret));
             } else {
                 form.push(("client_id", o.client_id.clone()));
                 form.push(("client_secret", secret.expose().to_owned()));
@@ -137,6 +120,7 @@ pub async fn obtain(
         }
         ClientAuth::None => form.push(("client_id", o.client_id.clone())),
     }
+    // Extra parameters last, and only those we do not set ourselves.
     let mut extra: Vec<(&str, String)> = o
         .extra_params
         .iter()
@@ -145,6 +129,39 @@ pub async fn obtain(
         .collect();
     form.append(&mut extra);
 
+    let token = post_token(
+        ctx,
+        spec,
+        &endpoint,
+        &form,
+        basic.as_ref().map(|(id, s)| (id.as_str(), s)),
+    )
+    .await?;
+    issued(token, resource, o.quirks.as_ref(), current_refresh_token)
+}
+
+/// Sends one token request (a form, with HTTP Basic client authentication when `basic` is set)
+/// and parses the answer, reading at most [`MAX_RESPONSE_BYTES`] within the client's deadline.
+pub(crate) async fn post_token(
+    ctx: &SourceContext,
+    spec: &McpCredentialSpec,
+    endpoint: &TokenEndpoint,
+    form: &[(&str, String)],
+    basic: Option<(&str, &SecretString)>,
+) -> Result<TokenResponse, SourceError> {
+    let result = send_form(ctx.client(endpoint), &endpoint.url, form, basic).await;
+    if let Err(e) = &result {
+        ctx.token_request_failed(spec, endpoint, e);
+    }
+    result
+}
+
+async fn send_form(
+    http: &reqwest::Client,
+    token_url: &str,
+    form: &[(&str, String)],
+    basic: Option<(&str, &SecretString)>,
+) -> Result<TokenResponse, SourceError> {
     let body = form
         .iter()
         .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
@@ -156,25 +173,32 @@ pub async fn obtain(
         .header(reqwest::header::ACCEPT, "application/json")
         .body(body);
     if let Some((id, secret)) = basic {
-        req = req.basic_auth(id, Some(secret));
+        // RFC 6749 §2.3.1: form-encode both before Basic.
+        req = req.basic_auth(form_encode(id), Some(form_encode(secret.expose())));
     }
-    let fetch_err = |e: reqwest::Error| SourceError::FetchToken {
-        endpoint: endpoint.clone(),
-        reason: describe(&e),
+    let fetch_err = |reason: String| SourceError::FetchToken {
+        endpoint: endpoint_label(token_url),
+        reason,
     };
-    let mut resp = req.send().await.map_err(fetch_err)?;
+    let resp = req.send().await.map_err(|e| fetch_err(outbound::describe(&e)))?;
     let status = resp.status().as_u16();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(fetch_err)? {
-        if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(SourceError::BadResponse(format!(
-                "the response is larger than {MAX_RESPONSE_BYTES} bytes"
-            )));
-        }
-        bytes.extend_from_slice(&chunk);
-    }
-    let token = parse_token_response(status, &bytes)?;
+    let bytes = match outbound::read_limited(resp, MAX_RESPONSE_BYTES).await {
+        Ok(b) => b,
+        Err(e @ ReadError::TooLarge(_)) => return Err(SourceError::BadResponse(e.to_string())),
+        Err(ReadError::Failed(why)) => return Err(fetch_err(why)),
+    };
+    parse_token_response(status, &bytes)
+}
 
+/// The credential a token response gives: expiry from `expires_in` or the JWT's `exp` (the
+/// earlier), the JWT's `aud` checked against `resource` (or `quirks.acceptAudiences`), and a
+/// rotated refresh token when the server sent a new one.
+pub(crate) fn issued(
+    token: TokenResponse,
+    resource: Option<&str>,
+    quirks: Option<&ProviderQuirks>,
+    current_refresh_token: Option<SecretString>,
+) -> Result<Issued, SourceError> {
     let now = timing::truncate(SystemTime::now());
     let claims = jwt_claims(token.access_token.expose());
     let from_expires_in = token.expires_in.map(|d| now + Duration::from_secs(d.as_secs()));
@@ -194,11 +218,7 @@ pub async fn obtain(
         ));
     }
     if let (Some(expected), Some(claims)) = (resource, &claims) {
-        let accepted = o
-            .quirks
-            .as_ref()
-            .map(|q| q.accept_audiences.as_slice())
-            .unwrap_or_default();
+        let accepted = quirks.map(|q| q.accept_audiences.as_slice()).unwrap_or_default();
         if !claims.aud.is_empty() && !claims.aud.iter().any(|a| a == expected || accepted.contains(a)) {
             return Err(SourceError::AudienceMismatch {
                 expected: expected.to_owned(),
@@ -216,23 +236,6 @@ pub async fn obtain(
         expires_at,
         rotated_refresh_token,
     })
-}
-
-/// Why a request failed, without the URL's query (reqwest's messages include the URL).
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timed out".into()
-    } else if e.is_connect() {
-        "could not connect".into()
-    } else if e.is_body() || e.is_decode() {
-        "the response body could not be read".into()
-    } else {
-        let mut msg = e.to_string();
-        if let Some(u) = e.url() {
-            msg = msg.replace(u.as_str(), &endpoint_label(u.as_str()));
-        }
-        msg
-    }
 }
 
 /// An RFC 7523 client assertion signed with `pem` (RSA: RS256, EC P-256: ES256).
@@ -270,7 +273,7 @@ fn client_assertion(client_id: &str, token_url: &str, pem: &SecretString) -> Res
 }
 
 /// `application/x-www-form-urlencoded` encoding of one name or value.
-fn form_encode(s: &str) -> String {
+pub(crate) fn form_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {

@@ -113,9 +113,9 @@ mod api_budget {
     async fn one_refresh_costs_one_secret_write_and_one_status_write() {
         let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(mock, "agents");
-        let http = source::http_client(Duration::from_secs(1)).unwrap();
+        let sources = SourceContext::new(Duration::from_secs(1), Default::default()).unwrap();
         let metrics = crate::metrics::Metrics::register().unwrap();
-        let ctx = Arc::new(Context::new(client, http, metrics, "test"));
+        let ctx = Arc::new(Context::new(client, sources, metrics, "test"));
         let cred = cred();
 
         let server = tokio::spawn(async move {

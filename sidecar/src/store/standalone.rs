@@ -13,7 +13,7 @@ use kube::ResourceExt;
 use mcp_credentials_core::{
     McpCredential, McpCredentialSpec, SecretKeyRef, SecretString,
     secret::{EXPIRES_AT_KEY, HEADER_KEY_PREFIX, UPSTREAM_KEY, VERSION_KEY},
-    source::{self, Issued, ResolveError, SecretResolver, SourceError},
+    source::{self, Issued, OutboundPolicy, ResolveError, SecretResolver, SourceContext, SourceError},
     timing,
 };
 use serde::Deserialize;
@@ -60,20 +60,24 @@ pub enum StandaloneError {
     /// The file holds no McpCredential.
     #[error("{0} holds no McpCredential documents")]
     Empty(PathBuf),
-    /// The token endpoint client could not be built.
-    #[error("cannot build the token endpoint client")]
+    /// The token endpoint clients could not be built.
+    #[error("cannot build the token endpoint clients")]
     HttpClient(#[source] reqwest::Error),
 }
 
-/// Reads the McpCredentials in `credentials_file` and starts keeping each one fresh. The handle
-/// ends when every credential task has (never, unless aborted).
+/// Reads the McpCredentials in `credentials_file` and starts keeping each one fresh, with `policy`
+/// for URLs learned through discovery. The handle ends when every credential task has (never,
+/// unless aborted).
 pub async fn start(
     store: Arc<Store>,
     credentials_file: &Path,
     secrets_dir: &Path,
+    policy: OutboundPolicy,
 ) -> Result<JoinHandle<()>, StandaloneError> {
     let credentials = load(credentials_file)?;
-    let http = source::http_client(TOKEN_REQUEST_TIMEOUT).map_err(StandaloneError::HttpClient)?;
+    // One context for every credential: the discovery cache is shared.
+    let sources =
+        Arc::new(SourceContext::new(TOKEN_REQUEST_TIMEOUT, policy).map_err(StandaloneError::HttpClient)?);
     let secrets = Arc::new(SecretFiles(secrets_dir.to_path_buf()));
     let mut tasks = tokio::task::JoinSet::new();
     for credential in credentials {
@@ -84,7 +88,7 @@ pub async fn start(
             name,
             credential.spec,
             secrets.clone(),
-            http.clone(),
+            sources.clone(),
         ));
     }
     Ok(tokio::spawn(
@@ -120,7 +124,8 @@ pub fn load(path: &Path) -> Result<Vec<McpCredential>, StandaloneError> {
     Ok(out)
 }
 
-/// Secrets as files: `<dir>/<secret-name>/<key>`, the layout of a mounted Secret.
+/// Secrets as files: `<dir>/<secret-name>/<key>`, the layout of a mounted Secret. Service-account
+/// tokens cannot be had without a cluster: the trait's default says to use a stored subject token.
 struct SecretFiles(PathBuf);
 
 impl SecretFiles {
@@ -153,7 +158,7 @@ async fn keep_fresh(
     name: String,
     spec: McpCredentialSpec,
     secrets: Arc<SecretFiles>,
-    http: reqwest::Client,
+    sources: Arc<SourceContext>,
 ) {
     let mut failures = 0u32;
     let mut published: Option<(String, Option<SystemTime>)> = None;
@@ -161,7 +166,7 @@ async fn keep_fresh(
     let mut renewal_requests = store.refresh_requests();
     loop {
         let attempted = tokio::time::Instant::now();
-        let wait = match source::obtain(&name, &spec, &*secrets, &http).await {
+        let wait = match source::obtain(&name, &spec, &*secrets, &sources).await {
             Ok(issued) => {
                 failures = 0;
                 if let Err(e) = persist_rotated_refresh_token(&spec, &secrets, &issued).await {
@@ -288,7 +293,9 @@ mod tests {
         .unwrap();
         let store = Store::new(["demo".to_owned()]);
         let mut changes = store.subscribe();
-        let task = start(store.clone(), &file, &dir).await.unwrap();
+        let task = start(store.clone(), &file, &dir, OutboundPolicy::default())
+            .await
+            .unwrap();
         changes
             .wait_for(|_| store.get("demo").unwrap().current.is_some())
             .await
@@ -317,6 +324,7 @@ mod tests {
             store.clone(),
             &dir.join("mcpcredentials.yaml"),
             &dir.join("secrets"),
+            OutboundPolicy::default(),
         )
         .await
         .unwrap();

@@ -224,6 +224,23 @@ pub struct OAuthServer {
 impl OAuthServer {
     /// Starts the server on `port` (0: any) issuing access tokens valid `ttl` seconds.
     pub fn start(port: u16, ttl: u64) -> Self {
+        Self::start_with_env(port, ttl, &[])
+    }
+
+    /// Like [`OAuthServer::start`], trusting JWTs of `issuer` signed by a key of `jwks` as
+    /// token-exchange subjects (workload identity, see tests/oauth-server/server.mjs).
+    pub fn start_trusting(ttl: u64, issuer: &str, jwks: &str) -> Self {
+        Self::start_with_env(
+            0,
+            ttl,
+            &[
+                ("MCP_TEST_TRUSTED_ISSUER", issuer),
+                ("MCP_TEST_TRUSTED_JWKS", jwks),
+            ],
+        )
+    }
+
+    fn start_with_env(port: u16, ttl: u64, env: &[(&str, &str)]) -> Self {
         static INSTALL: OnceLock<()> = OnceLock::new();
         let dir = repo_root().join("tests/oauth-server");
         INSTALL.get_or_init(|| {
@@ -235,6 +252,7 @@ impl OAuthServer {
         let mut child = Command::new("node")
             .arg(dir.join("server.mjs"))
             .args([port.to_string(), ttl.to_string()])
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -255,7 +273,12 @@ impl OAuthServer {
 
     /// The token endpoint.
     pub fn token_url(&self) -> String {
-        format!("http://127.0.0.1:{}/token", self.port)
+        format!("{}/token", self.issuer())
+    }
+
+    /// The issuer (as its discovery metadata says).
+    pub fn issuer(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
     }
 
     /// Token requests the server has received.

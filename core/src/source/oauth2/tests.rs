@@ -1,19 +1,15 @@
-//! The oauth2 source against an in-process HTTP server that answers exactly what each test needs,
-//! including the malformed and slow answers real servers sometimes give.
+//! The oauth2 source against an in-process HTTP server (`test_support`) that answers exactly
+//! what each test needs, including the malformed and slow answers real servers sometimes give.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
 use base64::Engine;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
 
 use super::*;
-use crate::{CredentialSource, SecretKeyRef, source::test_support::MapResolver};
+use crate::{
+    CredentialSource, SecretKeyRef,
+    source::test_support::{self, Answer, MapResolver, Seen, context, server},
+};
 
 /// A test-only EC P-256 key (generated for these tests, trusted by nothing).
 const TEST_EC_KEY: &str = "-----BEGIN PRIVATE KEY-----
@@ -22,104 +18,6 @@ ce2ltFj4CaOyPV8dMqNxOEqA2SShRANCAARCCAT8mPhgphw96LASBR3S2pqMEiwV
 1GGTI7nd+Z8Md5SV7yBYA9QGCQvnH8j9EhpHdwmfkep1wdgECuneqX/D
 -----END PRIVATE KEY-----
 ";
-
-/// What the test server answers.
-#[derive(Clone)]
-enum Answer {
-    Json(u16, String),
-    Raw(u16, &'static str, String),
-    Hang,
-}
-
-/// A request the test server received: the head (request line and headers) and the body.
-#[derive(Clone, Debug)]
-struct Seen {
-    head: String,
-    body: String,
-}
-
-impl Seen {
-    fn param(&self, name: &str) -> Option<String> {
-        self.body.split('&').find_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            (k == name).then(|| decode(v))
-        })
-    }
-}
-
-fn decode(s: &str) -> String {
-    let s = s.replace('+', " ");
-    let bytes = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).unwrap()
-}
-
-async fn server(answer: Answer) -> (String, Arc<Mutex<Vec<Seen>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/token", listener.local_addr().unwrap());
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                return;
-            };
-            let answer = answer.clone();
-            let log = log.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let (head, body) = loop {
-                    let n = sock.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                        let len = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().to_owned())
-                            })
-                            .and_then(|v| v.parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if body.len() >= len {
-                            break (head.to_owned(), body.to_owned());
-                        }
-                    }
-                };
-                log.lock().unwrap().push(Seen { head, body });
-                let (status, ctype, body) = match answer {
-                    Answer::Json(s, b) => (s, "application/json", b),
-                    Answer::Raw(s, t, b) => (s, t, b),
-                    Answer::Hang => {
-                        tokio::time::sleep(Duration::from_secs(3600)).await;
-                        return;
-                    }
-                };
-                let resp = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-            });
-        }
-    });
-    (url, seen)
-}
 
 fn spec(token_url: &str, o: impl FnOnce(&mut OAuth2Source)) -> McpCredentialSpec {
     let mut source = OAuth2Source {
@@ -140,17 +38,10 @@ fn spec(token_url: &str, o: impl FnOnce(&mut OAuth2Source)) -> McpCredentialSpec
         quirks: None,
     };
     o(&mut source);
-    McpCredentialSpec {
-        upstream: "https://mcp.example.com/mcp".into(),
-        source: CredentialSource {
-            oauth2: Some(source),
-            ..Default::default()
-        },
-        inject: None,
-        refresh: None,
-        secret_name: None,
-        access: None,
-    }
+    test_support::spec(CredentialSource {
+        oauth2: Some(source),
+        ..Default::default()
+    })
 }
 
 fn secrets() -> MapResolver {
@@ -158,10 +49,6 @@ fn secrets() -> MapResolver {
         .with("idp", "client-secret", "s3cr:t&")
         .with("idp", "refresh-token", "rt-1")
         .with("idp", "key.pem", TEST_EC_KEY)
-}
-
-fn http() -> reqwest::Client {
-    crate::source::http_client(Duration::from_secs(2)).unwrap()
 }
 
 fn jwt(claims: &str) -> String {
@@ -175,7 +62,7 @@ async fn obtain_with(
 ) -> (Result<Issued, SourceError>, Vec<Seen>) {
     let (url, seen) = server(answer).await;
     let spec = spec(&url, o);
-    let r = crate::source::obtain("test", &spec, &secrets(), &http()).await;
+    let r = crate::source::obtain("test", &spec, &secrets(), &context()).await;
     let seen = seen.lock().unwrap().clone();
     (r, seen)
 }
@@ -207,13 +94,10 @@ async fn client_credentials_with_basic_auth_sends_the_upstream_as_resource() {
     );
     assert_eq!(req.param("scope").as_deref(), Some("read write"));
     assert_eq!(req.param("client_secret"), None);
-    let basic = base64::engine::general_purpose::STANDARD.encode("agent+one:s3cr%3At%26");
-    assert!(
-        req.head
-            .to_ascii_lowercase()
-            .contains(&format!("authorization: basic {}", basic.to_ascii_lowercase())),
-        "{}",
-        req.head
+    assert_eq!(
+        req.basic().as_deref(),
+        Some("agent+one:s3cr%3At%26"),
+        "form-encoded, then Basic"
     );
 }
 
@@ -355,7 +239,7 @@ async fn invalid_grant_is_reported_as_such() {
 #[tokio::test]
 async fn an_unreachable_server_names_the_endpoint_without_the_query() {
     let spec = spec("http://127.0.0.1:9/token?secret=x", |_| {});
-    let e = crate::source::obtain("t", &spec, &secrets(), &http())
+    let e = crate::source::obtain("t", &spec, &secrets(), &context())
         .await
         .unwrap_err();
     assert_eq!(e.category(), "transient_error");
@@ -367,7 +251,7 @@ async fn an_unreachable_server_names_the_endpoint_without_the_query() {
 async fn a_missing_secret_is_a_configuration_error() {
     let (url, _) = server(ok_token()).await;
     let spec = spec(&url, |_| {});
-    let e = crate::source::obtain("t", &spec, &MapResolver::default(), &http())
+    let e = crate::source::obtain("t", &spec, &MapResolver::default(), &context())
         .await
         .unwrap_err();
     assert_eq!(e.category(), "config_error");

@@ -1,0 +1,526 @@
+//! OAuth discovery of a token endpoint, the way MCP clients must find it (MCP authorization,
+//! 2025-11-25 and later): the upstream's RFC 9728 protected resource metadata (the
+//! `resource_metadata` of its `WWW-Authenticate` challenge first, then the path-inserted
+//! well-known URI, then the root one), then its authorization server's RFC 8414 or OpenID Connect
+//! metadata in the spec's order, used only when its `issuer` is exactly the one asked for.
+//!
+//! Every URL learned on the way goes through [`super::outbound`]'s checks and guarded client.
+//! Results are cached per upstream for [`CACHE_TTL`] and dropped when the token endpoint fails.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use super::outbound::{self, OutboundPolicy, ReadError, check_url, label};
+
+/// How long a discovered token endpoint is used before discovery runs again. An hour: metadata
+/// changes rarely, and a failing token endpoint drops the entry at once anyway.
+pub const CACHE_TTL: Duration = Duration::from_secs(3600);
+/// The largest metadata document read. Real ones are a few KiB.
+const MAX_METADATA_BYTES: usize = 256 * 1024;
+/// What the probe sends: the JSON-RPC request an MCP client sends first. Without a token, a
+/// server that needs one answers 401 with its challenge before looking at the body.
+const PROBE_BODY: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"mcp-credentials","version":"0"}}}"#;
+
+/// What discovery found, as `status.discovery` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discovered {
+    /// The protected resource metadata document used.
+    pub resource_metadata: String,
+    /// The authorization server's issuer.
+    pub issuer: String,
+    /// Its token endpoint.
+    pub token_endpoint: String,
+}
+
+/// Why discovery failed: each URL tried, and why it did not give a token endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// `(what was tried, why it failed)`, in order; URLs without their query.
+    pub tried: Vec<(String, String)>,
+    /// True when some step failed for a reason that may pass (timeout, 5xx): worth retrying soon.
+    pub transient: bool,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (what, why)) in self.tried.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{what}: {why}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Discovered token endpoints per upstream, shared by every refresh of every credential.
+#[derive(Debug, Default)]
+pub struct Cache {
+    entries: Mutex<HashMap<String, (Instant, Discovered)>>,
+}
+
+impl Cache {
+    /// The entry for `upstream` if it is younger than [`CACHE_TTL`].
+    pub fn get(&self, upstream: &str) -> Option<Discovered> {
+        let entries = self.entries.lock().unwrap();
+        let (at, found) = entries.get(upstream)?;
+        (at.elapsed() < CACHE_TTL).then(|| found.clone())
+    }
+
+    fn insert(&self, upstream: &str, found: Discovered) {
+        let mut entries = self.entries.lock().unwrap();
+        // Bounded by the number of distinct upstreams; forget the stale ones on the way.
+        entries.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
+        entries.insert(upstream.to_owned(), (Instant::now(), found));
+    }
+
+    /// Forgets `upstream`'s entry, so the next request discovers again.
+    pub fn invalidate(&self, upstream: &str) {
+        self.entries.lock().unwrap().remove(upstream);
+    }
+}
+
+/// The clients discovery uses: `direct` for URLs derived from the configured upstream, `guarded`
+/// for URLs learned from a server.
+pub(crate) struct Clients<'a> {
+    pub direct: &'a reqwest::Client,
+    pub guarded: &'a reqwest::Client,
+    pub policy: OutboundPolicy,
+}
+
+/// The cached token endpoint for `upstream`, or discovers (and caches) it.
+pub(crate) async fn token_endpoint(
+    cache: &Cache,
+    upstream: &str,
+    clients: &Clients<'_>,
+) -> Result<Discovered, Failure> {
+    if let Some(found) = cache.get(upstream) {
+        return Ok(found);
+    }
+    let found = discover(upstream, clients).await?;
+    tracing::info!(
+        upstream = %label_str(upstream),
+        resource_metadata = %found.resource_metadata,
+        issuer = %found.issuer,
+        token_endpoint = %found.token_endpoint,
+        "discovered the token endpoint"
+    );
+    cache.insert(upstream, found.clone());
+    Ok(found)
+}
+
+/// Runs discovery for `upstream` (no cache).
+pub(crate) async fn discover(upstream: &str, clients: &Clients<'_>) -> Result<Discovered, Failure> {
+    let mut log = Log::default();
+    let up = match reqwest::Url::parse(upstream) {
+        Ok(u) => u,
+        Err(_) => {
+            log.fail(upstream.to_owned(), "not an absolute URL", false);
+            return Err(log.done());
+        }
+    };
+
+    // 1. The resource_metadata of the upstream's challenge, then the two well-known URIs.
+    let mut candidates: Vec<(String, bool)> = Vec::new();
+    if let Some(from_header) = probe(&up, clients.direct, &mut log).await {
+        candidates.push((from_header, true));
+    }
+    let origin = up.origin().ascii_serialization();
+    let path = up.path().trim_end_matches('/');
+    if !path.is_empty() {
+        candidates.push((
+            format!("{origin}/.well-known/oauth-protected-resource{path}"),
+            false,
+        ));
+    }
+    candidates.push((format!("{origin}/.well-known/oauth-protected-resource"), false));
+
+    for (url, learned) in candidates {
+        let client = if learned {
+            match check_url(&url, clients.policy) {
+                Ok(_) => clients.guarded,
+                Err(e) => {
+                    log.fail(labelled("GET", &url), format!("refused: {e}"), false);
+                    continue;
+                }
+            }
+        } else {
+            clients.direct
+        };
+        let Some(doc) = fetch_json(client, &url, &mut log).await else {
+            continue;
+        };
+        let servers = match protected_resource(&doc, &up) {
+            Ok(s) => s,
+            Err(why) => {
+                log.fail(labelled("GET", &url), why, false);
+                continue;
+            }
+        };
+        // 2. Each authorization server it names, in order, until one gives a token endpoint.
+        for issuer in servers {
+            if let Some((issuer, token_endpoint)) = authorization_server(&issuer, clients, &mut log).await {
+                return Ok(Discovered {
+                    resource_metadata: label_str(&url),
+                    issuer,
+                    token_endpoint,
+                });
+            }
+        }
+        // The metadata that answered is the one that counts: the next candidates are fallbacks
+        // for a server without metadata, not for one whose authorization server is broken.
+        return Err(log.done());
+    }
+    Err(log.done())
+}
+
+/// Sends the unauthenticated request and returns the challenge's `resource_metadata`, if any.
+async fn probe(up: &reqwest::Url, client: &reqwest::Client, log: &mut Log) -> Option<String> {
+    let what = labelled("POST", up.as_str());
+    let resp = client
+        .post(up.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
+        .body(PROBE_BODY)
+        .send()
+        .await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            log.fail(what, outbound::describe(&e), true);
+            return None;
+        }
+    };
+    let status = resp.status().as_u16();
+    let challenges: Vec<String> = resp
+        .headers()
+        .get_all(reqwest::header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    // The body is not read: a server that needs no token may answer with a stream that stays open.
+    drop(resp);
+    match resource_metadata(challenges.iter().map(String::as_str)) {
+        Some(url) => Some(url),
+        None => {
+            let why = if challenges.is_empty() {
+                format!("HTTP {status} without a WWW-Authenticate challenge")
+            } else {
+                format!("HTTP {status} with a challenge that has no resource_metadata")
+            };
+            log.fail(what, why, false);
+            None
+        }
+    }
+}
+
+/// GETs a JSON document, recording why when it is not one.
+async fn fetch_json(client: &reqwest::Client, url: &str, log: &mut Log) -> Option<Value> {
+    let what = labelled("GET", url);
+    let resp = match client
+        .get(url)
+        .header(reqwest::header::ACCEPT, "application/json")
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let transient = !outbound::refused(&e) && !e.is_builder();
+            log.fail(what, outbound::describe(&e), transient);
+            return None;
+        }
+    };
+    let status = resp.status().as_u16();
+    if !(200..300).contains(&status) {
+        log.fail(what, format!("HTTP {status}"), status >= 500 || status == 429);
+        return None;
+    }
+    let bytes = match outbound::read_limited(resp, MAX_METADATA_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            let transient = matches!(e, ReadError::Failed(_));
+            log.fail(what, e.to_string(), transient);
+            return None;
+        }
+    };
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(v) if v.is_object() => Some(v),
+        _ => {
+            log.fail(what, "the answer is not a JSON object", false);
+            None
+        }
+    }
+}
+
+/// The authorization servers of a protected resource metadata document (RFC 9728 §2), after
+/// checking that it describes `up` (§3.3: a document for another resource must not be used).
+fn protected_resource(doc: &Value, up: &reqwest::Url) -> Result<Vec<String>, String> {
+    let resource = doc
+        .get("resource")
+        .and_then(Value::as_str)
+        .ok_or("the document has no resource")?;
+    if !resource_matches(resource, up) {
+        return Err(format!(
+            "the document describes the resource {}, not the upstream",
+            shorten(resource)
+        ));
+    }
+    let servers: Vec<String> = doc
+        .get("authorization_servers")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default();
+    if servers.is_empty() {
+        return Err("the document lists no authorization_servers".into());
+    }
+    Ok(servers)
+}
+
+/// Whether a metadata `resource` names the upstream: the same URL, or a prefix of it at a path
+/// boundary (servers often name their origin for every path they serve).
+fn resource_matches(resource: &str, up: &reqwest::Url) -> bool {
+    let Ok(r) = reqwest::Url::parse(resource) else {
+        return false;
+    };
+    if r.origin() != up.origin() || r.query().is_some() || r.fragment().is_some() {
+        return false;
+    }
+    let (rp, upath) = (r.path().trim_end_matches('/'), up.path().trim_end_matches('/'));
+    upath == rp || upath.starts_with(&format!("{rp}/"))
+}
+
+/// Tries an issuer's metadata URLs in the spec's order; the issuer and its token endpoint on success.
+async fn authorization_server(
+    issuer: &str,
+    clients: &Clients<'_>,
+    log: &mut Log,
+) -> Option<(String, String)> {
+    let urls = match metadata_urls(issuer, clients.policy) {
+        Ok(u) => u,
+        Err(why) => {
+            log.fail(format!("authorization server {}", shorten(issuer)), why, false);
+            return None;
+        }
+    };
+    for url in urls {
+        let Some(doc) = fetch_json(clients.guarded, &url, log).await else {
+            continue;
+        };
+        let what = labelled("GET", &url);
+        // RFC 8414 §3.3: the issuer must be exactly the one the URL was built from.
+        match doc.get("issuer").and_then(Value::as_str) {
+            Some(i) if i == issuer => {}
+            Some(i) => {
+                log.fail(
+                    what,
+                    format!("its issuer {} is not {}", shorten(i), shorten(issuer)),
+                    false,
+                );
+                continue;
+            }
+            None => {
+                log.fail(what, "the document has no issuer", false);
+                continue;
+            }
+        }
+        let Some(endpoint) = doc.get("token_endpoint").and_then(Value::as_str) else {
+            log.fail(what, "the document has no token_endpoint", false);
+            continue;
+        };
+        match check_url(endpoint, clients.policy) {
+            Ok(u) => return Some((issuer.to_owned(), u.to_string())),
+            Err(e) => log.fail(what, format!("its token_endpoint is refused: {e}"), false),
+        }
+    }
+    None
+}
+
+/// The metadata URLs of an issuer, in the order MCP clients must try them: with a path, RFC 8414
+/// path-inserted, OIDC path-inserted, OIDC path-appended; without one, RFC 8414 then OIDC.
+fn metadata_urls(issuer: &str, policy: OutboundPolicy) -> Result<Vec<String>, String> {
+    let u = check_url(issuer, policy).map_err(|e| format!("refused: {e}"))?;
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err("an issuer has no query or fragment".into());
+    }
+    let origin = u.origin().ascii_serialization();
+    let path = u.path().trim_end_matches('/');
+    Ok(if path.is_empty() {
+        vec![
+            format!("{origin}/.well-known/oauth-authorization-server"),
+            format!("{origin}/.well-known/openid-configuration"),
+        ]
+    } else {
+        vec![
+            format!("{origin}/.well-known/oauth-authorization-server{path}"),
+            format!("{origin}/.well-known/openid-configuration{path}"),
+            format!("{origin}{path}/.well-known/openid-configuration"),
+        ]
+    })
+}
+
+/// The `resource_metadata` parameter of the first Bearer challenge that has one, from any number
+/// of `WWW-Authenticate` header values.
+pub fn resource_metadata<'a>(headers: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    headers.into_iter().flat_map(challenges).find_map(|c| {
+        if !c.scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        c.params
+            .into_iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("resource_metadata"))
+            .map(|(_, v)| v)
+    })
+}
+
+/// One authentication challenge (RFC 9110 §11.6.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// The auth scheme, as written.
+    pub scheme: String,
+    /// Its auth-params (a token68 is skipped), values unquoted.
+    pub params: Vec<(String, String)>,
+}
+
+/// Parses a `WWW-Authenticate` value into its challenges. Lenient: what cannot be parsed is skipped.
+pub fn challenges(header: &str) -> Vec<Challenge> {
+    let mut p = Parser {
+        s: header.as_bytes(),
+        i: 0,
+    };
+    let mut out = Vec::new();
+    loop {
+        p.skip(|c| c == b',' || c.is_ascii_whitespace());
+        if p.done() {
+            return out;
+        }
+        let scheme = p.token();
+        if scheme.is_empty() {
+            p.i += 1; // not a token character: skip it
+            continue;
+        }
+        let mut params = Vec::new();
+        loop {
+            p.skip(|c| c.is_ascii_whitespace());
+            if p.done() {
+                break;
+            }
+            let mark = p.i;
+            p.skip(|c| c == b',' || c.is_ascii_whitespace());
+            let name = p.token();
+            p.skip(|c| c == b' ' || c == b'\t');
+            if name.is_empty() {
+                if p.done() {
+                    break;
+                }
+                p.i += 1; // garbage: skip one byte and go on
+                continue;
+            }
+            if p.peek() != Some(b'=') {
+                // Not a parameter: the next challenge's scheme (or a token68). Hand it back.
+                p.i = mark;
+                break;
+            }
+            p.i += 1; // '='
+            p.skip(|c| c == b' ' || c == b'\t');
+            match p.peek() {
+                Some(b'"') => params.push((name, p.quoted())),
+                Some(b'=') | None => {
+                    // token68 ("abc==") or a dangling '=': skip to the next comma.
+                    p.skip(|c| c != b',');
+                }
+                _ => {
+                    // A token, leniently: servers send unquoted URLs, which ':' makes invalid.
+                    let start = p.i;
+                    p.skip(|c| c != b',' && !c.is_ascii_whitespace());
+                    params.push((name, String::from_utf8_lossy(&p.s[start..p.i]).into_owned()));
+                }
+            }
+        }
+        out.push(Challenge { scheme, params });
+    }
+}
+
+struct Parser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Parser<'_> {
+    fn done(&self) -> bool {
+        self.i >= self.s.len()
+    }
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.i).copied()
+    }
+    fn skip(&mut self, f: impl Fn(u8) -> bool) {
+        while self.peek().is_some_and(&f) {
+            self.i += 1;
+        }
+    }
+    fn token(&mut self) -> String {
+        let start = self.i;
+        self.skip(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&c));
+        String::from_utf8_lossy(&self.s[start..self.i]).into_owned()
+    }
+    /// A quoted-string starting at `"`, with `\` escapes.
+    fn quoted(&mut self) -> String {
+        self.i += 1;
+        let mut out = Vec::new();
+        while let Some(c) = self.peek() {
+            self.i += 1;
+            match c {
+                b'"' => break,
+                b'\\' => {
+                    if let Some(n) = self.peek() {
+                        out.push(n);
+                        self.i += 1;
+                    }
+                }
+                _ => out.push(c),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+/// The attempts so far.
+#[derive(Default)]
+struct Log {
+    tried: Vec<(String, String)>,
+    transient: bool,
+}
+
+impl Log {
+    fn fail(&mut self, what: String, why: impl Into<String>, transient: bool) {
+        self.tried.push((what, why.into()));
+        self.transient |= transient;
+    }
+    fn done(self) -> Failure {
+        Failure {
+            tried: self.tried,
+            transient: self.transient,
+        }
+    }
+}
+
+fn labelled(method: &str, url: &str) -> String {
+    format!("{method} {}", label_str(url))
+}
+
+fn label_str(url: &str) -> String {
+    reqwest::Url::parse(url).map_or_else(|_| shorten(url), |u| label(&u))
+}
+
+/// Server-provided text in a message: printable and short.
+fn shorten(s: &str) -> String {
+    let clean: String = s.chars().filter(|c| !c.is_control()).take(120).collect();
+    format!("{clean:?}")
+}
+
+#[cfg(test)]
+mod tests;
