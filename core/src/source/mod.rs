@@ -33,8 +33,9 @@
 //! ```
 //!
 //! Sources implemented: `oauth2` (clientCredentials, refreshToken; client_secret_basic,
-//! client_secret_post, private_key_jwt, none) and `apiKey`. The others return
-//! [`SourceError::Unsupported`].
+//! client_secret_post, private_key_jwt, none), `apiKey`, `jwt` (minted with
+//! [`SecretResolver::signing_key`]), `githubApp` and `session` (imported cookies, form login;
+//! its liveness check is [`session::check`]). `tokenExchange` returns [`SourceError::Unsupported`].
 
 use std::{
     future::Future,
@@ -43,7 +44,13 @@ use std::{
 
 use crate::{McpCredentialSpec, SecretKeyRef, SecretString};
 
+/// The `githubApp` source.
+pub mod github_app;
+/// The `jwt` source and the JWT signing shared by every signing source.
+pub mod jwt;
 pub mod oauth2;
+/// The `session` source: cookies and their liveness check (parsers public for the property tests).
+pub mod session;
 /// Parsing token endpoint answers and JWT claims (public for the property tests).
 pub mod token_response;
 
@@ -53,6 +60,15 @@ pub use token_response::{TokenResponse, parse_token_response};
 pub trait SecretResolver: Send + Sync {
     /// The value of `r.key` in the Secret `r.name`.
     fn get(&self, r: &SecretKeyRef) -> impl Future<Output = Result<SecretString, ResolveError>> + Send;
+
+    /// The current key for minting `jwt` tokens with `alg`. Default: none (this process does not mint).
+    fn signing_key(
+        &self,
+        alg: crate::JwtAlgorithm,
+    ) -> impl Future<Output = Result<jwt::SigningKey, ResolveError>> + Send {
+        let _ = alg;
+        std::future::ready(Err(ResolveError::NoSigningKey))
+    }
 }
 
 /// Why a referenced secret could not be read.
@@ -74,6 +90,12 @@ pub enum ResolveError {
         /// Why, without any secret value.
         reason: String,
     },
+    /// This process has no JWT signing keys (the operator mints only with `--jwks-listen`).
+    #[error(
+        "this process does not mint JWTs: run the operator with --jwks-listen (the Helm chart does), \
+         or standalone mode"
+    )]
+    NoSigningKey,
 }
 
 /// A credential just obtained from a source.
@@ -105,6 +127,23 @@ pub enum SourceError {
     /// The client assertion for private_key_jwt could not be signed.
     #[error("signing the client assertion failed (is oauth2.privateKey a PEM RSA or EC P-256 key?): {0}")]
     SignAssertion(String),
+    /// A JWT (minted token, GitHub App JWT) could not be signed.
+    #[error("signing the JWT with {field} failed (is it a PEM RSA or EC P-256 private key?): {reason}")]
+    SignJwt {
+        /// The key, as the user names it (`githubApp.privateKey`).
+        field: &'static str,
+        /// Why, without key material.
+        reason: String,
+    },
+    /// The server refused the configured credential (a GitHub App key, a session): the message
+    /// names the field to fix.
+    #[error("{message}")]
+    Rejected {
+        /// The status condition reason, such as `InstallationNotFound` or `SessionExpired`.
+        reason: &'static str,
+        /// What happened and how to fix it, without credential material.
+        message: String,
+    },
     /// The token endpoint could not be reached or did not answer in time.
     #[error("token request to {endpoint} failed: {reason}")]
     FetchToken {
@@ -167,6 +206,8 @@ impl SourceError {
             | Self::Config(_)
             | Self::ResolveSecret(_)
             | Self::SignAssertion(_)
+            | Self::SignJwt { .. }
+            | Self::Rejected { .. }
             | Self::AudienceMismatch { .. } => "config_error",
         }
     }
@@ -176,8 +217,11 @@ impl SourceError {
         match self {
             Self::Unsupported(_) => "UnsupportedSource",
             Self::Config(_) => "InvalidConfiguration",
+            Self::ResolveSecret(ResolveError::NoSigningKey) => "NoSigningKey",
             Self::ResolveSecret(_) => "SecretUnavailable",
             Self::SignAssertion(_) => "ClientAssertionFailed",
+            Self::SignJwt { .. } => "SigningFailed",
+            Self::Rejected { reason, .. } => reason,
             Self::FetchToken { .. } => "TokenEndpointUnreachable",
             Self::InvalidGrant(_) => "InvalidGrant",
             Self::OAuthError { .. } => "TokenEndpointRejected",
@@ -274,16 +318,29 @@ pub async fn obtain(
             rotated_refresh_token: None,
         });
     }
+    if let Some(j) = &spec.source.jwt {
+        return jwt::obtain(spec, j, secrets).await;
+    }
+    if let Some(g) = &spec.source.github_app {
+        return github_app::obtain(g, secrets, http).await;
+    }
+    if let Some(s) = &spec.source.session {
+        return session::obtain(spec, s, secrets, http).await;
+    }
     Err(SourceError::Unsupported(kind(spec)))
 }
 
 /// The header to attach and its exact value: `spec.inject`, or the source's default
-/// (`Authorization: Bearer {token}`; a bare `{token}` for an API key in another header).
+/// (`Authorization: Bearer {token}`; a bare `{token}` for an API key in another header; `Cookie:
+/// {token}` for a session).
 pub fn header(spec: &McpCredentialSpec, issued: &Issued) -> (String, SecretString) {
     let inject = spec.inject.clone().unwrap_or_default();
-    let name = inject.header.unwrap_or_else(|| "Authorization".to_owned());
+    let session = spec.source.session.is_some();
+    let name = inject
+        .header
+        .unwrap_or_else(|| if session { "Cookie" } else { "Authorization" }.to_owned());
     let format = inject.format.unwrap_or_else(|| {
-        if spec.source.api_key.is_some() && !name.eq_ignore_ascii_case("authorization") {
+        if (session || spec.source.api_key.is_some()) && !name.eq_ignore_ascii_case("authorization") {
             "{token}".to_owned()
         } else {
             "Bearer {token}".to_owned()
@@ -314,11 +371,16 @@ pub(crate) mod test_support {
     use super::*;
 
     #[derive(Default)]
-    pub struct MapResolver(pub HashMap<(String, String), String>);
+    pub struct MapResolver(pub HashMap<(String, String), String>, pub Option<jwt::SigningKey>);
 
     impl MapResolver {
         pub fn with(mut self, name: &str, key: &str, value: &str) -> Self {
             self.0.insert((name.into(), key.into()), value.into());
+            self
+        }
+
+        pub fn with_signing_key(mut self, key: jwt::SigningKey) -> Self {
+            self.1 = Some(key);
             self
         }
     }
@@ -332,6 +394,13 @@ pub(crate) mod test_support {
                     name: r.name.clone(),
                     key: r.key.clone(),
                 })
+        }
+
+        async fn signing_key(&self, alg: crate::JwtAlgorithm) -> Result<jwt::SigningKey, ResolveError> {
+            self.1
+                .clone()
+                .filter(|k| k.algorithm == alg)
+                .ok_or(ResolveError::NoSigningKey)
         }
     }
 }

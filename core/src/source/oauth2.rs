@@ -2,10 +2,7 @@
 //! with `client_secret_basic`, `client_secret_post`, `private_key_jwt` or no client authentication,
 //! and the RFC 8707 `resource` on every request (refresh included) unless `quirks.omitResource`.
 
-use std::{
-    sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{
     Issued, SecretResolver, SourceError,
@@ -162,17 +159,8 @@ pub async fn obtain(
         endpoint: endpoint.clone(),
         reason: describe(&e),
     };
-    let mut resp = req.send().await.map_err(fetch_err)?;
-    let status = resp.status().as_u16();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(fetch_err)? {
-        if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            return Err(SourceError::BadResponse(format!(
-                "the response is larger than {MAX_RESPONSE_BYTES} bytes"
-            )));
-        }
-        bytes.extend_from_slice(&chunk);
-    }
+    let resp = req.send().await.map_err(fetch_err)?;
+    let (status, bytes) = read_body(resp, &endpoint).await?;
     let token = parse_token_response(status, &bytes)?;
 
     let now = timing::truncate(SystemTime::now());
@@ -218,8 +206,29 @@ pub async fn obtain(
     })
 }
 
+/// The status and body of a response, at most [`MAX_RESPONSE_BYTES`] of it.
+pub(crate) async fn read_body(
+    mut resp: reqwest::Response,
+    endpoint: &str,
+) -> Result<(u16, Vec<u8>), SourceError> {
+    let status = resp.status().as_u16();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| SourceError::FetchToken {
+        endpoint: endpoint.to_owned(),
+        reason: describe(&e),
+    })? {
+        if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(SourceError::BadResponse(format!(
+                "the response is larger than {MAX_RESPONSE_BYTES} bytes"
+            )));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok((status, bytes))
+}
+
 /// Why a request failed, without the URL's query (reqwest's messages include the URL).
-fn describe(e: &reqwest::Error) -> String {
+pub(crate) fn describe(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         "timed out".into()
     } else if e.is_connect() {
@@ -237,40 +246,20 @@ fn describe(e: &reqwest::Error) -> String {
 
 /// An RFC 7523 client assertion signed with `pem` (RSA: RS256, EC P-256: ES256).
 fn client_assertion(client_id: &str, token_url: &str, pem: &SecretString) -> Result<String, SourceError> {
-    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let jti = format!(
-        "{:x}-{:x}-{:x}",
-        now.as_nanos(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
+    let now = timing::unix_seconds(SystemTime::now());
     let claims = serde_json::json!({
         "iss": client_id,
         "sub": client_id,
         "aud": token_url,
-        "iat": now.as_secs(),
-        "exp": now.as_secs() + ASSERTION_TTL.as_secs(),
-        "jti": jti,
+        "iat": now,
+        "exp": now + ASSERTION_TTL.as_secs(),
+        "jti": super::jwt::jti(),
     });
-    let pem = pem.expose().as_bytes();
-    let attempts = [
-        (Algorithm::RS256, EncodingKey::from_rsa_pem(pem)),
-        (Algorithm::ES256, EncodingKey::from_ec_pem(pem)),
-    ];
-    let mut last = String::from("not a PEM key");
-    for (alg, key) in attempts {
-        match key.and_then(|k| encode(&Header::new(alg), &claims, &k)) {
-            Ok(jwt) => return Ok(jwt),
-            Err(e) => last = format!("{:?}", e.kind()),
-        }
-    }
-    Err(SourceError::SignAssertion(last))
+    super::jwt::sign_any(&claims, pem).map_err(|e| SourceError::SignAssertion(e.0))
 }
 
 /// `application/x-www-form-urlencoded` encoding of one name or value.
-fn form_encode(s: &str) -> String {
+pub(crate) fn form_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         match b {
