@@ -24,6 +24,10 @@ pub struct Metrics {
     pub api_requests: IntCounterVec,
     /// 1 while this process holds the leader Lease.
     pub leader: IntGaugeVec,
+    /// Session liveness checks by credential and result: `alive`, `expired`, `error`.
+    pub session_checks: IntCounterVec,
+    /// JWT signing keys in the published JWKS, by algorithm (2 while a successor or a retired key overlaps).
+    pub jwt_keys: IntGaugeVec,
 }
 
 impl Metrics {
@@ -81,6 +85,20 @@ impl Metrics {
             Opts::new(p("leader"), "1 while this process is the leader"),
             &["identity"],
         )?;
+        let session_checks = IntCounterVec::new(
+            Opts::new(
+                p("session_checks_total"),
+                "Session liveness checks by credential and result (alive, expired, error)",
+            ),
+            &["namespace", "name", "result"],
+        )?;
+        let jwt_keys = IntGaugeVec::new(
+            Opts::new(
+                p("jwt_signing_keys"),
+                "JWT signing keys published in the JWKS, by algorithm",
+            ),
+            &["algorithm"],
+        )?;
         for c in [
             Box::new(refreshes.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(refresh_duration.clone()),
@@ -90,6 +108,8 @@ impl Metrics {
             Box::new(token_requests.clone()),
             Box::new(api_requests.clone()),
             Box::new(leader.clone()),
+            Box::new(session_checks.clone()),
+            Box::new(jwt_keys.clone()),
         ] {
             registry.register(c)?;
         }
@@ -103,6 +123,8 @@ impl Metrics {
             token_requests,
             api_requests,
             leader,
+            session_checks,
+            jwt_keys,
         })
     }
 
