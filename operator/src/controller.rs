@@ -421,11 +421,9 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         && !inputs_changed
         && !forced
         && ctx.check_due(&key, check, now)
+        && let Some(alive) = check_session(&ctx, &cred, &mut status, &key, check, &header, &value, now).await
     {
-        if let Some(alive) = check_session(&ctx, &cred, &mut status, &key, check, &header, &value, now).await
-        {
-            session_dead = !alive;
-        }
+        session_dead = !alive;
     }
     let renewal = status.renewal;
     let due = match &current {

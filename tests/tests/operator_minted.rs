@@ -465,11 +465,9 @@ async fn site() -> (Arc<Site>, SocketAddr) {
 async fn imported_cookies_are_served_and_a_dead_session_shows_before_an_agent_hits_it() {
     let (cp, ns) = setup("op-cookies");
     let (site, addr) = site().await;
-    let cookies = format!(
-        "# Netscape HTTP Cookie File\n#HttpOnly_127.0.0.1\tFALSE\t/\tFALSE\t4102444800\tsid\timported\n\
-         other.example.com\tFALSE\t/\tFALSE\t0\ttracker\tno\n"
-    );
-    create_secret(cp, &ns, "browser", &[("cookies.txt", &cookies)]);
+    let cookies = "# Netscape HTTP Cookie File\n#HttpOnly_127.0.0.1\tFALSE\t/\tFALSE\t4102444800\tsid\timported\n\
+                   other.example.com\tFALSE\t/\tFALSE\t0\ttracker\tno\n";
+    create_secret(cp, &ns, "browser", &[("cookies.txt", cookies)]);
     apply(
         cp,
         &ns,

@@ -201,7 +201,7 @@ pub fn matching<'a>(cookies: &'a [Cookie], url: &str) -> Vec<&'a Cookie> {
         .filter(|c| secure_ok || !c.secure)
         .collect();
     // Longer paths first (RFC 6265 §5.4); a later duplicate name is shadowed by the first.
-    out.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+    out.sort_by_key(|c| std::cmp::Reverse(c.path.len()));
     let mut seen = std::collections::HashSet::new();
     out.retain(|c| seen.insert((c.name.clone(), c.path.clone())));
     out
