@@ -97,10 +97,15 @@ pub fn generate_key(alg: JwtAlgorithm) -> Result<(SecretString, String), SignErr
             .to_string(),
     };
     let pem = SecretString::new(pem);
-    let kid = public_jwk(alg, &pem, None)?
-        .thumbprint(ThumbprintHash::SHA256)
-        .map_err(|e| SignError(format!("{:?}", e.kind())))?;
+    let kid = kid(alg, &pem)?;
     Ok((pem, kid))
+}
+
+/// The `kid` of a PEM private key: the RFC 7638 thumbprint of its public JWK.
+pub fn kid(alg: JwtAlgorithm, pem: &SecretString) -> Result<String, SignError> {
+    public_jwk(alg, pem, None)?
+        .thumbprint(ThumbprintHash::SHA256)
+        .map_err(|e| SignError(format!("{:?}", e.kind())))
 }
 
 /// The public JWK of a PEM private key, for the JWKS (`use: sig`, `alg`, `kid`).
