@@ -79,7 +79,7 @@ impl Keys {
         })
     }
 
-    fn set(&self, ring: KeyRing, metrics: &Metrics) {
+    pub(crate) fn set(&self, ring: KeyRing, metrics: &Metrics) {
         for alg in ALGORITHMS {
             let n = ring.keys.iter().filter(|k| k.algorithm == alg).count();
             metrics
