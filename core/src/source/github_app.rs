@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::{
     Issued, SecretResolver, SourceError,
-    oauth2::{describe, endpoint_label, read_body},
+    oauth2::{endpoint_label, read_body, send},
 };
 use crate::{GitHubAppSource, SecretString, timing};
 
@@ -77,18 +77,13 @@ pub async fn obtain(
     })?;
     let url = access_tokens_url(g);
     let endpoint = endpoint_label(&url);
-    let resp = http
+    let req = http
         .post(&url)
         .bearer_auth(&app_jwt)
         .header(reqwest::header::ACCEPT, "application/vnd.github+json")
         .header("X-GitHub-Api-Version", API_VERSION)
-        .json(&request_body(g))
-        .send()
-        .await
-        .map_err(|e| SourceError::FetchToken {
-            endpoint: endpoint.clone(),
-            reason: describe(&e),
-        })?;
+        .json(&request_body(g));
+    let resp = send(req, &endpoint).await?;
     let (status, body) = read_body(resp, &endpoint).await?;
     let json: Option<Value> = serde_json::from_slice(&body).ok();
     if !(200..300).contains(&status) {

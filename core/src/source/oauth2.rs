@@ -155,11 +155,7 @@ pub async fn obtain(
     if let Some((id, secret)) = basic {
         req = req.basic_auth(id, Some(secret));
     }
-    let fetch_err = |e: reqwest::Error| SourceError::FetchToken {
-        endpoint: endpoint.clone(),
-        reason: describe(&e),
-    };
-    let resp = req.send().await.map_err(fetch_err)?;
+    let resp = send(req, &endpoint).await?;
     let (status, bytes) = read_body(resp, &endpoint).await?;
     let token = parse_token_response(status, &bytes)?;
 
@@ -203,6 +199,17 @@ pub async fn obtain(
         not_before: now,
         expires_at,
         rotated_refresh_token,
+    })
+}
+
+/// Sends `req`; a failure to get an answer is a transient [`SourceError::FetchToken`] at `endpoint`.
+pub(crate) async fn send(
+    req: reqwest::RequestBuilder,
+    endpoint: &str,
+) -> Result<reqwest::Response, SourceError> {
+    req.send().await.map_err(|e| SourceError::FetchToken {
+        endpoint: endpoint.to_owned(),
+        reason: describe(&e),
     })
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{
     Issued, SecretResolver, SourceError,
-    oauth2::{describe, endpoint_label, form_encode, read_body},
+    oauth2::{endpoint_label, form_encode, read_body, send},
 };
 use crate::{CookieFormat, FormLogin, McpCredentialSpec, SecretString, SessionCheck, SessionSource, timing};
 
@@ -362,16 +362,11 @@ async fn login(
     let url = reqwest::Url::parse(&f.url)
         .map_err(|_| SourceError::Config("session.formLogin.url is not a URL".into()))?;
     let endpoint = endpoint_label(&f.url);
-    let resp = http
+    let req = http
         .post(url.clone())
         .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| SourceError::FetchToken {
-            endpoint: endpoint.clone(),
-            reason: describe(&e),
-        })?;
+        .body(body);
+    let resp = send(req, &endpoint).await?;
     let now = SystemTime::now();
     let cookies: Vec<Cookie> = resp
         .headers()
@@ -428,15 +423,7 @@ pub async fn check(
     http: &reqwest::Client,
 ) -> Result<(), SourceError> {
     let endpoint = endpoint_label(&check.url);
-    let resp = http
-        .get(&check.url)
-        .header(name, value.expose())
-        .send()
-        .await
-        .map_err(|e| SourceError::FetchToken {
-            endpoint: endpoint.clone(),
-            reason: describe(&e),
-        })?;
+    let resp = send(http.get(&check.url).header(name, value.expose()), &endpoint).await?;
     let status = resp.status().as_u16();
     let expected = check.expect_status.unwrap_or(200);
     if i32::from(status) == expected {
