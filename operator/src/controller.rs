@@ -450,16 +450,23 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
 
     // Step 4: obtain the credential (at most one token request).
     let kind = source::kind(&cred.spec);
-    if let Some(url) = cred
-        .spec
-        .source
+    // The endpoint this attempt calls, if any: a token endpoint, GitHub's API, a login form.
+    let src = &cred.spec.source;
+    let endpoint = src
         .oauth2
         .as_ref()
-        .and_then(|o| o.token_url.as_deref())
-    {
+        .and_then(|o| o.token_url.clone())
+        .or_else(|| src.github_app.as_ref().map(source::github_app::access_tokens_url))
+        .or_else(|| {
+            src.session
+                .as_ref()
+                .and_then(|s| s.form_login.as_ref())
+                .map(|f| f.url.clone())
+        });
+    if let Some(url) = endpoint {
         ctx.metrics
             .token_requests
-            .with_label_values(&[&issuer_label(url)])
+            .with_label_values(&[&issuer_label(&url)])
             .inc();
     }
     let timer = ctx.metrics.refresh_duration.start_timer();

@@ -356,12 +356,17 @@ async fn a_github_app_gets_an_installation_token_and_bad_ids_or_keys_are_named()
     apply(cp, &ns, &github_credential("github", &api, 777, "app"));
     apply(cp, &ns, &github_credential("unknown", &api, 778, "app"));
     apply(cp, &ns, &github_credential("badkey", &api, 777, "wrong"));
-    let _op = Operator::start(cp, &ns, "a", &[]);
+    let op = Operator::start(cp, &ns, "a", &[]);
     let client = client(cp).await;
     let creds: Api<McpCredential> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
 
     let cred = wait_condition(&creds, "github", "Ready", "True", Some("CredentialValid")).await;
+    let calls = format!(r#"mcp_credentials_token_endpoint_requests_total{{issuer="{api}"}}"#);
+    assert!(
+        op.metric(&calls).await >= 1.0,
+        "GitHub calls are counted by API host"
+    );
     let status = cred.status.unwrap();
     assert_eq!(status.source.as_deref(), Some("githubApp"));
     let lifetime = status.not_after.unwrap().0.as_second() - status.not_before.unwrap().0.as_second();
