@@ -725,6 +725,15 @@ async fn failed(
         ),
         None => status.condition("Ready", false, e.reason(), &message),
     }
+    // A dead session stays not Ready while logging in again fails.
+    if status
+        .next
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "SessionExpired" && c.status == "True")
+    {
+        status.session_expired_not_ready();
+    }
     ctx.memory.lock().unwrap().insert(
         key.to_owned(),
         Memory {
