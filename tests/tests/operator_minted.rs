@@ -601,3 +601,63 @@ spec:
     .await;
     wait_condition(&creds, "wiki", "SessionExpired", "False", Some("SessionAlive")).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_replica_serves_the_jwks_of_the_keys_the_leader_wrote() {
+    let (cp, ns) = setup("op-jwks-ha");
+    let ports = [free_port(), free_port()];
+    let start = |identity: &str, port: u16| {
+        let listen = format!("127.0.0.1:{port}");
+        Operator::start(
+            cp,
+            &ns,
+            identity,
+            &[
+                "--jwks-listen",
+                &listen,
+                "--jwt-issuer",
+                "https://jwks.example",
+                "--jwt-keys-secret",
+                "jwt-keys",
+            ],
+        )
+    };
+    let _leader = start("a", ports[0]);
+    let secrets: Api<Secret> = Api::namespaced(client(cp).await, &ns);
+    wait_for("the leader to write the keys", || async {
+        secrets.get_opt("jwt-keys").await.ok()?.map(|_| ())
+    })
+    .await;
+    let _standby = start("b", ports[1]);
+    let kids = |port: u16| async move {
+        let url = format!("http://127.0.0.1:{port}/.well-known/jwks.json");
+        let jwks: serde_json::Value = reqwest::get(url).await.ok()?.json().await.ok()?;
+        let mut kids: Vec<String> = jwks["keys"]
+            .as_array()?
+            .iter()
+            .filter_map(|k| k["kid"].as_str().map(str::to_owned))
+            .collect();
+        kids.sort();
+        (kids.len() == 2).then_some(kids)
+    };
+    let from_leader = wait_for("the leader's JWKS", || kids(ports[0])).await;
+    let from_standby = wait_for("the standby's JWKS", || kids(ports[1])).await;
+    assert_eq!(
+        from_leader, from_standby,
+        "one key ring, whichever replica answers"
+    );
+    let discovery: serde_json::Value = reqwest::get(format!(
+        "http://127.0.0.1:{}/.well-known/openid-configuration",
+        ports[1]
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(discovery["issuer"], "https://jwks.example");
+    assert_eq!(
+        discovery["jwks_uri"],
+        "https://jwks.example/.well-known/jwks.json"
+    );
+}
