@@ -132,13 +132,15 @@ impl KeyRing {
         mut generate: impl FnMut(JwtAlgorithm) -> Result<(SecretString, String), SignError>,
     ) -> Result<bool, SignError> {
         let now_s = unix_seconds(now);
+        let (period, prepublish) = (policy.period.as_secs(), policy.prepublish.as_secs());
         let before = self.keys.clone();
         for alg in ALGORITHMS {
             let newest = self.of(alg).map(|k| k.active_from).max();
             let active_from = match newest {
                 None => Some(now_s),
-                Some(t) if t + policy.period.as_secs() <= now_s + policy.prepublish.as_secs() => {
-                    Some((t + policy.period.as_secs()).max(now_s + policy.prepublish.as_secs()))
+                // Saturating: the times come from a Secret anyone with access could have edited.
+                Some(t) if t.saturating_add(period) <= now_s.saturating_add(prepublish) => {
+                    Some(t.saturating_add(period).max(now_s.saturating_add(prepublish)))
                 }
                 Some(_) => None,
             };
@@ -155,7 +157,7 @@ impl KeyRing {
         let ring = self.clone();
         self.keys.retain(|k| {
             ring.retired_at(k)
-                .is_none_or(|r| r > now_s || now_s < r + policy.overlap.as_secs())
+                .is_none_or(|r| r > now_s || now_s < r.saturating_add(policy.overlap.as_secs()))
         });
         self.keys.sort_by_key(|k| k.active_from);
         Ok(self.keys != before)

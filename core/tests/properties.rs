@@ -215,6 +215,28 @@ proptest! {
         }
     }
 
+    /// A ring edited by hand (any times, any keys) rotates without panicking.
+    #[test]
+    fn rotating_a_ring_with_any_times_never_panics(times in prop::collection::vec(any::<u64>(), 0..4), now in any::<u64>(), period in 1u64..u64::MAX / 2) {
+        use mcp_credentials_core::{JwtAlgorithm, SecretString, keyring::{KeyRing, Policy, RingKey}};
+        let mut ring = KeyRing {
+            keys: times
+                .iter()
+                .enumerate()
+                .map(|(i, t)| RingKey {
+                    kid: i.to_string(),
+                    algorithm: if i % 2 == 0 { JwtAlgorithm::ES256 } else { JwtAlgorithm::RS256 },
+                    active_from: *t,
+                    private_key: SecretString::new("not a key"),
+                })
+                .collect(),
+        };
+        let now = UNIX_EPOCH + Duration::from_secs(now % 100_000_000_000);
+        let generate = |_| Ok((SecretString::new("k"), "new".to_owned()));
+        prop_assert!(ring.rotate(now, &Policy::every(Duration::from_secs(period)), generate).is_ok());
+        let _ = ring.jwks();
+    }
+
     #[test]
     fn key_rings_of_any_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300), json in any_json()) {
         use mcp_credentials_core::keyring::KeyRing;
