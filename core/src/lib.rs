@@ -3,6 +3,8 @@
 
 /// The `McpCredential` custom resource (`mcpcredentials.dev/v1alpha1`), as users write it.
 pub mod crd;
+/// The signing keys of minted JWTs: rotation with overlap, and the JWKS.
+pub mod keyring;
 /// Credential material that never prints.
 pub mod redact;
 /// What the operator writes into a credential's Secret and the sidecar reads back.

@@ -160,3 +160,121 @@ proptest! {
         prop_assert!(check_url(&mapped, policy).is_err());
     }
 }
+
+/// A cookie value an exporter might write: what must never show in an error.
+fn cookie_value() -> impl Strategy<Value = String> {
+    "[A-Za-z0-9_%-]{16,40}"
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn cookie_files_of_any_text_never_panic(text in "(.|\t|\n){0,400}") {
+        use mcp_credentials_core::{CookieFormat, source::session::parse};
+        let _ = parse(&text, None);
+        let _ = parse(&text, Some(CookieFormat::Netscape));
+        let _ = parse(&text, Some(CookieFormat::Json));
+    }
+
+    #[test]
+    fn cookie_json_of_any_shape_never_panics(items in prop::collection::vec(any_json(), 0..4)) {
+        let text = serde_json::Value::from(items).to_string();
+        let _ = mcp_credentials_core::source::session::parse_json(&text);
+    }
+
+    #[test]
+    fn no_cookie_parse_error_repeats_a_value(
+        value in cookie_value(),
+        domain in prop_oneof![Just(".example.com".to_owned()), Just(String::new()), ".{0,12}"],
+        flag in prop_oneof![Just("TRUE".to_owned()), ".{0,6}"],
+        expiry in prop_oneof![Just("0".to_owned()), Just("2000000000".to_owned()), ".{0,12}"],
+        name in prop_oneof![Just("sid".to_owned()), ".{0,8}"],
+        extra_tab in any::<bool>(),
+    ) {
+        use mcp_credentials_core::source::session::{parse_json, parse_netscape};
+        let tail = if extra_tab { "\textra" } else { "" };
+        let line = format!("{domain}\t{flag}\t/\tFALSE\t{expiry}\t{name}\t{value}{tail}\n");
+        if let Err(e) = parse_netscape(&line) {
+            prop_assert!(!e.contains(&value), "the error shows the cookie value: {e}");
+        }
+        let json = serde_json::json!([{ "name": name, "value": value, "domain": domain, "expirationDate": expiry }]);
+        if let Err(e) = parse_json(&json.to_string()) {
+            prop_assert!(!e.contains(&value), "the error shows the cookie value: {e}");
+        }
+    }
+
+    #[test]
+    fn set_cookie_headers_of_any_text_never_panic(header in ".{0,200}", now in any::<u64>()) {
+        let url = reqwest::Url::parse("https://wiki.example.com/login").unwrap();
+        let now = UNIX_EPOCH + Duration::from_secs(now % 100_000_000_000);
+        let _ = mcp_credentials_core::source::session::parse_set_cookie(&header, &url, now);
+    }
+
+    /// Cookies of any domain, path and expiry, for any upstream: a header or a clear error without values.
+    #[test]
+    fn issuing_a_session_never_panics_nor_shows_a_value_in_an_error(
+        cookies in prop::collection::vec(("[a-z.]{0,16}", any::<bool>(), "/[a-z/]{0,8}", any::<bool>(), 0u64..4_000_000_000, cookie_value()), 0..5),
+        url in prop_oneof![Just("https://a.example.com/mcp".to_owned()), ".{0,30}"],
+        now in 0u64..4_000_000_000,
+    ) {
+        use mcp_credentials_core::source::session::{issue, parse_netscape};
+        let text: String = cookies
+            .iter()
+            .map(|(d, sub, p, sec, exp, v)| {
+                let b = |x: &bool| if *x { "TRUE" } else { "FALSE" };
+                format!("{d}\t{}\t{p}\t{}\t{exp}\tc\t{v}\n", b(sub), b(sec))
+            })
+            .collect();
+        if let Ok(parsed) = parse_netscape(&text)
+            && let Err(e) = issue(&parsed, &url, UNIX_EPOCH + Duration::from_secs(now), "test")
+        {
+            let shown = format!("{e} {e:?}");
+            for (.., v) in &cookies {
+                prop_assert!(!shown.contains(v.as_str()), "the error shows a cookie value: {shown}");
+            }
+        }
+    }
+
+    #[test]
+    fn github_answers_of_any_shape_never_panic_nor_show_the_token(extra in any_json(), expires in any_json(), token in "ghs_[A-Za-z0-9]{20,36}") {
+        use mcp_credentials_core::source::github_app::parse_access_token;
+        let _ = parse_access_token(Some(&extra));
+        let body = serde_json::json!({ "token": token, "expires_at": expires });
+        if let Err(e) = parse_access_token(Some(&body)) {
+            let shown = format!("{e} {e:?}");
+            prop_assert!(!shown.contains(&token), "the error shows the token: {shown}");
+        }
+    }
+
+    /// A ring edited by hand (any times, any keys) rotates without panicking.
+    #[test]
+    fn rotating_a_ring_with_any_times_never_panics(times in prop::collection::vec(any::<u64>(), 0..4), now in any::<u64>(), period in 1u64..u64::MAX / 2) {
+        use mcp_credentials_core::{JwtAlgorithm, SecretString, keyring::{KeyRing, Policy, RingKey}};
+        let mut ring = KeyRing {
+            keys: times
+                .iter()
+                .enumerate()
+                .map(|(i, t)| RingKey {
+                    kid: i.to_string(),
+                    algorithm: if i % 2 == 0 { JwtAlgorithm::ES256 } else { JwtAlgorithm::RS256 },
+                    active_from: *t,
+                    private_key: SecretString::new("not a key"),
+                })
+                .collect(),
+        };
+        let now = UNIX_EPOCH + Duration::from_secs(now % 100_000_000_000);
+        let generate = |_| Ok((SecretString::new("k"), "new".to_owned()));
+        prop_assert!(ring.rotate(now, &Policy::every(Duration::from_secs(period)), generate).is_ok());
+        let _ = ring.jwks();
+    }
+
+    #[test]
+    fn key_rings_of_any_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300), json in any_json()) {
+        use mcp_credentials_core::keyring::KeyRing;
+        let _ = KeyRing::from_json(&bytes);
+        if let Ok(ring) = KeyRing::from_json(json.to_string().as_bytes()) {
+            let _ = ring.jwks();
+        }
+    }
+}

@@ -34,17 +34,20 @@ use kube::{
     },
 };
 use mcp_credentials_core::{
-    McpCredential, McpCredentialStatus, SecretKeyRef, SecretString,
+    McpCredential, McpCredentialStatus, SecretKeyRef, SecretString, SessionCheck,
     secret::{
         CREDENTIAL_LABEL, EXPIRES_AT_KEY, HEADER_KEY_PREFIX, MANAGED_BY, MANAGED_BY_LABEL, SECRET_TYPE,
         UPSTREAM_KEY, VERSION_KEY, secret_name,
     },
-    source::{self, Issued, ResolveError, SecretResolver, SourceContext, SourceError, token_exchange},
+    source::{
+        self, Issued, ResolveError, SecretResolver, SourceContext, SourceError, session::SESSION_EXPIRED,
+        token_exchange,
+    },
     timing,
 };
 use tracing::{info, warn};
 
-use crate::metrics::Metrics;
+use crate::{keys::Keys, metrics::Metrics};
 
 /// The one field manager for every write.
 pub const FIELD_MANAGER: &str = "mcp-credentials-operator";
@@ -131,6 +134,10 @@ pub struct Context {
     /// it is newer than a status read from the watch cache, which lags behind our own writes: using
     /// it avoids a second, redundant status write when a reconcile runs on a stale object.
     written: Mutex<HashMap<String, McpCredentialStatus>>,
+    /// The signing keys of `jwt` credentials (`None`: this operator does not mint).
+    keys: Option<Arc<Keys>>,
+    /// When each session credential's liveness was last checked (a restart checks again at once).
+    checks: Mutex<HashMap<String, SystemTime>>,
 }
 
 impl Context {
@@ -147,7 +154,15 @@ impl Context {
             metrics,
             memory: Mutex::default(),
             written: Mutex::default(),
+            keys: None,
+            checks: Mutex::default(),
         }
+    }
+
+    /// Mints `jwt` credentials with `keys`.
+    pub fn with_keys(mut self, keys: Arc<Keys>) -> Self {
+        self.keys = Some(keys);
+        self
     }
 }
 
@@ -305,10 +320,12 @@ impl SecretResolver for Inputs {
 }
 
 /// What a source may read in the credential's namespace: the referenced Secrets (read once per
-/// reconcile) and, for tokenExchange, tokens of service accounts that allow it.
+/// reconcile), for tokenExchange the tokens of service accounts that allow it, and the operator's
+/// JWT signing keys.
 struct Resolver<'a> {
     inputs: &'a Inputs,
     service_accounts: Api<ServiceAccount>,
+    keys: Option<&'a Keys>,
 }
 
 impl SecretResolver for Resolver<'_> {
@@ -370,6 +387,16 @@ impl SecretResolver for Resolver<'_> {
         match issued.status.and_then(|s| s.token).filter(|t| !t.is_empty()) {
             Some(token) => Ok(SecretString::new(token)),
             None => Err(fail("the TokenRequest answer holds no token".into(), true)),
+        }
+    }
+
+    async fn signing_key(
+        &self,
+        alg: mcp_credentials_core::JwtAlgorithm,
+    ) -> Result<source::jwt::SigningKey, ResolveError> {
+        match self.keys {
+            Some(k) => k.signing_key(alg),
+            None => Err(ResolveError::NoSigningKey),
         }
     }
 }
@@ -450,18 +477,36 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         status.apply(&creds, &ctx).await?;
         return Ok(requeue_at_expiry(current.as_ref(), now));
     }
+    // Step 3a: a session's liveness check, on its own interval, with the cookies in use.
+    let session = cred.spec.source.session.as_ref();
+    let check = session.and_then(|s| s.check.as_ref());
+    let form_login = session.is_some_and(|s| s.form_login.is_some());
+    let mut session_dead = check.is_some() && status.previous_status("SessionExpired") == Some("True");
+    if let (Some(check), Some(c), Some((header, value))) =
+        (check, &current, existing.as_ref().and_then(served_header))
+        && c.valid_at(now)
+        && !inputs_changed
+        && !forced
+        && ctx.check_due(&key, check, now)
+        && let Some(alive) = check_session(&ctx, &cred, &mut status, &key, check, &header, &value, now).await
+    {
+        session_dead = !alive;
+    }
     let renewal = status.renewal;
     let due = match &current {
         None => true,
-        Some(_) => inputs_changed || forced || renewal.is_some_and(|r| r <= now),
+        // A dead session behind a form login: log in again now.
+        Some(_) => {
+            inputs_changed || forced || renewal.is_some_and(|r| r <= now) || (session_dead && form_login)
+        }
     };
     if !due {
         status.ready_describe_current(current.as_ref(), now);
+        if session_dead {
+            status.session_expired_not_ready();
+        }
         status.apply(&creds, &ctx).await?;
-        return Ok(match renewal {
-            Some(r) => Action::requeue(until(r, now)),
-            None => Action::await_change(),
-        });
+        return Ok(wake(renewal, ctx.next_check(&key, check), now));
     }
     if let Some(retry) = memory.next_retry
         && retry > now
@@ -477,16 +522,26 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     let resolver = Resolver {
         inputs: &inputs,
         service_accounts: Api::namespaced(ctx.client.clone(), &ns),
+        keys: ctx.keys.as_deref(),
     };
     let timer = ctx.metrics.refresh_duration.start_timer();
     let result = source::obtain(&name, &cred.spec, &resolver, &ctx.sources).await;
     timer.observe_duration();
     let discovered = ctx.sources.discovered(&cred.spec);
-    // The endpoint used: configured, discovered now, or (when a failure dropped it) cached before.
+    // The endpoint used: configured, discovered now, or (when a failure dropped it) cached before;
+    // GitHub's API; a login form.
+    let src = &cred.spec.source;
     let endpoint = source::configured_token_url(&cred.spec)
         .map(str::to_owned)
         .or_else(|| discovered.as_ref().and_then(|d| d.token_endpoint.clone()))
-        .or_else(|| cached.and_then(|d| d.token_endpoint));
+        .or_else(|| cached.and_then(|d| d.token_endpoint))
+        .or_else(|| src.github_app.as_ref().map(source::github_app::access_tokens_url))
+        .or_else(|| {
+            src.session
+                .as_ref()
+                .and_then(|s| s.form_login.as_ref())
+                .map(|f| f.url.clone())
+        });
     if let Some(url) = endpoint
         && result
             .as_ref()
@@ -567,6 +622,13 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     status.describe_current(Some(&new_current), cred.spec.refresh.as_ref(), &key);
     status.succeeded(kind, now);
     status.ready_describe_current(Some(&new_current), now);
+    if let Some(check) = check {
+        // New cookies: check them at once, so stale imported ones show before an agent uses them.
+        let (header, value) = source::header(&cred.spec, &issued);
+        if check_session(&ctx, &cred, &mut status, &key, check, &header, &value, now).await == Some(false) {
+            status.session_expired_not_ready();
+        }
+    }
     status.apply(&creds, &ctx).await?;
     info!(credential = %key, source = kind, expires_at = ?issued.expires_at.map(rfc3339), "refreshed");
     if after_failure {
@@ -580,10 +642,109 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         )
         .await;
     }
-    Ok(match status.renewal {
-        Some(r) => Action::requeue(until(r, SystemTime::now())),
+    Ok(wake(
+        status.renewal,
+        ctx.next_check(&key, check),
+        SystemTime::now(),
+    ))
+}
+
+/// Wakes up at the renewal or the next session check, whichever comes first.
+fn wake(renewal: Option<SystemTime>, next_check: Option<SystemTime>, now: SystemTime) -> Action {
+    match renewal.into_iter().chain(next_check).min() {
+        Some(t) => Action::requeue(until(t, now)),
         None => Action::await_change(),
+    }
+}
+
+impl Context {
+    fn check_due(&self, key: &str, check: &SessionCheck, now: SystemTime) -> bool {
+        self.checks
+            .lock()
+            .unwrap()
+            .get(key)
+            .is_none_or(|t| *t + source::session::check_interval(check) <= now)
+    }
+
+    fn next_check(&self, key: &str, check: Option<&SessionCheck>) -> Option<SystemTime> {
+        let check = check?;
+        let last = *self.checks.lock().unwrap().get(key)?;
+        Some(last + source::session::check_interval(check))
+    }
+}
+
+/// The header the credential's Secret serves: (name, value).
+fn served_header(s: &Secret) -> Option<(String, SecretString)> {
+    s.data.as_ref()?.iter().find_map(|(k, v)| {
+        let name = k.strip_prefix(HEADER_KEY_PREFIX)?;
+        Some((
+            name.to_owned(),
+            SecretString::new(String::from_utf8(v.0.clone()).ok()?),
+        ))
     })
+}
+
+/// Checks a session and records the result: the metric, the SessionExpired condition, and a
+/// Warning event when the session has just died. `Some(alive)`, or `None` when the check could
+/// not tell (the check URL is unreachable or failing: nothing changes).
+#[allow(clippy::too_many_arguments)]
+async fn check_session(
+    ctx: &Context,
+    cred: &McpCredential,
+    status: &mut StatusBuilder,
+    key: &str,
+    check: &SessionCheck,
+    header: &str,
+    value: &SecretString,
+    now: SystemTime,
+) -> Option<bool> {
+    ctx.checks.lock().unwrap().insert(key.to_owned(), now);
+    let result = source::session::check(check, header, value, ctx.sources.http()).await;
+    let label = match &result {
+        Ok(()) => "alive",
+        Err(e) if e.reason() == SESSION_EXPIRED => "expired",
+        Err(_) => "error",
+    };
+    ctx.metrics
+        .session_checks
+        .with_label_values(&[&status.namespace, &status.name, label])
+        .inc();
+    match result {
+        Ok(()) => {
+            status.condition(
+                "SessionExpired",
+                false,
+                "SessionAlive",
+                "the session check answered the expected status",
+            );
+            Some(true)
+        }
+        Err(e) if label == "expired" => {
+            let fix = if cred
+                .spec
+                .source
+                .session
+                .as_ref()
+                .is_some_and(|s| s.form_login.is_some())
+            {
+                "logging in again"
+            } else {
+                "export fresh cookies into the referenced Secret"
+            };
+            let message = format!("{e}; {fix}");
+            let newly = status.previous_status("SessionExpired") != Some("True");
+            warn!(credential = %key, error = %e, "the session has expired");
+            status.condition("SessionExpired", true, SESSION_EXPIRED, &message);
+            if newly {
+                publish(ctx, cred, EventType::Warning, SESSION_EXPIRED, "Check", &message).await;
+            }
+            Some(false)
+        }
+        Err(e) => {
+            warn!(credential = %key, error = %e, "the session check could not tell");
+            None
+        }
+    }
 }
 
 /// Records a failed attempt: status, event, metric, backoff (or ReauthRequired for invalid_grant).
@@ -643,6 +804,15 @@ async fn failed(
             &format!("the credential expired and refreshing failed: {message}"),
         ),
         None => status.condition("Ready", false, e.reason(), &message),
+    }
+    // A dead session stays not Ready while logging in again fails.
+    if status
+        .next
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "SessionExpired" && c.status == "True")
+    {
+        status.session_expired_not_ready();
     }
     ctx.memory.lock().unwrap().insert(
         key.to_owned(),
@@ -844,6 +1014,24 @@ impl StatusBuilder {
             namespace: cred.namespace().unwrap_or_default(),
             name: cred.name_any(),
         }
+    }
+
+    fn previous_status(&self, type_: &str) -> Option<&str> {
+        self.previous
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| c.status.as_str())
+    }
+
+    /// Ready=False while the session check says the session is dead.
+    fn session_expired_not_ready(&mut self) {
+        self.condition(
+            "Ready",
+            false,
+            SESSION_EXPIRED,
+            "the session check failed: see the SessionExpired condition",
+        );
     }
 
     fn previous_reason(&self, type_: &str) -> Option<&str> {

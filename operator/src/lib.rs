@@ -28,6 +28,10 @@ pub mod controller;
 mod fixtures;
 /// What the injection webhook does to a pod, as pure functions.
 pub mod inject;
+/// The JWKS and OpenID discovery endpoints for minted JWTs.
+pub mod jwks;
+/// The signing keys of minted JWTs, in a Secret the leader rotates.
+pub mod keys;
 /// Lease-based leader election.
 pub mod leader;
 /// Prometheus metrics.
@@ -142,6 +146,30 @@ pub struct Config {
     #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_CERT_VALIDITY", default_value_t = 90 * 86400, value_parser = clap::value_parser!(u64).range(60..=10 * 365 * 86400))]
     pub webhook_cert_validity: u64,
 
+    /// Mint `jwt` credentials, and serve the public keys that validate them
+    /// (`/.well-known/jwks.json`, `/.well-known/openid-configuration`) over HTTP on this address
+    /// (every replica serves them). Default: off (`jwt` credentials then fail with a clear error).
+    #[arg(long, env = "MCP_CREDENTIALS_JWKS_LISTEN")]
+    pub jwks_listen: Option<SocketAddr>,
+
+    /// The `iss` of minted JWTs: the base URL validators reach the JWKS at. Default:
+    /// `http://mcp-credentials-jwks.<operator namespace>.svc:<--jwks-listen port>`.
+    #[arg(long, env = "MCP_CREDENTIALS_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// The Secret of the operator's namespace holding the JWT signing keys (the leader creates it).
+    #[arg(
+        long,
+        env = "MCP_CREDENTIALS_JWT_KEYS_SECRET",
+        default_value = "mcp-credentials-jwt-keys"
+    )]
+    pub jwt_keys_secret: String,
+
+    /// Seconds a JWT signing key signs before its successor takes over (the old one stays in the
+    /// JWKS 25 hours more, until every token it signed has expired). Default: 30 days.
+    #[arg(long, env = "MCP_CREDENTIALS_JWT_KEY_ROTATION", default_value_t = 30 * 86400, value_parser = clap::value_parser!(u64).range(3600..=365 * 86400))]
+    pub jwt_key_rotation: u64,
+
     /// The sidecar image the webhook injects.
     #[arg(
         long,
@@ -249,18 +277,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         );
     }
 
+    let leading = Arc::new(AtomicBool::new(false));
+    let keys = match config.jwks_listen {
+        Some(addr) => Some(start_jwks(&config, addr, &client, &lease_ns, &metrics, &leading).await?),
+        None => None,
+    };
     let policy = mcp_credentials_core::source::OutboundPolicy {
         allow_loopback: config.discovery_allow_loopback,
     };
     let sources =
         mcp_credentials_core::source::SourceContext::new(Duration::from_secs(config.token_timeout), policy)
             .context("building the HTTP clients")?;
-    let ctx = Arc::new(controller::Context::new(
-        client.clone(),
-        sources,
-        metrics.clone(),
-        &identity,
-    ));
+    let mut ctx = controller::Context::new(client.clone(), sources, metrics.clone(), &identity);
+    if let Some(k) = &keys {
+        ctx = ctx.with_keys(k.clone());
+    }
+    let ctx = Arc::new(ctx);
     let election = config.leader_election.then(|| {
         leader::LeaderElection::new(
             Api::namespaced(client.clone(), &lease_ns),
@@ -279,6 +311,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         }
     }
     metrics.leader.with_label_values(&[&identity]).set(1);
+    leading.store(true, Ordering::Relaxed);
+    if let Some(k) = &keys {
+        // Create (or rotate) the keys before the first jwt credential needs one.
+        let policy =
+            mcp_credentials_core::keyring::Policy::every(Duration::from_secs(config.jwt_key_rotation));
+        if let Err(e) = k
+            .reload(
+                &Api::namespaced(client.clone(), &lease_ns),
+                &policy,
+                true,
+                &metrics,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "creating the JWT signing keys failed; retrying in the background");
+        }
+    }
     ready.store(true, Ordering::Relaxed);
     let hold = async {
         match &election {
@@ -305,6 +354,43 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         e.release().await;
     }
     result
+}
+
+/// Serves the JWKS on `addr` and keeps the signing keys current (rotated while `leading`).
+async fn start_jwks(
+    config: &Config,
+    addr: SocketAddr,
+    client: &Client,
+    namespace: &str,
+    metrics: &metrics::Metrics,
+    leading: &Arc<AtomicBool>,
+) -> anyhow::Result<Arc<keys::Keys>> {
+    let issuer = config
+        .jwt_issuer
+        .clone()
+        .unwrap_or_else(|| format!("http://mcp-credentials-jwks.{namespace}.svc:{}", addr.port()));
+    let url = reqwest::Url::parse(&issuer)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.query().is_none());
+    anyhow::ensure!(
+        url.is_some(),
+        "--jwt-issuer {issuer:?} is not an http(s) URL without a query: set it to the base URL validators reach \
+         the JWKS at, such as https://mcp-credentials-jwks.example.com"
+    );
+    let keys = Arc::new(keys::Keys::new(&issuer, &config.jwt_keys_secret, namespace));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--jwks-listen {addr}: cannot listen there"))?;
+    info!(jwks_listen = %addr, issuer = %issuer, "serving the JWKS");
+    tokio::spawn(jwks::serve(listener, keys.clone()));
+    tokio::spawn(keys::run(
+        keys.clone(),
+        Api::namespaced(client.clone(), namespace),
+        mcp_credentials_core::keyring::Policy::every(Duration::from_secs(config.jwt_key_rotation)),
+        leading.clone(),
+        metrics.clone(),
+    ));
+    Ok(keys)
 }
 
 /// Keeps self-managed webhook certificates current (leader only), or waits forever when off.

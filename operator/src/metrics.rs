@@ -27,6 +27,10 @@ pub struct Metrics {
     /// Sidecar reports (`POST /v1/report`) by result: `refresh_requested`, `already_newer`,
     /// `rate_limited`, `unauthenticated`, `forbidden`, `not_found`, `bad_request`, `error`.
     pub reports: IntCounterVec,
+    /// Session liveness checks by credential and result: `alive`, `expired`, `error`.
+    pub session_checks: IntCounterVec,
+    /// JWT signing keys in the published JWKS, by algorithm (2 while a successor or a retired key overlaps).
+    pub jwt_keys: IntGaugeVec,
 }
 
 impl Metrics {
@@ -91,6 +95,20 @@ impl Metrics {
             ),
             &["result"],
         )?;
+        let session_checks = IntCounterVec::new(
+            Opts::new(
+                p("session_checks_total"),
+                "Session liveness checks by credential and result (alive, expired, error)",
+            ),
+            &["namespace", "name", "result"],
+        )?;
+        let jwt_keys = IntGaugeVec::new(
+            Opts::new(
+                p("jwt_signing_keys"),
+                "JWT signing keys published in the JWKS, by algorithm",
+            ),
+            &["algorithm"],
+        )?;
         for c in [
             Box::new(refreshes.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(refresh_duration.clone()),
@@ -101,6 +119,8 @@ impl Metrics {
             Box::new(api_requests.clone()),
             Box::new(leader.clone()),
             Box::new(reports.clone()),
+            Box::new(session_checks.clone()),
+            Box::new(jwt_keys.clone()),
         ] {
             registry.register(c)?;
         }
@@ -115,6 +135,8 @@ impl Metrics {
             api_requests,
             leader,
             reports,
+            session_checks,
+            jwt_keys,
         })
     }
 
@@ -138,7 +160,14 @@ impl Metrics {
 pub fn api_resource(path: &str) -> &'static str {
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let status = segs.last() == Some(&"status");
-    for known in ["secrets", "mcpcredentials", "leases", "events", "tokenreviews", "serviceaccounts"] {
+    for known in [
+        "secrets",
+        "mcpcredentials",
+        "leases",
+        "events",
+        "tokenreviews",
+        "serviceaccounts",
+    ] {
         if segs.contains(&known) {
             return match (known, status) {
                 ("mcpcredentials", true) => "mcpcredentials/status",

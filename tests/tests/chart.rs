@@ -245,6 +245,17 @@ fn helm_install_creates_a_least_privilege_operator() {
         "can the operator request service-account tokens? {}",
         out.stderr
     );
+    // Validators of minted JWTs reach the JWKS through a Service on port 80.
+    let jwks = cp.kubectl(&[
+        "get",
+        "service",
+        &format!("{release}-mcp-credentials-jwks"),
+        "-n",
+        &ns,
+        "-o",
+        "jsonpath={.spec.ports[0].port}/{.spec.ports[0].targetPort}",
+    ]);
+    assert_eq!(jwks.stdout, "80/jwks", "the JWKS Service: {}", jwks.stderr);
     let hook_name = format!("{release}-mcp-credentials");
     let hook = cp.kubectl(&["get", "mutatingwebhookconfiguration", &hook_name, "-o", "json"]);
     assert!(hook.success, "the webhook is registered: {}", hook.stderr);

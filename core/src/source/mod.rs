@@ -36,9 +36,10 @@
 //!
 //! Sources implemented: `oauth2` (clientCredentials, refreshToken; client_secret_basic,
 //! client_secret_post, private_key_jwt, none), `tokenExchange` (RFC 8693 token exchange and the
-//! RFC 7523 JWT-bearer grant; the subject from a service account or a Secret) and `apiKey`; either
-//! token source discovers its token endpoint when none is configured. The others return
-//! [`SourceError::Unsupported`].
+//! RFC 7523 JWT-bearer grant; the subject from a service account or a Secret), `apiKey`, `jwt`
+//! (minted with [`SecretResolver::signing_key`]), `githubApp` and `session` (imported cookies, form
+//! login; its liveness check is [`session::check`]). Either token source discovers its token
+//! endpoint when none is configured.
 
 use std::{
     future::Future,
@@ -49,9 +50,15 @@ use crate::{McpCredentialSpec, SecretKeyRef, SecretString};
 
 /// Finding a token endpoint from the upstream's metadata (RFC 9728, RFC 8414, OpenID Connect).
 pub mod discovery;
+/// The `githubApp` source.
+pub mod github_app;
+/// The `jwt` source and the JWT signing shared by every signing source.
+pub mod jwt;
 pub mod oauth2;
 /// Checks and limits for every URL learned from a server.
 pub mod outbound;
+/// The `session` source: cookies and their liveness check (parsers public for the property tests).
+pub mod session;
 /// The `tokenExchange` source: RFC 8693 token exchange and the RFC 7523 JWT-bearer grant.
 pub mod token_exchange;
 /// Parsing token endpoint answers and JWT claims (public for the property tests).
@@ -85,6 +92,15 @@ pub trait SecretResolver: Send + Sync {
             })
         }
     }
+
+    /// The current key for minting `jwt` tokens with `alg`. Default: none (this process does not mint).
+    fn signing_key(
+        &self,
+        alg: crate::JwtAlgorithm,
+    ) -> impl Future<Output = Result<jwt::SigningKey, ResolveError>> + Send {
+        let _ = alg;
+        std::future::ready(Err(ResolveError::NoSigningKey))
+    }
 }
 
 /// Why a referenced secret could not be read.
@@ -116,6 +132,12 @@ pub enum ResolveError {
         /// True when trying again later may work (the API server did not answer).
         transient: bool,
     },
+    /// This process has no JWT signing keys (the operator mints only with `--jwks-listen`).
+    #[error(
+        "this process does not mint JWTs: run the operator with --jwks-listen (the Helm chart does), \
+         or standalone mode"
+    )]
+    NoSigningKey,
 }
 
 /// A credential just obtained from a source.
@@ -147,6 +169,23 @@ pub enum SourceError {
     /// The client assertion for private_key_jwt could not be signed.
     #[error("signing the client assertion failed (is oauth2.privateKey a PEM RSA or EC P-256 key?): {0}")]
     SignAssertion(String),
+    /// A JWT (minted token, GitHub App JWT) could not be signed.
+    #[error("signing the JWT with {field} failed (is it a PEM RSA or EC P-256 private key?): {reason}")]
+    SignJwt {
+        /// The key, as the user names it (`githubApp.privateKey`).
+        field: &'static str,
+        /// Why, without key material.
+        reason: String,
+    },
+    /// The server refused the configured credential (a GitHub App key, a session): the message
+    /// names the field to fix.
+    #[error("{message}")]
+    Rejected {
+        /// The status condition reason, such as `InstallationNotFound` or `SessionExpired`.
+        reason: &'static str,
+        /// What happened and how to fix it, without credential material.
+        message: String,
+    },
     /// The token endpoint could not be reached or did not answer in time.
     #[error("token request to {endpoint} failed: {reason}")]
     FetchToken {
@@ -231,6 +270,8 @@ impl SourceError {
             | Self::Config(_)
             | Self::ResolveSecret(_)
             | Self::SignAssertion(_)
+            | Self::SignJwt { .. }
+            | Self::Rejected { .. }
             | Self::AudienceMismatch { .. } => "config_error",
         }
     }
@@ -241,10 +282,13 @@ impl SourceError {
             Self::Unsupported(_) => "UnsupportedSource",
             Self::Config(_) => "InvalidConfiguration",
             Self::ResolveSecret(ResolveError::ServiceAccountToken { .. }) => "ServiceAccountTokenFailed",
+            Self::ResolveSecret(ResolveError::NoSigningKey) => "NoSigningKey",
             Self::ResolveSecret(_) => "SecretUnavailable",
             Self::Discovery { .. } => "DiscoveryFailed",
             Self::SubjectRejected(_) => "SubjectTokenRejected",
             Self::SignAssertion(_) => "ClientAssertionFailed",
+            Self::SignJwt { .. } => "SigningFailed",
+            Self::Rejected { reason, .. } => reason,
             Self::FetchToken { .. } => "TokenEndpointUnreachable",
             Self::InvalidGrant(_) => "InvalidGrant",
             Self::OAuthError { .. } => "TokenEndpointRejected",
@@ -359,16 +403,29 @@ pub async fn obtain(
             rotated_refresh_token: None,
         });
     }
+    if let Some(j) = &spec.source.jwt {
+        return jwt::obtain(spec, j, secrets).await;
+    }
+    if let Some(g) = &spec.source.github_app {
+        return github_app::obtain(g, secrets, ctx.http()).await;
+    }
+    if let Some(s) = &spec.source.session {
+        return session::obtain(spec, s, secrets, ctx.http()).await;
+    }
     Err(SourceError::Unsupported(kind(spec)))
 }
 
 /// The header to attach and its exact value: `spec.inject`, or the source's default
-/// (`Authorization: Bearer {token}`; a bare `{token}` for an API key in another header).
+/// (`Authorization: Bearer {token}`; a bare `{token}` for an API key in another header; `Cookie:
+/// {token}` for a session).
 pub fn header(spec: &McpCredentialSpec, issued: &Issued) -> (String, SecretString) {
     let inject = spec.inject.clone().unwrap_or_default();
-    let name = inject.header.unwrap_or_else(|| "Authorization".to_owned());
+    let session = spec.source.session.is_some();
+    let name = inject
+        .header
+        .unwrap_or_else(|| if session { "Cookie" } else { "Authorization" }.to_owned());
     let format = inject.format.unwrap_or_else(|| {
-        if spec.source.api_key.is_some() && !name.eq_ignore_ascii_case("authorization") {
+        if (session || spec.source.api_key.is_some()) && !name.eq_ignore_ascii_case("authorization") {
             "{token}".to_owned()
         } else {
             "Bearer {token}".to_owned()
@@ -425,6 +482,11 @@ impl SourceContext {
             policy,
             discovery: discovery::Cache::default(),
         })
+    }
+
+    /// The client for URLs the user configured (a GitHub API URL, a login form, a session check).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     /// What discovery found for this credential, when its source discovers (no token URL set)

@@ -2,10 +2,7 @@
 //! with `client_secret_basic`, `client_secret_post`, `private_key_jwt` or no client authentication,
 //! and the RFC 8707 `resource` on every request (refresh included) unless `quirks.omitResource`.
 
-use std::{
-    sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{
     Issued, SecretResolver, SourceContext, SourceError, TokenEndpoint,
@@ -176,17 +173,9 @@ async fn send_form(
         // RFC 6749 §2.3.1: form-encode both before Basic.
         req = req.basic_auth(form_encode(id), Some(form_encode(secret.expose())));
     }
-    let fetch_err = |reason: String| SourceError::FetchToken {
-        endpoint: endpoint_label(token_url),
-        reason,
-    };
-    let resp = req.send().await.map_err(|e| fetch_err(outbound::describe(&e)))?;
-    let status = resp.status().as_u16();
-    let bytes = match outbound::read_limited(resp, MAX_RESPONSE_BYTES).await {
-        Ok(b) => b,
-        Err(e @ ReadError::TooLarge(_)) => return Err(SourceError::BadResponse(e.to_string())),
-        Err(ReadError::Failed(why)) => return Err(fetch_err(why)),
-    };
+    let endpoint = endpoint_label(token_url);
+    let resp = send(req, &endpoint).await?;
+    let (status, bytes) = read_body(resp, &endpoint).await?;
     parse_token_response(status, &bytes)
 }
 
@@ -238,38 +227,46 @@ pub(crate) fn issued(
     })
 }
 
+/// Sends `req`; a failure to get an answer is a transient [`SourceError::FetchToken`] at `endpoint`.
+pub(crate) async fn send(
+    req: reqwest::RequestBuilder,
+    endpoint: &str,
+) -> Result<reqwest::Response, SourceError> {
+    req.send().await.map_err(|e| SourceError::FetchToken {
+        endpoint: endpoint.to_owned(),
+        reason: outbound::describe(&e),
+    })
+}
+
+/// The status and body of a response, at most [`MAX_RESPONSE_BYTES`] of it, within the client's
+/// deadline: a larger body is a bad response, a broken one a transient failure at `endpoint`.
+pub(crate) async fn read_body(
+    resp: reqwest::Response,
+    endpoint: &str,
+) -> Result<(u16, Vec<u8>), SourceError> {
+    let status = resp.status().as_u16();
+    match outbound::read_limited(resp, MAX_RESPONSE_BYTES).await {
+        Ok(bytes) => Ok((status, bytes)),
+        Err(e @ ReadError::TooLarge(_)) => Err(SourceError::BadResponse(e.to_string())),
+        Err(ReadError::Failed(reason)) => Err(SourceError::FetchToken {
+            endpoint: endpoint.to_owned(),
+            reason,
+        }),
+    }
+}
+
 /// An RFC 7523 client assertion signed with `pem` (RSA: RS256, EC P-256: ES256).
 fn client_assertion(client_id: &str, token_url: &str, pem: &SecretString) -> Result<String, SourceError> {
-    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let jti = format!(
-        "{:x}-{:x}-{:x}",
-        now.as_nanos(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
+    let now = timing::unix_seconds(SystemTime::now());
     let claims = serde_json::json!({
         "iss": client_id,
         "sub": client_id,
         "aud": token_url,
-        "iat": now.as_secs(),
-        "exp": now.as_secs() + ASSERTION_TTL.as_secs(),
-        "jti": jti,
+        "iat": now,
+        "exp": now + ASSERTION_TTL.as_secs(),
+        "jti": super::jwt::jti(),
     });
-    let pem = pem.expose().as_bytes();
-    let attempts = [
-        (Algorithm::RS256, EncodingKey::from_rsa_pem(pem)),
-        (Algorithm::ES256, EncodingKey::from_ec_pem(pem)),
-    ];
-    let mut last = String::from("not a PEM key");
-    for (alg, key) in attempts {
-        match key.and_then(|k| encode(&Header::new(alg), &claims, &k)) {
-            Ok(jwt) => return Ok(jwt),
-            Err(e) => last = format!("{:?}", e.kind()),
-        }
-    }
-    Err(SourceError::SignAssertion(last))
+    super::jwt::sign_any(&claims, pem).map_err(|e| SourceError::SignAssertion(e.0))
 }
 
 /// `application/x-www-form-urlencoded` encoding of one name or value.

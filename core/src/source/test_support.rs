@@ -17,11 +17,16 @@ use super::*;
 use crate::CredentialSource;
 
 #[derive(Default)]
-pub struct MapResolver(pub HashMap<(String, String), String>);
+pub struct MapResolver(pub HashMap<(String, String), String>, pub Option<jwt::SigningKey>);
 
 impl MapResolver {
     pub fn with(mut self, name: &str, key: &str, value: &str) -> Self {
         self.0.insert((name.into(), key.into()), value.into());
+        self
+    }
+
+    pub fn with_signing_key(mut self, key: jwt::SigningKey) -> Self {
+        self.1 = Some(key);
         self
     }
 }
@@ -35,6 +40,13 @@ impl SecretResolver for MapResolver {
                 name: r.name.clone(),
                 key: r.key.clone(),
             })
+    }
+
+    async fn signing_key(&self, alg: crate::JwtAlgorithm) -> Result<jwt::SigningKey, ResolveError> {
+        self.1
+            .clone()
+            .filter(|k| k.algorithm == alg)
+            .ok_or(ResolveError::NoSigningKey)
     }
 }
 

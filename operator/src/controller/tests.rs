@@ -175,6 +175,80 @@ mod api_budget {
         );
     }
 
+    /// A minted JWT costs the same: no referenced Secret, one Secret write, one status write.
+    #[tokio::test]
+    async fn one_jwt_mint_costs_one_secret_write_and_one_status_write() {
+        use mcp_credentials_core::{
+            JwtAlgorithm, JwtSource,
+            keyring::{KeyRing, Policy},
+        };
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(mock, "agents");
+        let sources = SourceContext::new(Duration::from_secs(1), Default::default()).unwrap();
+        let metrics = crate::metrics::Metrics::register().unwrap();
+        let keys = Arc::new(Keys::new("https://jwks.example", "jwt-keys", "ops"));
+        let mut ring = KeyRing::default();
+        ring.rotate(
+            SystemTime::now(),
+            &Policy::every(Duration::from_secs(86_400)),
+            |alg| {
+                if alg == JwtAlgorithm::ES256 {
+                    source::jwt::generate_key(alg)
+                } else {
+                    Ok((SecretString::new("unused"), "rs".into()))
+                }
+            },
+        )
+        .unwrap();
+        keys.set(ring, &metrics);
+        let ctx = Arc::new(Context::new(client, sources, metrics, "test").with_keys(keys));
+        let mut cred = cred();
+        cred.spec.source = CredentialSource {
+            jwt: Some(JwtSource {
+                subject: "agent".into(),
+                audience: None,
+                ttl: "15m".into(),
+                algorithm: JwtAlgorithm::ES256,
+                claims: BTreeMap::new(),
+            }),
+            ..Default::default()
+        };
+        let spec = cred.spec.clone();
+
+        let server = tokio::spawn(async move {
+            let (req, send) = handle.next_request().await.expect("GET the credential Secret");
+            assert_eq!(
+                req.uri().path(),
+                "/api/v1/namespaces/agents/secrets/github-mcp-credential"
+            );
+            send.send_response(json(404, serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})));
+            let mut writes = Vec::new();
+            while let Some((req, send)) = handle.next_request().await {
+                let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+                let body = http_body_bytes(req.into_body()).await;
+                let mut obj: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                if path.ends_with("/status") {
+                    obj["metadata"] = serde_json::json!({"name": "github", "namespace": "agents"});
+                    obj["spec"] = serde_json::to_value(&spec).unwrap();
+                }
+                writes.push(format!("{method} {path}"));
+                send.send_response(json(200, obj));
+            }
+            writes
+        });
+
+        let action = reconcile(Arc::new(cred), ctx).await.unwrap();
+        assert_ne!(action, Action::await_change(), "renewal before the token expires");
+        let writes = server.await.unwrap();
+        assert_eq!(
+            writes,
+            [
+                "PATCH /api/v1/namespaces/agents/secrets/github-mcp-credential",
+                "PATCH /apis/mcpcredentials.dev/v1alpha1/namespaces/agents/mcpcredentials/github/status"
+            ]
+        );
+    }
+
     async fn http_body_bytes(body: Body) -> Vec<u8> {
         use http_body_util::BodyExt;
         body.collect().await.unwrap().to_bytes().to_vec()

@@ -134,7 +134,40 @@ impl SecretFiles {
     }
 }
 
+/// Standalone `jwt` credentials sign with keys the user keeps beside the secrets:
+/// `<secrets dir>/jwt-signing-key/{es256,rs256}.pem` (PKCS#8), and the `iss` in its `issuer` file.
+/// There is no JWKS server in standalone mode: give the upstream the public key.
+const SIGNING_KEY_DIR: &str = "jwt-signing-key";
+/// The `iss` of standalone tokens when `jwt-signing-key/issuer` does not exist.
+const DEFAULT_ISSUER: &str = "urn:mcp-credentials:standalone";
+
 impl SecretResolver for SecretFiles {
+    async fn signing_key(
+        &self,
+        alg: mcp_credentials_core::JwtAlgorithm,
+    ) -> Result<source::jwt::SigningKey, ResolveError> {
+        let file = |key: &str| SecretKeyRef {
+            name: SIGNING_KEY_DIR.into(),
+            key: key.into(),
+        };
+        let key_file = format!("{alg:?}.pem").to_ascii_lowercase();
+        let pem = self.get(&file(&key_file)).await?;
+        let kid = source::jwt::kid(alg, &pem).map_err(|e| ResolveError::Unavailable {
+            name: SIGNING_KEY_DIR.into(),
+            reason: format!("{key_file} is not a PKCS#8 PEM {alg:?} private key ({})", e.0),
+        })?;
+        let issuer = match self.get(&file("issuer")).await {
+            Ok(i) if !i.is_empty() => i.expose().to_owned(),
+            _ => DEFAULT_ISSUER.to_owned(),
+        };
+        Ok(source::jwt::SigningKey {
+            kid,
+            algorithm: alg,
+            private_key_pem: pem,
+            issuer,
+        })
+    }
+
     async fn get(&self, r: &SecretKeyRef) -> Result<SecretString, ResolveError> {
         match tokio::fs::read_to_string(self.path(r)).await {
             // A trailing newline from an editor is never part of a secret.
@@ -337,6 +370,32 @@ mod tests {
         assert_eq!(c.headers[0].0, "x-api-key");
         assert_eq!(c.headers[0].1, "demo-key-change-me");
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_standalone_jwt_is_signed_with_the_key_file_and_names_its_kid() {
+        use mcp_credentials_core::{JwtAlgorithm, source::jwt};
+        let dir = std::env::temp_dir().join(format!("mcp-sidecar-standalone-jwt-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join(SIGNING_KEY_DIR)).unwrap();
+        let (pem, kid) = jwt::generate_key(JwtAlgorithm::ES256).unwrap();
+        std::fs::write(dir.join(SIGNING_KEY_DIR).join("es256.pem"), pem.expose()).unwrap();
+        std::fs::write(
+            dir.join(SIGNING_KEY_DIR).join("issuer"),
+            "https://laptop.example\n",
+        )
+        .unwrap();
+        let files = SecretFiles(dir.clone());
+        let key = files.signing_key(JwtAlgorithm::ES256).await.unwrap();
+        assert_eq!(
+            (key.kid.as_str(), key.issuer.as_str()),
+            (kid.as_str(), "https://laptop.example")
+        );
+        let missing = files.signing_key(JwtAlgorithm::RS256).await.unwrap_err();
+        assert!(missing.to_string().contains("rs256.pem"), "{missing}");
+        std::fs::write(dir.join(SIGNING_KEY_DIR).join("rs256.pem"), "not a key").unwrap();
+        let bad = files.signing_key(JwtAlgorithm::RS256).await.unwrap_err();
+        assert!(bad.to_string().contains("PKCS#8"), "{bad}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
