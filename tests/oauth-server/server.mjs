@@ -10,15 +10,34 @@
 // Test-only helpers: GET /test/refresh-token?resource=<url> mints a refresh token for rt-client
 // (standing in for a user's browser login); GET /test/stats counts token requests.
 // Prints one JSON line {"ready":true,...} on stdout when it listens.
+// Environment (both optional, for tests that restart the server):
+//   OAUTH_SIGNING_KEY_FILE   keep the token-signing key in this PEM file (created if missing), so
+//                            tokens issued before a restart still verify after it, as with a real IdP
+//   OAUTH_ISSUED_FILE        append every issued access and refresh token here, one per line, so a
+//                            test can check that none of them reaches a log
 import { createServer } from 'node:http';
-import { generateKeyPairSync, randomUUID } from 'node:crypto';
+import { appendFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { createPrivateKey, generateKeyPairSync, randomUUID } from 'node:crypto';
 import Provider from 'oidc-provider';
 
 const port = Number(process.argv[2] || 0);
 const ttl = Number(process.argv[3] || 60);
 const issuer = `http://127.0.0.1:${port}`;
 
-const signing = generateKeyPairSync('rsa', { modulusLength: 2048 });
+const keyFile = process.env.OAUTH_SIGNING_KEY_FILE;
+const issuedFile = process.env.OAUTH_ISSUED_FILE;
+function signingKey() {
+  if (keyFile && existsSync(keyFile)) return createPrivateKey(readFileSync(keyFile));
+  const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+  if (keyFile) writeFileSync(keyFile, privateKey.export({ format: 'pem', type: 'pkcs8' }), { mode: 0o600 });
+  return privateKey;
+}
+const signing = { privateKey: signingKey() };
+const recordIssued = (...tokens) => {
+  if (!issuedFile) return;
+  const lines = tokens.filter((t) => typeof t === 'string').map((t) => `${t}\n`).join('');
+  if (lines) appendFileSync(issuedFile, lines);
+};
 const client = generateKeyPairSync('ec', { namedCurve: 'P-256' });
 const clientJwk = { ...client.publicKey.export({ format: 'jwk' }), kid: 'cc-jwt', use: 'sig', alg: 'ES256' };
 
@@ -57,6 +76,9 @@ let tokenRequests = 0;
 provider.use(async (ctx, next) => {
   if (ctx.path === '/token') tokenRequests += 1;
   await next();
+  if (ctx.path === '/token' && ctx.body && typeof ctx.body === 'object') {
+    recordIssued(ctx.body.access_token, ctx.body.refresh_token);
+  }
 });
 
 async function mintRefreshToken(resource) {
@@ -70,7 +92,9 @@ async function mintRefreshToken(resource) {
     accountId, client: rtClient, grantId, gty: 'authorization_code',
     scope: 'openid offline_access read write', resource, rotations: 0, iiat: Math.floor(Date.now() / 1000),
   });
-  return rt.save();
+  const token = await rt.save();
+  recordIssued(token);
+  return token;
 }
 
 const callback = provider.callback();
