@@ -102,6 +102,9 @@ pub fn operator_binary() -> PathBuf {
                 "mcp-credentials-operator",
             ])
             .env("CARGO_TARGET_DIR", &target)
+            // Cargo sets it for this test; ring's build script tracks it, so inheriting it would
+            // rebuild ring and everything above it here, and again in the next `cargo test`.
+            .env_remove("CARGO_MANIFEST_DIR")
             .current_dir(repo_root())
             .status()
             .expect("run cargo build");
