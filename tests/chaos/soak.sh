@@ -8,7 +8,7 @@
 #
 #   tests/chaos/soak.sh [seconds]     default 480 (six rounds)
 #
-# Starts the control plane if it is not running (and stops it again); uses CARGO_TARGET_DIR if set.
+# Keeps the run's logs and report (the test prints where). Starts the control plane if it is not running (and stops it again); uses CARGO_TARGET_DIR if set.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
@@ -22,4 +22,4 @@ if $started_here; then trap 'tests/control-plane down' EXIT; fi
 
 # Build first, so the soak's clock does not include compiling.
 cargo test -q -p mcp-credentials-e2e --test chaos_soak --no-run
-MCP_SOAK_SECONDS=$seconds cargo test -q -p mcp-credentials-e2e --test chaos_soak -- --nocapture
+MCP_SOAK_SECONDS=$seconds MCP_SOAK_KEEP=1 cargo test -q -p mcp-credentials-e2e --test chaos_soak -- --nocapture

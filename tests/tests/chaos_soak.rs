@@ -115,7 +115,10 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
         wait_condition(&creds, name, "Ready", "True", None).await;
     }
     let sidecar = SidecarProcess::start(cp, &ns, &names, &dir);
-    wait_for("the sidecar is ready", || async { sidecar.ready().await.then_some(()) }).await;
+    wait_for("the sidecar is ready", || async {
+        sidecar.ready().await.then_some(())
+    })
+    .await;
 
     // Concurrent MCP clients, each keeping a session and opening a new one after a failure.
     let start = Instant::now();
@@ -123,7 +126,12 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
     let calls = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(Mutex::new(Vec::<Failure>::new()));
     let mut clients = Vec::new();
-    for (i, name) in names.iter().cycle().take(UPSTREAMS * CLIENTS_PER_UPSTREAM).enumerate() {
+    for (i, name) in names
+        .iter()
+        .cycle()
+        .take(UPSTREAMS * CLIENTS_PER_UPSTREAM)
+        .enumerate()
+    {
         let url = format!("{}/{name}", sidecar.url);
         let name = name.clone();
         let (stop, calls, failures) = (stop.clone(), calls.clone(), failures.clone());
@@ -182,13 +190,20 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
         sleep_until(at(18, round)).await;
         let mut leader = None;
         for (i, (id, op)) in operators.iter().enumerate() {
-            if op.metric(&format!(r#"mcp_credentials_leader{{identity="{id}"}}"#)).await == 1.0 {
+            if op
+                .metric(&format!(r#"mcp_credentials_leader{{identity="{id}"}}"#))
+                .await
+                == 1.0
+            {
                 leader = Some(i);
             }
         }
         let leader = leader.expect("one operator leads");
         timeline.push((start.elapsed(), Event::LeaderKilled));
-        eprintln!("[{:>6.1}s] killing the leader (SIGKILL)", start.elapsed().as_secs_f64());
+        eprintln!(
+            "[{:>6.1}s] killing the leader (SIGKILL)",
+            start.elapsed().as_secs_f64()
+        );
         operators.remove(leader).1.kill();
         let identity = format!("op-{next_identity}");
         next_identity += 1;
@@ -198,7 +213,10 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
 
         sleep_until(at(28, round)).await;
         timeline.push((start.elapsed(), Event::ApiServerRestart));
-        eprintln!("[{:>6.1}s] restarting kube-apiserver", start.elapsed().as_secs_f64());
+        eprintln!(
+            "[{:>6.1}s] restarting kube-apiserver",
+            start.elapsed().as_secs_f64()
+        );
         let restarted = tokio::task::spawn_blocking(|| {
             std::process::Command::new(repo_root().join("tests/control-plane"))
                 .arg("restart-apiserver")
@@ -209,18 +227,27 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
         .await
         .unwrap();
         assert!(restarted, "tests/control-plane restart-apiserver failed");
-        eprintln!("[{:>6.1}s] kube-apiserver is ready again", start.elapsed().as_secs_f64());
+        eprintln!(
+            "[{:>6.1}s] kube-apiserver is ready again",
+            start.elapsed().as_secs_f64()
+        );
 
         sleep_until(at(42, round)).await;
         let victim = format!("{}-mcp-credential", names[round as usize % names.len()]);
         timeline.push((start.elapsed(), Event::SecretDeleted));
-        eprintln!("[{:>6.1}s] deleting Secret {victim}", start.elapsed().as_secs_f64());
+        eprintln!(
+            "[{:>6.1}s] deleting Secret {victim}",
+            start.elapsed().as_secs_f64()
+        );
         let out = cp.kubectl(&["delete", "secret", &victim, "-n", &ns]);
         assert!(out.success, "deleting {victim}: {}", out.stderr);
 
         sleep_until(at(46, round)).await;
         timeline.push((start.elapsed(), Event::LongOAuthOutage));
-        eprintln!("[{:>6.1}s] stopping the OAuth server for 20 s", start.elapsed().as_secs_f64());
+        eprintln!(
+            "[{:>6.1}s] stopping the OAuth server for 20 s",
+            start.elapsed().as_secs_f64()
+        );
         oauth.stop();
         tokio::time::sleep(LONG_OUTAGE).await;
         oauth.resume();
@@ -279,11 +306,32 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
     // Which credentials failed after which event: a deleted Secret should hurt its own only.
     let mut who: BTreeMap<Event, BTreeMap<&str, u64>> = BTreeMap::new();
     for f in &failures {
-        *who.entry(phase(f.at)).or_default().entry(&f.credential).or_default() += 1;
+        *who.entry(phase(f.at))
+            .or_default()
+            .entry(&f.credential)
+            .or_default() += 1;
     }
     for (event, by_credential) in who {
         let list: Vec<String> = by_credential.iter().map(|(c, n)| format!("{c} ({n})")).collect();
         report.push_str(&format!("  after {}: {}\n", event.label(), list.join(", ")));
+    }
+    // When, after each event, its failures began and ended.
+    for (i, (t, event)) in timeline.iter().enumerate() {
+        let end = timeline.get(i + 1).map(|(n, _)| *n).unwrap_or(elapsed);
+        let mut span = failures
+            .iter()
+            .filter(|f| f.at >= *t && f.at < end)
+            .map(|f| f.at - *t);
+        if let Some(first) = span.next() {
+            let last = span.last().unwrap_or(first);
+            report.push_str(&format!(
+                "  {} at {:.1} s: failures from +{:.1} s to +{:.1} s\n",
+                event.label(),
+                t.as_secs_f64(),
+                first.as_secs_f64(),
+                last.as_secs_f64()
+            ));
+        }
     }
     let metrics = sidecar.metrics().await;
     let sum = |prefix: &str, containing: &str| -> f64 {
@@ -310,12 +358,17 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
     }
     report.push_str(&format!(
         "recovery after each 20 s OAuth outage (last failure after its return): {:?}\n",
-        recoveries.iter().map(|d| format!("{:.1} s", d.as_secs_f64())).collect::<Vec<_>>()
+        recoveries
+            .iter()
+            .map(|d| format!("{:.1} s", d.as_secs_f64()))
+            .collect::<Vec<_>>()
     ));
 
     // The goals.
     let outage = |t: Duration| {
-        timeline.iter().any(|(s, e)| *e == Event::LongOAuthOutage && t >= *s && t < *s + LONG_OUTAGE + RECOVERY)
+        timeline
+            .iter()
+            .any(|(s, e)| *e == Event::LongOAuthOutage && t >= *s && t < *s + LONG_OUTAGE + RECOVERY)
     };
     let mut missed = Vec::new();
     let auth: Vec<_> = failures
@@ -323,10 +376,16 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
         .filter(|f| f.cause.starts_with("upstream 401") && !outage(f.at))
         .collect();
     if !auth.is_empty() {
-        missed.push(format!("{} authentication failures while the OAuth server was reachable", auth.len()));
+        missed.push(format!(
+            "{} authentication failures while the OAuth server was reachable",
+            auth.len()
+        ));
     }
     for (from, to) in &short_outages {
-        let during: Vec<_> = failures.iter().filter(|f| f.at >= *from && f.at < *to + Duration::from_secs(5)).collect();
+        let during: Vec<_> = failures
+            .iter()
+            .filter(|f| f.at >= *from && f.at < *to + Duration::from_secs(5))
+            .collect();
         if !during.is_empty() {
             missed.push(format!(
                 "{} failures during a {} s OAuth outage shorter than the tokens' life",
@@ -346,17 +405,26 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
     }
     report.push_str(&format!(
         "goals: {}\n",
-        if missed.is_empty() { "all met".to_owned() } else { format!("MISSED: {}", missed.join("; ")) }
+        if missed.is_empty() {
+            "all met".to_owned()
+        } else {
+            format!("MISSED: {}", missed.join("; "))
+        }
     ));
     let mut samples: BTreeMap<&str, &Failure> = BTreeMap::new();
     for f in &failures {
         samples.entry(f.cause).or_insert(f);
     }
     for (cause, f) in samples {
-        report.push_str(&format!("first {cause} at {:.1} s: {}\n", f.at.as_secs_f64(), f.detail));
+        report.push_str(&format!(
+            "first {cause} at {:.1} s: {}\n",
+            f.at.as_secs_f64(),
+            f.detail
+        ));
     }
     eprintln!("{report}");
     std::fs::write(dir.join("report.txt"), &report).unwrap();
+    eprintln!("logs and report: {} (kept when a check fails)", dir.display());
     assert!(calls > 0, "no tool call succeeded");
 
     // Security: no token bytes in any log line of the run.
@@ -376,5 +444,7 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
     assert!(hits.is_empty(), "token bytes in logs: {hits:#?}");
     assert!(missed.is_empty(), "soak goals missed:{report}");
     cp.kubectl(&["delete", "namespace", &ns, "--wait=false"]);
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("MCP_SOAK_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

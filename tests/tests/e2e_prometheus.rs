@@ -36,7 +36,11 @@ async fn mcp_clients_call_three_audience_bound_servers_through_the_sidecar_while
     let mut servers = Vec::new();
     for name in NAMES {
         let server = McpServer::start(&oauth, &dir).await;
-        apply(cp, &ns, &credential_yaml(name, &server.url, &oauth.token_url(), 33));
+        apply(
+            cp,
+            &ns,
+            &credential_yaml(name, &server.url, &oauth.token_url(), 33),
+        );
         servers.push(server);
     }
     let operator = Operator::start(cp, &ns, "e2e", &[]);
@@ -48,7 +52,10 @@ async fn mcp_clients_call_three_audience_bound_servers_through_the_sidecar_while
     let names: Vec<String> = NAMES.iter().map(|n| n.to_string()).collect();
     step("credentials Ready");
     let sidecar = SidecarProcess::start(cp, &ns, &names, &dir);
-    wait_for("the sidecar is ready", || async { sidecar.ready().await.then_some(()) }).await;
+    wait_for("the sidecar is ready", || async {
+        sidecar.ready().await.then_some(())
+    })
+    .await;
     let prometheus = Prometheus::start(
         &[
             ("operator", format!("127.0.0.1:{}", operator.port)),
@@ -60,7 +67,11 @@ async fn mcp_clients_call_three_audience_bound_servers_through_the_sidecar_while
     step("sidecar ready, Prometheus started");
     // Each server takes only its own audience's token: alpha's credential opens nothing else.
     let secrets: Api<Secret> = Api::namespaced(kube, &ns);
-    let alpha = data(&secrets.get("alpha-mcp-credential").await.unwrap(), "header.Authorization").unwrap();
+    let alpha = data(
+        &secrets.get("alpha-mcp-credential").await.unwrap(),
+        "header.Authorization",
+    )
+    .unwrap();
     let post = |url: String, authorization: Option<String>| async move {
         let mut r = reqwest::Client::new()
             .post(url)
@@ -72,9 +83,21 @@ async fn mcp_clients_call_three_audience_bound_servers_through_the_sidecar_while
         }
         r.send().await.unwrap().status().as_u16()
     };
-    assert_ne!(post(servers[0].url.clone(), Some(alpha.clone())).await, 401, "alpha takes its token");
-    assert_eq!(post(servers[1].url.clone(), Some(alpha)).await, 401, "beta refuses alpha's token");
-    assert_eq!(post(servers[2].url.clone(), None).await, 401, "gamma refuses no token");
+    assert_ne!(
+        post(servers[0].url.clone(), Some(alpha.clone())).await,
+        401,
+        "alpha takes its token"
+    );
+    assert_eq!(
+        post(servers[1].url.clone(), Some(alpha)).await,
+        401,
+        "beta refuses alpha's token"
+    );
+    assert_eq!(
+        post(servers[2].url.clone(), None).await,
+        401,
+        "gamma refuses no token"
+    );
     let refused_on_purpose = 2;
 
     let first_refreshes = wait_for("Prometheus has scraped the operator", || async {
@@ -164,7 +187,9 @@ async fn mcp_clients_call_three_audience_bound_servers_through_the_sidecar_while
         "failed refreshes"
     );
     // At every scrape of the test, every expiration was still ahead (operator's and sidecar's view).
-    let ahead = q("min_over_time((min(mcp_credentials_credential_expiration_timestamp_seconds) - time())[10m:1s])").await;
+    let ahead =
+        q("min_over_time((min(mcp_credentials_credential_expiration_timestamp_seconds) - time())[10m:1s])")
+            .await;
     assert!(ahead > 0.0, "an operator expiration was {ahead} s in the past");
     let ahead = q(
         "min_over_time((min(mcp_credentials_sidecar_credential_expiration_timestamp_seconds) - time())[10m:1s])",
@@ -192,7 +217,10 @@ async fn mcp_clients_call_three_audience_bound_servers_through_the_sidecar_while
         "successful requests to every upstream"
     );
     let refused: u64 = servers.iter().map(|s| s.counts().1).sum();
-    assert_eq!(refused, refused_on_purpose, "the servers refused only the test's own probes");
+    assert_eq!(
+        refused, refused_on_purpose,
+        "the servers refused only the test's own probes"
+    );
 
     // Security: no token, refresh token or client secret in any log line of the run.
     drop(prometheus);
@@ -200,15 +228,30 @@ async fn mcp_clients_call_three_audience_bound_servers_through_the_sidecar_while
     let operator_log = operator.log.clone();
     drop(operator);
     let secrets_of_run = secrets_of_run(&oauth.issued_file());
-    assert!(secrets_of_run.len() > 2 * 9, "tokens recorded: {}", secrets_of_run.len());
+    assert!(
+        secrets_of_run.len() > 2 * 9,
+        "tokens recorded: {}",
+        secrets_of_run.len()
+    );
     let mut logs = all_logs(&dir);
     logs.push(operator_log);
     let (hits, lines) = scan_logs(&logs, &secrets_of_run);
     // The scan finds what it looks for: a line with a token cut short of its last character.
     let planted = dir.join("logs/planted.txt");
-    let token = secrets_of_run.iter().find(|s| s.matches('.').count() == 2).unwrap();
-    std::fs::write(&planted, format!("Authorization: Bearer {}\n", &token[..token.len() - 1])).unwrap();
-    assert_eq!(scan_logs(&[planted], &secrets_of_run).0.len(), 1, "the scan missed a planted token");
+    let token = secrets_of_run
+        .iter()
+        .find(|s| s.matches('.').count() == 2)
+        .unwrap();
+    std::fs::write(
+        &planted,
+        format!("Authorization: Bearer {}\n", &token[..token.len() - 1]),
+    )
+    .unwrap();
+    assert_eq!(
+        scan_logs(&[planted], &secrets_of_run).0.len(),
+        1,
+        "the scan missed a planted token"
+    );
     eprintln!(
         "log scan: {lines} lines in {} files, {} secrets: {} hits",
         logs.len(),

@@ -332,15 +332,13 @@ impl McpServer {
     pub async fn start(oauth: &OAuth, dir: &Path) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/mcp", listener.local_addr().unwrap());
-        let discovery: serde_json::Value = reqwest::get(format!(
-            "{}/.well-known/openid-configuration",
-            oauth.issuer()
-        ))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        let discovery: serde_json::Value =
+            reqwest::get(format!("{}/.well-known/openid-configuration", oauth.issuer()))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
         let gate = Arc::new(Gate {
             issuer: discovery["issuer"].as_str().unwrap().to_owned(),
             audience: url.clone(),
@@ -567,7 +565,10 @@ impl Prometheus {
         let binary = std::env::var("PROMETHEUS").unwrap_or_else(|_| "/usr/bin/prometheus".into());
         let child = Command::new(&binary)
             .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("prometheus-data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("prometheus-data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .stdout(log_file(dir, "prometheus"))
             .stderr(log_file(dir, "prometheus"))
@@ -595,7 +596,10 @@ impl Prometheus {
                 .iter()
                 .map(|s| {
                     let labels = serde_json::from_value(s["metric"].clone()).unwrap_or_default();
-                    let value = s["value"][1].as_str().and_then(|x| x.parse().ok()).unwrap_or(f64::NAN);
+                    let value = s["value"][1]
+                        .as_str()
+                        .and_then(|x| x.parse().ok())
+                        .unwrap_or(f64::NAN);
                     (labels, value)
                 })
                 .collect(),
@@ -626,7 +630,13 @@ pub fn secrets_of_run(issued_file: &Path) -> Vec<String> {
     let mut out = vec![CLIENT_SECRET.to_owned()];
     for token in text.lines().filter(|l| !l.is_empty()) {
         out.push(token.to_owned());
-        out.extend(token.split('.').skip(1).filter(|_| token.contains('.')).map(str::to_owned));
+        out.extend(
+            token
+                .split('.')
+                .skip(1)
+                .filter(|_| token.contains('.'))
+                .map(str::to_owned),
+        );
     }
     out
 }
@@ -642,7 +652,11 @@ pub fn scan_logs(logs: &[PathBuf], secrets: &[String]) -> (Vec<String>, usize) {
         .map(String::as_str)
         .filter(|s| s.len() >= 32)
         .collect();
-    let short: Vec<&str> = secrets.iter().map(String::as_str).filter(|s| s.len() < 32).collect();
+    let short: Vec<&str> = secrets
+        .iter()
+        .map(String::as_str)
+        .filter(|s| s.len() < 32)
+        .collect();
     let mut hits = Vec::new();
     let mut lines = 0;
     for path in logs {
