@@ -188,17 +188,21 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
         short_outages.push((began, start.elapsed()));
 
         sleep_until(at(18, round)).await;
-        let mut leader = None;
-        for (i, (id, op)) in operators.iter().enumerate() {
-            if op
-                .metric(&format!(r#"mcp_credentials_leader{{identity="{id}"}}"#))
-                .await
-                == 1.0
-            {
-                leader = Some(i);
+        // Leadership may be changing hands (after the last kube-apiserver restart): wait for a leader.
+        let ops = &operators;
+        let leader = wait_for("an operator leads", || async move {
+            for (i, (id, op)) in ops.iter().enumerate() {
+                if op
+                    .metric(&format!(r#"mcp_credentials_leader{{identity="{id}"}}"#))
+                    .await
+                    == 1.0
+                {
+                    return Some(i);
+                }
             }
-        }
-        let leader = leader.expect("one operator leads");
+            None
+        })
+        .await;
         timeline.push((start.elapsed(), Event::LeaderKilled));
         eprintln!(
             "[{:>6.1}s] killing the leader (SIGKILL)",
