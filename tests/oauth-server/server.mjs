@@ -120,4 +120,10 @@ server.listen(port, '127.0.0.1', () => {
     ccJwtPrivateKeyPem: client.privateKey.export({ format: 'pem', type: 'pkcs8' }),
   })}\n`);
 });
-process.on('SIGTERM', () => server.close(() => process.exit(0)));
+// A graceful stop that ends: close idle keep-alive connections too (clients that reuse a pooled
+// connection every few seconds would otherwise keep the server alive), and give open requests 1 s.
+process.on('SIGTERM', () => {
+  server.close(() => process.exit(0));
+  server.closeIdleConnections();
+  setTimeout(() => process.exit(0), 1000).unref();
+});

@@ -81,6 +81,34 @@ struct Failure {
     detail: String,
 }
 
+/// Waits until `until`, meanwhile starting a new replica for each operator that exited on its own
+/// (as the kubelet would restart its container; an operator exits when it loses the Lease).
+async fn supervise_until(
+    until: Instant,
+    cp: &mcp_credentials_e2e::ControlPlane,
+    ns: &str,
+    operators: &mut [(String, Operator)],
+    logs: &mut Vec<std::path::PathBuf>,
+    restarts: &mut u32,
+) {
+    loop {
+        for (id, op) in operators.iter_mut() {
+            if op.exited() {
+                *restarts += 1;
+                eprintln!("operator {id} exited on its own; starting it again");
+                *id = format!("{id}-r{restarts}");
+                *op = Operator::start(cp, ns, id, &["--lease-duration", LEASE_SECONDS]);
+                logs.push(op.log.clone());
+            }
+        }
+        let now = Instant::now();
+        if now >= until {
+            return;
+        }
+        tokio::time::sleep((until - now).min(Duration::from_millis(500))).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn clients_see_no_authentication_failure_through_restarts_kills_and_outages() {
     let seconds: u64 = std::env::var("MCP_SOAK_SECONDS")
@@ -174,20 +202,45 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
     let mut long_outage_returns = Vec::new();
     let mut short_outages = Vec::new();
     let at = |offset: u64, round: u32| ROUND * round + Duration::from_secs(offset);
-    let sleep_until = |t: Duration| tokio::time::sleep_until((start + t).into());
+
     let mut next_identity = operators.len();
+    let mut restarts = 0;
     let mut round = 0;
     while ROUND * (round + 1) <= Duration::from_secs(seconds.max(ROUND.as_secs())) {
-        sleep_until(at(5, round)).await;
+        supervise_until(
+            start + at(5, round),
+            cp,
+            &ns,
+            &mut operators,
+            &mut operator_logs,
+            &mut restarts,
+        )
+        .await;
         let began = start.elapsed();
         timeline.push((began, Event::OAuthRestart));
         eprintln!("[{:>6.1}s] restarting the OAuth server", began.as_secs_f64());
         oauth.stop();
-        tokio::time::sleep(SHORT_OUTAGE).await;
+        supervise_until(
+            Instant::now() + SHORT_OUTAGE,
+            cp,
+            &ns,
+            &mut operators,
+            &mut operator_logs,
+            &mut restarts,
+        )
+        .await;
         oauth.resume();
         short_outages.push((began, start.elapsed()));
 
-        sleep_until(at(18, round)).await;
+        supervise_until(
+            start + at(18, round),
+            cp,
+            &ns,
+            &mut operators,
+            &mut operator_logs,
+            &mut restarts,
+        )
+        .await;
         // Leadership may be changing hands (after the last kube-apiserver restart): wait for a leader.
         let ops = &operators;
         let leader = wait_for("an operator leads", || async move {
@@ -215,7 +268,15 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
         operator_logs.push(replacement.log.clone());
         operators.push((identity, replacement));
 
-        sleep_until(at(28, round)).await;
+        supervise_until(
+            start + at(28, round),
+            cp,
+            &ns,
+            &mut operators,
+            &mut operator_logs,
+            &mut restarts,
+        )
+        .await;
         timeline.push((start.elapsed(), Event::ApiServerRestart));
         eprintln!(
             "[{:>6.1}s] restarting kube-apiserver",
@@ -236,7 +297,15 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
             start.elapsed().as_secs_f64()
         );
 
-        sleep_until(at(42, round)).await;
+        supervise_until(
+            start + at(42, round),
+            cp,
+            &ns,
+            &mut operators,
+            &mut operator_logs,
+            &mut restarts,
+        )
+        .await;
         let victim = format!("{}-mcp-credential", names[round as usize % names.len()]);
         timeline.push((start.elapsed(), Event::SecretDeleted));
         eprintln!(
@@ -246,21 +315,45 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
         let out = cp.kubectl(&["delete", "secret", &victim, "-n", &ns]);
         assert!(out.success, "deleting {victim}: {}", out.stderr);
 
-        sleep_until(at(46, round)).await;
+        supervise_until(
+            start + at(46, round),
+            cp,
+            &ns,
+            &mut operators,
+            &mut operator_logs,
+            &mut restarts,
+        )
+        .await;
         timeline.push((start.elapsed(), Event::LongOAuthOutage));
         eprintln!(
             "[{:>6.1}s] stopping the OAuth server for 20 s",
             start.elapsed().as_secs_f64()
         );
         oauth.stop();
-        tokio::time::sleep(LONG_OUTAGE).await;
+        supervise_until(
+            Instant::now() + LONG_OUTAGE,
+            cp,
+            &ns,
+            &mut operators,
+            &mut operator_logs,
+            &mut restarts,
+        )
+        .await;
         oauth.resume();
         let back = start.elapsed();
         timeline.push((back, Event::OAuthBack));
         eprintln!("[{:>6.1}s] the OAuth server is back", back.as_secs_f64());
         long_outage_returns.push(back);
         round += 1;
-        sleep_until(ROUND * round).await;
+        supervise_until(
+            start + ROUND * round,
+            cp,
+            &ns,
+            &mut operators,
+            &mut operator_logs,
+            &mut restarts,
+        )
+        .await;
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -287,7 +380,7 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
     ];
     let mut report = format!(
         "\nsoak: {:.0} s, {round} round(s), {UPSTREAMS} upstreams, {} clients, {TOKEN_TTL}-second tokens: \
-         {calls} tool calls succeeded, {} failed\n\n{:<44}",
+         {calls} tool calls succeeded, {} failed; operators that exited on their own (restarted): {restarts}\n\n{:<44}",
         elapsed.as_secs_f64(),
         UPSTREAMS * CLIENTS_PER_UPSTREAM,
         failures.len(),
@@ -327,7 +420,7 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
             .filter(|f| f.at >= *t && f.at < end)
             .map(|f| f.at - *t);
         if let Some(first) = span.next() {
-            let last = span.last().unwrap_or(first);
+            let last = span.next_back().unwrap_or(first);
             report.push_str(&format!(
                 "  {} at {:.1} s: failures from +{:.1} s to +{:.1} s\n",
                 event.label(),

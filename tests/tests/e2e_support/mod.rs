@@ -124,12 +124,19 @@ impl OAuth {
         self.child = Some(child);
     }
 
-    /// Stops the process (SIGTERM, then waits).
+    /// Stops the process: SIGTERM, and SIGKILL if it has not exited 5 s later.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
+            for _ in 0..50 {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
             let _ = child.wait();
         }
     }
@@ -187,13 +194,16 @@ impl ServerHandler for Tools {
     }
 }
 
+/// An RSA public key from a JWK: modulus and exponent, big-endian bytes.
+type RsaKey = (Vec<u8>, Vec<u8>);
+
 /// The resource server's bearer check: an RS256 JWT signed by a key of the issuer's JWKS, with
 /// `iss` the issuer, `aud` this server's URL and `exp` not passed.
 struct Gate {
     issuer: String,
     audience: String,
     jwks_uri: String,
-    keys: Mutex<HashMap<String, (Vec<u8>, Vec<u8>)>>,
+    keys: Mutex<HashMap<String, RsaKey>>,
     log: Mutex<File>,
     accepted: AtomicU64,
     rejected: AtomicU64,

@@ -168,6 +168,11 @@ impl Operator {
         metric_value(&self.metrics().await, series)
     }
 
+    /// True once the process has exited on its own (as it does when it loses the Lease).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Kills the process at once (SIGKILL): no graceful Lease release.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
