@@ -1,6 +1,6 @@
 //! The end-to-end scenario, every part real: kube-apiserver, the independent OAuth server
-//! (oidc-provider), three MCP servers from the official Rust SDK each demanding a JWT for its own
-//! audience, the operator and the sidecar as processes, MCP clients calling tools through the
+//! (oidc-provider), four MCP servers from the official Rust SDK each demanding a JWT for its own
+//! audience (three credentials from client credentials, one from a rotating refresh token), the operator and the sidecar as processes, MCP clients calling tools through the
 //! sidecar, and the Debian package's Prometheus scraping operator and sidecar. The assertions go
 //! through PromQL; at the end every log line of the run is scanned for token bytes.
 
@@ -23,10 +23,30 @@ use operator_support::*;
 
 /// Short tokens, so that each credential is renewed twice within the test.
 const TOKEN_TTL: u64 = 12;
-const NAMES: [&str; 3] = ["alpha", "beta", "gamma"];
+const NAMES: [&str; 4] = ["alpha", "beta", "gamma", "delta"];
+/// The credential that comes from a user's refresh token (rotated on every use) instead.
+const FROM_REFRESH_TOKEN: &str = "delta";
+
+fn refresh_token_credential(name: &str, upstream: &str, token_url: &str) -> String {
+    format!(
+        r#"apiVersion: mcpcredentials.dev/v1alpha1
+kind: McpCredential
+metadata: {{ name: {name} }}
+spec:
+  upstream: {upstream}
+  source:
+    oauth2:
+      grant: refreshToken
+      tokenUrl: {token_url}
+      clientId: rt-client
+      clientSecret: {{ name: login, key: client-secret }}
+      refreshToken: {{ name: login, key: refresh-token }}
+"#
+    )
+}
 
 #[tokio::test(flavor = "multi_thread")]
-async fn mcp_clients_call_three_audience_bound_servers_through_the_sidecar_while_prometheus_watches() {
+async fn mcp_clients_call_four_audience_bound_servers_through_the_sidecar_while_prometheus_watches() {
     let started = std::time::Instant::now();
     let step = |what: &str| eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
     let (cp, ns) = setup("e2e");
@@ -36,11 +56,26 @@ async fn mcp_clients_call_three_audience_bound_servers_through_the_sidecar_while
     let mut servers = Vec::new();
     for name in NAMES {
         let server = McpServer::start(&oauth, &dir).await;
-        apply(
-            cp,
-            &ns,
-            &credential_yaml(name, &server.url, &oauth.token_url(), 33),
-        );
+        if name == FROM_REFRESH_TOKEN {
+            let login = oauth.mint_refresh_token(&server.url).await;
+            create_secret(
+                cp,
+                &ns,
+                "login",
+                &[("client-secret", RT_CLIENT_SECRET), ("refresh-token", &login)],
+            );
+            apply(
+                cp,
+                &ns,
+                &refresh_token_credential(name, &server.url, &oauth.token_url()),
+            );
+        } else {
+            apply(
+                cp,
+                &ns,
+                &credential_yaml(name, &server.url, &oauth.token_url(), 33),
+            );
+        }
         servers.push(server);
     }
     let operator = Operator::start(cp, &ns, "e2e", &[]);
@@ -143,7 +178,7 @@ async fn mcp_clients_call_three_audience_bound_servers_through_the_sidecar_while
         let renewed = prometheus
             .scalar("count(changes(mcp_credentials_credential_expiration_timestamp_seconds[10m]) >= 2)")
             .await?;
-        (renewed == 3.0).then_some(())
+        (renewed == NAMES.len() as f64).then_some(())
     })
     .await;
     // The sidecar picked up the last renewal too (it exports what it attaches).
@@ -178,7 +213,7 @@ async fn mcp_clients_call_three_audience_bound_servers_through_the_sidecar_while
     };
     let refreshes = q(r#"sum(mcp_credentials_refreshes_total{result="success"})"#).await;
     assert!(
-        refreshes >= first_refreshes + 6.0,
+        refreshes >= first_refreshes + 2.0 * NAMES.len() as f64,
         "refresh counter rose from {first_refreshes} to {refreshes}"
     );
     assert_eq!(
@@ -198,7 +233,7 @@ async fn mcp_clients_call_three_audience_bound_servers_through_the_sidecar_while
     assert!(ahead > 0.0, "a sidecar expiration was {ahead} s in the past");
     assert_eq!(
         q("count(mcp_credentials_credential_ready == 1)").await,
-        3.0,
+        NAMES.len() as f64,
         "every credential Ready"
     );
     assert_eq!(
@@ -213,7 +248,7 @@ async fn mcp_clients_call_three_audience_bound_servers_through_the_sidecar_while
     );
     assert_eq!(
         q(r#"count(sum by (credential) (mcp_credentials_sidecar_requests_total{status="200"}) > 0)"#).await,
-        3.0,
+        NAMES.len() as f64,
         "successful requests to every upstream"
     );
     let refused: u64 = servers.iter().map(|s| s.counts().1).sum();

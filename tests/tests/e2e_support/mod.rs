@@ -44,8 +44,10 @@ use mcp_credentials_e2e::{ControlPlane, repo_root};
 
 use crate::operator_support::{free_port, token_kubeconfig};
 
-/// The client secret of the OAuth client every credential of these tests uses.
+/// The client secret of the client-credentials client these tests use.
 pub const CLIENT_SECRET: &str = "cc-basic-secret";
+/// The client secret of the refresh-token client.
+pub const RT_CLIENT_SECRET: &str = "rt-client-secret";
 
 /// A folder for one run's logs and state: `<tmp>/mcp-e2e-<name>-<pid>`, emptied first.
 pub fn run_dir(name: &str) -> PathBuf {
@@ -149,6 +151,18 @@ impl OAuth {
     /// The token endpoint.
     pub fn token_url(&self) -> String {
         format!("{}/token", self.issuer())
+    }
+
+    /// A refresh token for `rt-client` bound to `resource`, as a user's login would give (recorded
+    /// among the issued tokens too).
+    pub async fn mint_refresh_token(&self, resource: &str) -> String {
+        let url = reqwest::Url::parse_with_params(
+            &format!("{}/test/refresh-token", self.issuer()),
+            [("resource", resource)],
+        )
+        .unwrap();
+        let v: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        v["refresh_token"].as_str().unwrap().to_owned()
     }
 
     /// Where every issued token is recorded.
