@@ -458,23 +458,44 @@ pub async fn call_sum(session: &Session, a: i64) -> Result<(), String> {
     }
 }
 
-/// The cause of a client-visible failure, from the error the SDK gave the client.
+/// The cause of a client-visible failure, from the error the SDK gave the client. Matches the SDK's
+/// structured parts (`AuthRequired`, `status: 503`), never bare numbers, which ports contain too.
 pub fn cause(error: &str) -> &'static str {
-    if error.contains("401") || error.contains("AuthRequired") || error.contains("invalid_token") {
+    let status =
+        |code: &str| error.contains(&format!("status: {code}")) || error.contains(&format!("HTTP {code}"));
+    if error.contains("AuthRequired") || error.contains("invalid_token") || status("401") {
         "upstream 401 (authentication)"
-    } else if error.contains("403") || error.contains("InsufficientScope") {
+    } else if error.contains("InsufficientScope") || status("403") {
         "upstream 403"
-    } else if error.contains("503") {
+    } else if status("503") {
         "sidecar 503 (credential expired or missing)"
-    } else if error.contains("502") || error.contains("504") {
+    } else if status("502") || status("504") {
         "sidecar 502/504 (upstream unreachable)"
+    } else if error.contains("timed out") {
+        "timeout"
     } else if error.to_ascii_lowercase().contains("connect") {
         "connection to the sidecar"
-    } else if error.contains("timed out") || error.contains("Timeout") {
-        "timeout"
     } else {
         "other"
     }
+}
+
+#[test]
+fn causes_come_from_the_sdks_error_not_from_port_numbers() {
+    let at = "http://127.0.0.1:40150/upstream-1";
+    assert_eq!(
+        cause(&format!(
+            "{at}: Transport(HttpStatus(HttpStatusError {{ status: 503, retry_after: None }}))"
+        )),
+        "sidecar 503 (credential expired or missing)"
+    );
+    assert_eq!(
+        cause(&format!(
+            "{at}: AuthRequired(AuthRequiredError {{ www_authenticate_header: \"Bearer error=\\\"invalid_token\\\"\" }})"
+        )),
+        "upstream 401 (authentication)"
+    );
+    assert_eq!(cause("http://127.0.0.1:35037/x: error sending request"), "other");
 }
 
 // ---- The sidecar -----------------------------------------------------------------------------------
