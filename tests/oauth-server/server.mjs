@@ -20,8 +20,14 @@
 // Test-only helpers: GET /test/refresh-token?resource=<url> mints a refresh token for rt-client
 // (standing in for a user's browser login); GET /test/stats counts token requests.
 // Prints one JSON line {"ready":true,...} on stdout when it listens.
+// Environment (both optional, for tests that restart the server):
+//   OAUTH_SIGNING_KEY_FILE   keep the token-signing key in this PEM file (created if missing), so
+//                            tokens issued before a restart still verify after it, as with a real IdP
+//   OAUTH_ISSUED_FILE        append every issued access and refresh token here, one per line, so a
+//                            test can check that none of them reaches a log
 import { createServer } from 'node:http';
-import { generateKeyPairSync, randomUUID } from 'node:crypto';
+import { appendFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { createPrivateKey, generateKeyPairSync, randomUUID } from 'node:crypto';
 import { createLocalJWKSet, jwtVerify } from 'jose';
 import Provider, { errors } from 'oidc-provider';
 
@@ -42,7 +48,20 @@ await new Promise((resolve) => server.listen(Number(process.argv[2] || 0), '127.
 const { port } = server.address();
 const issuer = `http://127.0.0.1:${port}`;
 
-const signing = generateKeyPairSync('rsa', { modulusLength: 2048 });
+const keyFile = process.env.OAUTH_SIGNING_KEY_FILE;
+const issuedFile = process.env.OAUTH_ISSUED_FILE;
+function signingKey() {
+  if (keyFile && existsSync(keyFile)) return createPrivateKey(readFileSync(keyFile));
+  const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+  if (keyFile) writeFileSync(keyFile, privateKey.export({ format: 'pem', type: 'pkcs8' }), { mode: 0o600 });
+  return privateKey;
+}
+const signing = { privateKey: signingKey() };
+const recordIssued = (...tokens) => {
+  if (!issuedFile) return;
+  const lines = tokens.filter((t) => typeof t === 'string').map((t) => `${t}\n`).join('');
+  if (lines) appendFileSync(issuedFile, lines);
+};
 const client = generateKeyPairSync('ec', { namedCurve: 'P-256' });
 const clientJwk = { ...client.publicKey.export({ format: 'jwk' }), kid: 'cc-jwt', use: 'sig', alg: 'ES256' };
 const resourceServerInfo = (resource) => ({
@@ -91,6 +110,9 @@ let tokenRequests = 0;
 provider.use(async (ctx, next) => {
   if (ctx.path === '/token') tokenRequests += 1;
   await next();
+  if (ctx.path === '/token' && ctx.body && typeof ctx.body === 'object') {
+    recordIssued(ctx.body.access_token, ctx.body.refresh_token);
+  }
 });
 
 async function mintRefreshToken(resource) {
@@ -104,7 +126,9 @@ async function mintRefreshToken(resource) {
     accountId, client: rtClient, grantId, gty: 'authorization_code',
     scope: 'openid offline_access read write', resource, rotations: 0, iiat: Math.floor(Date.now() / 1000),
   });
-  return rt.save();
+  const token = await rt.save();
+  recordIssued(token);
+  return token;
 }
 
 // Workload identity: verify the presented JWT against the trusted issuer's keys, then issue an
@@ -162,4 +186,10 @@ process.stdout.write(`${JSON.stringify({
   ready: true, port, issuer,
   ccJwtPrivateKeyPem: client.privateKey.export({ format: 'pem', type: 'pkcs8' }),
 })}\n`);
-process.on('SIGTERM', () => server.close(() => process.exit(0)));
+// A graceful stop that ends: close idle keep-alive connections too (clients that reuse a pooled
+// connection every few seconds would otherwise keep the server alive), and give open requests 1 s.
+process.on('SIGTERM', () => {
+  server.close(() => process.exit(0));
+  server.closeIdleConnections();
+  setTimeout(() => process.exit(0), 1000).unref();
+});

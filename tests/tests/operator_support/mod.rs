@@ -115,6 +115,9 @@ pub fn workspace_binary(package: &str) -> PathBuf {
     let status = Command::new(cargo)
         .args(["build", "-q", "-p", package, "--bin", package])
         .env("CARGO_TARGET_DIR", &target)
+        // Cargo sets it for this test; ring's build script tracks it, so inheriting it would
+        // rebuild ring and everything above it here, and again in the next `cargo test`.
+        .env_remove("CARGO_MANIFEST_DIR")
         .current_dir(repo_root())
         .status()
         .expect("run cargo build");
@@ -176,6 +179,11 @@ impl Operator {
     /// The value of one metric series (`name{labels}` exactly as exposed), 0 when absent.
     pub async fn metric(&self, series: &str) -> f64 {
         metric_value(&self.metrics().await, series)
+    }
+
+    /// True once the process has exited on its own (as it does when it loses the Lease).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     /// Kills the process at once (SIGKILL): no graceful Lease release.
