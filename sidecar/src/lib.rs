@@ -4,6 +4,10 @@
 use std::{future::Future, net::SocketAddr};
 
 use axum::{Router, serve::ListenerExt};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
 use tokio::{net::TcpListener, sync::watch};
 
 pub mod admin;
@@ -108,7 +112,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (stop, stopped) = watch::channel(false);
     let servers = futures_util::future::join(
         serve(proxy_listener, proxy::app(proxy), stopped.clone()),
-        serve(admin_listener, admin::app(store, metrics), stopped),
+        serve_admin(admin_listener, admin::app(store, metrics), stopped),
     );
     tokio::pin!(servers);
     tokio::select! {
@@ -125,9 +129,56 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-/// Serves `app` on `listener` until `stop` turns true, then waits for open connections.
-pub async fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) {
-    // Small requests and SSE events go out at once instead of waiting for Nagle's algorithm.
+/// Serves the proxy on `listener` until `stop` turns true, then waits for open connections. Each
+/// connection is one hyper connection (HTTP/1.1, or HTTP/2 with prior knowledge) with the proxy as
+/// its service; HTTP/1 connections keep their own upstream connection.
+pub async fn serve(listener: TcpListener, app: proxy::App, mut stop: watch::Receiver<bool>) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stopped);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = &mut stopped => break,
+        };
+        // Small requests and SSE events go out at once instead of waiting for Nagle's algorithm.
+        let _ = tcp.set_nodelay(true);
+        let connection = builder
+            .serve_connection(TokioIo::new(tcp), app.connection())
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "agent connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// A failed accept: a connection reset before it was accepted is nothing; anything else (out of
+/// file descriptors) is logged, and accepting pauses so the loop does not spin.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset) {
+        return;
+    }
+    tracing::error!(error = %e, "accept failed");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+}
+
+/// Serves the admin `app` on `listener` until `stop` turns true, then waits for open connections.
+async fn serve_admin(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) {
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
