@@ -35,8 +35,9 @@ pub const POOL_IDLE_TIMEOUT: (&str, &str) = ("MCP_SIDECAR_POOL_IDLE_TIMEOUT", "5
 /// The largest request header section accepted (431 above it). Twice nginx's 4 × 8 KiB default
 /// buffers: room for large cookies and JWTs, while a runaway agent cannot make the sidecar hold much.
 pub const MAX_HEADER_BYTES: (&str, &str) = ("MCP_SIDECAR_MAX_HEADER_BYTES", "65536");
-/// Tokio worker threads. One agent is the only client, and one core proxies tens of thousands of
-/// requests a second; a sidecar's CPU limit is usually one core or less.
+/// Threads serving agent connections, each a single-threaded event loop that keeps the connections
+/// dealt to it (like nginx's `worker_processes`). One agent is the only client, and one core proxies
+/// tens of thousands of requests a second; a sidecar's CPU limit is usually one core or less.
 pub const WORKER_THREADS: (&str, &str) = ("MCP_SIDECAR_WORKER_THREADS", "1");
 /// How often the credentials directory is re-read. The kubelet updates projected volumes within
 /// about a minute; reading a few small files four times a second costs nothing and adds no delay
@@ -108,7 +109,7 @@ pub struct Config {
     pub client: ClientSettings,
     /// Request header limit in bytes.
     pub max_header_bytes: usize,
-    /// Tokio worker threads.
+    /// Threads serving agent connections.
     pub worker_threads: usize,
     /// Directory re-read interval.
     pub file_poll_interval: Duration,

@@ -15,17 +15,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // One worker: everything runs on this thread (no hand-offs between threads, no work stealing).
-    let runtime = if config.worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(config.worker_threads);
-        builder
-    }
-    .enable_all()
-    .build()
-    .expect("the tokio runtime starts");
+    // A single-threaded event loop; `run` starts one more per further worker thread and deals agent
+    // connections among them (no work stealing, no hand-offs between threads).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
     match runtime.block_on(run(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
