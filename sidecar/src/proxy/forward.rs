@@ -47,7 +47,8 @@ pub(crate) struct Own {
     authority: http::uri::Authority,
     host: HeaderValue,
     sender: http1::SendRequest<Body>,
-    idle_since: Instant,
+    /// When its last request started (an idle period is at least as long as measured from there).
+    last_used: Instant,
 }
 
 /// Settings of the upstream client.
@@ -147,10 +148,11 @@ impl UpstreamClient {
         &self,
         local: Option<&Mutex<Local>>,
         request: Request<Body>,
+        now: Instant,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
         match local {
             Some(local) if request.uri().scheme() == Some(&Scheme::HTTP) => {
-                self.send_own(local, request).await
+                self.send_own(local, request, now).await
             }
             _ => Ok(self.pool.request(request).await?),
         }
@@ -160,6 +162,7 @@ impl UpstreamClient {
         &self,
         local: &Mutex<Local>,
         request: Request<Body>,
+        now: Instant,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
         let (mut parts, body) = request.into_parts();
         let mut uri = std::mem::take(&mut parts.uri).into_parts();
@@ -171,14 +174,16 @@ impl UpstreamClient {
             .expect("connection state")
             .upstream
             .take()
-            .filter(|own| own.authority == authority && own.idle_since.elapsed() < self.idle_timeout);
+            .filter(|own| {
+                own.authority == authority && now.saturating_duration_since(own.last_used) < self.idle_timeout
+            });
         let mut request = Request::from_parts(parts, body);
         let mut own = match reusable {
             Some(mut own) => match own.sender.ready().await {
                 Ok(()) => {
                     request.headers_mut().insert(header::HOST, own.host.clone());
                     match own.sender.try_send_request(request).await {
-                        Ok(response) => return Ok(self.keep(local, own, response)),
+                        Ok(response) => return Ok(keep(local, own, response, now)),
                         // The upstream closed the idle connection before reading the request: it
                         // was never sent, so it goes out once more on a new connection.
                         Err(mut e) => match e.take_message() {
@@ -186,30 +191,19 @@ impl UpstreamClient {
                             None => return Err(e.into_error().into()),
                         },
                     }
-                    self.connect(authority).await?
+                    Box::pin(self.connect(authority)).await?
                 }
-                Err(_) => self.connect(authority).await?,
+                Err(_) => Box::pin(self.connect(authority)).await?,
             },
-            None => self.connect(authority).await?,
+            None => Box::pin(self.connect(authority)).await?,
         };
         request.headers_mut().insert(header::HOST, own.host.clone());
         let response = own.sender.send_request(request).await?;
-        Ok(self.keep(local, own, response))
+        Ok(keep(local, own, response, now))
     }
 
-    /// Puts the connection back for the agent connection's next request (it is ready again once
-    /// this response's body has been read to the end).
-    fn keep(
-        &self,
-        local: &Mutex<Local>,
-        mut own: Own,
-        response: http::Response<Incoming>,
-    ) -> http::Response<Incoming> {
-        own.idle_since = Instant::now();
-        local.lock().expect("connection state").upstream = Some(own);
-        response
-    }
-
+    /// Opens a new connection; callers box this rare, large future so that every request's own
+    /// future stays small (hyper moves it, and moving costs its size).
     async fn connect(&self, authority: http::uri::Authority) -> Result<Own, UpstreamError> {
         let uri = Uri::builder()
             .scheme(Scheme::HTTP)
@@ -232,7 +226,7 @@ impl UpstreamClient {
             authority,
             host,
             sender,
-            idle_since: Instant::now(),
+            last_used: Instant::now(),
         })
     }
 }
@@ -277,7 +271,7 @@ pub(super) async fn forward(
     // Dropping this future (the agent went away) drops the upstream request: that is the cancellation.
     let result = proxy
         .client
-        .send(local, http::Request::from_parts(parts, body))
+        .send(local, http::Request::from_parts(parts, body), started)
         .await;
     handles.upstream_duration.observe(started.elapsed().as_secs_f64());
     let mut response = match result {
@@ -293,7 +287,7 @@ pub(super) async fn forward(
             .inc();
     }
     if let (true, Some((method, uri, mut headers, bytes))) = (replay::worth_replaying(reason), again)
-        && let Some(newer) = replay::newer_credential(&proxy.store, &name, &used).await
+        && let Some(newer) = Box::pin(replay::newer_credential(&proxy.store, &name, &used)).await
     {
         for (header, _) in &used.headers {
             headers.remove(header);
@@ -306,7 +300,7 @@ pub(super) async fn forward(
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
         tracing::info!(credential = %name, version = %newer.version, "replaying once with the new credential");
-        response = match proxy.client.send(local, request).await {
+        response = match Box::pin(proxy.client.send(local, request, Instant::now())).await {
             Ok(response) => response,
             Err(source) => return ProxyError::Upstream { name, source }.into_response(),
         };
@@ -327,6 +321,19 @@ pub(super) async fn forward(
         None => Body::new(body),
     };
     Response::from_parts(parts, body)
+}
+
+/// Puts the connection back for the agent connection's next request (it is ready again once this
+/// response's body has been read to the end).
+fn keep(
+    local: &Mutex<Local>,
+    mut own: Own,
+    response: http::Response<Incoming>,
+    started: Instant,
+) -> http::Response<Incoming> {
+    own.last_used = started;
+    local.lock().expect("connection state").upstream = Some(own);
+    response
 }
 
 /// The upstream path the agent's `/<name><rest>` was routed to.

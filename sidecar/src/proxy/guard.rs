@@ -59,9 +59,13 @@ fn is_loopback_authority(authority: &[u8]) -> bool {
         },
         None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
     };
-    let host = host.to_ascii_lowercase();
-    host == "localhost"
-        || host.ends_with(".localhost")
+    // Compared without allocating: this runs on every request.
+    let suffix = host
+        .len()
+        .checked_sub(".localhost".len())
+        .and_then(|i| host.get(i..));
+    host.eq_ignore_ascii_case("localhost")
+        || suffix.is_some_and(|s| s.eq_ignore_ascii_case(".localhost"))
         || host
             .parse::<std::net::Ipv4Addr>()
             .is_ok_and(|ip| ip.is_loopback())

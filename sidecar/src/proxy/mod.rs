@@ -21,6 +21,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use http::{Request, Version};
+use http_body::Body as _;
 
 use crate::{metrics::Metrics, store::Store};
 
@@ -106,7 +107,12 @@ impl App {
             // connection. HTTP/2 streams run side by side (an SSE stream next to POSTs): pool them.
             let local =
                 matches!(request.version(), Version::HTTP_10 | Version::HTTP_11).then(|| local.clone());
-            async move { Ok(app.answer(local, request.map(Body::new)).await) }
+            // Most requests (GET, DELETE) have no body: nothing to box.
+            let request = request.map(|b| match b.is_end_stream() {
+                true => Body::empty(),
+                false => Body::new(b),
+            });
+            async move { Ok(app.answer(local, request).await) }
         })
     }
 }
