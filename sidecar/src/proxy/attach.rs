@@ -37,6 +37,7 @@ pub(super) fn attach(
             last_failure: routed.slot.last_failure.clone(),
         }));
     }
+    // `insert` replaces every value the agent sent under the same name.
     for (name, value) in &credential.headers {
         headers.insert(name.clone(), value.clone());
     }

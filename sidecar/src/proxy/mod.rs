@@ -143,7 +143,7 @@ async fn handle(
     guard::guard(proxy, &request)?;
     let routed = route::route(proxy, request.uri(), cached)?;
     let handles = used.insert(routed.handles.clone());
-    strip::strip(request.headers_mut(), routed.slot.current.as_deref());
+    strip::strip(request.headers_mut());
     let credential = attach::attach(proxy, &routed, request.headers_mut())?;
     Ok(forward::forward(proxy, local, handles, routed, credential, request).await)
 }

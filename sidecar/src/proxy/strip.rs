@@ -3,21 +3,15 @@
 
 use http::{HeaderMap, HeaderName, header};
 
-use crate::credential::Credential;
-
-/// Strips the agent's credentials and connection headers; `attached` is the credential about to be
-/// attached (its header names are removed too, whatever they are).
-pub(super) fn strip(headers: &mut HeaderMap, attached: Option<&Credential>) {
+/// Strips the agent's credentials and connection headers. The headers of the credential about to be
+/// attached need no removal here: attaching replaces every value the agent sent under their names
+/// (`HeaderMap::insert`), and a request that gets no credential is not forwarded at all.
+pub(super) fn strip(headers: &mut HeaderMap) {
     strip_connection_headers(headers);
     // The agent's Host names the sidecar; the upstream's is set from the URI.
     headers.remove(header::HOST);
     headers.remove(header::AUTHORIZATION);
     headers.remove(header::COOKIE);
-    if let Some(credential) = attached {
-        for (name, _) in &credential.headers {
-            headers.remove(name);
-        }
-    }
 }
 
 /// Removes hop-by-hop headers and every header the `Connection` header names (RFC 9110 §7.6.1).

@@ -130,6 +130,7 @@ async fn the_agents_credentials_are_stripped_and_the_current_one_attached() {
             .header("authorization", "Bearer agent-token")
             .header("cookie", "session=agent")
             .header("x-api-key", "agent-key")
+            .header("x-api-key", "agent-key-2")
             .header("proxy-authorization", "Basic Zm9vOmJhcg==")
             .header("connection", "keep-alive, x-private")
             .header("x-private", "hop")
