@@ -29,8 +29,9 @@ pub const EXTRA_CA_FILE: (&str, &str) = ("MCP_SIDECAR_EXTRA_CA_FILE", "");
 /// Give up connecting to an upstream after this long: long enough for a slow TLS handshake across
 /// a continent, short enough that an agent learns quickly that an upstream is down.
 pub const CONNECT_TIMEOUT: (&str, &str) = ("MCP_SIDECAR_CONNECT_TIMEOUT", "10s");
-/// Close pooled upstream connections idle this long: below the 60 s idle timeout of common cloud load
-/// balancers, so the sidecar closes first and never writes into a connection being torn down.
+/// Close pooled upstream connections idle this long, and replace an agent connection's own one that
+/// sat idle this long: below the 60 s idle timeout of common cloud load balancers, so the sidecar
+/// closes first and never writes into a connection being torn down.
 pub const POOL_IDLE_TIMEOUT: (&str, &str) = ("MCP_SIDECAR_POOL_IDLE_TIMEOUT", "55s");
 /// The largest request header section accepted (431 above it). Twice nginx's 4 × 8 KiB default
 /// buffers: room for large cookies and JWTs, while a runaway agent cannot make the sidecar hold much.
