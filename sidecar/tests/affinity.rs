@@ -1,5 +1,6 @@
-//! Each HTTP/1 agent connection keeps its own upstream connection: requests of one agent connection
-//! reuse it, two agent connections never share one, and a connection the upstream closed is replaced.
+//! Each HTTP/1 agent connection keeps its own upstream connections: requests of one agent connection
+//! reuse them (one per upstream), two agent connections never share one, and a connection the
+//! upstream closed is replaced.
 
 use std::{
     convert::Infallible,
@@ -79,4 +80,22 @@ async fn an_agent_connection_keeps_its_own_upstream_connection() {
     assert_eq!(get(&first, url("/a")).await, "3");
     assert_eq!(get(&first, url("/a")).await, "3");
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn one_agent_connection_keeps_a_connection_to_each_upstream_it_uses() {
+    let (one, accepted_one) = upstream().await;
+    let (two, accepted_two) = upstream().await;
+    let store = mcp_credentials_sidecar::store::Store::new(["one".to_owned(), "two".to_owned()]);
+    store.set("one", common::credential(&one, "key", "1", None));
+    store.set("two", common::credential(&two, "key", "1", None));
+    let sidecar = common::sidecar_with_store(store).await;
+    let agent = reqwest::Client::builder().http1_only().build().unwrap();
+    for _ in 0..3 {
+        for name in ["one", "two"] {
+            assert_eq!(get(&agent, format!("{}/{name}/a", sidecar.url)).await, "1");
+        }
+    }
+    assert_eq!(accepted_one.load(Ordering::SeqCst), 1);
+    assert_eq!(accepted_two.load(Ordering::SeqCst), 1);
 }

@@ -42,6 +42,10 @@ pub struct UpstreamClient {
     idle_timeout: Duration,
 }
 
+/// How many upstreams one agent connection keeps a connection to: an agent's HTTP client may send
+/// requests for several credentials over one keep-alive connection to the sidecar.
+const MAX_OWN: usize = 8;
+
 /// An agent connection's own HTTP/1.1 connection to a plain-http upstream.
 pub(crate) struct Own {
     authority: http::uri::Authority,
@@ -169,14 +173,13 @@ impl UpstreamClient {
         let authority = uri.authority.take().ok_or("the upstream URI has no authority")?;
         // HTTP/1.1 sends the origin form and the upstream's Host.
         parts.uri = Uri::from(uri.path_and_query.take().ok_or("the upstream URI has no path")?);
-        let reusable = local
-            .lock()
-            .expect("connection state")
-            .upstream
-            .take()
-            .filter(|own| {
-                own.authority == authority && now.saturating_duration_since(own.last_used) < self.idle_timeout
-            });
+        let reusable = {
+            let mut local = local.lock().expect("connection state");
+            let found = local.upstream.iter().position(|own| own.authority == authority);
+            found
+                .map(|i| local.upstream.swap_remove(i))
+                .filter(|own| now.saturating_duration_since(own.last_used) < self.idle_timeout)
+        };
         let mut request = Request::from_parts(parts, body);
         let mut own = match reusable {
             Some(mut own) => match own.sender.ready().await {
@@ -332,7 +335,14 @@ fn keep(
     started: Instant,
 ) -> http::Response<Incoming> {
     own.last_used = started;
-    local.lock().expect("connection state").upstream = Some(own);
+    let upstream = &mut local.lock().expect("connection state").upstream;
+    if upstream.len() == MAX_OWN {
+        // The one used least recently goes (its connection closes).
+        if let Some(oldest) = (0..upstream.len()).min_by_key(|&i| upstream[i].last_used) {
+            upstream.swap_remove(oldest);
+        }
+    }
+    upstream.push(own);
     response
 }
 

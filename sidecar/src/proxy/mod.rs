@@ -59,11 +59,11 @@ pub fn app(proxy: Proxy) -> App {
     App(Arc::new(proxy))
 }
 
-/// What one agent connection keeps between its requests: its own upstream connection and the
+/// What one agent connection keeps between its requests: its own upstream connections and the
 /// metric handles of the credential it used last, so neither is looked up again on every request.
 #[derive(Default)]
 pub(crate) struct Local {
-    upstream: Option<forward::Own>,
+    upstream: Vec<forward::Own>,
     handles: Option<Arc<measure::Handles>>,
 }
 
