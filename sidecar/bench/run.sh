@@ -3,8 +3,10 @@
 # same static header, upstream keep-alive) and the sidecar (release build), each limited to the same
 # number of workers (nginx worker_processes = sidecar MCP_SIDECAR_WORKER_THREADS = 1, then 2), in front
 # of one small upstream that refuses requests without the header. Load: wrk, keep-alive, 1/16/64
-# connections, BENCH_DURATION each (default 3s); then an SSE stream of timestamped events per target.
-# Loopback only. Needs: cargo, nginx, wrk, curl (`apt-get install -y nginx wrk curl`).
+# connections, BENCH_DURATION each (default 3s), BENCH_REPEAT rounds (default 3) taking the targets in
+# turn so that load from other processes hits all of them alike; each cell is the median of the
+# rounds, and the spread column gives the lowest and highest req/s. Then an SSE stream of timestamped
+# events per target. Loopback only. Needs: cargo, nginx, wrk, curl (`apt-get install -y nginx wrk curl`).
 #
 #   sidecar/bench/run.sh            prints a Markdown report (also written to $BENCH_OUT if set)
 set -euo pipefail
@@ -13,6 +15,7 @@ duration=${BENCH_DURATION:-3s}
 conns=${BENCH_CONNECTIONS:-"1 16 64"}
 workers=${BENCH_WORKERS:-"1 2"}
 sse_events=${BENCH_SSE_EVENTS:-200}
+repeat=${BENCH_REPEAT:-3}
 up_port=18080 nginx_port=18081 sidecar_port=18082 admin_port=18083
 
 for tool in nginx wrk curl cargo; do
@@ -31,6 +34,10 @@ wait_http() { for _ in $(seq 1 100); do curl -s -o /dev/null "$1" && return 0; s
 mem() { local f=$2 total=0 p; for p in $1 $(pgrep -P "$1" || true); do total=$((total + $(awk -v f="$f:" '$1==f{print $2}' /proc/$p/status))); done; echo $total; }
 # CPU time in clock ticks (user + system) of a process and its children.
 cpu() { local total=0 p; for p in $1 $(pgrep -P "$1" || true); do total=$((total + $(awk '{print $14 + $15}' /proc/$p/stat))); done; echo $total; }
+# The median of numbers given as arguments.
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {m = int((NR + 1) / 2); if (NR % 2) print v[m]; else print (v[m] + v[m + 1]) / 2}'; }
+# "lowest–highest" of numbers given as arguments, without decimals.
+spread() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.0f–%.0f", lo, hi}'; }
 # wrk's "50%  12.34us" to microseconds.
 us() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print n }'; }
 
@@ -93,7 +100,7 @@ report="$work/report.md"
 {
     echo "## mcp-credentials sidecar benchmark"
     echo
-    echo "$(date -u +%FT%TZ), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(nginx -v 2>&1), wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'), $duration per run, wrk -t1, keep-alive."
+    echo "$(date -u +%FT%TZ), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(nginx -v 2>&1), wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'), $duration per run, $repeat rounds (medians), wrk -t1, keep-alive, load average before: $(cut -d' ' -f1-3 /proc/loadavg)."
     echo "The upstream (2 threads) answers 401 without the injected header; every run below had 0 non-2xx answers unless noted."
 } > "$report"
 
@@ -106,29 +113,39 @@ for w in $workers; do
         echo
         echo "### $w worker(s)"
         echo
-        echo "| target | conns | req/s | p50 µs | p99 µs | req/s vs nginx | p99 vs nginx | p50 added vs none µs | CPU s / 100k req |"
-        echo "|---|---|---|---|---|---|---|---|---|"
+        echo "| target | conns | req/s | req/s spread | p50 µs | p99 µs | req/s vs nginx | p99 vs nginx | p50 added vs none µs | CPU s / 100k req | CPU vs nginx |"
+        echo "|---|---|---|---|---|---|---|---|---|---|---|"
     } >> "$report"
-    declare -A rps p50 p99
     for c in $conns; do
-        for t in none nginx sidecar; do
-            before=0; [ -n "${pid[$t]}" ] && before=$(cpu "${pid[$t]}")
-            out=$(wrk -t1 -c"$c" -d"$duration" --latency -H 'Authorization: Bearer agent-token' -H 'X-API-Key: bench-key' "${url[$t]}")
-            after=0; [ -n "${pid[$t]}" ] && after=$(cpu "${pid[$t]}")
-            if echo "$out" | grep -q "Non-2xx"; then echo "bench: $t answered non-2xx: $out" >&2; exit 1; fi
-            requests=$(echo "$out" | awk '/requests in/ {print $1}')
-            rps[$t]=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-            p50[$t]=$(us "$(echo "$out" | awk '$1=="50%" {print $2}')")
-            p99[$t]=$(us "$(echo "$out" | awk '$1=="99%" {print $2}')")
-            cpu100k="-"
-            [ -n "${pid[$t]}" ] && cpu100k=$(awk -v d=$((after - before)) -v r="$requests" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", d / hz / r * 100000}')
-            # Only the none row cannot be compared with nginx; the none row's own "added" is 0.
-            vs_rps=$(awk -v a="${rps[$t]}" -v b="${rps[nginx]:-0}" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "-"}')
-            vs_p99=$(awk -v a="${p99[$t]}" -v b="${p99[nginx]:-0}" 'BEGIN {if (b > 0) printf "%.2f", a / b; else print "-"}')
-            added=$(awk -v a="${p50[$t]}" -v b="${p50[none]}" 'BEGIN {printf "%.0f", a - b}')
-            echo "| $t | $c | ${rps[$t]} | ${p50[$t]} | ${p99[$t]} | $vs_rps | $vs_p99 | $added | $cpu100k |" >> "$report"
+        declare -A all_rps=() all_p50=() all_p99=() all_cpu=()
+        for _ in $(seq 1 "$repeat"); do
+            for t in none nginx sidecar; do
+                before=0; [ -n "${pid[$t]}" ] && before=$(cpu "${pid[$t]}")
+                out=$(wrk -t1 -c"$c" -d"$duration" --latency -H 'Authorization: Bearer agent-token' -H 'X-API-Key: bench-key' "${url[$t]}")
+                after=0; [ -n "${pid[$t]}" ] && after=$(cpu "${pid[$t]}")
+                if echo "$out" | grep -q "Non-2xx"; then echo "bench: $t answered non-2xx: $out" >&2; exit 1; fi
+                requests=$(echo "$out" | awk '/requests in/ {print $1}')
+                all_rps[$t]+=" $(echo "$out" | awk '/Requests\/sec/ {print $2}')"
+                all_p50[$t]+=" $(us "$(echo "$out" | awk '$1=="50%" {print $2}')")"
+                all_p99[$t]+=" $(us "$(echo "$out" | awk '$1=="99%" {print $2}')")"
+                [ -n "${pid[$t]}" ] && all_cpu[$t]+=" $(awk -v d=$((after - before)) -v r="$requests" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.3f", d / hz / r * 100000}')"
+            done
         done
-        unset rps p50 p99; declare -A rps p50 p99
+        declare -A rps=() p50=() p99=() cpu100k=()
+        for t in none nginx sidecar; do
+            # shellcheck disable=SC2086 # the lists are space-separated numbers
+            rps[$t]=$(median ${all_rps[$t]}); p50[$t]=$(median ${all_p50[$t]}); p99[$t]=$(median ${all_p99[$t]})
+            # shellcheck disable=SC2086
+            [ -n "${pid[$t]}" ] && cpu100k[$t]=$(median ${all_cpu[$t]})
+        done
+        for t in none nginx sidecar; do
+            # Only the none row is not compared with nginx; the none row's own "added" is 0.
+            ratio() { [ "$t" = none ] && { echo -; return; }; awk -v a="$1" -v b="$2" 'BEGIN {if (a != "" && b > 0) printf "%.2f", a / b; else print "-"}'; }
+            added=$(awk -v a="${p50[$t]}" -v b="${p50[none]}" 'BEGIN {printf "%.0f", a - b}')
+            cpu_cell=$(awk -v v="${cpu100k[$t]:-}" 'BEGIN {if (v == "") print "-"; else printf "%.2f", v}')
+            # shellcheck disable=SC2086
+            echo "| $t | $c | $(printf '%.0f' "${rps[$t]}") | $(spread ${all_rps[$t]}) | ${p50[$t]} | ${p99[$t]} | $(ratio "${rps[$t]}" "${rps[nginx]}") | $(ratio "${p99[$t]}" "${p99[nginx]}") | $added | $cpu_cell | $(ratio "${cpu100k[$t]:-}" "${cpu100k[nginx]}") |" >> "$report"
+        done
     done
     {
         echo

@@ -29,14 +29,16 @@ pub const EXTRA_CA_FILE: (&str, &str) = ("MCP_SIDECAR_EXTRA_CA_FILE", "");
 /// Give up connecting to an upstream after this long: long enough for a slow TLS handshake across
 /// a continent, short enough that an agent learns quickly that an upstream is down.
 pub const CONNECT_TIMEOUT: (&str, &str) = ("MCP_SIDECAR_CONNECT_TIMEOUT", "10s");
-/// Close pooled upstream connections idle this long: below the 60 s idle timeout of common cloud load
-/// balancers, so the sidecar closes first and never writes into a connection being torn down.
+/// Close pooled upstream connections idle this long, and replace an agent connection's own one that
+/// sat idle this long: below the 60 s idle timeout of common cloud load balancers, so the sidecar
+/// closes first and never writes into a connection being torn down.
 pub const POOL_IDLE_TIMEOUT: (&str, &str) = ("MCP_SIDECAR_POOL_IDLE_TIMEOUT", "55s");
 /// The largest request header section accepted (431 above it). Twice nginx's 4 × 8 KiB default
 /// buffers: room for large cookies and JWTs, while a runaway agent cannot make the sidecar hold much.
 pub const MAX_HEADER_BYTES: (&str, &str) = ("MCP_SIDECAR_MAX_HEADER_BYTES", "65536");
-/// Tokio worker threads. One agent is the only client, and one core proxies tens of thousands of
-/// requests a second; a sidecar's CPU limit is usually one core or less.
+/// Threads serving agent connections, each a single-threaded event loop that keeps the connections
+/// dealt to it (like nginx's `worker_processes`). One agent is the only client, and one core proxies
+/// tens of thousands of requests a second; a sidecar's CPU limit is usually one core or less.
 pub const WORKER_THREADS: (&str, &str) = ("MCP_SIDECAR_WORKER_THREADS", "1");
 /// How often the credentials directory is re-read. The kubelet updates projected volumes within
 /// about a minute; reading a few small files four times a second costs nothing and adds no delay
@@ -133,7 +135,7 @@ pub struct Config {
     pub client: ClientSettings,
     /// Request header limit in bytes.
     pub max_header_bytes: usize,
-    /// Tokio worker threads.
+    /// Threads serving agent connections.
     pub worker_threads: usize,
     /// Directory re-read interval.
     pub file_poll_interval: Duration,

@@ -73,7 +73,7 @@ pub enum ProxyError {
         name: Arc<str>,
         /// The cause, logged here and never sent to the agent.
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: crate::proxy::UpstreamError,
     },
 }
 

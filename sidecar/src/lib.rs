@@ -4,6 +4,10 @@
 use std::{future::Future, net::SocketAddr};
 
 use axum::{Router, serve::ListenerExt};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
 use tokio::{net::TcpListener, sync::watch};
 
 pub mod admin;
@@ -122,9 +126,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         max_header_bytes: config.max_header_bytes,
     };
     let (stop, stopped) = watch::channel(false);
+    // This thread serves its share of agent connections; each further worker is a thread with its
+    // own event loop that serves the connections dealt to it, like nginx's worker processes.
+    let workers = (1..config.worker_threads).map(|_| worker()).collect();
     let servers = futures_util::future::join(
-        serve(proxy_listener, proxy::app(proxy), stopped.clone()),
-        serve(admin_listener, admin::app(store, metrics), stopped),
+        serve_on(proxy_listener, proxy::app(proxy), stopped.clone(), workers),
+        serve_admin(admin_listener, admin::app(store, metrics), stopped),
     );
     tokio::pin!(servers);
     tokio::select! {
@@ -141,9 +148,111 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     Ok(())
 }
 
-/// Serves `app` on `listener` until `stop` turns true, then waits for open connections.
-pub async fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) {
-    // Small requests and SSE events go out at once instead of waiting for Nagle's algorithm.
+/// Serves the proxy on `listener` until `stop` turns true, then waits for open connections. Each
+/// connection is one hyper connection (HTTP/1.1, or HTTP/2 with prior knowledge) with the proxy as
+/// its service; HTTP/1 connections keep their own upstream connection.
+pub async fn serve(listener: TcpListener, app: proxy::App, stop: watch::Receiver<bool>) {
+    serve_on(listener, app, stop, Vec::new()).await;
+}
+
+/// A thread with a single-threaded runtime of its own, serving the connections spawned on its handle
+/// until the process exits.
+fn worker() -> tokio::runtime::Handle {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a worker runtime starts");
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("proxy-worker".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .expect("a worker thread starts");
+    handle
+}
+
+/// [`serve`], dealing connections in turn to this runtime and to each of `workers`. A connection
+/// stays on the thread it was dealt to, with its upstream connection: no hand-offs between threads.
+async fn serve_on(
+    listener: TcpListener,
+    app: proxy::App,
+    mut stop: watch::Receiver<bool>,
+    workers: Vec<tokio::runtime::Handle>,
+) {
+    let mut turn = 0;
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stopped);
+    loop {
+        let tcp = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            () = &mut stopped => break,
+        };
+        // Small requests and SSE events go out at once instead of waiting for Nagle's algorithm.
+        let _ = tcp.set_nodelay(true);
+        turn = (turn + 1) % (workers.len() + 1);
+        let Some(worker) = workers.get(turn.wrapping_sub(1)) else {
+            serve_connection(&builder, &graceful, &app, tcp);
+            continue;
+        };
+        // The socket moves to the worker's event loop, so its readiness wakes that thread only.
+        let Ok(tcp) = tcp.into_std() else { continue };
+        let (builder, watcher, app) = (builder.clone(), graceful.watcher(), app.clone());
+        worker.spawn(async move {
+            let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else {
+                return;
+            };
+            let connection = builder
+                .serve_connection(TokioIo::new(tcp), app.connection())
+                .into_owned();
+            if let Err(e) = watcher.watch(connection).await {
+                tracing::debug!(error = %e, "agent connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Serves one agent connection on the current runtime.
+fn serve_connection(
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: &GracefulShutdown,
+    app: &proxy::App,
+    tcp: tokio::net::TcpStream,
+) {
+    let connection = builder
+        .serve_connection(TokioIo::new(tcp), app.connection())
+        .into_owned();
+    let connection = graceful.watch(connection);
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "agent connection ended with an error");
+        }
+    });
+}
+
+/// A failed accept: a connection reset before it was accepted is nothing; anything else (out of
+/// file descriptors) is logged, and accepting pauses so the loop does not spin.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset) {
+        return;
+    }
+    tracing::error!(error = %e, "accept failed");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+}
+
+/// Serves the admin `app` on `listener` until `stop` turns true, then waits for open connections.
+async fn serve_admin(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) {
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });

@@ -64,6 +64,8 @@ async fn the_binary_serves_a_credentials_directory_reloads_it_and_stops_on_sigte
             .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
             .env("MCP_SIDECAR_CREDENTIALS", "demo")
             .env("MCP_SIDECAR_CREDENTIALS_DIR", &dir)
+            // A second worker thread: the first agent connection is dealt to it.
+            .env("MCP_SIDECAR_WORKER_THREADS", "2")
             .spawn()
             .unwrap(),
     );

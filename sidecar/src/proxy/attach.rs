@@ -1,47 +1,45 @@
-//! Layer: attach the current credential, or refuse with 503 when there is none or it has expired. An
+//! Step: attach the current credential, or refuse with 503 when there is none or it has expired. An
 //! expired credential is never sent.
 
 use std::sync::Arc;
 
-use axum::{
-    extract::{Request, State},
-    middleware::Next,
-    response::{IntoResponse, Response},
-};
+use http::HeaderMap;
 use jiff::Timestamp;
 
 use super::{Proxy, Routed};
-use crate::error::ProxyError;
+use crate::{credential::Credential, error::ProxyError};
 
-pub(super) async fn attach(State(proxy): State<Arc<Proxy>>, mut request: Request, next: Next) -> Response {
-    let Some(routed) = request.extensions().get::<Routed>() else {
-        // Unreachable through `app`: the router answers every request it cannot route.
-        return ProxyError::BadPath("it matches no route").into_response();
-    };
+/// Attaches the routed credential to `headers` (after [`strip`](super::strip), so nothing the agent
+/// sent can replace it) and returns it.
+pub(super) fn attach(
+    proxy: &Proxy,
+    routed: &Routed,
+    headers: &mut HeaderMap,
+) -> Result<Arc<Credential>, ProxyError> {
     let refuse = |e: ProxyError| {
         proxy
             .metrics
             .expired_refusals
             .with_label_values(&[&routed.name])
             .inc();
-        e.into_response()
+        e
     };
     let Some(credential) = routed.slot.current.clone() else {
-        return refuse(ProxyError::CredentialUnavailable {
+        return Err(refuse(ProxyError::CredentialUnavailable {
             name: routed.name.clone(),
             last_failure: routed.slot.last_failure.clone(),
-        });
+        }));
     };
-    if credential.is_expired(Timestamp::now()) {
-        return refuse(ProxyError::CredentialExpired {
+    if credential.expires_at.is_some() && credential.is_expired(Timestamp::now()) {
+        return Err(refuse(ProxyError::CredentialExpired {
             name: routed.name.clone(),
             expired_at: credential.expires_at.unwrap_or_default(),
             last_failure: routed.slot.last_failure.clone(),
-        });
+        }));
     }
-    let headers = request.headers_mut();
+    // `insert` replaces every value the agent sent under the same name.
     for (name, value) in &credential.headers {
         headers.insert(name.clone(), value.clone());
     }
-    next.run(request).await
+    Ok(credential)
 }

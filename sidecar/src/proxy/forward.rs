@@ -1,14 +1,21 @@
-//! The handler at the bottom of the stack: send the request to the upstream with the pooled client
-//! and stream the answer back. Bodies flow frame by frame both ways; nothing is buffered.
+//! The last step: send the request to the upstream and stream the answer back. Bodies flow frame by
+//! frame both ways; nothing is buffered. An HTTP/1 agent connection keeps its own upstream connection
+//! for plain-http upstreams (no pool lookup, no task per request, and MCP sessions stay on one
+//! connection); HTTPS upstreams share a pool (one TLS handshake, HTTP/2 by ALPN).
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    error::Error as StdError,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::{
     body::Body,
-    extract::{Request, State},
     response::{IntoResponse, Response},
 };
-use http::{HeaderMap, Method, StatusCode, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version, header, uri::Scheme};
+use hyper::{body::Incoming, client::conn::http1};
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -16,12 +23,37 @@ use hyper_util::{
 };
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use tokio::time::Instant;
+use tower::ServiceExt;
 
-use super::{Proxy, Routed, replay, sse::EndpointRewrite, strip::strip_connection_headers};
-use crate::error::ProxyError;
+use super::{
+    Local, Proxy, Routed, measure::Handles, replay, sse::EndpointRewrite, strip::strip_connection_headers,
+};
+use crate::{credential::Credential, error::ProxyError};
 
-/// The pooled HTTP/1.1 + HTTP/2 (ALPN) client to every upstream.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Body>;
+/// Why an upstream exchange failed (logged, never sent to the agent).
+pub type UpstreamError = Box<dyn StdError + Send + Sync>;
+
+/// The client to every upstream: a pool (HTTP/1.1 and HTTP/2 by ALPN) and the plain TCP connector
+/// that agent connections use for their own upstream connections.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    pool: Client<HttpsConnector<HttpConnector>, Body>,
+    tcp: HttpConnector,
+    idle_timeout: Duration,
+}
+
+/// How many upstreams one agent connection keeps a connection to: an agent's HTTP client may send
+/// requests for several credentials over one keep-alive connection to the sidecar.
+const MAX_OWN: usize = 8;
+
+/// An agent connection's own HTTP/1.1 connection to a plain-http upstream.
+pub(crate) struct Own {
+    authority: http::uri::Authority,
+    host: HeaderValue,
+    sender: http1::SendRequest<Body>,
+    /// When its last request started (an idle period is at least as long as measured from there).
+    last_used: Instant,
+}
 
 /// Settings of the upstream client.
 #[derive(Clone, Debug)]
@@ -63,7 +95,7 @@ pub enum ClientError {
     Tls(#[source] rustls::Error),
 }
 
-/// Builds the pooled client: rustls with the system roots plus `extra_ca_file`, HTTP/2 by ALPN.
+/// Builds the client: rustls with the system roots plus `extra_ca_file`, HTTP/2 by ALPN.
 pub fn upstream_client(settings: &ClientSettings) -> Result<UpstreamClient, ClientError> {
     let mut roots = rustls::RootCertStore::empty();
     // Unreadable system certificates are skipped: the extra CA may be all this deployment needs.
@@ -100,28 +132,129 @@ pub fn upstream_client(settings: &ClientSettings) -> Result<UpstreamClient, Clie
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
+        .wrap_connector(http.clone());
+    let pool = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(settings.pool_idle_timeout)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(connector))
+        .build(connector);
+    Ok(UpstreamClient {
+        pool,
+        tcp: http,
+        idle_timeout: settings.pool_idle_timeout,
+    })
 }
 
-pub(super) async fn forward(State(proxy): State<Arc<Proxy>>, mut request: Request) -> Response {
-    let Some(Routed {
+impl UpstreamClient {
+    /// Sends `request` (absolute URI): on the agent connection's own upstream connection when there is
+    /// `local` state and the upstream is plain http, otherwise through the pool.
+    async fn send(
+        &self,
+        local: Option<&Mutex<Local>>,
+        request: Request<Body>,
+        now: Instant,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
+        match local {
+            Some(local) if request.uri().scheme() == Some(&Scheme::HTTP) => {
+                self.send_own(local, request, now).await
+            }
+            _ => Ok(self.pool.request(request).await?),
+        }
+    }
+
+    async fn send_own(
+        &self,
+        local: &Mutex<Local>,
+        request: Request<Body>,
+        now: Instant,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
+        let (mut parts, body) = request.into_parts();
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        let authority = uri.authority.take().ok_or("the upstream URI has no authority")?;
+        // HTTP/1.1 sends the origin form and the upstream's Host.
+        parts.uri = Uri::from(uri.path_and_query.take().ok_or("the upstream URI has no path")?);
+        let reusable = {
+            let mut local = local.lock().expect("connection state");
+            let found = local.upstream.iter().position(|own| own.authority == authority);
+            found
+                .map(|i| local.upstream.swap_remove(i))
+                .filter(|own| now.saturating_duration_since(own.last_used) < self.idle_timeout)
+        };
+        let mut request = Request::from_parts(parts, body);
+        let mut own = match reusable {
+            Some(mut own) => match own.sender.ready().await {
+                Ok(()) => {
+                    request.headers_mut().insert(header::HOST, own.host.clone());
+                    match own.sender.try_send_request(request).await {
+                        Ok(response) => return Ok(keep(local, own, response, now)),
+                        // The upstream closed the idle connection before reading the request: it
+                        // was never sent, so it goes out once more on a new connection.
+                        Err(mut e) => match e.take_message() {
+                            Some(unsent) => request = unsent,
+                            None => return Err(e.into_error().into()),
+                        },
+                    }
+                    Box::pin(self.connect(authority)).await?
+                }
+                Err(_) => Box::pin(self.connect(authority)).await?,
+            },
+            None => Box::pin(self.connect(authority)).await?,
+        };
+        request.headers_mut().insert(header::HOST, own.host.clone());
+        let response = own.sender.send_request(request).await?;
+        Ok(keep(local, own, response, now))
+    }
+
+    /// Opens a new connection; callers box this rare, large future so that every request's own
+    /// future stays small (hyper moves it, and moving costs its size).
+    async fn connect(&self, authority: http::uri::Authority) -> Result<Own, UpstreamError> {
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()?;
+        let io = self.tcp.clone().oneshot(uri).await?;
+        let (sender, connection) = http1::Builder::new().handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "upstream connection closed");
+            }
+        });
+        // Like the pool's client: the port is left out when it is the default.
+        let host = match authority.port_u16() {
+            Some(80) => HeaderValue::from_str(authority.host())?,
+            _ => HeaderValue::from_str(authority.as_str())?,
+        };
+        Ok(Own {
+            authority,
+            host,
+            sender,
+            last_used: Instant::now(),
+        })
+    }
+}
+
+pub(super) async fn forward(
+    proxy: &Proxy,
+    local: Option<&Mutex<Local>>,
+    handles: &Handles,
+    routed: Routed,
+    used: Arc<Credential>,
+    request: Request<Body>,
+) -> Response {
+    let Routed {
         name,
-        slot,
         upstream_uri: Some(uri),
-    }) = request.extensions_mut().remove::<Routed>()
+        ..
+    } = routed
     else {
         return ProxyError::BadPath("it matches no route").into_response();
     };
     let (mut parts, body) = request.into_parts();
-    // A GET stream may be the legacy HTTP+SSE transport; its relative `endpoint` resolves against this path.
-    let get_path = (parts.method == Method::GET).then(|| uri.path().to_owned());
-    parts.uri = uri;
-    // The pooled connection decides between HTTP/1.1 and HTTP/2; the agent's version says nothing about it.
+    // The agent's URI, for the legacy SSE transport's `endpoint` (resolved against the upstream path).
+    let agent_uri = std::mem::replace(&mut parts.uri, uri);
+    let is_get = parts.method == Method::GET;
+    // The connection decides between HTTP/1.1 and HTTP/2; the agent's version says nothing about it.
     parts.version = Version::HTTP_11;
     parts.extensions = Default::default();
     // Small bodies are kept, so the request can be sent again after the upstream rejects the credential.
@@ -139,12 +272,11 @@ pub(super) async fn forward(State(proxy): State<Arc<Proxy>>, mut request: Reques
     });
     let started = Instant::now();
     // Dropping this future (the agent went away) drops the upstream request: that is the cancellation.
-    let result = proxy.client.request(http::Request::from_parts(parts, body)).await;
-    proxy
-        .metrics
-        .upstream_duration
-        .with_label_values(&[&name])
-        .observe(started.elapsed().as_secs_f64());
+    let result = proxy
+        .client
+        .send(local, http::Request::from_parts(parts, body), started)
+        .await;
+    handles.upstream_duration.observe(started.elapsed().as_secs_f64());
     let mut response = match result {
         Ok(response) => response,
         Err(source) => return ProxyError::Upstream { name, source }.into_response(),
@@ -157,9 +289,8 @@ pub(super) async fn forward(State(proxy): State<Arc<Proxy>>, mut request: Reques
             .with_label_values(&[&name, reason])
             .inc();
     }
-    if let (true, Some((method, uri, mut headers, bytes)), Some(used)) =
-        (replay::worth_replaying(reason), again, slot.current.as_ref())
-        && let Some(newer) = replay::newer_credential(&proxy.store, &name, used, reason).await
+    if let (true, Some((method, uri, mut headers, bytes))) = (replay::worth_replaying(reason), again)
+        && let Some(newer) = Box::pin(replay::newer_credential(&proxy.store, &name, &used, reason)).await
     {
         for (header, _) in &used.headers {
             headers.remove(header);
@@ -172,33 +303,53 @@ pub(super) async fn forward(State(proxy): State<Arc<Proxy>>, mut request: Reques
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
         tracing::info!(credential = %name, version = %newer.version, "replaying once with the new credential");
-        response = match proxy.client.request(request).await {
+        response = match Box::pin(proxy.client.send(local, request, Instant::now())).await {
             Ok(response) => response,
             Err(source) => return ProxyError::Upstream { name, source }.into_response(),
         };
     }
     let (mut parts, body) = response.into_parts();
     strip_connection_headers(&mut parts.headers);
-    let is_sse = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
+    let is_sse = is_get
+        && parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+            v.as_bytes()
+                .trim_ascii_start()
+                .get(..17)
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
         });
-    let body = match (get_path, slot.current) {
-        // The legacy transport's `endpoint` event must point back through the sidecar.
-        (Some(path), Some(credential)) if is_sse => Body::new(EndpointRewrite::new(
-            body,
-            &name,
-            credential.upstream.clone(),
-            path,
-        )),
-        _ => Body::new(body),
+    // A GET stream may be the legacy HTTP+SSE transport: its `endpoint` event must point back
+    // through the sidecar, resolved against the upstream path of this request.
+    let body = match is_sse.then(|| upstream_path(&used, &name, &agent_uri)).flatten() {
+        Some(path) => Body::new(EndpointRewrite::new(body, &name, used.upstream.clone(), path)),
+        None => Body::new(body),
     };
     Response::from_parts(parts, body)
+}
+
+/// Puts the connection back for the agent connection's next request (it is ready again once this
+/// response's body has been read to the end).
+fn keep(
+    local: &Mutex<Local>,
+    mut own: Own,
+    response: http::Response<Incoming>,
+    started: Instant,
+) -> http::Response<Incoming> {
+    own.last_used = started;
+    let upstream = &mut local.lock().expect("connection state").upstream;
+    if upstream.len() == MAX_OWN {
+        // The one used least recently goes (its connection closes).
+        if let Some(oldest) = (0..upstream.len()).min_by_key(|&i| upstream[i].last_used) {
+            upstream.swap_remove(oldest);
+        }
+    }
+    upstream.push(own);
+    response
+}
+
+/// The upstream path the agent's `/<name><rest>` was routed to.
+fn upstream_path(credential: &Credential, name: &str, agent_uri: &Uri) -> Option<String> {
+    let rest = agent_uri.path().get(1 + name.len()..)?;
+    Some(credential.upstream.join(rest, None).ok()?.path().to_owned())
 }
 
 /// Why the upstream refused the credential, from its status and `WWW-Authenticate` (RFC 6750 §3.1).

@@ -3,19 +3,12 @@
 //! browser must never reach it from another site), and header sections larger than the limit, before
 //! anything else looks at the request.
 
-use std::sync::Arc;
-
-use axum::{
-    extract::{Request, State},
-    middleware::Next,
-    response::{IntoResponse, Response},
-};
-use http::{Method, Version, header};
+use http::{Method, Request, Version, header};
 
 use super::Proxy;
 use crate::error::ProxyError;
 
-pub(super) async fn guard(State(proxy): State<Arc<Proxy>>, request: Request, next: Next) -> Response {
+pub(super) fn guard<B>(proxy: &Proxy, request: &Request<B>) -> Result<(), ProxyError> {
     // HTTP/2 always carries :authority, so only HTTP/1 absolute-form targets are refused. Either way the
     // target's authority is never used: the upstream comes from configuration alone.
     let http1 = matches!(
@@ -23,7 +16,7 @@ pub(super) async fn guard(State(proxy): State<Arc<Proxy>>, request: Request, nex
         Version::HTTP_10 | Version::HTTP_11 | Version::HTTP_09
     );
     if request.method() == Method::CONNECT || (http1 && request.uri().authority().is_some()) {
-        return ProxyError::NotAForwardProxy.into_response();
+        return Err(ProxyError::NotAForwardProxy);
     }
     if !request
         .headers()
@@ -34,12 +27,12 @@ pub(super) async fn guard(State(proxy): State<Arc<Proxy>>, request: Request, nex
             .authority()
             .is_none_or(|a| is_loopback_authority(a.as_str().as_bytes()))
     {
-        return ProxyError::ForeignHost.into_response();
+        return Err(ProxyError::ForeignHost);
     }
     if let Some(origin) = request.headers().get(header::ORIGIN)
         && !is_loopback_origin(origin.as_bytes())
     {
-        return ProxyError::ForeignOrigin.into_response();
+        return Err(ProxyError::ForeignOrigin);
     }
     let size: usize = request
         .headers()
@@ -47,12 +40,11 @@ pub(super) async fn guard(State(proxy): State<Arc<Proxy>>, request: Request, nex
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum();
     if size > proxy.max_header_bytes {
-        return ProxyError::HeadersTooLarge {
+        return Err(ProxyError::HeadersTooLarge {
             limit: proxy.max_header_bytes,
-        }
-        .into_response();
+        });
     }
-    next.run(request).await
+    Ok(())
 }
 
 /// `localhost`, `*.localhost`, a loopback IPv4 address or `[::1]`, with an optional port.
@@ -67,9 +59,13 @@ fn is_loopback_authority(authority: &[u8]) -> bool {
         },
         None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
     };
-    let host = host.to_ascii_lowercase();
-    host == "localhost"
-        || host.ends_with(".localhost")
+    // Compared without allocating: this runs on every request.
+    let suffix = host
+        .len()
+        .checked_sub(".localhost".len())
+        .and_then(|i| host.get(i..));
+    host.eq_ignore_ascii_case("localhost")
+        || suffix.is_some_and(|s| s.eq_ignore_ascii_case(".localhost"))
         || host
             .parse::<std::net::Ipv4Addr>()
             .is_ok_and(|ip| ip.is_loopback())

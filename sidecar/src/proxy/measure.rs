@@ -1,30 +1,44 @@
-//! Layer: count every answer by credential and status.
+//! Step: count every answer by credential and status. The handles of a credential are resolved once
+//! per agent connection, not looked up by label on every request.
 
 use std::sync::Arc;
 
-use axum::{
-    extract::{Request, State},
-    middleware::Next,
-    response::Response,
-};
+use http::StatusCode;
+use prometheus::{Histogram, IntCounter};
 
 use super::Proxy;
-use crate::metrics::NO_CREDENTIAL;
+use crate::metrics::{Metrics, NO_CREDENTIAL};
 
-/// Put on a response by the router so this layer knows which credential it was for.
-#[derive(Clone, Debug)]
-pub(super) struct CredentialName(pub Arc<str>);
+/// One credential's metric handles.
+pub(super) struct Handles {
+    /// The credential's name.
+    pub name: Arc<str>,
+    /// `upstream_duration_seconds{credential}`.
+    pub upstream_duration: Histogram,
+    /// `requests_total{credential, status="200"}`, the common answer.
+    ok: IntCounter,
+}
 
-pub(super) async fn measure(State(proxy): State<Arc<Proxy>>, request: Request, next: Next) -> Response {
-    let response = next.run(request).await;
-    let credential = response
-        .extensions()
-        .get::<CredentialName>()
-        .map_or(NO_CREDENTIAL, |c| &c.0);
-    proxy
-        .metrics
-        .requests
-        .with_label_values(&[credential, response.status().as_str()])
-        .inc();
-    response
+impl Handles {
+    pub(super) fn new(metrics: &Metrics, name: &str) -> Self {
+        Handles {
+            name: name.into(),
+            upstream_duration: metrics.upstream_duration.with_label_values(&[name]),
+            ok: metrics
+                .requests
+                .with_label_values(&[name, StatusCode::OK.as_str()]),
+        }
+    }
+}
+
+/// Counts one answer; `handles` is `None` when the request matched no credential.
+pub(super) fn count(proxy: &Proxy, handles: Option<&Handles>, status: StatusCode) {
+    match handles {
+        Some(h) if status == StatusCode::OK => h.ok.inc(),
+        _ => proxy
+            .metrics
+            .requests
+            .with_label_values(&[handles.map_or(NO_CREDENTIAL, |h| &h.name), status.as_str()])
+            .inc(),
+    }
 }

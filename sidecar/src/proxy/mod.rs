@@ -1,8 +1,27 @@
-//! The proxy: a stack of small layers around one forwarding handler, assembled in [`app`].
+//! The proxy: one handler that runs the steps below in order, served by hyper directly (one match,
+//! no router or middleware stack on the hot path). Each step lives in its own module.
+//!
+//! 1. [`guard`]: refuse forward-proxy targets, foreign Host/Origin and oversized headers.
+//! 2. [`route`]: `/<credential>/<rest>` to `<upstream>/<rest>`; the only place an upstream URI is made.
+//! 3. [`strip`]: strip whatever credential the agent sent (no token passthrough), on every method.
+//! 4. [`attach`]: attach the current credential, or answer 503 when it is missing or expired.
+//! 5. [`forward`]: send the request upstream and stream the answer back.
+//! 6. [`measure`]: count every answer, the sidecar's own refusals included.
 
-use std::sync::Arc;
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
 
-use axum::{Router, middleware};
+use axum::{
+    body::Body,
+    response::{IntoResponse, Response},
+};
+use http::{Request, Version};
+use http_body::Body as _;
 
 use crate::{metrics::Metrics, store::Store};
 
@@ -15,15 +34,15 @@ mod route;
 mod sse;
 mod strip;
 
-pub use forward::{ClientError, ClientSettings, UpstreamClient, upstream_client};
+pub use forward::{ClientError, ClientSettings, UpstreamClient, UpstreamError, upstream_client};
 pub use replay::set_wait as set_replay_wait;
-pub use route::Routed;
+use route::Routed;
 
-/// What every layer shares (behind one `Arc`: each layer receives it per request).
+/// What every request shares.
 pub struct Proxy {
     /// The current credentials.
     pub store: Arc<Store>,
-    /// The pooled upstream client.
+    /// The upstream client.
     pub client: UpstreamClient,
     /// The sidecar's metrics.
     pub metrics: Metrics,
@@ -31,22 +50,103 @@ pub struct Proxy {
     pub max_header_bytes: usize,
 }
 
-/// The proxy as a Router. Layers run top to bottom on the way in (axum applies the last `.layer` first).
-pub fn app(proxy: Proxy) -> Router {
-    let proxy = Arc::new(proxy);
-    Router::new()
-        .fallback(forward::forward)
-        // 5. attach the current credential; after strip, so nothing the agent sent can replace it.
-        .layer(middleware::from_fn_with_state(proxy.clone(), attach::attach))
-        // 4. strip whatever credential the agent sent (no token passthrough), on every method.
-        .layer(middleware::from_fn(strip::strip))
-        // 3. route /<credential>/<rest> to <upstream>/<rest>; the only place an upstream URI is made.
-        .layer(middleware::from_fn_with_state(proxy.clone(), route::route))
-        // 2. refuse forward-proxy targets and oversized headers before any work is done.
-        .layer(middleware::from_fn_with_state(proxy.clone(), guard::guard))
-        // 1. count every answer, the sidecar's own refusals included.
-        .layer(middleware::from_fn_with_state(proxy.clone(), measure::measure))
-        .with_state(proxy)
+/// The proxy, cheap to clone. Serve it with [`crate::serve`] (each agent connection then keeps its
+/// own upstream connection), or call it as a `tower::Service` (every request uses the shared pool).
+#[derive(Clone)]
+pub struct App(Arc<Proxy>);
+
+/// Builds the proxy.
+pub fn app(proxy: Proxy) -> App {
+    App(Arc::new(proxy))
+}
+
+/// What one agent connection keeps between its requests: its own upstream connections and the
+/// metric handles of the credential it used last, so neither is looked up again on every request.
+#[derive(Default)]
+pub(crate) struct Local {
+    upstream: Vec<forward::Own>,
+    handles: Option<Arc<measure::Handles>>,
+}
+
+impl App {
+    /// Answers one request of an agent connection. `local` is `None` for requests that must not
+    /// be tied to one upstream connection (HTTP/2 agent connections multiplex their requests).
+    async fn answer(self, local: Option<Arc<Mutex<Local>>>, request: Request<Body>) -> Response {
+        let proxy = &*self.0;
+        let cached = local
+            .as_ref()
+            .and_then(|l| l.lock().expect("connection state").handles.clone());
+        // The credential's handles once the request is routed; unrouted answers count under no name.
+        let mut used = None;
+        let response = match handle(proxy, local.as_deref(), cached, &mut used, request).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        };
+        measure::count(proxy, used.as_deref(), response.status());
+        if let (Some(local), Some(used)) = (local, used) {
+            local.lock().expect("connection state").handles = Some(used);
+        }
+        response
+    }
+
+    /// A hyper service for one agent connection.
+    pub fn connection(
+        &self,
+    ) -> impl hyper::service::Service<
+        Request<hyper::body::Incoming>,
+        Response = Response,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response, Infallible>> + Send + 'static,
+    > + Clone
+    + Send
+    + 'static {
+        let app = self.clone();
+        let local = Arc::new(Mutex::new(Local::default()));
+        hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+            let app = app.clone();
+            // HTTP/1 requests of one connection come one after the other: they can share one upstream
+            // connection. HTTP/2 streams run side by side (an SSE stream next to POSTs): pool them.
+            let local =
+                matches!(request.version(), Version::HTTP_10 | Version::HTTP_11).then(|| local.clone());
+            // Most requests (GET, DELETE) have no body: nothing to box.
+            let request = request.map(|b| match b.is_end_stream() {
+                true => Body::empty(),
+                false => Body::new(b),
+            });
+            async move { Ok(app.answer(local, request).await) }
+        })
+    }
+}
+
+impl tower::Service<Request<Body>> for App {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let app = self.clone();
+        Box::pin(async move { Ok(app.answer(None, request).await) })
+    }
+}
+
+/// The steps, in order. Every refusal is a [`ProxyError`](crate::error::ProxyError) answer.
+async fn handle(
+    proxy: &Proxy,
+    local: Option<&Mutex<Local>>,
+    cached: Option<Arc<measure::Handles>>,
+    used: &mut Option<Arc<measure::Handles>>,
+    mut request: Request<Body>,
+) -> Result<Response, crate::error::ProxyError> {
+    guard::guard(proxy, &request)?;
+    let routed = route::route(proxy, request.uri(), cached)?;
+    let handles = used.insert(routed.handles.clone());
+    strip::strip(request.headers_mut());
+    let credential = attach::attach(proxy, &routed, request.headers_mut())?;
+    Ok(forward::forward(proxy, local, handles, routed, credential, request).await)
 }
 
 #[cfg(test)]

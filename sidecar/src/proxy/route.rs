@@ -4,54 +4,49 @@
 
 use std::sync::Arc;
 
-use axum::{
-    extract::{Request, State},
-    middleware::Next,
-    response::{IntoResponse, Response},
-};
 use http::Uri;
 
-use super::{Proxy, measure::CredentialName};
+use super::{Proxy, measure::Handles};
 use crate::{error::ProxyError, store::Slot};
 
-/// The routing decision, for the layers after this one.
-#[derive(Clone, Debug)]
-pub struct Routed {
+/// The routing decision, for the steps after this one.
+pub(super) struct Routed {
     /// The credential's name.
     pub name: Arc<str>,
+    /// Its metric handles.
+    pub handles: Arc<Handles>,
     /// The credential as it was when the request arrived; the whole request (and its stream) uses it.
     pub slot: Slot,
     /// The upstream URI; `None` when the credential has never been loaded (attach answers 503).
     pub upstream_uri: Option<Uri>,
 }
 
-pub(super) async fn route(State(proxy): State<Arc<Proxy>>, mut request: Request, next: Next) -> Response {
-    let (name, rest) = match split(request.uri().path()) {
-        Ok(parts) => parts,
-        Err(e) => return e.into_response(),
-    };
+/// Routes `uri`; `cached` are the handles of the credential this agent connection used last.
+pub(super) fn route(proxy: &Proxy, uri: &Uri, cached: Option<Arc<Handles>>) -> Result<Routed, ProxyError> {
+    let (name, rest) = split(uri.path())?;
     let Some(slot) = proxy.store.get(name).filter(|_| !name.is_empty()) else {
-        return ProxyError::UnknownCredential {
+        return Err(ProxyError::UnknownCredential {
             configured: proxy.store.names(),
-        }
-        .into_response();
+        });
     };
-    let name: Arc<str> = name.into();
+    let handles = match cached {
+        Some(h) if *h.name == *name => h,
+        _ => Arc::new(Handles::new(&proxy.metrics, name)),
+    };
     let upstream_uri = match &slot.current {
-        Some(c) => match c.upstream.join(rest, request.uri().query()) {
-            Ok(uri) => Some(uri),
-            Err(_) => return ProxyError::BadPath("it does not form a valid upstream URI").into_response(),
-        },
+        Some(c) => Some(
+            c.upstream
+                .join(rest, uri.query())
+                .map_err(|_| ProxyError::BadPath("it does not form a valid upstream URI"))?,
+        ),
         None => None,
     };
-    request.extensions_mut().insert(Routed {
-        name: name.clone(),
+    Ok(Routed {
+        name: handles.name.clone(),
+        handles,
         slot,
         upstream_uri,
-    });
-    let mut response = next.run(request).await;
-    response.extensions_mut().insert(CredentialName(name));
-    response
+    })
 }
 
 /// Splits `/<name><rest>` (`name` may be empty) and checks that `rest` stays below the upstream's path.
@@ -82,6 +77,10 @@ fn check_rest(rest: &str) -> Result<(), ProxyError> {
         }
     }
     for segment in rest.split('/') {
+        // Only a segment of 1 to 6 bytes can decode to `.` or `..` (`%2e%2e` is the longest).
+        if segment.len() > 6 || !segment.starts_with(['.', '%']) {
+            continue;
+        }
         let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
         if decoded == "." || decoded == ".." {
             return Err(ProxyError::BadPath("it contains a . or .. segment"));

@@ -71,7 +71,7 @@ fn credential(upstream: &str, header: &str, value: &str, expires_at: Option<&str
 }
 
 /// The proxy with `store`, as the sidecar assembles it.
-fn app_with(store: Arc<Store>) -> Router {
+fn app_with(store: Arc<Store>) -> App {
     let client = upstream_client(&ClientSettings {
         connect_timeout: Duration::from_secs(5),
         pool_idle_timeout: Duration::from_secs(30),
@@ -86,7 +86,7 @@ fn app_with(store: Arc<Store>) -> Router {
     })
 }
 
-async fn send(app: &Router, request: http::request::Builder) -> (StatusCode, http::HeaderMap, Value) {
+async fn send(app: &App, request: http::request::Builder) -> (StatusCode, http::HeaderMap, Value) {
     let response = app
         .clone()
         .oneshot(request.body(Body::empty()).unwrap())
@@ -130,6 +130,7 @@ async fn the_agents_credentials_are_stripped_and_the_current_one_attached() {
             .header("authorization", "Bearer agent-token")
             .header("cookie", "session=agent")
             .header("x-api-key", "agent-key")
+            .header("x-api-key", "agent-key-2")
             .header("proxy-authorization", "Basic Zm9vOmJhcg==")
             .header("connection", "keep-alive, x-private")
             .header("x-private", "hop")
