@@ -210,6 +210,26 @@ async fn a_hanging_server_is_a_transient_timeout() {
 }
 
 #[tokio::test]
+async fn a_body_that_never_ends_is_a_transient_timeout() {
+    let (r, _) = obtain_with(Answer::SlowBody, |_| {}).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.category(), "transient_error", "{e}");
+}
+
+#[tokio::test]
+async fn a_huge_token_response_is_not_read_and_does_not_show_the_token() {
+    let token = "hugeTOKEN0123456789abcdefghijklmnop";
+    let padding = "x".repeat(2 << 20);
+    let body =
+        format!(r#"{{"access_token":"{token}","token_type":"Bearer","expires_in":60,"pad":"{padding}"}}"#);
+    let (r, _) = obtain_with(Answer::Json(200, body), |_| {}).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.reason(), "BadTokenResponse", "{e}");
+    assert!(e.to_string().contains("larger than"), "{e}");
+    assert!(!format!("{e} {e:?}").contains(token));
+}
+
+#[tokio::test]
 async fn html_instead_of_json_is_a_bad_response() {
     let (r, _) = obtain_with(Answer::Raw(200, "text/html", "<html>login</html>".into()), |_| {}).await;
     assert_eq!(r.unwrap_err().reason(), "BadTokenResponse");
