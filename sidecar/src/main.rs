@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use mcp_credentials_sidecar::{config::Config, run, telemetry};
+use mcp_credentials_sidecar::{config::Config, error::error_chain, run, telemetry};
 
 fn main() -> ExitCode {
     telemetry::init();
@@ -41,15 +41,4 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

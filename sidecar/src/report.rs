@@ -8,6 +8,7 @@ use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 use tokio::{sync::broadcast::error::RecvError, time::Instant};
 
 use crate::{
+    error::error_chain,
     metrics::Metrics,
     store::{RefreshRequest, Store},
 };
@@ -184,17 +185,6 @@ fn worth_reporting(request: &RefreshRequest, last: Option<&(String, Instant)>, n
         && !last.is_some_and(|(version, at)| {
             *version == request.version && now.duration_since(*at) < REPEAT_AFTER
         })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]
