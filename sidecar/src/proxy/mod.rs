@@ -48,12 +48,15 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// The largest request header section accepted, in bytes.
     pub max_header_bytes: usize,
+    /// How long an agent connection may take to send a request head (see
+    /// [`HEADER_READ_TIMEOUT`](crate::config::HEADER_READ_TIMEOUT)); used by [`crate::serve`].
+    pub header_read_timeout: std::time::Duration,
 }
 
 /// The proxy, cheap to clone. Serve it with [`crate::serve`] (each agent connection then keeps its
 /// own upstream connection), or call it as a `tower::Service` (every request uses the shared pool).
 #[derive(Clone)]
-pub struct App(Arc<Proxy>);
+pub struct App(pub(crate) Arc<Proxy>);
 
 /// Builds the proxy.
 pub fn app(proxy: Proxy) -> App {
