@@ -263,10 +263,9 @@ async fn serve_connection(
         }
         _ = stop.wait_for(|s| *s) => return,
     }
-    let connection = builder
-        .serve_connection(TokioIo::new(tcp), app.connection())
-        .into_owned();
-    if let Err(e) = watcher.watch(connection).await {
+    let (service, upstreams) = app.connection();
+    let connection = builder.serve_connection(TokioIo::new(tcp), service).into_owned();
+    if let Err(e) = upstreams.drive(watcher.watch(connection)).await {
         tracing::debug!(error = %e, "agent connection ended with an error");
     }
 }
