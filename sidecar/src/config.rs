@@ -36,6 +36,11 @@ pub const POOL_IDLE_TIMEOUT: (&str, &str) = ("MCP_SIDECAR_POOL_IDLE_TIMEOUT", "5
 /// The largest request header section accepted (431 above it). Twice nginx's 4 × 8 KiB default
 /// buffers: room for large cookies and JWTs, while a runaway agent cannot make the sidecar hold much.
 pub const MAX_HEADER_BYTES: (&str, &str) = ("MCP_SIDECAR_MAX_HEADER_BYTES", "65536");
+/// Close an agent connection that has not sent a complete request head this long after it opened
+/// or after its previous answer (slow-loris protection). Like nginx's `client_header_timeout`: an
+/// agent on loopback sends a head at once, so only a stuck or hostile client ever waits this long.
+/// It also closes keep-alive connections idle this long, as nginx's `keepalive_timeout` does.
+pub const HEADER_READ_TIMEOUT: (&str, &str) = ("MCP_SIDECAR_HEADER_READ_TIMEOUT", "60s");
 /// Threads serving agent connections, each a single-threaded event loop that keeps the connections
 /// dealt to it (like nginx's `worker_processes`). One agent is the only client, and one core proxies
 /// tens of thousands of requests a second; a sidecar's CPU limit is usually one core or less.
@@ -135,6 +140,8 @@ pub struct Config {
     pub client: ClientSettings,
     /// Request header limit in bytes.
     pub max_header_bytes: usize,
+    /// How long an agent connection may take to send a request head.
+    pub header_read_timeout: Duration,
     /// Threads serving agent connections.
     pub worker_threads: usize,
     /// Directory re-read interval.
@@ -243,6 +250,7 @@ impl Config {
                 extra_ca_file: (!extra_ca.is_empty()).then(|| extra_ca.into()),
             },
             max_header_bytes: parse(get(MAX_HEADER_BYTES), "a number of bytes like 65536")?,
+            header_read_timeout: nonzero(HEADER_READ_TIMEOUT, duration(get(HEADER_READ_TIMEOUT))?)?,
             worker_threads: parse(get(WORKER_THREADS), "a number of threads like 1").and_then(
                 |n: usize| {
                     if n == 0 {
@@ -275,6 +283,14 @@ fn parse<T: FromStr>(
     value.trim().parse().map_err(|_| invalid(name, &value, expected))
 }
 
+/// A zero timeout would close every connection at once: refused.
+fn nonzero(name: (&'static str, &'static str), d: Duration) -> Result<Duration, ConfigError> {
+    if d.is_zero() {
+        return Err(invalid(name.0, "0", "a duration above zero like 60s"));
+    }
+    Ok(d)
+}
+
 fn duration((name, value): (&'static str, String)) -> Result<Duration, ConfigError> {
     value
         .trim()
@@ -295,6 +311,7 @@ mod tests {
         assert_eq!(c.store, StoreConfig::Kubernetes { namespace: None });
         assert_eq!(c.client.connect_timeout, Duration::from_secs(10));
         assert_eq!(c.file_poll_interval, Duration::from_millis(250));
+        assert_eq!(c.header_read_timeout, Duration::from_secs(60));
     }
 
     #[test]

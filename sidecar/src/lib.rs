@@ -5,8 +5,11 @@ use std::{future::Future, net::SocketAddr};
 
 use axum::{Router, serve::ListenerExt};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::{conn::auto, graceful::GracefulShutdown},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{
+        conn::auto,
+        graceful::{GracefulShutdown, Watcher},
+    },
 };
 use tokio::{net::TcpListener, sync::watch};
 
@@ -124,6 +127,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         client,
         metrics: metrics.clone(),
         max_header_bytes: config.max_header_bytes,
+        header_read_timeout: config.header_read_timeout,
     };
     let (stop, stopped) = watch::channel(false);
     // This thread serves its share of agent connections; each further worker is a thread with its
@@ -179,8 +183,15 @@ async fn serve_on(
     workers: Vec<tokio::runtime::Handle>,
 ) {
     let mut turn = 0;
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let header_read_timeout = app.0.header_read_timeout;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Slow-loris protection: a request head must arrive within the timeout (hyper's timer).
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
     let graceful = GracefulShutdown::new();
+    let quiet = stop.clone();
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
@@ -199,45 +210,64 @@ async fn serve_on(
         // Small requests and SSE events go out at once instead of waiting for Nagle's algorithm.
         let _ = tcp.set_nodelay(true);
         turn = (turn + 1) % (workers.len() + 1);
+        let (builder, app) = (builder.clone(), app.clone());
+        let waiting = Waiting {
+            watcher: graceful.watcher(),
+            stop: quiet.clone(),
+            header_read_timeout,
+        };
         let Some(worker) = workers.get(turn.wrapping_sub(1)) else {
-            serve_connection(&builder, &graceful, &app, tcp);
+            tokio::spawn(serve_connection(builder, waiting, app, tcp));
             continue;
         };
         // The socket moves to the worker's event loop, so its readiness wakes that thread only.
         let Ok(tcp) = tcp.into_std() else { continue };
-        let (builder, watcher, app) = (builder.clone(), graceful.watcher(), app.clone());
         worker.spawn(async move {
             let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else {
                 return;
             };
-            let connection = builder
-                .serve_connection(TokioIo::new(tcp), app.connection())
-                .into_owned();
-            if let Err(e) = watcher.watch(connection).await {
-                tracing::debug!(error = %e, "agent connection ended with an error");
-            }
+            serve_connection(builder, waiting, app, tcp).await;
         });
     }
     drop(listener);
     graceful.shutdown().await;
 }
 
-/// Serves one agent connection on the current runtime.
-fn serve_connection(
-    builder: &auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
-    app: &proxy::App,
+/// What a new agent connection waits with for its first byte.
+struct Waiting {
+    watcher: Watcher,
+    stop: watch::Receiver<bool>,
+    header_read_timeout: std::time::Duration,
+}
+
+/// Serves one agent connection on the current runtime. A connection that sends nothing at all
+/// within the header read timeout (or before shutdown) is closed before hyper looks at it: hyper's
+/// own timeout starts only once it knows the connection is HTTP/1.
+async fn serve_connection(
+    builder: auto::Builder<TokioExecutor>,
+    waiting: Waiting,
+    app: proxy::App,
     tcp: tokio::net::TcpStream,
 ) {
-    let connection = builder
-        .serve_connection(TokioIo::new(tcp), app.connection())
-        .into_owned();
-    let connection = graceful.watch(connection);
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "agent connection ended with an error");
+    let Waiting {
+        watcher,
+        mut stop,
+        header_read_timeout,
+    } = waiting;
+    let mut byte = [0; 1];
+    tokio::select! {
+        first = tokio::time::timeout(header_read_timeout, tcp.peek(&mut byte)) => {
+            if !matches!(first, Ok(Ok(1..))) {
+                return;
+            }
         }
-    });
+        _ = stop.wait_for(|s| *s) => return,
+    }
+    let (service, upstreams) = app.connection();
+    let connection = builder.serve_connection(TokioIo::new(tcp), service).into_owned();
+    if let Err(e) = upstreams.drive(watcher.watch(connection)).await {
+        tracing::debug!(error = %e, "agent connection ended with an error");
+    }
 }
 
 /// A failed accept: a connection reset before it was accepted is nothing; anything else (out of

@@ -109,3 +109,103 @@ async fn the_binary_serves_a_credentials_directory_reloads_it_and_stops_on_sigte
     assert!(exit.success(), "{exit:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Whether the sidecar closes `tcp` while the test trickles `trickle` into it one byte at a time
+/// (then nothing). Gives up after a minute: far above the test's 1 s timeout, so only a sidecar that
+/// never closes fails.
+async fn closed_while_trickling(mut tcp: tokio::net::TcpStream, trickle: &[u8]) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0; 1024];
+    let mut bytes = trickle.iter();
+    let trickling = async {
+        loop {
+            tokio::select! {
+                read = tcp.read(&mut buf) => match read {
+                    Ok(0) | Err(_) => return,
+                    // The sidecar answers nothing to a partial head: only its close ends this.
+                    Ok(n) => panic!("unexpected answer: {:?}", String::from_utf8_lossy(&buf[..n])),
+                },
+                () = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if let Some(byte) = bytes.next()
+                        && tcp.write_all(&[*byte]).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), trickling)
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn the_binary_closes_connections_that_trickle_a_request_head_and_keeps_serving_others() {
+    let app = Router::new().fallback(|| async { "ok" });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = std::env::temp_dir().join(format!("mcp-sidecar-loris-{}", std::process::id()));
+    let cred = dir.join("demo");
+    std::fs::create_dir_all(&cred).unwrap();
+    std::fs::write(cred.join("upstream"), &upstream).unwrap();
+    std::fs::write(cred.join("header.X-API-Key"), "key-1").unwrap();
+    std::fs::write(cred.join("version"), "1").unwrap();
+
+    let (proxy, admin) = (free_port(), free_port());
+    let _process = Process(
+        Command::new(env!("CARGO_BIN_EXE_mcp-credentials-sidecar"))
+            .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{proxy}"))
+            .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("MCP_SIDECAR_CREDENTIALS", "demo")
+            .env("MCP_SIDECAR_CREDENTIALS_DIR", &dir)
+            .env("MCP_SIDECAR_HEADER_READ_TIMEOUT", "1s")
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::Client::new();
+    let get = async |url: String| match http.get(url).send().await {
+        Ok(r) => Some((r.status().as_u16(), r.text().await.unwrap_or_default())),
+        Err(_) => None,
+    };
+    until("/readyz", async || {
+        get(format!("http://127.0.0.1:{admin}/readyz"))
+            .await
+            .is_some_and(|r| r.0 == 200)
+    })
+    .await;
+
+    let connect = async || {
+        tokio::net::TcpStream::connect(("127.0.0.1", proxy))
+            .await
+            .unwrap()
+    };
+    // A head that never ends, one byte every 200 ms (over 30 s: far beyond the timeout), and a
+    // connection that sends nothing at all.
+    let head = format!(
+        "GET /demo/x HTTP/1.1\r\nHost: 127.0.0.1:{proxy}\r\n{}",
+        "X-A: b\r\n".repeat(20)
+    );
+    let slow = tokio::spawn(closed_while_trickling(connect().await, head.into_bytes().leak()));
+    let silent = tokio::spawn(closed_while_trickling(connect().await, b""));
+    // Meanwhile other connections are served.
+    assert_eq!(
+        get(format!("http://127.0.0.1:{proxy}/demo/x")).await,
+        Some((200, "ok".into()))
+    );
+    assert!(
+        slow.await.unwrap(),
+        "the trickling connection is still open after a minute"
+    );
+    assert!(
+        silent.await.unwrap(),
+        "the silent connection is still open after a minute"
+    );
+    assert_eq!(
+        get(format!("http://127.0.0.1:{proxy}/demo/x")).await,
+        Some((200, "ok".into()))
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -46,6 +46,9 @@ pub struct UpstreamClient {
 /// requests for several credentials over one keep-alive connection to the sidecar.
 const MAX_OWN: usize = 8;
 
+/// The connection behind an [`Own`], driven by the agent connection's task.
+pub(crate) type OwnConnection = http1::Connection<hyper_util::rt::TokioIo<tokio::net::TcpStream>, Body>;
+
 /// An agent connection's own HTTP/1.1 connection to a plain-http upstream.
 pub(crate) struct Own {
     authority: http::uri::Authority,
@@ -194,11 +197,11 @@ impl UpstreamClient {
                             None => return Err(e.into_error().into()),
                         },
                     }
-                    Box::pin(self.connect(authority)).await?
+                    Box::pin(self.connect(local, authority)).await?
                 }
-                Err(_) => Box::pin(self.connect(authority)).await?,
+                Err(_) => Box::pin(self.connect(local, authority)).await?,
             },
-            None => Box::pin(self.connect(authority)).await?,
+            None => Box::pin(self.connect(local, authority)).await?,
         };
         request.headers_mut().insert(header::HOST, own.host.clone());
         let response = own.sender.send_request(request).await?;
@@ -207,7 +210,12 @@ impl UpstreamClient {
 
     /// Opens a new connection; callers box this rare, large future so that every request's own
     /// future stays small (hyper moves it, and moving costs its size).
-    async fn connect(&self, authority: http::uri::Authority) -> Result<Own, UpstreamError> {
+    /// The connection is driven by the agent connection's task (it joins `local`'s list).
+    async fn connect(
+        &self,
+        local: &Mutex<Local>,
+        authority: http::uri::Authority,
+    ) -> Result<Own, UpstreamError> {
         let uri = Uri::builder()
             .scheme(Scheme::HTTP)
             .authority(authority.clone())
@@ -215,11 +223,11 @@ impl UpstreamClient {
             .build()?;
         let io = self.tcp.clone().oneshot(uri).await?;
         let (sender, connection) = http1::Builder::new().handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "upstream connection closed");
-            }
-        });
+        {
+            let mut local = local.lock().expect("connection state");
+            local.driving.push(connection);
+            local.opened = true;
+        }
         // Like the pool's client: the port is left out when it is the default.
         let host = match authority.port_u16() {
             Some(80) => HeaderValue::from_str(authority.host())?,

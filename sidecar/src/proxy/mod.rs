@@ -48,12 +48,15 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// The largest request header section accepted, in bytes.
     pub max_header_bytes: usize,
+    /// How long an agent connection may take to send a request head (see
+    /// [`HEADER_READ_TIMEOUT`](crate::config::HEADER_READ_TIMEOUT)); used by [`crate::serve`].
+    pub header_read_timeout: std::time::Duration,
 }
 
 /// The proxy, cheap to clone. Serve it with [`crate::serve`] (each agent connection then keeps its
 /// own upstream connection), or call it as a `tower::Service` (every request uses the shared pool).
 #[derive(Clone)]
-pub struct App(Arc<Proxy>);
+pub struct App(pub(crate) Arc<Proxy>);
 
 /// Builds the proxy.
 pub fn app(proxy: Proxy) -> App {
@@ -65,7 +68,100 @@ pub fn app(proxy: Proxy) -> App {
 #[derive(Default)]
 pub(crate) struct Local {
     upstream: Vec<forward::Own>,
+    /// The connections behind `upstream` (and any still finishing a response): driven by the agent
+    /// connection's own task, see [`Upstreams::drive`].
+    driving: Vec<forward::OwnConnection>,
+    /// A connection joined `driving` since the driver last looked.
+    opened: bool,
     handles: Option<Arc<measure::Handles>>,
+}
+
+/// The upstream connections of one agent connection, driven by that connection's task: a request
+/// and its answer pass between the two connections without waking another task.
+pub struct Upstreams(Arc<Mutex<Local>>);
+
+/// Which side of a driven agent connection was woken, so that each poll polls only that side.
+#[derive(Default)]
+struct Woken {
+    task: futures_util::task::AtomicWaker,
+    /// Inside the task's poll: a wake only marks its side, the poll loop sees it.
+    polling: std::sync::atomic::AtomicBool,
+    agent: std::sync::atomic::AtomicBool,
+    upstream: std::sync::atomic::AtomicBool,
+}
+
+struct Side(Arc<Woken>, bool);
+
+impl std::task::Wake for Side {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let side = if self.1 { &self.0.agent } else { &self.0.upstream };
+        side.store(true, SeqCst);
+        if !self.0.polling.load(SeqCst) {
+            self.0.task.wake();
+        }
+    }
+}
+
+impl Upstreams {
+    /// Runs `agent` (the agent connection) to its end, driving the upstream connections it opens
+    /// alongside it; they close when it ends.
+    pub async fn drive<F: Future>(self, agent: F) -> F::Output {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut agent = std::pin::pin!(agent);
+        let woken = Arc::new(Woken::default());
+        woken.agent.store(true, SeqCst);
+        let agent_waker = std::task::Waker::from(Arc::new(Side(woken.clone(), true)));
+        let upstream_waker = std::task::Waker::from(Arc::new(Side(woken.clone(), false)));
+        std::future::poll_fn(move |cx| {
+            woken.task.register(cx.waker());
+            woken.polling.store(true, SeqCst);
+            for _ in 0..8 {
+                let mut polled = false;
+                if woken.upstream.swap(false, SeqCst) {
+                    polled = true;
+                    self.poll_upstream(&mut Context::from_waker(&upstream_waker));
+                }
+                if woken.agent.swap(false, SeqCst) {
+                    polled = true;
+                    if let Poll::Ready(done) = agent.as_mut().poll(&mut Context::from_waker(&agent_waker)) {
+                        woken.polling.store(false, SeqCst);
+                        return Poll::Ready(done);
+                    }
+                    // An upstream connection the agent connection just opened is polled now.
+                    if std::mem::take(&mut self.0.lock().expect("connection state").opened) {
+                        woken.upstream.store(true, SeqCst);
+                    }
+                }
+                if !polled {
+                    break;
+                }
+            }
+            woken.polling.store(false, SeqCst);
+            // Woken after the last look (or the loop's bound reached): poll again soon.
+            if woken.agent.load(SeqCst) || woken.upstream.load(SeqCst) {
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn poll_upstream(&self, cx: &mut Context<'_>) {
+        let mut local = self.0.lock().expect("connection state");
+        local.driving.retain_mut(|c| match Pin::new(c).poll(cx) {
+            Poll::Pending => true,
+            Poll::Ready(Ok(())) => false,
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "upstream connection closed");
+                false
+            }
+        });
+    }
 }
 
 impl App {
@@ -89,20 +185,25 @@ impl App {
         response
     }
 
-    /// A hyper service for one agent connection.
+    /// A hyper service for one agent connection, and its upstream connections, which must be driven
+    /// alongside the agent connection ([`Upstreams::drive`]).
     pub fn connection(
         &self,
-    ) -> impl hyper::service::Service<
-        Request<hyper::body::Incoming>,
-        Response = Response,
-        Error = Infallible,
-        Future = impl Future<Output = Result<Response, Infallible>> + Send + 'static,
-    > + Clone
-    + Send
-    + 'static {
+    ) -> (
+        impl hyper::service::Service<
+            Request<hyper::body::Incoming>,
+            Response = Response,
+            Error = Infallible,
+            Future = impl Future<Output = Result<Response, Infallible>> + Send + 'static,
+        > + Clone
+        + Send
+        + 'static,
+        Upstreams,
+    ) {
         let app = self.clone();
         let local = Arc::new(Mutex::new(Local::default()));
-        hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        let upstreams = Upstreams(local.clone());
+        let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
             let app = app.clone();
             // HTTP/1 requests of one connection come one after the other: they can share one upstream
             // connection. HTTP/2 streams run side by side (an SSE stream next to POSTs): pool them.
@@ -114,7 +215,8 @@ impl App {
                 false => Body::new(b),
             });
             async move { Ok(app.answer(local, request).await) }
-        })
+        });
+        (service, upstreams)
     }
 }
 

@@ -83,6 +83,7 @@ fn app_with(store: Arc<Store>) -> App {
         client,
         metrics: Metrics::register(),
         max_header_bytes: 8192,
+        header_read_timeout: std::time::Duration::from_secs(60),
     })
 }
 
@@ -380,6 +381,7 @@ async fn requests_are_counted_by_credential_and_status() {
         client,
         metrics: metrics.clone(),
         max_header_bytes: 8192,
+        header_read_timeout: std::time::Duration::from_secs(60),
     });
     send(&app, get("/gh/mcp")).await;
     send(
