@@ -5,6 +5,7 @@
 #   sidecar/bench/callgrind.sh [sidecar|nginx] [sidecar binary]
 # Needs valgrind, nginx, wrk, curl; run after sidecar/bench/run.sh has built the release binaries.
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/nginx-conf.sh"
 target=${1:-sidecar}
 bin="${CARGO_TARGET_DIR:-target}/release"
 sidecar_bin=${2:-$bin/mcp-credentials-sidecar}
@@ -24,33 +25,7 @@ printf 'bench-key' > "$work/credentials/bench/header.X-API-Key"
 printf '1' > "$work/credentials/bench/version"
 out="$work/callgrind.out"
 if [ "$target" = nginx ]; then
-    cat > "$work/nginx/nginx.conf" <<CONF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $work/nginx/body;
-    proxy_temp_path $work/nginx/proxy;
-    fastcgi_temp_path $work/nginx/fastcgi;
-    uwsgi_temp_path $work/nginx/uwsgi;
-    scgi_temp_path $work/nginx/scgi;
-    upstream bench { server 127.0.0.1:$up_port; keepalive 128; }
-    server {
-        listen 127.0.0.1:$port;
-        location /bench/ {
-            proxy_pass http://bench/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Authorization "";
-            proxy_set_header X-API-Key bench-key;
-        }
-    }
-}
-CONF
+    write_nginx_conf "$work/nginx" 1 "$port" "$up_port" $'master_process off;\ndaemon off;'
     valgrind --tool=callgrind --callgrind-out-file="$out" nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" 2>"$work/vg.log" & vg=$!
 else
     MCP_SIDECAR_LISTEN=127.0.0.1:$port MCP_SIDECAR_ADMIN_LISTEN=127.0.0.1:$admin_port \

@@ -10,6 +10,7 @@
 #
 #   sidecar/bench/run.sh            prints a Markdown report (also written to $BENCH_OUT if set)
 set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/nginx-conf.sh"
 cd "$(dirname "$0")/../.."
 duration=${BENCH_DURATION:-3s}
 conns=${BENCH_CONNECTIONS:-"1 16 64"}
@@ -51,32 +52,7 @@ printf 'bench-key' > "$work/credentials/bench/header.X-API-Key"
 printf '1' > "$work/credentials/bench/version"
 
 start_nginx() {
-    mkdir -p "$work/nginx"
-    cat > "$work/nginx/nginx.conf" <<CONF
-worker_processes $1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log warn;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $work/nginx/body;
-    proxy_temp_path $work/nginx/proxy;
-    fastcgi_temp_path $work/nginx/fastcgi;
-    uwsgi_temp_path $work/nginx/uwsgi;
-    scgi_temp_path $work/nginx/scgi;
-    upstream bench { server 127.0.0.1:$up_port; keepalive 128; }
-    server {
-        listen 127.0.0.1:$nginx_port;
-        location /bench/ {
-            proxy_pass http://bench/;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Authorization "";
-            proxy_set_header X-API-Key bench-key;
-        }
-    }
-}
-CONF
+    write_nginx_conf "$work/nginx" "$1" "$nginx_port" "$up_port"
     nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" -g 'daemon off;' & nginx_pid=$!
     pids+=($nginx_pid)
     wait_http "http://127.0.0.1:$nginx_port/bench/"
