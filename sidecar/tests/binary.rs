@@ -38,6 +38,57 @@ async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
     panic!("gave up waiting for {what}");
 }
 
+/// The real binary serving one credential `demo` (X-API-Key `key-1`) for `upstream` from a
+/// credentials directory named after `tag`, with `env` added; returns once `/readyz` answers 200.
+async fn start(tag: &str, upstream: &str, env: &[(&str, &str)]) -> Sidecar {
+    let dir = std::env::temp_dir().join(format!("mcp-sidecar-{tag}-{}", std::process::id()));
+    let cred = dir.join("demo");
+    std::fs::create_dir_all(&cred).unwrap();
+    std::fs::write(cred.join("upstream"), upstream).unwrap();
+    std::fs::write(cred.join("header.X-API-Key"), "key-1").unwrap();
+    std::fs::write(cred.join("version"), "1").unwrap();
+
+    let (proxy, admin) = (free_port(), free_port());
+    let process = Process(
+        Command::new(env!("CARGO_BIN_EXE_mcp-credentials-sidecar"))
+            .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{proxy}"))
+            .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("MCP_SIDECAR_CREDENTIALS", "demo")
+            .env("MCP_SIDECAR_CREDENTIALS_DIR", &dir)
+            .envs(env.iter().copied())
+            .spawn()
+            .unwrap(),
+    );
+    until("/readyz", async || {
+        get(format!("http://127.0.0.1:{admin}/readyz"))
+            .await
+            .is_some_and(|r| r.0 == 200)
+    })
+    .await;
+    Sidecar {
+        process,
+        dir,
+        proxy,
+        admin,
+    }
+}
+
+struct Sidecar {
+    process: Process,
+    /// The credentials directory (`demo/` inside).
+    dir: std::path::PathBuf,
+    proxy: u16,
+    admin: u16,
+}
+
+/// GET `url`: the status and body, `None` when the request fails.
+async fn get(url: String) -> Option<(u16, String)> {
+    match reqwest::get(url).await {
+        Ok(r) => Some((r.status().as_u16(), r.text().await.unwrap_or_default())),
+        Err(_) => None,
+    }
+}
+
 #[tokio::test]
 async fn the_binary_serves_a_credentials_directory_reloads_it_and_stops_on_sigterm() {
     let app = Router::new().fallback(|headers: HeaderMap| async move {
@@ -50,36 +101,14 @@ async fn the_binary_serves_a_credentials_directory_reloads_it_and_stops_on_sigte
     let upstream = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let dir = std::env::temp_dir().join(format!("mcp-sidecar-binary-{}", std::process::id()));
+    // A second worker thread: the first agent connection is dealt to it.
+    let Sidecar {
+        mut process,
+        dir,
+        proxy,
+        admin,
+    } = start("binary", &upstream, &[("MCP_SIDECAR_WORKER_THREADS", "2")]).await;
     let cred = dir.join("demo");
-    std::fs::create_dir_all(&cred).unwrap();
-    std::fs::write(cred.join("upstream"), &upstream).unwrap();
-    std::fs::write(cred.join("header.X-API-Key"), "key-1").unwrap();
-    std::fs::write(cred.join("version"), "1").unwrap();
-
-    let (proxy, admin) = (free_port(), free_port());
-    let mut process = Process(
-        Command::new(env!("CARGO_BIN_EXE_mcp-credentials-sidecar"))
-            .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{proxy}"))
-            .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-            .env("MCP_SIDECAR_CREDENTIALS", "demo")
-            .env("MCP_SIDECAR_CREDENTIALS_DIR", &dir)
-            // A second worker thread: the first agent connection is dealt to it.
-            .env("MCP_SIDECAR_WORKER_THREADS", "2")
-            .spawn()
-            .unwrap(),
-    );
-    let http = reqwest::Client::new();
-    let get = async |url: String| match http.get(url).send().await {
-        Ok(r) => Some((r.status().as_u16(), r.text().await.unwrap_or_default())),
-        Err(_) => None,
-    };
-    until("/readyz", async || {
-        get(format!("http://127.0.0.1:{admin}/readyz"))
-            .await
-            .is_some_and(|r| r.0 == 200)
-    })
-    .await;
     assert_eq!(
         get(format!("http://127.0.0.1:{proxy}/demo/x")).await,
         Some((200, "key-1".into()))
@@ -147,35 +176,12 @@ async fn the_binary_closes_connections_that_trickle_a_request_head_and_keeps_ser
     let upstream = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let dir = std::env::temp_dir().join(format!("mcp-sidecar-loris-{}", std::process::id()));
-    let cred = dir.join("demo");
-    std::fs::create_dir_all(&cred).unwrap();
-    std::fs::write(cred.join("upstream"), &upstream).unwrap();
-    std::fs::write(cred.join("header.X-API-Key"), "key-1").unwrap();
-    std::fs::write(cred.join("version"), "1").unwrap();
-
-    let (proxy, admin) = (free_port(), free_port());
-    let _process = Process(
-        Command::new(env!("CARGO_BIN_EXE_mcp-credentials-sidecar"))
-            .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{proxy}"))
-            .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-            .env("MCP_SIDECAR_CREDENTIALS", "demo")
-            .env("MCP_SIDECAR_CREDENTIALS_DIR", &dir)
-            .env("MCP_SIDECAR_HEADER_READ_TIMEOUT", "1s")
-            .spawn()
-            .unwrap(),
-    );
-    let http = reqwest::Client::new();
-    let get = async |url: String| match http.get(url).send().await {
-        Ok(r) => Some((r.status().as_u16(), r.text().await.unwrap_or_default())),
-        Err(_) => None,
-    };
-    until("/readyz", async || {
-        get(format!("http://127.0.0.1:{admin}/readyz"))
-            .await
-            .is_some_and(|r| r.0 == 200)
-    })
-    .await;
+    let Sidecar {
+        process: _process,
+        dir,
+        proxy,
+        ..
+    } = start("loris", &upstream, &[("MCP_SIDECAR_HEADER_READ_TIMEOUT", "1s")]).await;
 
     let connect = async || {
         tokio::net::TcpStream::connect(("127.0.0.1", proxy))
