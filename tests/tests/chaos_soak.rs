@@ -81,31 +81,60 @@ struct Failure {
     detail: String,
 }
 
-/// Waits until `until`, meanwhile starting a new replica for each operator that exited on its own
-/// (as the kubelet would restart its container; an operator exits when it loses the Lease).
-async fn supervise_until(
-    until: Instant,
-    cp: &mcp_credentials_e2e::ControlPlane,
-    ns: &str,
-    operators: &mut [(String, Operator)],
-    logs: &mut Vec<std::path::PathBuf>,
-    restarts: &mut u32,
-) {
-    loop {
-        for (id, op) in operators.iter_mut() {
-            if op.exited() {
-                *restarts += 1;
-                eprintln!("operator {id} exited on its own; starting it again");
-                *id = format!("{id}-r{restarts}");
-                *op = Operator::start(cp, ns, id, &["--lease-duration", LEASE_SECONDS]);
-                logs.push(op.log.clone());
+/// The operator replicas, restarted as a kubelet would when one exits on its own (a lost Lease),
+/// and every log they wrote, for the scan.
+struct Operators<'a> {
+    cp: &'a mcp_credentials_e2e::ControlPlane,
+    ns: &'a str,
+    running: Vec<(String, Operator)>,
+    logs: Vec<std::path::PathBuf>,
+    started: usize,
+    restarts: u32,
+}
+
+impl<'a> Operators<'a> {
+    fn start(cp: &'a mcp_credentials_e2e::ControlPlane, ns: &'a str, replicas: usize) -> Self {
+        let mut operators = Operators {
+            cp,
+            ns,
+            running: Vec::new(),
+            logs: Vec::new(),
+            started: 0,
+            restarts: 0,
+        };
+        for _ in 0..replicas {
+            operators.add();
+        }
+        operators
+    }
+
+    /// Starts one more replica, `op-<n>`.
+    fn add(&mut self) {
+        let id = format!("op-{}", self.started);
+        self.started += 1;
+        let op = Operator::start(self.cp, self.ns, &id, &["--lease-duration", LEASE_SECONDS]);
+        self.logs.push(op.log.clone());
+        self.running.push((id, op));
+    }
+
+    /// Restarts replicas that exited until `until`.
+    async fn supervise_until(&mut self, until: Instant) {
+        loop {
+            for (id, op) in self.running.iter_mut() {
+                if op.exited() {
+                    self.restarts += 1;
+                    eprintln!("operator {id} exited on its own; starting it again");
+                    *id = format!("{id}-r{}", self.restarts);
+                    *op = Operator::start(self.cp, self.ns, id, &["--lease-duration", LEASE_SECONDS]);
+                    self.logs.push(op.log.clone());
+                }
             }
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            tokio::time::sleep((until - now).min(Duration::from_millis(500))).await;
         }
-        let now = Instant::now();
-        if now >= until {
-            return;
-        }
-        tokio::time::sleep((until - now).min(Duration::from_millis(500))).await;
     }
 }
 
@@ -132,12 +161,7 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
         servers.push(server);
         names.push(name);
     }
-    let lease = ["--lease-duration", LEASE_SECONDS];
-    let mut operators: Vec<(String, Operator)> = (0..2)
-        .map(|i| format!("op-{i}"))
-        .map(|id| (id.clone(), Operator::start(cp, &ns, &id, &lease)))
-        .collect();
-    let mut operator_logs: Vec<_> = operators.iter().map(|(_, o)| o.log.clone()).collect();
+    let mut operators = Operators::start(cp, &ns, 2);
     let creds: Api<McpCredential> = Api::namespaced(client(cp).await, &ns);
     for name in &names {
         wait_condition(&creds, name, "Ready", "True", None).await;
@@ -203,46 +227,20 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
     let mut short_outages = Vec::new();
     let at = |offset: u64, round: u32| ROUND * round + Duration::from_secs(offset);
 
-    let mut next_identity = operators.len();
-    let mut restarts = 0;
     let mut round = 0;
     while ROUND * (round + 1) <= Duration::from_secs(seconds.max(ROUND.as_secs())) {
-        supervise_until(
-            start + at(5, round),
-            cp,
-            &ns,
-            &mut operators,
-            &mut operator_logs,
-            &mut restarts,
-        )
-        .await;
+        operators.supervise_until(start + at(5, round)).await;
         let began = start.elapsed();
         timeline.push((began, Event::OAuthRestart));
         eprintln!("[{:>6.1}s] restarting the OAuth server", began.as_secs_f64());
         oauth.stop();
-        supervise_until(
-            Instant::now() + SHORT_OUTAGE,
-            cp,
-            &ns,
-            &mut operators,
-            &mut operator_logs,
-            &mut restarts,
-        )
-        .await;
+        operators.supervise_until(Instant::now() + SHORT_OUTAGE).await;
         oauth.resume();
         short_outages.push((began, start.elapsed()));
 
-        supervise_until(
-            start + at(18, round),
-            cp,
-            &ns,
-            &mut operators,
-            &mut operator_logs,
-            &mut restarts,
-        )
-        .await;
+        operators.supervise_until(start + at(18, round)).await;
         // Leadership may be changing hands (after the last kube-apiserver restart): wait for a leader.
-        let ops = &operators;
+        let ops = &operators.running;
         let leader = wait_for("an operator leads", || async move {
             for (i, (id, op)) in ops.iter().enumerate() {
                 if op
@@ -261,22 +259,10 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
             "[{:>6.1}s] killing the leader (SIGKILL)",
             start.elapsed().as_secs_f64()
         );
-        operators.remove(leader).1.kill();
-        let identity = format!("op-{next_identity}");
-        next_identity += 1;
-        let replacement = Operator::start(cp, &ns, &identity, &lease);
-        operator_logs.push(replacement.log.clone());
-        operators.push((identity, replacement));
+        operators.running.remove(leader).1.kill();
+        operators.add();
 
-        supervise_until(
-            start + at(28, round),
-            cp,
-            &ns,
-            &mut operators,
-            &mut operator_logs,
-            &mut restarts,
-        )
-        .await;
+        operators.supervise_until(start + at(28, round)).await;
         timeline.push((start.elapsed(), Event::ApiServerRestart));
         eprintln!(
             "[{:>6.1}s] restarting kube-apiserver",
@@ -297,15 +283,7 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
             start.elapsed().as_secs_f64()
         );
 
-        supervise_until(
-            start + at(42, round),
-            cp,
-            &ns,
-            &mut operators,
-            &mut operator_logs,
-            &mut restarts,
-        )
-        .await;
+        operators.supervise_until(start + at(42, round)).await;
         let victim = format!("{}-mcp-credential", names[round as usize % names.len()]);
         timeline.push((start.elapsed(), Event::SecretDeleted));
         eprintln!(
@@ -315,45 +293,21 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
         let out = cp.kubectl(&["delete", "secret", &victim, "-n", &ns]);
         assert!(out.success, "deleting {victim}: {}", out.stderr);
 
-        supervise_until(
-            start + at(46, round),
-            cp,
-            &ns,
-            &mut operators,
-            &mut operator_logs,
-            &mut restarts,
-        )
-        .await;
+        operators.supervise_until(start + at(46, round)).await;
         timeline.push((start.elapsed(), Event::LongOAuthOutage));
         eprintln!(
             "[{:>6.1}s] stopping the OAuth server for 20 s",
             start.elapsed().as_secs_f64()
         );
         oauth.stop();
-        supervise_until(
-            Instant::now() + LONG_OUTAGE,
-            cp,
-            &ns,
-            &mut operators,
-            &mut operator_logs,
-            &mut restarts,
-        )
-        .await;
+        operators.supervise_until(Instant::now() + LONG_OUTAGE).await;
         oauth.resume();
         let back = start.elapsed();
         timeline.push((back, Event::OAuthBack));
         eprintln!("[{:>6.1}s] the OAuth server is back", back.as_secs_f64());
         long_outage_returns.push(back);
         round += 1;
-        supervise_until(
-            start + ROUND * round,
-            cp,
-            &ns,
-            &mut operators,
-            &mut operator_logs,
-            &mut restarts,
-        )
-        .await;
+        operators.supervise_until(start + ROUND * round).await;
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -378,6 +332,7 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
         Event::LongOAuthOutage,
         Event::OAuthBack,
     ];
+    let restarts = operators.restarts;
     let mut report = format!(
         "\nsoak: {:.0} s, {round} round(s), {UPSTREAMS} upstreams, {} clients, {TOKEN_TTL}-second tokens: \
          {calls} tool calls succeeded, {} failed; operators that exited on their own (restarted): {restarts}\n\n{:<44}",
@@ -526,6 +481,7 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
 
     // Security: no token bytes in any log line of the run.
     drop(sidecar);
+    let operator_logs = std::mem::take(&mut operators.logs);
     drop(operators);
     drop(oauth);
     let secrets_of_run = secrets_of_run(&dir.join("issued-tokens"));
