@@ -206,28 +206,19 @@ spec:
 
     // The operator serves reports on its webhook listener, with a certificate of a test CA.
     let dir = std::env::temp_dir().join(format!("mcp-report-certs-{ns}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca_pem = certificates(&dir);
-    let webhook_port = free_port();
-    let listen = format!("127.0.0.1:{webhook_port}");
-    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let op = Operator::start(
+    let WebhookOperator {
+        operator: op,
+        listen,
+        ca_pem,
+    } = WebhookOperator::start(
         cp,
         &ns,
         "a",
-        &[
-            "--webhook-listen",
-            &listen,
-            "--webhook-cert-file",
-            cert.to_str().unwrap(),
-            "--webhook-key-file",
-            key.to_str().unwrap(),
-            // A window no test run outlasts, so the rate limit below does not depend on timing.
-            "--report-min-interval",
-            "3600",
-        ],
+        &dir,
+        // A window no test run outlasts, so the rate limit below does not depend on timing.
+        &["--report-min-interval", "3600"],
     );
-    let report_url = format!("https://127.0.0.1:{webhook_port}/v1/report");
+    let report_url = format!("https://{listen}/v1/report");
     let client = client(cp).await;
     let creds: Api<McpCredential> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client, &ns);

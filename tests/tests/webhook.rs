@@ -10,7 +10,7 @@ use std::{
 };
 
 use mcp_credentials_e2e::ControlPlane;
-use operator_support::{Operator, certificates, free_port, setup};
+use operator_support::{Operator, WebhookOperator, free_port, setup};
 
 fn b64(s: &str) -> String {
     use base64::Engine;
@@ -70,25 +70,16 @@ fn create(cp: &ControlPlane, ns: &str, doc: &str) -> mcp_credentials_e2e::Outcom
 fn the_api_server_injects_the_sidecar_through_the_operators_webhook() {
     let (cp, ns) = setup("webhook");
     let dir = std::env::temp_dir().join(format!("mcp-webhook-{ns}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = certificates(&dir);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let operator = Operator::start(
+    let WebhookOperator {
+        operator,
+        listen,
+        ca_pem: ca,
+    } = WebhookOperator::start(
         cp,
         &ns,
         "webhook",
-        &[
-            "--webhook-listen",
-            &listen,
-            "--webhook-cert-file",
-            cert.to_str().unwrap(),
-            "--webhook-key-file",
-            key.to_str().unwrap(),
-            "--sidecar-image",
-            "example.com/mcp-credentials-sidecar:test",
-        ],
+        &dir,
+        &["--sidecar-image", "example.com/mcp-credentials-sidecar:test"],
     );
 
     for sa in ["coding-agent", "research"] {

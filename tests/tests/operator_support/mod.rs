@@ -399,6 +399,40 @@ pub fn apply(cp: &ControlPlane, ns: &str, yaml: &str) {
     assert!(out.success, "kubectl apply failed: {}\n{yaml}", out.stderr);
 }
 
+/// The operator with its webhook listener (admission and sidecar reports) on a free port, serving a
+/// certificate of a fresh test CA written to `dir`, plus `extra` flags.
+pub struct WebhookOperator {
+    pub operator: Operator,
+    /// `127.0.0.1:<port>`.
+    pub listen: String,
+    /// The test CA's PEM: what clients of the listener trust.
+    pub ca_pem: String,
+}
+
+impl WebhookOperator {
+    pub fn start(cp: &ControlPlane, ns: &str, identity: &str, dir: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let ca_pem = certificates(dir);
+        let listen = format!("127.0.0.1:{}", free_port());
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let mut args = vec![
+            "--webhook-listen",
+            &listen,
+            "--webhook-cert-file",
+            cert.to_str().unwrap(),
+            "--webhook-key-file",
+            key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let operator = Operator::start(cp, ns, identity, &args);
+        WebhookOperator {
+            operator,
+            listen,
+            ca_pem,
+        }
+    }
+}
+
 /// A CA and a serving certificate for 127.0.0.1, as PEM files in `dir`; returns the CA's PEM.
 pub fn certificates(dir: &Path) -> String {
     let run = |args: &[&str]| {
