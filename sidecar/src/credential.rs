@@ -154,24 +154,31 @@ impl Upstream {
     /// The upstream URI for `rest` (the request path after `/<credential>`, empty or starting with
     /// `/`) and the query. `rest` must already be checked by the router.
     pub fn join(&self, rest: &str, query: Option<&str>) -> Result<Uri, http::Error> {
-        let mut path = String::with_capacity(self.base_path.len() + rest.len() + 2);
-        path.push_str(&self.base_path);
-        if rest.is_empty() {
-            if self.trailing_slash || path.is_empty() {
-                path.push('/');
-            }
-        } else {
-            path.push_str(rest);
-        }
-        if let Some(q) = query {
-            path.push('?');
-            path.push_str(q);
-        }
+        let mut path = Vec::with_capacity(self.base_path.len() + rest.len() + 2);
+        self.push_path(rest, query, &mut path);
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query(path)
             .build()
+    }
+}
+
+impl Upstream {
+    /// Appends the upstream path and query of [`join`](Self::join) to `out`.
+    pub fn push_path(&self, rest: &str, query: Option<&str>, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.base_path.as_bytes());
+        if rest.is_empty() {
+            if self.trailing_slash || self.base_path.is_empty() {
+                out.push(b'/');
+            }
+        } else {
+            out.extend_from_slice(rest.as_bytes());
+        }
+        if let Some(q) = query {
+            out.push(b'?');
+            out.extend_from_slice(q.as_bytes());
+        }
     }
 }
 

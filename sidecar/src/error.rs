@@ -94,7 +94,7 @@ impl ProxyError {
         }
     }
 
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::UnknownCredential { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadPath(_) | ProxyError::NotAForwardProxy | ProxyError::RequestBody => {

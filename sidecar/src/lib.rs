@@ -128,6 +128,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics: metrics.clone(),
         max_header_bytes: config.max_header_bytes,
         header_read_timeout: config.header_read_timeout,
+        http1_fast_path: config.http1_fast_path,
     };
     let (stop, stopped) = watch::channel(false);
     // This thread serves its share of agent connections; each further worker is a thread with its
@@ -240,9 +241,10 @@ struct Waiting {
     header_read_timeout: std::time::Duration,
 }
 
-/// Serves one agent connection on the current runtime. A connection that sends nothing at all
-/// within the header read timeout (or before shutdown) is closed before hyper looks at it: hyper's
-/// own timeout starts only once it knows the connection is HTTP/1.
+/// Serves one agent connection on the current runtime: on the HTTP/1.1 fast path while its requests
+/// allow, then (or from the start, when the fast path is off) with hyper. A connection that sends
+/// nothing at all within the header read timeout (or before shutdown) is closed before either looks
+/// at it: hyper's own timeout starts only once it knows the connection is HTTP/1.
 async fn serve_connection(
     builder: auto::Builder<TokioExecutor>,
     waiting: Waiting,
@@ -263,10 +265,88 @@ async fn serve_connection(
         }
         _ = stop.wait_for(|s| *s) => return,
     }
+    let io = if app.0.http1_fast_path {
+        // The watcher stays alive meanwhile, so a graceful shutdown waits for this connection.
+        match proxy::h1::serve(&app.0, tcp, &mut stop, header_read_timeout).await {
+            proxy::h1::Exit::Closed => return,
+            proxy::h1::Exit::Hyper { tcp, read } => Rewind { read, at: 0, tcp },
+        }
+    } else {
+        Rewind {
+            read: Vec::new(),
+            at: 0,
+            tcp,
+        }
+    };
     let (service, upstreams) = app.connection();
-    let connection = builder.serve_connection(TokioIo::new(tcp), service).into_owned();
+    let connection = builder.serve_connection(TokioIo::new(io), service).into_owned();
     if let Err(e) = upstreams.drive(watcher.watch(connection)).await {
         tracing::debug!(error = %e, "agent connection ended with an error");
+    }
+}
+
+/// An agent connection handed from the fast path to hyper: the bytes the fast path read and did not
+/// answer come first, then the socket.
+struct Rewind {
+    read: Vec<u8>,
+    at: usize,
+    tcp: tokio::net::TcpStream,
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.read.len() {
+            let n = buf.remaining().min(this.read.len() - this.at);
+            buf.put_slice(&this.read[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.read.len() {
+                this.read = Vec::new();
+                this.at = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 

@@ -81,6 +81,7 @@ async fn an_https_upstream_with_an_extra_ca_is_reached_over_http2() {
         metrics: Metrics::register(),
         max_header_bytes: 65536,
         header_read_timeout: std::time::Duration::from_secs(60),
+        http1_fast_path: true,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sidecar = format!("http://{}", listener.local_addr().unwrap());

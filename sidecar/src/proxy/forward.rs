@@ -14,7 +14,7 @@ use axum::{
     body::Body,
     response::{IntoResponse, Response},
 };
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version, header, uri::Scheme};
+use http::{HeaderValue, Method, Request, StatusCode, Uri, Version, header, uri::Scheme};
 use hyper::{body::Incoming, client::conn::http1};
 use hyper_rustls::HttpsConnector;
 use hyper_util::{
@@ -44,7 +44,7 @@ pub struct UpstreamClient {
 
 /// How many upstreams one agent connection keeps a connection to: an agent's HTTP client may send
 /// requests for several credentials over one keep-alive connection to the sidecar.
-const MAX_OWN: usize = 8;
+pub(super) const MAX_OWN: usize = 8;
 
 /// The connection behind an [`Own`], driven by the agent connection's task.
 pub(crate) type OwnConnection = http1::Connection<hyper_util::rt::TokioIo<tokio::net::TcpStream>, Body>;
@@ -208,6 +208,24 @@ impl UpstreamClient {
         Ok(keep(local, own, response, now))
     }
 
+    /// How long an idle upstream connection is kept.
+    pub(super) fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// A TCP connection to a plain-http upstream, with the pool's connect timeout and `TCP_NODELAY`.
+    pub(super) async fn connect_plain(
+        &self,
+        authority: &http::uri::Authority,
+    ) -> Result<tokio::net::TcpStream, UpstreamError> {
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()?;
+        Ok(self.tcp.clone().oneshot(uri).await?.into_inner())
+    }
+
     /// Opens a new connection; callers box this rare, large future so that every request's own
     /// future stays small (hyper moves it, and moving costs its size).
     /// The connection is driven by the agent connection's task (it joins `local`'s list).
@@ -289,7 +307,8 @@ pub(super) async fn forward(
         Ok(response) => response,
         Err(source) => return ProxyError::Upstream { name, source }.into_response(),
     };
-    let reason = rejection_reason(response.status(), response.headers());
+    let challenges = response.headers().get_all(header::WWW_AUTHENTICATE);
+    let reason = rejection_reason(response.status(), || challenges.iter().map(HeaderValue::as_bytes));
     if let Some(reason) = reason {
         proxy
             .metrics
@@ -360,20 +379,19 @@ fn upstream_path(credential: &Credential, name: &str, agent_uri: &Uri) -> Option
     Some(credential.upstream.join(rest, None).ok()?.path().to_owned())
 }
 
-/// Why the upstream refused the credential, from its status and `WWW-Authenticate` (RFC 6750 §3.1).
-fn rejection_reason(status: StatusCode, headers: &HeaderMap) -> Option<&'static str> {
+/// Why the upstream refused the credential, from its status and `WWW-Authenticate` values
+/// (RFC 6750 §3.1); both paths use it.
+pub(super) fn rejection_reason<'a, I: Iterator<Item = &'a [u8]>>(
+    status: StatusCode,
+    challenges: impl Fn() -> I,
+) -> Option<&'static str> {
     if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
         return None;
     }
-    let challenge = headers
-        .get_all(header::WWW_AUTHENTICATE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect::<Vec<_>>()
-        .join(",");
-    Some(if challenge.contains("invalid_token") {
+    let says = |what: &[u8]| challenges().any(|value| value.windows(what.len()).any(|w| w == what));
+    Some(if says(b"invalid_token") {
         "invalid_token"
-    } else if challenge.contains("insufficient_scope") {
+    } else if says(b"insufficient_scope") {
         "insufficient_scope"
     } else {
         "other"

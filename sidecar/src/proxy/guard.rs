@@ -48,7 +48,11 @@ pub(super) fn guard<B>(proxy: &Proxy, request: &Request<B>) -> Result<(), ProxyE
 }
 
 /// `localhost`, `*.localhost`, a loopback IPv4 address or `[::1]`, with an optional port.
-fn is_loopback_authority(authority: &[u8]) -> bool {
+pub(super) fn is_loopback_authority(authority: &[u8]) -> bool {
+    // The usual Host, without parsing.
+    if authority.starts_with(b"127.0.0.1") && matches!(authority.get(9), None | Some(b':')) {
+        return true;
+    }
     let Ok(authority) = std::str::from_utf8(authority) else {
         return false;
     };
@@ -72,7 +76,7 @@ fn is_loopback_authority(authority: &[u8]) -> bool {
 }
 
 /// An `Origin` of a page served from this machine (`http://localhost:3000`), or `null` (not a site).
-fn is_loopback_origin(origin: &[u8]) -> bool {
+pub(super) fn is_loopback_origin(origin: &[u8]) -> bool {
     if origin == b"null" {
         return true;
     }

@@ -7,6 +7,9 @@
 //! 4. [`attach`]: attach the current credential, or answer 503 when it is missing or expired.
 //! 5. [`forward`]: send the request upstream and stream the answer back.
 //! 6. [`measure`]: count every answer, the sidecar's own refusals included.
+//!
+//! [`h1`] runs the same steps on raw HTTP/1.1 bytes for ordinary requests to plain-http upstreams,
+//! and hands everything else to this path.
 
 use std::{
     convert::Infallible,
@@ -28,6 +31,7 @@ use crate::{metrics::Metrics, store::Store};
 mod attach;
 mod forward;
 mod guard;
+pub(crate) mod h1;
 mod measure;
 mod replay;
 mod route;
@@ -51,6 +55,8 @@ pub struct Proxy {
     /// How long an agent connection may take to send a request head (see
     /// [`HEADER_READ_TIMEOUT`](crate::config::HEADER_READ_TIMEOUT)); used by [`crate::serve`].
     pub header_read_timeout: std::time::Duration,
+    /// Whether HTTP/1.1 agent connections start on the fast path ([`h1`]); used by [`crate::serve`].
+    pub http1_fast_path: bool,
 }
 
 /// The proxy, cheap to clone. Serve it with [`crate::serve`] (each agent connection then keeps its

@@ -50,7 +50,7 @@ pub(super) fn route(proxy: &Proxy, uri: &Uri, cached: Option<Arc<Handles>>) -> R
 }
 
 /// Splits `/<name><rest>` (`name` may be empty) and checks that `rest` stays below the upstream's path.
-fn split(path: &str) -> Result<(&str, &str), ProxyError> {
+pub(super) fn split(path: &str) -> Result<(&str, &str), ProxyError> {
     let path = path
         .strip_prefix('/')
         .ok_or(ProxyError::BadPath("it does not start with /"))?;

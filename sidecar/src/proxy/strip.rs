@@ -43,7 +43,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// The hop-by-hop headers of RFC 9110 §7.6.1, plus the non-standard ones still seen in the wild.
-const HOP_BY_HOP: [&str; 9] = [
+pub(super) const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "te",
     "trailer",

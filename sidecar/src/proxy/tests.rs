@@ -84,6 +84,7 @@ fn app_with(store: Arc<Store>) -> App {
         metrics: Metrics::register(),
         max_header_bytes: 8192,
         header_read_timeout: std::time::Duration::from_secs(60),
+        http1_fast_path: true,
     })
 }
 
@@ -382,6 +383,7 @@ async fn requests_are_counted_by_credential_and_status() {
         metrics: metrics.clone(),
         max_header_bytes: 8192,
         header_read_timeout: std::time::Duration::from_secs(60),
+        http1_fast_path: true,
     });
     send(&app, get("/gh/mcp")).await;
     send(

@@ -57,6 +57,7 @@ pub async fn sidecar_with_store(store: Arc<Store>) -> Sidecar {
         metrics: Metrics::register(),
         max_header_bytes: 65536,
         header_read_timeout: std::time::Duration::from_secs(60),
+        http1_fast_path: true,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -1,0 +1,1046 @@
+//! The HTTP/1.1 fast path. An agent connection's ordinary requests to plain-http upstreams are
+//! parsed with httparse and forwarded as bytes on the connection's own upstream connection, and the
+//! answer is streamed back as it arrives: no message types, header maps or tasks in between, which is
+//! how nginx proxies too. The same steps run as on the hyper path (guard, route, strip, attach,
+//! forward, measure), and the checks are the same functions.
+//!
+//! Everything else goes to the hyper path, which takes over the connection for good with the bytes
+//! already read: HTTP/2, HTTP/1.0, every refusal (so its answer is the hyper path's, word for word),
+//! request bodies that are chunked or over [`replay::MAX_BODY`], `Expect`, upgrades and other
+//! hop-by-hop request headers, HTTPS upstreams (shared TLS pool), and GETs that accept
+//! `text/event-stream` (a legacy SSE stream whose `endpoint` event must be rewritten).
+
+use std::{mem::MaybeUninit, pin::Pin, sync::Arc, time::Duration};
+
+use http::{StatusCode, uri::Authority};
+use jiff::Timestamp;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::watch,
+    time::{Instant, Sleep},
+};
+
+use super::{
+    Proxy, forward,
+    guard::{is_loopback_authority, is_loopback_origin},
+    measure::{self, Handles},
+    replay, route,
+};
+use crate::{credential::Credential, error::ProxyError};
+
+/// Header lines parsed per message; hyper's limit too, so a request over it goes to hyper's refusal.
+const MAX_HEADERS: usize = 100;
+/// The largest upstream response head read (hyper's client reads up to about 400 KiB).
+const MAX_RESPONSE_HEAD: usize = 256 << 10;
+/// Chunked trailers larger than this end the exchange (they are passed through, not kept).
+const MAX_TRAILERS: usize = 64 << 10;
+/// Response body bytes copied behind the head for one write; larger ones go as a second buffer.
+const COPY_BEHIND_HEAD: usize = 16 << 10;
+
+/// How a connection left the fast path.
+pub(crate) enum Exit {
+    /// It is finished: closed by either side, timed out, or the sidecar is stopping.
+    Closed,
+    /// The hyper path takes over; `read` holds the bytes read and not answered yet.
+    Hyper { tcp: TcpStream, read: Vec<u8> },
+}
+
+/// Serves `tcp` until it closes or a request needs the hyper path.
+pub(crate) async fn serve(
+    proxy: &Proxy,
+    tcp: TcpStream,
+    stop: &mut watch::Receiver<bool>,
+    header_read_timeout: Duration,
+) -> Exit {
+    let now = Instant::now();
+    let mut conn = Conn {
+        proxy,
+        agent: tcp,
+        read: Vec::with_capacity(8 << 10),
+        out: Vec::with_capacity(4 << 10),
+        upstreams: Vec::new(),
+        handles: None,
+        head_since: now,
+        timer: Box::pin(tokio::time::sleep_until(now + header_read_timeout)),
+        header_read_timeout,
+    };
+    match conn.run(stop).await {
+        Ok(()) | Err(End::Closed) => Exit::Closed,
+        Err(End::Hyper) => Exit::Hyper {
+            tcp: conn.agent,
+            read: conn.read,
+        },
+    }
+}
+
+/// Why the request loop stopped.
+enum End {
+    Closed,
+    Hyper,
+}
+
+/// One agent connection on the fast path.
+struct Conn<'p> {
+    proxy: &'p Proxy,
+    agent: TcpStream,
+    /// Bytes read from the agent and not answered yet; the current request starts at 0.
+    read: Vec<u8>,
+    /// The head being written (to the upstream, then to the agent).
+    out: Vec<u8>,
+    /// Own connections to the plain-http upstreams this agent connection used, most recent last.
+    upstreams: Vec<UpstreamConn>,
+    /// The metric handles of the credential used last.
+    handles: Option<Arc<Handles>>,
+    /// When the wait for the current request head began (the header read timeout counts from here).
+    head_since: Instant,
+    /// Fires at or before `head_since + header_read_timeout`; re-armed only when it fires early, so
+    /// a busy connection resets no timer per request.
+    timer: Pin<Box<Sleep>>,
+    header_read_timeout: Duration,
+}
+
+/// An agent connection's own connection to one plain-http upstream.
+struct UpstreamConn {
+    authority: Authority,
+    tcp: TcpStream,
+    /// Bytes read from the upstream and not passed on yet.
+    read: Vec<u8>,
+    last_used: Instant,
+}
+
+/// A request the fast path forwards; its upstream head is in `Conn::out`.
+struct Planned {
+    head_len: usize,
+    body_len: usize,
+    credential: Arc<Credential>,
+    handles: Arc<Handles>,
+    /// A HEAD request: the answer has no body whatever its headers say.
+    head_method: bool,
+    /// Safe to send again when a reused upstream connection turns out to be closed (RFC 9110 §9.2.2).
+    idempotent: bool,
+    /// The agent asked to close the connection after this answer.
+    close: bool,
+}
+
+enum Plan {
+    /// The head is not complete yet.
+    Partial,
+    /// The hyper path answers this request.
+    Hyper,
+    Forward(Planned),
+}
+
+impl Conn<'_> {
+    async fn run(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), End> {
+        loop {
+            let planned = loop {
+                match plan(self.proxy, self.handles.as_ref(), &self.read, None, &mut self.out) {
+                    Plan::Forward(planned) => break planned,
+                    Plan::Hyper => return Err(End::Hyper),
+                    Plan::Partial => self.read_head_bytes(stop).await?,
+                }
+            };
+            let length = planned.head_len + planned.body_len;
+            while self.read.len() < length {
+                self.read.reserve(length - self.read.len());
+                match self.agent.read_buf(&mut self.read).await {
+                    Ok(0) | Err(_) => return Err(End::Closed),
+                    Ok(_) => {}
+                }
+            }
+            let keep_open = self.exchange(&planned, stop).await?;
+            self.read.drain(..length);
+            self.head_since = Instant::now();
+            if !keep_open {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits for more bytes of a request head, within the header read timeout.
+    async fn read_head_bytes(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), End> {
+        let idle = self.read.is_empty();
+        if idle && *stop.borrow() {
+            return Err(End::Closed);
+        }
+        if self.read.capacity() - self.read.len() < 1024 {
+            self.read.reserve(8 << 10);
+        }
+        loop {
+            tokio::select! {
+                biased;
+                read = self.agent.read_buf(&mut self.read) => return match read {
+                    Ok(1..) => Ok(()),
+                    Ok(0) | Err(_) => Err(End::Closed),
+                },
+                () = self.timer.as_mut() => {
+                    let deadline = self.head_since + self.header_read_timeout;
+                    if Instant::now() >= deadline {
+                        tracing::debug!("agent connection sent no complete request head in time; closed");
+                        return Err(End::Closed);
+                    }
+                    self.timer.as_mut().reset(deadline);
+                }
+                // Stopping: an idle connection closes now; one mid-head gets its answer first.
+                Ok(()) = stop.changed(), if idle => if *stop.borrow() {
+                    return Err(End::Closed);
+                },
+            }
+        }
+    }
+
+    /// Forwards the planned request and streams the answer back. `Ok(false)`: close the connection.
+    async fn exchange(&mut self, planned: &Planned, stop: &watch::Receiver<bool>) -> Result<bool, End> {
+        let proxy = self.proxy;
+        let handles = &planned.handles;
+        self.handles = Some(handles.clone());
+        let started = Instant::now();
+        let (mut up, mut answer) = match self.send(planned, &planned.credential).await {
+            Ok(sent) => sent,
+            Err(Failed::AgentGone) => return Err(End::Closed),
+            Err(Failed::Upstream(source)) => return self.refuse(planned, source).await,
+        };
+        handles.upstream_duration.observe(started.elapsed().as_secs_f64());
+        if let Some(reason) = answer.rejection {
+            proxy
+                .metrics
+                .upstream_rejections
+                .with_label_values(&[&handles.name, reason])
+                .inc();
+            if replay::worth_replaying(Some(reason))
+                && let Some(newer) = Box::pin(replay::newer_credential(
+                    &proxy.store,
+                    &handles.name,
+                    &planned.credential,
+                    Some(reason),
+                ))
+                .await
+            {
+                tracing::info!(credential = %handles.name, version = %newer.version, "replaying once with the new credential");
+                // The rejected answer is not read to its end: that connection closes.
+                drop(up);
+                (up, answer) = match Box::pin(self.send(planned, &newer)).await {
+                    Ok(sent) => sent,
+                    Err(Failed::AgentGone) => return Err(End::Closed),
+                    Err(Failed::Upstream(source)) => return self.refuse(planned, source).await,
+                };
+            }
+        }
+        measure::count(proxy, Some(handles), answer.status);
+        let close = planned.close || matches!(answer.framing, Framing::UntilClose) || *stop.borrow();
+        // `out` holds the answer's head lines; the connection's own ones end it.
+        if close {
+            header_line(&mut self.out, b"connection", b"close");
+        }
+        self.out.extend_from_slice(b"\r\n");
+        up.read.drain(..answer.head_len);
+        let reusable = self.stream_body(&mut up, answer.framing).await?;
+        if reusable && answer.upstream_keeps_alive {
+            up.last_used = started;
+            self.put_back(up);
+        }
+        Ok(!close)
+    }
+
+    /// Sends the request (with `credential`) and reads the upstream's answer head into the
+    /// connection's buffer. A reused connection that the upstream had closed is replaced once.
+    async fn send(
+        &mut self,
+        planned: &Planned,
+        credential: &Arc<Credential>,
+    ) -> Result<(UpstreamConn, Answer), Failed> {
+        if !Arc::ptr_eq(credential, &planned.credential) {
+            // A replay: the same request with the newer credential's headers.
+            match plan(self.proxy, None, &self.read, Some(credential), &mut self.out) {
+                Plan::Forward(_) => {}
+                _ => return Err(Failed::Upstream("the replayed request no longer plans".into())),
+            }
+        }
+        let authority = &credential.upstream.authority;
+        let body = planned.head_len..planned.head_len + planned.body_len;
+        let mut reused = self.take_upstream(authority);
+        loop {
+            let was_reused = reused.is_some();
+            let mut up = match reused.take() {
+                Some(up) => up,
+                None => self.connect(authority).await?,
+            };
+            let sent = write_two(&mut up.tcp, &self.out, &self.read[body.clone()]).await;
+            let result = match sent {
+                Ok(()) => {
+                    read_answer_head(
+                        &mut up,
+                        &self.agent,
+                        &mut self.read,
+                        planned.head_method,
+                        &mut self.out,
+                    )
+                    .await
+                }
+                Err(e) => Err(Failed::Upstream(e.into())),
+            };
+            match result {
+                Ok(answer) => return Ok((up, answer)),
+                // Closed before answering: a reused connection the upstream had given up on. The
+                // request head is still in `out` (only a complete answer head replaces it).
+                Err(Failed::Upstream(_)) if was_reused && up.read.is_empty() && planned.idempotent => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The agent's own connection to `authority`, if it has a live one.
+    fn take_upstream(&mut self, authority: &Authority) -> Option<UpstreamConn> {
+        let i = self.upstreams.iter().position(|u| u.authority == *authority)?;
+        let up = self.upstreams.swap_remove(i);
+        let idle = Instant::now().saturating_duration_since(up.last_used);
+        // Readable while idle means closed (or stray bytes): either way it cannot carry a request.
+        let alive =
+            matches!(up.tcp.try_read(&mut [0; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        (alive && idle < self.proxy.client.idle_timeout()).then_some(up)
+    }
+
+    async fn connect(&self, authority: &Authority) -> Result<UpstreamConn, Failed> {
+        let tcp = Box::pin(self.proxy.client.connect_plain(authority))
+            .await
+            .map_err(Failed::Upstream)?;
+        Ok(UpstreamConn {
+            authority: authority.clone(),
+            tcp,
+            read: Vec::with_capacity(8 << 10),
+            last_used: Instant::now(),
+        })
+    }
+
+    /// Keeps `up` for the next request; the least recently used one goes when there are too many.
+    fn put_back(&mut self, up: UpstreamConn) {
+        if self.upstreams.len() == forward::MAX_OWN
+            && let Some(oldest) = (0..self.upstreams.len()).min_by_key(|&i| self.upstreams[i].last_used)
+        {
+            self.upstreams.swap_remove(oldest);
+        }
+        self.upstreams.push(up);
+    }
+
+    /// Writes the agent head (in `out`) and the body as it arrives. `Ok(true)`: the body ended where
+    /// its framing said, so the upstream connection can carry another request.
+    async fn stream_body(&mut self, up: &mut UpstreamConn, framing: Framing) -> Result<bool, End> {
+        let mut left = framing;
+        let mut chunks = Chunks::default();
+        let mut head_written = false;
+        let mut agent_done = false;
+        loop {
+            // The part of the upstream's bytes that belongs to this body.
+            let (take, ended) = match &mut left {
+                Framing::Empty => (0, true),
+                Framing::Length(n) => {
+                    let take = (*n).min(up.read.len() as u64) as usize;
+                    *n -= take as u64;
+                    (take, *n == 0)
+                }
+                Framing::Chunked => chunks.scan(&up.read).map_err(|()| {
+                    tracing::debug!("upstream sent malformed chunked framing; connection closed");
+                    End::Closed
+                })?,
+                Framing::UntilClose => (up.read.len(), false),
+            };
+            if !head_written {
+                head_written = true;
+                let result = if take <= COPY_BEHIND_HEAD {
+                    self.out.extend_from_slice(&up.read[..take]);
+                    self.agent.write_all(&self.out).await
+                } else {
+                    write_two(&mut self.agent, &self.out, &up.read[..take]).await
+                };
+                result.map_err(|_| End::Closed)?;
+            } else if take > 0 {
+                self.agent
+                    .write_all(&up.read[..take])
+                    .await
+                    .map_err(|_| End::Closed)?;
+            }
+            up.read.drain(..take);
+            if ended {
+                // Bytes after the end of the answer: the upstream is out of step; drop the connection.
+                return Ok(up.read.is_empty());
+            }
+            if up.read.capacity() - up.read.len() < 1024 {
+                up.read.reserve(16 << 10);
+            }
+            tokio::select! {
+                biased;
+                read = up.tcp.read_buf(&mut up.read) => match read {
+                    Ok(1..) => {}
+                    // The end of a body that runs until the connection closes.
+                    Ok(0) if matches!(left, Framing::UntilClose) => return Ok(false),
+                    Ok(0) | Err(_) => {
+                        tracing::debug!("upstream closed in the middle of an answer");
+                        return Err(End::Closed);
+                    }
+                },
+                gone = agent_gone(&self.agent, &mut self.read), if !agent_done => match gone {
+                    true => return Err(End::Closed),
+                    // Pipelined bytes: kept for the next request; the agent is not watched again.
+                    false => agent_done = true,
+                },
+            }
+        }
+    }
+
+    /// Answers the agent with the hyper path's error for an unreachable upstream.
+    async fn refuse(&mut self, planned: &Planned, source: forward::UpstreamError) -> Result<bool, End> {
+        let error = ProxyError::Upstream {
+            name: planned.handles.name.clone(),
+            source,
+        };
+        let status = error.status();
+        measure::count(self.proxy, Some(&planned.handles), status);
+        let response = axum::response::IntoResponse::into_response(error);
+        let (parts, body) = response.into_parts();
+        let body = http_body_util::BodyExt::collect(body)
+            .await
+            .map(http_body_util::Collected::to_bytes)
+            .unwrap_or_default();
+        self.out.clear();
+        self.out.extend_from_slice(b"HTTP/1.1 ");
+        self.out.extend_from_slice(status.as_str().as_bytes());
+        self.out.push(b' ');
+        self.out
+            .extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+        for (name, value) in &parts.headers {
+            if name != http::header::CONTENT_LENGTH {
+                header_line(&mut self.out, name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
+        header_line(
+            &mut self.out,
+            b"content-length",
+            body.len().to_string().as_bytes(),
+        );
+        if planned.close {
+            header_line(&mut self.out, b"connection", b"close");
+        }
+        self.out.extend_from_slice(b"\r\n");
+        self.out.extend_from_slice(&body);
+        self.agent.write_all(&self.out).await.map_err(|_| End::Closed)?;
+        Ok(!planned.close)
+    }
+}
+
+/// Why a request could not be forwarded.
+enum Failed {
+    /// The agent closed its connection while waiting: the upstream request is dropped (cancelled).
+    AgentGone,
+    /// The upstream could not be reached or answered with something that is not HTTP/1.x.
+    Upstream(forward::UpstreamError),
+}
+
+/// Whether the agent closed its connection (`true`), or sent more bytes (`false`, kept in `read`).
+async fn agent_gone(agent: &TcpStream, read: &mut Vec<u8>) -> bool {
+    loop {
+        if agent.readable().await.is_err() {
+            return true;
+        }
+        read.reserve(4 << 10);
+        match agent.try_read_buf(read) {
+            Ok(0) => return true,
+            Ok(_) => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Parses the request at the start of `read` and, when the fast path forwards it, writes its
+/// upstream head to `out`: the upstream's path and Host, the agent's headers minus its credentials
+/// and connection headers, then the credential's headers (`with` for a replay, else the current one).
+fn plan(
+    proxy: &Proxy,
+    cached: Option<&Arc<Handles>>,
+    read: &[u8],
+    with: Option<&Arc<Credential>>,
+    out: &mut Vec<u8>,
+) -> Plan {
+    if read.is_empty() {
+        return Plan::Partial;
+    }
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let head_len = match request.parse_with_uninit_headers(read, &mut slots) {
+        Ok(httparse::Status::Complete(n)) => n,
+        // hyper answers a head over the limit (431) or a malformed one (400).
+        Ok(httparse::Status::Partial) if read.len() <= proxy.max_header_bytes + (8 << 10) => {
+            return Plan::Partial;
+        }
+        _ => return Plan::Hyper,
+    };
+    let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version) else {
+        return Plan::Hyper;
+    };
+    // Step 1, guard: origin-form targets only (no absolute form, no CONNECT, no `*`).
+    if method == "CONNECT" || !target.starts_with('/') || !target.bytes().all(is_plain_target_byte) {
+        return Plan::Hyper;
+    }
+    // Step 2, route.
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    };
+    let Ok((name, rest)) = route::split(path) else {
+        return Plan::Hyper;
+    };
+    if name.is_empty() {
+        return Plan::Hyper;
+    }
+    let credential = match with {
+        Some(c) => c.clone(),
+        None => match proxy.store.get(name).and_then(|slot| slot.current) {
+            Some(c) => c,
+            None => return Plan::Hyper,
+        },
+    };
+    // Step 4's refusal (expired) is the hyper path's; HTTPS upstreams use its TLS pool.
+    if credential.is_expired(Timestamp::now()) || credential.upstream.scheme != http::uri::Scheme::HTTP {
+        return Plan::Hyper;
+    }
+    let handles = match cached {
+        Some(h) if *h.name == *name => h.clone(),
+        _ => Arc::new(Handles::new(&proxy.metrics, name)),
+    };
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    credential.upstream.push_path(rest, query, out);
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    let authority = &credential.upstream.authority;
+    out.extend_from_slice(match authority.port_u16() {
+        Some(80) => authority.host().as_bytes(),
+        _ => authority.as_str().as_bytes(),
+    });
+    out.extend_from_slice(b"\r\n");
+    let is_get = method == "GET";
+    let mut size = 0;
+    let mut body_len = None;
+    let mut close = false;
+    // Steps 1 and 3 over the headers: guard Host and Origin, strip credentials and connection headers.
+    for header in request.headers.iter() {
+        let (name, value) = (header.name, header.value);
+        size += name.len() + value.len() + 4;
+        match RequestHeader::of(name) {
+            RequestHeader::Host if is_loopback_authority(value) => continue,
+            RequestHeader::Origin if is_loopback_origin(value) => {}
+            RequestHeader::Credential => continue,
+            RequestHeader::ContentLength => match (parse_length(value), body_len) {
+                (Some(n), None) => body_len = Some(n),
+                (Some(n), Some(m)) if n == m => {}
+                _ => return Plan::Hyper,
+            },
+            RequestHeader::Connection => {
+                for token in value.split(|&b| b == b',') {
+                    match token.trim_ascii() {
+                        b"" => {}
+                        t if t.eq_ignore_ascii_case(b"keep-alive") => {}
+                        t if t.eq_ignore_ascii_case(b"close") => close = true,
+                        // It names other headers to drop: the hyper path's strip handles that.
+                        _ => return Plan::Hyper,
+                    }
+                }
+                continue;
+            }
+            RequestHeader::Accept if is_get && contains(value, b"text/event-stream") => return Plan::Hyper,
+            RequestHeader::Accept | RequestHeader::Other => {}
+            RequestHeader::Host | RequestHeader::Origin | RequestHeader::Hyper => return Plan::Hyper,
+        }
+        // Step 4 replaces whatever the agent sent under the credential's header names.
+        if credential
+            .headers
+            .iter()
+            .any(|(n, _)| n.as_str().as_bytes().eq_ignore_ascii_case(name.as_bytes()))
+        {
+            continue;
+        }
+        header_line(out, name.as_bytes(), value);
+    }
+    if size > proxy.max_header_bytes {
+        return Plan::Hyper;
+    }
+    let body_len = body_len.unwrap_or(0);
+    // Larger bodies stream through the hyper path (and are never replayed).
+    if body_len as u64 > replay::MAX_BODY {
+        return Plan::Hyper;
+    }
+    // Step 4: attach.
+    for (name, value) in &credential.headers {
+        header_line(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    Plan::Forward(Planned {
+        head_len,
+        body_len,
+        credential,
+        handles,
+        head_method: method == "HEAD",
+        idempotent: matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"),
+        close,
+    })
+}
+
+/// What the fast path does with a request header, by name.
+enum RequestHeader {
+    Host,
+    Origin,
+    /// `Authorization` and `Cookie`: never forwarded.
+    Credential,
+    ContentLength,
+    Connection,
+    Accept,
+    /// Hop-by-hop headers, `Transfer-Encoding` and `Expect`: the hyper path handles them.
+    Hyper,
+    Other,
+}
+
+impl RequestHeader {
+    fn of(name: &str) -> Self {
+        let is = |lower: &str| name.eq_ignore_ascii_case(lower);
+        match name.len() {
+            4 if is("host") => Self::Host,
+            6 if is("origin") => Self::Origin,
+            6 if is("cookie") => Self::Credential,
+            6 if is("accept") => Self::Accept,
+            6 if is("expect") => Self::Hyper,
+            13 if is("authorization") => Self::Credential,
+            14 if is("content-length") => Self::ContentLength,
+            10 if is("connection") => Self::Connection,
+            2 | 7 | 10 | 16 | 17 | 18 | 19 if is_hop_by_hop(name) => Self::Hyper,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Connection-level headers (RFC 9110 §7.6.1 and the non-standard ones), as the hyper path strips them.
+fn is_hop_by_hop(name: &str) -> bool {
+    super::strip::HOP_BY_HOP
+        .iter()
+        .any(|h| h.len() == name.len() && name.eq_ignore_ascii_case(h))
+}
+
+/// Bytes a request target may hold on the fast path: unreserved, sub-delims, `:@/?%` (RFC 3986).
+/// Anything else goes to the hyper path, which accepts or refuses it.
+fn is_plain_target_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b)
+}
+
+/// A Content-Length value: digits only.
+fn parse_length(value: &[u8]) -> Option<usize> {
+    if value.is_empty() || value.len() > 15 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+fn header_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How the upstream's answer body ends (RFC 9112 §6.3).
+#[derive(Clone, Copy)]
+enum Framing {
+    /// No body: HEAD, 204, 304.
+    Empty,
+    /// `Content-Length`: this many bytes left.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`, passed through as it is.
+    Chunked,
+    /// Neither: the body runs until the upstream closes (the agent's connection then closes too).
+    UntilClose,
+}
+
+/// The upstream's answer head, parsed.
+struct Answer {
+    status: StatusCode,
+    head_len: usize,
+    framing: Framing,
+    /// The upstream connection can carry another request after this answer.
+    upstream_keeps_alive: bool,
+    /// A 401/403's reason, from `WWW-Authenticate`.
+    rejection: Option<&'static str>,
+}
+
+/// Reads the upstream's answer head into `up.read` and writes the agent's head lines (status line
+/// and headers, without the final blank line) to `out`. The agent is watched meanwhile: if it
+/// closes its connection, the upstream request is abandoned (dropping the connection cancels it).
+async fn read_answer_head(
+    up: &mut UpstreamConn,
+    agent: &TcpStream,
+    pipelined: &mut Vec<u8>,
+    head_method: bool,
+    out: &mut Vec<u8>,
+) -> Result<Answer, Failed> {
+    let mut agent_quiet = false;
+    loop {
+        if !up.read.is_empty() {
+            match parse_answer(&up.read, head_method, out) {
+                Ok(Parsed::Final(answer)) => return Ok(answer),
+                // 1xx answers are dropped, as the hyper path's client does.
+                Ok(Parsed::Informational(n)) => {
+                    up.read.drain(..n);
+                    continue;
+                }
+                Ok(Parsed::Partial) if up.read.len() <= MAX_RESPONSE_HEAD => {}
+                Ok(Parsed::Partial) => {
+                    return Err(Failed::Upstream("the upstream's answer head is too large".into()));
+                }
+                Err(why) => return Err(Failed::Upstream(why.into())),
+            }
+        }
+        if up.read.capacity() - up.read.len() < 1024 {
+            up.read.reserve(8 << 10);
+        }
+        tokio::select! {
+            biased;
+            read = up.tcp.read_buf(&mut up.read) => match read {
+                Ok(1..) => {}
+                Ok(0) => return Err(Failed::Upstream("the upstream closed the connection before answering".into())),
+                Err(e) => return Err(Failed::Upstream(e.into())),
+            },
+            gone = agent_gone(agent, pipelined), if !agent_quiet => match gone {
+                true => return Err(Failed::AgentGone),
+                false => agent_quiet = true,
+            },
+        }
+    }
+}
+
+enum Parsed {
+    Partial,
+    Informational(usize),
+    Final(Answer),
+}
+
+/// Parses an answer head; a final one's head lines, minus connection headers, go to `out`.
+fn parse_answer(read: &[u8], head_method: bool, out: &mut Vec<u8>) -> Result<Parsed, &'static str> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let head_len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        read,
+        &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(_) => return Err("the upstream's answer is not HTTP/1.x"),
+    };
+    let (Some(version), Some(code)) = (response.version, response.code) else {
+        return Err("the upstream's answer is not HTTP/1.x");
+    };
+    let status = StatusCode::from_u16(code).map_err(|_| "the upstream's status code is invalid")?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err("the upstream switched protocols unasked");
+    }
+    if status.is_informational() {
+        return Ok(Parsed::Informational(head_len));
+    }
+    // The connection headers first: they decide the framing and what else is dropped.
+    let (mut close, mut keep_alive, mut chunked, mut encoded) = (false, false, false, false);
+    let mut length = None;
+    let mut named = 0;
+    for header in response.headers.iter() {
+        if header.name.eq_ignore_ascii_case("connection") {
+            for token in header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                } else if !token.is_empty() {
+                    named += 1;
+                }
+            }
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            encoded = true;
+            // Chunked only when it is the final coding (RFC 9112 §6.3); otherwise the body runs to the close.
+            chunked = header
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if header.name.eq_ignore_ascii_case("content-length") {
+            let n = parse_length(header.value).ok_or("the upstream's Content-Length is invalid")? as u64;
+            if length.is_some_and(|m| m != n) {
+                return Err("the upstream sent conflicting Content-Length headers");
+            }
+            length = Some(n);
+        }
+    }
+    let framing = if head_method || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        Framing::Empty
+    } else if encoded {
+        if chunked {
+            Framing::Chunked
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        length.map_or(Framing::UntilClose, Framing::Length)
+    };
+    let named_by_connection = |name: &str| {
+        named > 0
+            && response.headers.iter().any(|h| {
+                h.name.eq_ignore_ascii_case("connection")
+                    && h.value
+                        .split(|&b| b == b',')
+                        .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
+            })
+    };
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(response.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut challenges = false;
+    for header in response.headers.iter() {
+        let name = header.name;
+        let keep = if name.eq_ignore_ascii_case("transfer-encoding") {
+            true
+        } else if name.eq_ignore_ascii_case("content-length") {
+            !encoded
+        } else {
+            challenges |= name.eq_ignore_ascii_case("www-authenticate");
+            !is_hop_by_hop(name) && !named_by_connection(name)
+        };
+        if keep {
+            header_line(out, name.as_bytes(), header.value);
+        }
+    }
+    let rejection = super::forward::rejection_reason(status, || {
+        response
+            .headers
+            .iter()
+            .filter(|h| challenges && h.name.eq_ignore_ascii_case("www-authenticate"))
+            .map(|h| h.value)
+    });
+    Ok(Parsed::Final(Answer {
+        status,
+        head_len,
+        framing,
+        upstream_keeps_alive: !matches!(framing, Framing::UntilClose)
+            && if version == 1 { !close } else { keep_alive },
+        rejection,
+    }))
+}
+
+/// Finds where a chunked body ends (RFC 9112 §7.1) in bytes that are passed through unchanged, so
+/// the framing is checked strictly: only well-formed chunks reach the agent.
+#[derive(Default)]
+struct Chunks {
+    state: ChunkState,
+    /// The current chunk's size, then what is left of it.
+    size: u64,
+    /// Hex digits of the current size line.
+    digits: u8,
+    trailer_bytes: usize,
+}
+
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    /// A chunk extension, up to its CR.
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// After the last chunk: a trailer line or the final CRLF.
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+impl Chunks {
+    /// How many of `bytes` belong to the body, and whether the body ends there.
+    fn scan(&mut self, bytes: &[u8]) -> Result<(usize, bool), ()> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < bytes.len() && self.state != Done {
+            if self.state == Data {
+                let take = self.size.min((bytes.len() - i) as u64);
+                i += take as usize;
+                self.size -= take;
+                if self.size == 0 {
+                    self.state = DataCr;
+                }
+                continue;
+            }
+            let b = bytes[i];
+            i += 1;
+            self.state = match (self.state, b) {
+                (Size, b) if b.is_ascii_hexdigit() => {
+                    // 15 hex digits hold any real size; more could overflow.
+                    if self.size >> 56 != 0 {
+                        return Err(());
+                    }
+                    self.digits = self.digits.saturating_add(1);
+                    self.size = self.size << 4 | u64::from((b as char).to_digit(16).unwrap_or(0));
+                    Size
+                }
+                (Size, b';' | b' ' | b'\t') if self.digits > 0 => Extension,
+                (Size, b'\r') if self.digits > 0 => SizeLf,
+                (Extension, b'\r') => SizeLf,
+                (Extension, b'\n') => return Err(()),
+                (Extension, _) => Extension,
+                (SizeLf, b'\n') if self.size == 0 => TrailerStart,
+                (SizeLf, b'\n') => Data,
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => {
+                    self.digits = 0;
+                    Size
+                }
+                (TrailerStart, b'\r') => EndLf,
+                (Trailer, b'\r') => TrailerLf,
+                (TrailerStart | Trailer, b'\n') => return Err(()),
+                (TrailerStart | Trailer, _) => {
+                    self.trailer_bytes += 1;
+                    if self.trailer_bytes > MAX_TRAILERS {
+                        return Err(());
+                    }
+                    Trailer
+                }
+                (TrailerLf, b'\n') => TrailerStart,
+                (EndLf, b'\n') => Done,
+                _ => return Err(()),
+            };
+        }
+        Ok((i, self.state == Done))
+    }
+}
+
+/// Writes `head` then `body` (either may be empty), as one write when the socket takes it.
+async fn write_two(tcp: &mut TcpStream, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+    let (mut head, mut body) = (head, body);
+    while !head.is_empty() {
+        let n = tcp
+            .write_vectored(&[std::io::IoSlice::new(head), std::io::IoSlice::new(body)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_head = n.min(head.len());
+        head = &head[from_head..];
+        body = &body[n - from_head..];
+    }
+    tcp.write_all(body).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan_all(pieces: &[&[u8]]) -> Result<(usize, bool), ()> {
+        let mut chunks = Chunks::default();
+        let mut total = 0;
+        for piece in pieces {
+            let (n, done) = chunks.scan(piece)?;
+            total += n;
+            if done {
+                return Ok((total, true));
+            }
+        }
+        Ok((total, false))
+    }
+
+    #[test]
+    fn a_chunked_body_ends_after_its_last_chunk_and_trailers_whatever_the_pieces() {
+        let body: &[u8] = b"5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nx-t: 1\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        assert_eq!(scan_all(&[body]), Ok((end, true)));
+        // Byte by byte gives the same end.
+        let pieces: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(scan_all(&pieces), Ok((end, true)));
+        assert_eq!(scan_all(&[b"0\r\n\r\n"]), Ok((5, true)));
+        assert_eq!(scan_all(&[b"3\r\nab"]), Ok((5, false)));
+    }
+
+    #[test]
+    fn malformed_chunked_framing_is_refused() {
+        for bad in [
+            &b"\r\n"[..],
+            b"g\r\n",
+            b"5\nhello\r\n",
+            b"3\r\nabcX\r\n",
+            b"1;ext\n",
+            b"ffffffffffffffffff\r\n",
+            b"0\r\nbad\n",
+        ] {
+            assert_eq!(scan_all(&[bad]), Err(()), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn answer_heads_lose_their_connection_headers_and_keep_their_framing() {
+        let mut out = Vec::new();
+        let head = b"HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\nMcp-Session-Id: s\r\n\r\n";
+        let Ok(Parsed::Final(answer)) = parse_answer(head, false, &mut out) else {
+            panic!("not parsed");
+        };
+        assert!(matches!(answer.framing, Framing::Chunked));
+        assert!(!answer.upstream_keeps_alive);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nMcp-Session-Id: s\r\n"
+        );
+        let mut out = Vec::new();
+        let head = b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error=\"invalid_token\"\r\nContent-Length: 0\r\n\r\n";
+        let Ok(Parsed::Final(answer)) = parse_answer(head, false, &mut out) else {
+            panic!("not parsed");
+        };
+        assert_eq!(answer.rejection, Some("invalid_token"));
+        assert!(matches!(answer.framing, Framing::Length(0)));
+        assert!(answer.upstream_keeps_alive);
+        for bad in [
+            &b"garbage\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ] {
+            assert!(parse_answer(bad, false, &mut Vec::new()).is_err());
+        }
+        assert!(matches!(
+            parse_answer(
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
+                false,
+                &mut Vec::new()
+            ),
+            Ok(Parsed::Informational(_))
+        ));
+        // HEAD and 204/304 answers have no body whatever their headers say; no length means until close.
+        for (head, head_method) in [
+            (&b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"[..], true),
+            (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+            (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", false),
+        ] {
+            let Ok(Parsed::Final(answer)) = parse_answer(head, head_method, &mut Vec::new()) else {
+                panic!("not parsed");
+            };
+            assert!(matches!(answer.framing, Framing::Empty));
+        }
+        let Ok(Parsed::Final(answer)) = parse_answer(b"HTTP/1.0 200 OK\r\n\r\n", false, &mut Vec::new())
+        else {
+            panic!("not parsed");
+        };
+        assert!(matches!(answer.framing, Framing::UntilClose) && !answer.upstream_keeps_alive);
+    }
+}
