@@ -31,6 +31,12 @@ pub struct Metrics {
     /// to the operator, by result (`accepted`, `rate_limited`, `unauthenticated`, `forbidden`,
     /// `not_found`, `no_token`, `error`).
     pub reports: IntCounterVec,
+    /// `mcp_credentials_sidecar_http1_handoffs_total{reason}`: agent connections the HTTP/1.1 fast
+    /// path handed to the hyper path, by the first request's reason (`https_upstream`, `sse_get`,
+    /// `not_http1` (HTTP/2, HTTP/1.0, malformed), `request_target`, `unknown_credential`,
+    /// `credential_unavailable` (not loaded or expired),
+    /// `request_header`, `connection_header`, `content_length`, `headers_too_large`, `large_body`).
+    pub http1_handoffs: IntCounterVec,
 }
 
 impl Metrics {
@@ -96,6 +102,14 @@ impl Metrics {
             &["credential", "result"],
         )
         .expect("valid metric");
+        let http1_handoffs = IntCounterVec::new(
+            Opts::new(
+                "http1_handoffs_total",
+                "Agent connections the HTTP/1.1 fast path handed to the hyper path, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(upstream_duration.clone()),
@@ -104,6 +118,7 @@ impl Metrics {
             Box::new(credential_age.clone()),
             Box::new(credential_expiration.clone()),
             Box::new(reports.clone()),
+            Box::new(http1_handoffs.clone()),
         ] {
             registry.register(m).expect("metric names are unique");
         }
@@ -116,6 +131,7 @@ impl Metrics {
             credential_age,
             credential_expiration,
             reports,
+            http1_handoffs,
         }
     }
 

@@ -67,17 +67,21 @@ pub(crate) async fn serve(
     };
     match conn.run(stop).await {
         Ok(()) | Err(End::Closed) => Exit::Closed,
-        Err(End::Hyper) => Exit::Hyper {
-            tcp: conn.agent,
-            read: conn.read,
-        },
+        Err(End::Hyper(reason)) => {
+            tracing::debug!(reason, "agent connection handed to the hyper path");
+            proxy.metrics.http1_handoffs.with_label_values(&[reason]).inc();
+            Exit::Hyper {
+                tcp: conn.agent,
+                read: conn.read,
+            }
+        }
     }
 }
 
 /// Why the request loop stopped.
 enum End {
     Closed,
-    Hyper,
+    Hyper(&'static str),
 }
 
 /// One agent connection on the fast path.
@@ -126,8 +130,8 @@ struct Planned {
 enum Plan {
     /// The head is not complete yet.
     Partial,
-    /// The hyper path answers this request.
-    Hyper,
+    /// The hyper path answers this request, for this reason (a metric label).
+    Hyper(&'static str),
     Forward(Planned),
 }
 
@@ -137,7 +141,7 @@ impl Conn<'_> {
             let planned = loop {
                 match plan(self.proxy, self.handles.as_ref(), &self.read, None, &mut self.out) {
                     Plan::Forward(planned) => break planned,
-                    Plan::Hyper => return Err(End::Hyper),
+                    Plan::Hyper(reason) => return Err(End::Hyper(reason)),
                     Plan::Partial => self.read_head_bytes(stop).await?,
                 }
             };
@@ -254,7 +258,9 @@ impl Conn<'_> {
             // A replay: the same request with the newer credential's headers.
             match plan(self.proxy, None, &self.read, Some(credential), &mut self.out) {
                 Plan::Forward(_) => {}
-                _ => return Err(Failed::Upstream("the replayed request no longer plans".into())),
+                Plan::Partial | Plan::Hyper(_) => {
+                    return Err(Failed::Upstream("the replayed request no longer plans".into()));
+                }
             }
         }
         let authority = &credential.upstream.authority;
@@ -474,14 +480,18 @@ fn plan(
         Ok(httparse::Status::Partial) if read.len() <= proxy.max_header_bytes + (8 << 10) => {
             return Plan::Partial;
         }
-        _ => return Plan::Hyper,
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+            return Plan::Hyper("headers_too_large");
+        }
+        // HTTP/2's preface, or not HTTP at all.
+        Err(_) => return Plan::Hyper("not_http1"),
     };
     let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version) else {
-        return Plan::Hyper;
+        return Plan::Hyper("not_http1");
     };
     // Step 1, guard: origin-form targets only (no absolute form, no CONNECT, no `*`).
     if method == "CONNECT" || !target.starts_with('/') || !target.bytes().all(is_plain_target_byte) {
-        return Plan::Hyper;
+        return Plan::Hyper("request_target");
     }
     // Step 2, route.
     let (path, query) = match target.split_once('?') {
@@ -489,21 +499,25 @@ fn plan(
         None => (target, None),
     };
     let Ok((name, rest)) = route::split(path) else {
-        return Plan::Hyper;
+        return Plan::Hyper("request_target");
     };
     if name.is_empty() {
-        return Plan::Hyper;
+        return Plan::Hyper("request_target");
     }
     let credential = match with {
         Some(c) => c.clone(),
-        None => match proxy.store.get(name).and_then(|slot| slot.current) {
-            Some(c) => c,
-            None => return Plan::Hyper,
+        None => match proxy.store.get(name).map(|slot| slot.current) {
+            Some(Some(c)) => c,
+            Some(None) => return Plan::Hyper("credential_unavailable"),
+            None => return Plan::Hyper("unknown_credential"),
         },
     };
     // Step 4's refusal (expired) is the hyper path's; HTTPS upstreams use its TLS pool.
-    if credential.is_expired(Timestamp::now()) || credential.upstream.scheme != http::uri::Scheme::HTTP {
-        return Plan::Hyper;
+    if credential.is_expired(Timestamp::now()) {
+        return Plan::Hyper("credential_unavailable");
+    }
+    if credential.upstream.scheme != http::uri::Scheme::HTTP {
+        return Plan::Hyper("https_upstream");
     }
     let handles = match cached {
         Some(h) if *h.name == *name => h.clone(),
@@ -535,7 +549,7 @@ fn plan(
             RequestHeader::ContentLength => match (parse_length(value), body_len) {
                 (Some(n), None) => body_len = Some(n),
                 (Some(n), Some(m)) if n == m => {}
-                _ => return Plan::Hyper,
+                _ => return Plan::Hyper("content_length"),
             },
             RequestHeader::Connection => {
                 for token in value.split(|&b| b == b',') {
@@ -544,14 +558,18 @@ fn plan(
                         t if t.eq_ignore_ascii_case(b"keep-alive") => {}
                         t if t.eq_ignore_ascii_case(b"close") => close = true,
                         // It names other headers to drop: the hyper path's strip handles that.
-                        _ => return Plan::Hyper,
+                        _ => return Plan::Hyper("connection_header"),
                     }
                 }
                 continue;
             }
-            RequestHeader::Accept if is_get && contains(value, b"text/event-stream") => return Plan::Hyper,
+            RequestHeader::Accept if is_get && contains(value, b"text/event-stream") => {
+                return Plan::Hyper("sse_get");
+            }
             RequestHeader::Accept | RequestHeader::Other => {}
-            RequestHeader::Host | RequestHeader::Origin | RequestHeader::Hyper => return Plan::Hyper,
+            RequestHeader::Host | RequestHeader::Origin | RequestHeader::Hyper => {
+                return Plan::Hyper("request_header");
+            }
         }
         // Step 4 replaces whatever the agent sent under the credential's header names.
         if credential
@@ -564,12 +582,12 @@ fn plan(
         header_line(out, name.as_bytes(), value);
     }
     if size > proxy.max_header_bytes {
-        return Plan::Hyper;
+        return Plan::Hyper("headers_too_large");
     }
     let body_len = body_len.unwrap_or(0);
     // Larger bodies stream through the hyper path (and are never replayed).
     if body_len as u64 > replay::MAX_BODY {
-        return Plan::Hyper;
+        return Plan::Hyper("large_body");
     }
     // Step 4: attach.
     for (name, value) in &credential.headers {

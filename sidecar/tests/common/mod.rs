@@ -32,6 +32,8 @@ pub struct Sidecar {
     pub url: String,
     /// Its credentials.
     pub store: Arc<Store>,
+    /// Its metrics.
+    pub metrics: Metrics,
     _stop: watch::Sender<bool>,
 }
 
@@ -44,6 +46,11 @@ pub async fn sidecar(name: &str, upstream: &str, key: &str) -> Sidecar {
 
 /// A sidecar serving whatever `store` holds.
 pub async fn sidecar_with_store(store: Arc<Store>) -> Sidecar {
+    sidecar_on(store, true).await
+}
+
+/// A sidecar serving `store`, with the HTTP/1.1 fast path on or off (every request on hyper's path).
+pub async fn sidecar_on(store: Arc<Store>, http1_fast_path: bool) -> Sidecar {
     mcp_credentials_sidecar::install_crypto_provider();
     let client = proxy::upstream_client(&ClientSettings {
         connect_timeout: Duration::from_secs(5),
@@ -51,13 +58,14 @@ pub async fn sidecar_with_store(store: Arc<Store>) -> Sidecar {
         extra_ca_file: None,
     })
     .unwrap();
+    let metrics = Metrics::register();
     let app = proxy::app(Proxy {
         store: store.clone(),
         client,
-        metrics: Metrics::register(),
+        metrics: metrics.clone(),
         max_header_bytes: 65536,
         header_read_timeout: std::time::Duration::from_secs(60),
-        http1_fast_path: true,
+        http1_fast_path,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -66,6 +74,7 @@ pub async fn sidecar_with_store(store: Arc<Store>) -> Sidecar {
     Sidecar {
         url,
         store,
+        metrics,
         _stop: stop,
     }
 }
