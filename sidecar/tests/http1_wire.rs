@@ -68,7 +68,7 @@ impl Head {
 
     fn status(&self) -> u16 {
         assert!(
-            self.start.starts_with("HTTP/1.1 "),
+            self.start.starts_with("HTTP/1.1 ") || self.start.starts_with("HTTP/1.0 "),
             "not a status line: {:?}",
             self.start
         );
@@ -439,8 +439,7 @@ async fn get_works(agent: &mut Wire, sidecar: &common::Sidecar, path: &str) {
     assert_eq!(response.text(), path);
 }
 
-#[tokio::test]
-async fn a_request_reaches_the_upstream_with_the_credential_in_place_of_the_agents() {
+async fn a_request_reaches_the_upstream_with_the_credential_in_place_of_the_agents(fast_path: bool) {
     let mut upstream = Upstream::start(|_| {
         reply(
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Upstream: yes\r\nConnection: X-Hop\r\nX-Hop: 1\r\n\
@@ -448,7 +447,7 @@ async fn a_request_reaches_the_upstream_with_the_credential_in_place_of_the_agen
         )
     })
     .await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     agent
         .send(format!(
@@ -486,10 +485,9 @@ async fn a_request_reaches_the_upstream_with_the_credential_in_place_of_the_agen
     assert!(!request.head.lists("connection", "x-private"));
 }
 
-#[tokio::test]
-async fn requests_on_one_keep_alive_agent_connection_share_one_upstream_connection() {
+async fn requests_on_one_keep_alive_agent_connection_share_one_upstream_connection(fast_path: bool) {
     let mut upstream = echo_target().await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     for i in 0..3 {
         get_works(&mut agent, &sidecar, &format!("/call/{i}")).await;
@@ -502,8 +500,7 @@ async fn requests_on_one_keep_alive_agent_connection_share_one_upstream_connecti
     assert_eq!(upstream.accepted(), 1);
 }
 
-#[tokio::test]
-async fn a_chunked_answer_arrives_whole_and_the_connections_stay_usable() {
+async fn a_chunked_answer_arrives_whole_and_the_connections_stay_usable(fast_path: bool) {
     let mut upstream = Upstream::start(|r| match r.head.target() {
         // Three chunks, one with an extension, one with an upper-case size.
         "/chunked" => reply(
@@ -513,7 +510,7 @@ async fn a_chunked_answer_arrives_whole_and_the_connections_stay_usable() {
         target => reply(ok(target)),
     })
     .await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     agent.send(get(&sidecar, "/demo/chunked")).await;
     let response = agent.response("GET").await;
@@ -525,8 +522,7 @@ async fn a_chunked_answer_arrives_whole_and_the_connections_stay_usable() {
     assert_eq!(upstream.next().await.connection, 1);
 }
 
-#[tokio::test]
-async fn a_close_delimited_answer_reaches_the_agent_complete() {
+async fn a_close_delimited_answer_reaches_the_agent_complete(fast_path: bool) {
     // Large enough to take many reads on both sides.
     let payload: String = (0..20_000).map(|i| format!("{i},")).collect();
     let answer = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n{payload}");
@@ -538,7 +534,7 @@ async fn a_close_delimited_answer_reaches_the_agent_complete() {
         target => reply(ok(target)),
     })
     .await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     agent.send(get(&sidecar, "/demo/until-close")).await;
     let response = agent.response("GET").await;
@@ -555,8 +551,7 @@ async fn a_close_delimited_answer_reaches_the_agent_complete() {
     }
 }
 
-#[tokio::test]
-async fn answers_without_a_body_leave_the_agent_connection_in_step() {
+async fn answers_without_a_body_leave_the_agent_connection_in_step(fast_path: bool) {
     let upstream = Upstream::start(|r| match r.head.target() {
         "/head" => reply("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1234\r\n\r\n"),
         "/no-content" => reply("HTTP/1.1 204 No Content\r\n\r\n"),
@@ -565,7 +560,7 @@ async fn answers_without_a_body_leave_the_agent_connection_in_step() {
         target => reply(ok(target)),
     })
     .await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
 
     agent
@@ -596,8 +591,7 @@ async fn answers_without_a_body_leave_the_agent_connection_in_step() {
     get_works(&mut agent, &sidecar, "/after-304").await;
 }
 
-#[tokio::test]
-async fn a_get_after_the_upstream_closed_its_idle_connection_goes_out_on_a_new_one() {
+async fn a_get_after_the_upstream_closed_its_idle_connection_goes_out_on_a_new_one(fast_path: bool) {
     let (listener, url) = listen().await;
     let (closed, upstream_closed) = oneshot::channel();
     let upstream = tokio::spawn(async move {
@@ -617,20 +611,18 @@ async fn a_get_after_the_upstream_closed_its_idle_connection_goes_out_on_a_new_o
         second.send(ok(head.target())).await;
         head.start
     });
-    let sidecar = common::sidecar("demo", &url, "key").await;
+    let sidecar = sidecar(&url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     get_works(&mut agent, &sidecar, "/first").await;
     within("the upstream to close", upstream_closed).await.unwrap();
     // The FIN is in flight: give the sidecar a moment to see it, as it would between real requests.
-    // (A GET written while the FIN is in flight gets a 502 today; a retry would be allowed but is not
-    // pinned here.)
+    // (A GET written while the FIN is in flight: see the fast path's own test below.)
     tokio::time::sleep(Duration::from_millis(200)).await;
     get_works(&mut agent, &sidecar, "/second").await;
     assert_eq!(upstream.await.unwrap(), "GET /second HTTP/1.1");
 }
 
-#[tokio::test]
-async fn an_upstream_connection_close_ends_only_the_upstream_connection() {
+async fn an_upstream_connection_close_ends_only_the_upstream_connection(fast_path: bool) {
     let mut upstream = Upstream::start(|r| match r.head.target() {
         "/last" => Reply {
             bytes: b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok".to_vec(),
@@ -639,7 +631,7 @@ async fn an_upstream_connection_close_ends_only_the_upstream_connection() {
         target => reply(ok(target)),
     })
     .await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     agent.send(get(&sidecar, "/demo/last")).await;
     let response = agent.response("GET").await;
@@ -650,10 +642,9 @@ async fn an_upstream_connection_close_ends_only_the_upstream_connection() {
     assert_eq!(upstream.next().await.connection, 2);
 }
 
-#[tokio::test]
-async fn pipelined_requests_are_answered_in_order() {
+async fn pipelined_requests_are_answered_in_order(fast_path: bool) {
     let upstream = echo_target().await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     agent
         .send(get(&sidecar, "/demo/first") + &get(&sidecar, "/demo/second"))
@@ -665,10 +656,9 @@ async fn pipelined_requests_are_answered_in_order() {
     }
 }
 
-#[tokio::test]
-async fn a_pipelined_post_body_ends_where_its_content_length_says() {
+async fn a_pipelined_post_body_ends_where_its_content_length_says(fast_path: bool) {
     let mut upstream = echo_body().await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     // The GET after the body must be read as a request, not as more body.
     let body = r#"{"jsonrpc":"2.0","id":1}"#;
@@ -685,10 +675,9 @@ async fn a_pipelined_post_body_ends_where_its_content_length_says() {
     assert_eq!(upstream.next().await.head.start, "GET /after HTTP/1.1");
 }
 
-#[tokio::test]
-async fn an_agent_connection_close_is_honoured_after_the_answer() {
+async fn an_agent_connection_close_is_honoured_after_the_answer(fast_path: bool) {
     let upstream = echo_target().await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     agent
         .send(format!(
@@ -702,8 +691,7 @@ async fn an_agent_connection_close_is_honoured_after_the_answer() {
     assert!(agent.closed().await, "the sidecar kept the connection open");
 }
 
-#[tokio::test]
-async fn an_event_stream_answer_to_a_post_is_forwarded_event_by_event() {
+async fn an_event_stream_answer_to_a_post_is_forwarded_event_by_event(fast_path: bool) {
     let (listener, url) = listen().await;
     let (release, released) = oneshot::channel::<()>();
     let upstream = tokio::spawn(async move {
@@ -725,7 +713,7 @@ async fn an_event_stream_answer_to_a_post_is_forwarded_event_by_event() {
             .await;
         (head, body)
     });
-    let sidecar = common::sidecar("demo", &url, "key").await;
+    let sidecar = sidecar(&url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#;
     agent.send(post(&sidecar, "/demo/mcp", call)).await;
@@ -750,8 +738,7 @@ async fn an_event_stream_answer_to_a_post_is_forwarded_event_by_event() {
     assert_eq!(body, call.as_bytes());
 }
 
-#[tokio::test]
-async fn an_agent_that_goes_away_closes_the_upstream_connection_of_its_request() {
+async fn an_agent_that_goes_away_closes_the_upstream_connection_of_its_request(fast_path: bool) {
     let (listener, url) = listen().await;
     let (requested, upstream_requested) = oneshot::channel();
     let upstream = tokio::spawn(async move {
@@ -762,7 +749,7 @@ async fn an_agent_that_goes_away_closes_the_upstream_connection_of_its_request()
         // Never answers: only the sidecar can end this connection.
         wire.closed().await
     });
-    let sidecar = common::sidecar("demo", &url, "key").await;
+    let sidecar = sidecar(&url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     agent.send(post(&sidecar, "/demo/mcp", r#"{"id":1}"#)).await;
     within("the request at the upstream", upstream_requested)
@@ -775,14 +762,13 @@ async fn an_agent_that_goes_away_closes_the_upstream_connection_of_its_request()
     );
 }
 
-#[tokio::test]
-async fn a_malformed_upstream_answer_gives_the_agent_a_502_and_the_next_request_works() {
+async fn a_malformed_upstream_answer_gives_the_agent_a_502_and_the_next_request_works(fast_path: bool) {
     let mut upstream = Upstream::start(|r| match r.connection {
         1 => reply("garbage\r\n\r\n"),
         _ => reply(ok(r.head.target())),
     })
     .await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     agent.send(get(&sidecar, "/demo/broken")).await;
     let response = agent.response("GET").await;
@@ -799,10 +785,9 @@ async fn a_malformed_upstream_answer_gives_the_agent_a_502_and_the_next_request_
     assert_eq!(upstream.next().await.connection, 2);
 }
 
-#[tokio::test]
-async fn refused_requests_never_reach_the_upstream() {
+async fn refused_requests_never_reach_the_upstream(fast_path: bool) {
     let mut upstream = echo_target().await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let host = host(&sidecar);
     let cases = [
         (
@@ -859,10 +844,9 @@ async fn refused_requests_never_reach_the_upstream() {
     upstream.nothing_more();
 }
 
-#[tokio::test]
-async fn a_chunked_request_body_reaches_the_upstream_complete() {
+async fn a_chunked_request_body_reaches_the_upstream_complete(fast_path: bool) {
     let mut upstream = echo_body().await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     agent
         .send(format!(
@@ -882,10 +866,9 @@ async fn a_chunked_request_body_reaches_the_upstream_complete() {
     get_works(&mut agent, &sidecar, "/next").await;
 }
 
-#[tokio::test]
-async fn a_request_expecting_100_continue_gets_it_and_its_body_reaches_the_upstream() {
+async fn a_request_expecting_100_continue_gets_it_and_its_body_reaches_the_upstream(fast_path: bool) {
     let mut upstream = echo_body().await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     let body = r#"{"jsonrpc":"2.0","id":1}"#;
     agent
@@ -906,8 +889,7 @@ async fn a_request_expecting_100_continue_gets_it_and_its_body_reaches_the_upstr
     get_works(&mut agent, &sidecar, "/next").await;
 }
 
-#[tokio::test]
-async fn a_legacy_sse_endpoint_event_is_rewritten_and_its_posts_get_through() {
+async fn a_legacy_sse_endpoint_event_is_rewritten_and_its_posts_get_through(fast_path: bool) {
     let (listener, url) = listen().await;
     let upstream = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
@@ -935,7 +917,7 @@ async fn a_legacy_sse_endpoint_event_is_rewritten_and_its_posts_get_through() {
         (get, post, body)
     });
     // The credential sits at the upstream's root, where the endpoint's path is.
-    let sidecar = common::sidecar("demo", &url, "key").await;
+    let sidecar = sidecar(&url, fast_path).await;
     let mut stream = Wire::connect(&sidecar.url).await;
     stream
         .send(format!(
@@ -977,10 +959,9 @@ async fn a_legacy_sse_endpoint_event_is_rewritten_and_its_posts_get_through() {
     assert_eq!(body, br#"{"id":1}"#);
 }
 
-#[tokio::test]
-async fn oversized_request_headers_are_refused_before_the_upstream() {
+async fn oversized_request_headers_are_refused_before_the_upstream(fast_path: bool) {
     let mut upstream = echo_target().await;
-    let sidecar = common::sidecar("demo", &upstream.url, "key").await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
     let big = "a".repeat(70 * 1024);
     // A sidecar may stop reading and close while this is still being written.
@@ -1008,3 +989,151 @@ async fn oversized_request_headers_are_refused_before_the_upstream() {
     assert_eq!(upstream.next().await.head.target(), "/small");
     upstream.nothing_more();
 }
+
+/// The fast path resends an idempotent request once when a reused upstream connection closes before
+/// answering (RFC 9112 §9.3.1): here the upstream closes right after the request arrives, the race a
+/// keep-alive close can lose. (The hyper path's client answers 502 in this case.)
+#[tokio::test]
+async fn the_fast_path_resends_a_get_whose_reused_connection_closed_unanswered() {
+    let (listener, url) = listen().await;
+    let upstream = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut first = Wire::new(tcp);
+        let (head, _) = first.request().await.unwrap();
+        first.send(ok(head.target())).await;
+        // The next request arrives, and the connection closes without an answer.
+        let (head, _) = first.request().await.unwrap();
+        assert_eq!(head.target(), "/second");
+        drop(first);
+        let (tcp, _) = within("a second upstream connection", listener.accept())
+            .await
+            .unwrap();
+        let mut second = Wire::new(tcp);
+        let (head, _) = second.request().await.unwrap();
+        second.send(ok(head.target())).await;
+        head.start
+    });
+    let sidecar = sidecar(&url, true).await;
+    let mut agent = Wire::connect(&sidecar.url).await;
+    get_works(&mut agent, &sidecar, "/first").await;
+    get_works(&mut agent, &sidecar, "/second").await;
+    assert_eq!(upstream.await.unwrap(), "GET /second HTTP/1.1");
+}
+
+/// `http1_handoffs_total` by reason, from the sidecar's metrics.
+fn handoffs(sidecar: &common::Sidecar) -> std::collections::BTreeMap<String, u64> {
+    let text = sidecar.metrics.render(&sidecar.store);
+    text.lines()
+        .filter_map(|l| l.strip_prefix("mcp_credentials_sidecar_http1_handoffs_total{reason=\""))
+        .map(|l| {
+            let (reason, count) = l.split_once("\"} ").unwrap();
+            (reason.to_owned(), count.parse().unwrap())
+        })
+        .collect()
+}
+
+/// Ordinary requests stay on the fast path; each kind the fast path leaves to hyper is handed over
+/// with its reason, and hyper then answers it and the connection's later requests.
+#[tokio::test]
+async fn ordinary_requests_stay_on_the_fast_path_and_the_rest_is_handed_over_by_reason() {
+    let upstream = echo_body().await;
+    let sidecar = sidecar(&upstream.url, true).await;
+    let mut agent = Wire::connect(&sidecar.url).await;
+    for _ in 0..3 {
+        get_works(&mut agent, &sidecar, "/x?a=1").await;
+        agent.send(post(&sidecar, "/demo/mcp", "{}")).await;
+        assert_eq!(agent.response("POST").await.text(), "{}");
+    }
+    assert!(handoffs(&sidecar).is_empty(), "{:?}", handoffs(&sidecar));
+    let h = host(&sidecar);
+    for (request, reason) in [
+        (
+            format!("GET /nope/x HTTP/1.1\r\nHost: {h}\r\n\r\n"),
+            "unknown_credential",
+        ),
+        (
+            format!("GET http://evil.example/x HTTP/1.1\r\nHost: {h}\r\n\r\n"),
+            "request_target",
+        ),
+        (
+            "GET /demo/x HTTP/1.1\r\nHost: evil.example\r\n\r\n".to_owned(),
+            "request_header",
+        ),
+        (format!("GET /demo/x HTTP/1.0\r\nHost: {h}\r\n\r\n"), "not_http1"),
+        (
+            format!("GET /demo/x HTTP/1.1\r\nHost: {h}\r\nAccept: text/event-stream\r\n\r\n"),
+            "sse_get",
+        ),
+        (
+            format!("POST /demo/x HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            "request_header",
+        ),
+        (
+            format!("GET /demo/x HTTP/1.1\r\nHost: {h}\r\nConnection: keep-alive, X-Private\r\n\r\n"),
+            "connection_header",
+        ),
+    ] {
+        let before = handoffs(&sidecar).get(reason).copied().unwrap_or(0);
+        let mut agent = Wire::connect(&sidecar.url).await;
+        agent.send(&request).await;
+        let answer = agent.response("GET").await;
+        assert!(answer.status() > 0, "{request:?}");
+        assert_eq!(
+            handoffs(&sidecar).get(reason).copied().unwrap_or(0),
+            before + 1,
+            "{request:?}: {:?}",
+            handoffs(&sidecar)
+        );
+        // hyper now serves this connection, ordinary requests included (HTTP/1.0 closed it).
+        if !request.contains("HTTP/1.0") && answer.status() != 400 {
+            get_works(&mut agent, &sidecar, "/after").await;
+        }
+    }
+}
+
+/// A sidecar serving credential `demo` for `upstream` with `X-API-Key: key`, on the fast path or
+/// with every request on hyper's path.
+async fn sidecar(upstream: &str, fast_path: bool) -> common::Sidecar {
+    let store = mcp_credentials_sidecar::store::Store::new(["demo".to_owned()]);
+    store.set("demo", common::credential(upstream, "key", "1", None));
+    common::sidecar_on(store, fast_path).await
+}
+
+/// Every test runs on both paths: the HTTP/1.1 fast path and the hyper path must agree on the wire.
+macro_rules! on_both_paths {
+    ($($name:ident),* $(,)?) => {
+        mod fast_path {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(true).await
+            })*
+        }
+        mod hyper_path {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(false).await
+            })*
+        }
+    };
+}
+
+on_both_paths!(
+    a_request_reaches_the_upstream_with_the_credential_in_place_of_the_agents,
+    requests_on_one_keep_alive_agent_connection_share_one_upstream_connection,
+    a_chunked_answer_arrives_whole_and_the_connections_stay_usable,
+    a_close_delimited_answer_reaches_the_agent_complete,
+    answers_without_a_body_leave_the_agent_connection_in_step,
+    a_get_after_the_upstream_closed_its_idle_connection_goes_out_on_a_new_one,
+    an_upstream_connection_close_ends_only_the_upstream_connection,
+    pipelined_requests_are_answered_in_order,
+    a_pipelined_post_body_ends_where_its_content_length_says,
+    an_agent_connection_close_is_honoured_after_the_answer,
+    an_event_stream_answer_to_a_post_is_forwarded_event_by_event,
+    an_agent_that_goes_away_closes_the_upstream_connection_of_its_request,
+    a_malformed_upstream_answer_gives_the_agent_a_502_and_the_next_request_works,
+    refused_requests_never_reach_the_upstream,
+    a_chunked_request_body_reaches_the_upstream_complete,
+    a_request_expecting_100_continue_gets_it_and_its_body_reaches_the_upstream,
+    a_legacy_sse_endpoint_event_is_rewritten_and_its_posts_get_through,
+    oversized_request_headers_are_refused_before_the_upstream,
+);
