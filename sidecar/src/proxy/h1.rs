@@ -7,8 +7,7 @@
 //! Everything else goes to the hyper path, which takes over the connection for good with the bytes
 //! already read: HTTP/2, HTTP/1.0, every refusal (so its answer is the hyper path's, word for word),
 //! request bodies that are chunked or over [`replay::MAX_BODY`], `Expect`, upgrades and other
-//! hop-by-hop request headers, HTTPS upstreams (shared TLS pool), and GETs that accept
-//! `text/event-stream` (a legacy SSE stream whose `endpoint` event must be rewritten).
+//! hop-by-hop request headers, and HTTPS upstreams (shared TLS pool).
 
 use std::{mem::MaybeUninit, pin::Pin, sync::Arc, time::Duration};
 
@@ -25,7 +24,7 @@ use super::{
     Proxy, forward,
     guard::{is_loopback_authority, is_loopback_origin},
     measure::{self, Handles},
-    replay, route,
+    replay, route, sse,
 };
 use crate::{credential::Credential, error::ProxyError};
 
@@ -125,6 +124,9 @@ struct Planned {
     idempotent: bool,
     /// The agent asked to close the connection after this answer.
     close: bool,
+    /// A GET that accepts an event stream: the upstream path it went to, against which a legacy
+    /// `endpoint` event is resolved.
+    sse_path: Option<String>,
 }
 
 enum Plan {
@@ -232,14 +234,25 @@ impl Conn<'_> {
             }
         }
         measure::count(proxy, Some(handles), answer.status);
-        let close = planned.close || matches!(answer.framing, Framing::UntilClose) || *stop.borrow();
+        // A GET's event stream is re-framed as chunks of whole events (legacy endpoints rewritten),
+        // like the hyper path's `EndpointRewrite`; everything else passes as it is.
+        let events = match (&planned.sse_path, answer.reframed) {
+            (Some(path), true) => Some(sse::Endpoints::new(
+                &handles.name,
+                planned.credential.upstream.clone(),
+                path.clone(),
+            )),
+            _ => None,
+        };
+        let until_close = matches!(answer.framing, Framing::UntilClose) && events.is_none();
+        let close = planned.close || until_close || *stop.borrow();
         // `out` holds the answer's head lines; the connection's own ones end it.
         if close {
             header_line(&mut self.out, b"connection", b"close");
         }
         self.out.extend_from_slice(b"\r\n");
         up.read.drain(..answer.head_len);
-        let reusable = self.stream_body(&mut up, answer.framing).await?;
+        let reusable = self.stream_body(&mut up, answer.framing, events).await?;
         if reusable && answer.upstream_keeps_alive {
             up.last_used = started;
             self.put_back(up);
@@ -279,7 +292,7 @@ impl Conn<'_> {
                         &mut up,
                         &self.agent,
                         &mut self.read,
-                        planned.head_method,
+                        (planned.head_method, planned.sse_path.is_some()),
                         &mut self.out,
                     )
                     .await
@@ -329,47 +342,90 @@ impl Conn<'_> {
         self.upstreams.push(up);
     }
 
-    /// Writes the agent head (in `out`) and the body as it arrives. `Ok(true)`: the body ended where
-    /// its framing said, so the upstream connection can carry another request.
-    async fn stream_body(&mut self, up: &mut UpstreamConn, framing: Framing) -> Result<bool, End> {
+    /// Writes the agent head (in `out`) and the body as it arrives: passed through as it is, or, for
+    /// a GET's event stream (`events`), as chunks of complete events with legacy `endpoint` events
+    /// rewritten. `Ok(true)`: the body ended where its framing said, so the upstream connection can
+    /// carry another request.
+    async fn stream_body(
+        &mut self,
+        up: &mut UpstreamConn,
+        framing: Framing,
+        mut events: Option<sse::Endpoints>,
+    ) -> Result<bool, End> {
         let mut left = framing;
         let mut chunks = Chunks::default();
-        let mut head_written = false;
-        let mut agent_done = false;
+        let mut head_pending = true;
+        let mut agent_quiet = false;
+        let mut upstream_closed = false;
+        // The body's data in this round's bytes, when it is rewritten.
+        let mut data = Vec::new();
         loop {
+            let keep_data = events.is_some();
+            data.clear();
             // The part of the upstream's bytes that belongs to this body.
             let (take, ended) = match &mut left {
                 Framing::Empty => (0, true),
                 Framing::Length(n) => {
                     let take = (*n).min(up.read.len() as u64) as usize;
                     *n -= take as u64;
+                    if keep_data {
+                        data.extend_from_slice(&up.read[..take]);
+                    }
                     (take, *n == 0)
                 }
-                Framing::Chunked => chunks.scan(&up.read).map_err(|()| {
-                    tracing::debug!("upstream sent malformed chunked framing; connection closed");
-                    End::Closed
-                })?,
-                Framing::UntilClose => (up.read.len(), false),
+                Framing::Chunked => chunks
+                    .scan(&up.read, |range| {
+                        if keep_data {
+                            data.extend_from_slice(&up.read[range]);
+                        }
+                    })
+                    .map_err(|()| {
+                        tracing::debug!("upstream sent malformed chunked framing; connection closed");
+                        End::Closed
+                    })?,
+                Framing::UntilClose => {
+                    if keep_data {
+                        data.extend_from_slice(&up.read);
+                    }
+                    (up.read.len(), upstream_closed)
+                }
             };
-            if !head_written {
-                head_written = true;
-                let result = if take <= COPY_BEHIND_HEAD {
+            let written = match &mut events {
+                None if head_pending && take <= COPY_BEHIND_HEAD => {
                     self.out.extend_from_slice(&up.read[..take]);
                     self.agent.write_all(&self.out).await
-                } else {
-                    write_two(&mut self.agent, &self.out, &up.read[..take]).await
-                };
-                result.map_err(|_| End::Closed)?;
-            } else if take > 0 {
-                self.agent
-                    .write_all(&up.read[..take])
-                    .await
-                    .map_err(|_| End::Closed)?;
-            }
+                }
+                None if head_pending => write_two(&mut self.agent, &self.out, &up.read[..take]).await,
+                None if take > 0 => self.agent.write_all(&up.read[..take]).await,
+                None => Ok(()),
+                Some(events) => {
+                    if !head_pending {
+                        self.out.clear();
+                    }
+                    if let Some(complete) = (!data.is_empty())
+                        .then(|| events.push(bytes::Bytes::copy_from_slice(&data)))
+                        .flatten()
+                    {
+                        push_chunk(&mut self.out, &complete);
+                    }
+                    if ended {
+                        if let Some(rest) = events.finish() {
+                            push_chunk(&mut self.out, &rest);
+                        }
+                        self.out.extend_from_slice(b"0\r\n\r\n");
+                    }
+                    match self.out.is_empty() {
+                        true => Ok(()),
+                        false => self.agent.write_all(&self.out).await,
+                    }
+                }
+            };
+            written.map_err(|_| End::Closed)?;
+            head_pending = false;
             up.read.drain(..take);
             if ended {
                 // Bytes after the end of the answer: the upstream is out of step; drop the connection.
-                return Ok(up.read.is_empty());
+                return Ok(up.read.is_empty() && !upstream_closed);
             }
             if up.read.capacity() - up.read.len() < 1024 {
                 up.read.reserve(16 << 10);
@@ -379,16 +435,16 @@ impl Conn<'_> {
                 read = up.tcp.read_buf(&mut up.read) => match read {
                     Ok(1..) => {}
                     // The end of a body that runs until the connection closes.
-                    Ok(0) if matches!(left, Framing::UntilClose) => return Ok(false),
+                    Ok(0) if matches!(left, Framing::UntilClose) => upstream_closed = true,
                     Ok(0) | Err(_) => {
                         tracing::debug!("upstream closed in the middle of an answer");
                         return Err(End::Closed);
                     }
                 },
-                gone = agent_gone(&self.agent, &mut self.read), if !agent_done => match gone {
+                gone = agent_gone(&self.agent, &mut self.read), if !agent_quiet => match gone {
                     true => return Err(End::Closed),
                     // Pipelined bytes: kept for the next request; the agent is not watched again.
-                    false => agent_done = true,
+                    false => agent_quiet = true,
                 },
             }
         }
@@ -433,6 +489,14 @@ impl Conn<'_> {
         self.agent.write_all(&self.out).await.map_err(|_| End::Closed)?;
         Ok(!planned.close)
     }
+}
+
+/// Appends `data` as one chunk of a chunked body.
+fn push_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    use std::io::Write as _;
+    let _ = write!(out, "{:x}\r\n", data.len());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Why a request could not be forwarded.
@@ -535,6 +599,7 @@ fn plan(
     });
     out.extend_from_slice(b"\r\n");
     let is_get = method == "GET";
+    let mut sse = false;
     let mut size = 0;
     let mut body_len = None;
     let mut close = false;
@@ -563,9 +628,7 @@ fn plan(
                 }
                 continue;
             }
-            RequestHeader::Accept if is_get && contains(value, b"text/event-stream") => {
-                return Plan::Hyper("sse_get");
-            }
+            RequestHeader::Accept if is_get && contains(value, b"text/event-stream") => sse = true,
             RequestHeader::Accept | RequestHeader::Other => {}
             RequestHeader::Host | RequestHeader::Origin | RequestHeader::Hyper => {
                 return Plan::Hyper("request_header");
@@ -594,6 +657,11 @@ fn plan(
         header_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
+    let sse_path = sse.then(|| {
+        let mut path = Vec::new();
+        credential.upstream.push_path(rest, None, &mut path);
+        String::from_utf8_lossy(&path).into_owned()
+    });
     Plan::Forward(Planned {
         head_len,
         body_len,
@@ -602,6 +670,7 @@ fn plan(
         head_method: method == "HEAD",
         idempotent: matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"),
         close,
+        sse_path,
     })
 }
 
@@ -693,6 +762,9 @@ struct Answer {
     upstream_keeps_alive: bool,
     /// A 401/403's reason, from `WWW-Authenticate`.
     rejection: Option<&'static str>,
+    /// An event stream answering a GET: its head says `Transfer-Encoding: chunked` and its body is
+    /// re-framed, event by event.
+    reframed: bool,
 }
 
 /// Reads the upstream's answer head into `up.read` and writes the agent's head lines (status line
@@ -702,13 +774,13 @@ async fn read_answer_head(
     up: &mut UpstreamConn,
     agent: &TcpStream,
     pipelined: &mut Vec<u8>,
-    head_method: bool,
+    (head_method, sse_get): (bool, bool),
     out: &mut Vec<u8>,
 ) -> Result<Answer, Failed> {
     let mut agent_quiet = false;
     loop {
         if !up.read.is_empty() {
-            match parse_answer(&up.read, head_method, out) {
+            match parse_answer(&up.read, head_method, sse_get, out) {
                 Ok(Parsed::Final(answer)) => return Ok(answer),
                 // 1xx answers are dropped, as the hyper path's client does.
                 Ok(Parsed::Informational(n)) => {
@@ -746,8 +818,14 @@ enum Parsed {
     Final(Answer),
 }
 
-/// Parses an answer head; a final one's head lines, minus connection headers, go to `out`.
-fn parse_answer(read: &[u8], head_method: bool, out: &mut Vec<u8>) -> Result<Parsed, &'static str> {
+/// Parses an answer head; a final one's head lines, minus connection headers, go to `out`. The event
+/// stream answering a GET that accepts one (`sse_get`) is re-framed as chunked (see [`Answer::reframed`]).
+fn parse_answer(
+    read: &[u8],
+    head_method: bool,
+    sse_get: bool,
+    out: &mut Vec<u8>,
+) -> Result<Parsed, &'static str> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let head_len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -773,6 +851,7 @@ fn parse_answer(read: &[u8], head_method: bool, out: &mut Vec<u8>) -> Result<Par
     let (mut close, mut keep_alive, mut chunked, mut encoded) = (false, false, false, false);
     let mut length = None;
     let mut named = 0;
+    let mut event_stream = false;
     for header in response.headers.iter() {
         if header.name.eq_ignore_ascii_case("connection") {
             for token in header.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
@@ -792,6 +871,12 @@ fn parse_answer(read: &[u8], head_method: bool, out: &mut Vec<u8>) -> Result<Par
                 .rsplit(|&b| b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if header.name.eq_ignore_ascii_case("content-type") {
+            event_stream = header
+                .value
+                .trim_ascii_start()
+                .get(..17)
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"));
         } else if header.name.eq_ignore_ascii_case("content-length") {
             let n = parse_length(header.value).ok_or("the upstream's Content-Length is invalid")? as u64;
             if length.is_some_and(|m| m != n) {
@@ -811,6 +896,7 @@ fn parse_answer(read: &[u8], head_method: bool, out: &mut Vec<u8>) -> Result<Par
     } else {
         length.map_or(Framing::UntilClose, Framing::Length)
     };
+    let reframed = sse_get && event_stream && !matches!(framing, Framing::Empty);
     let named_by_connection = |name: &str| {
         named > 0
             && response.headers.iter().any(|h| {
@@ -830,9 +916,9 @@ fn parse_answer(read: &[u8], head_method: bool, out: &mut Vec<u8>) -> Result<Par
     for header in response.headers.iter() {
         let name = header.name;
         let keep = if name.eq_ignore_ascii_case("transfer-encoding") {
-            true
+            !reframed
         } else if name.eq_ignore_ascii_case("content-length") {
-            !encoded
+            !encoded && !reframed
         } else {
             challenges |= name.eq_ignore_ascii_case("www-authenticate");
             !is_hop_by_hop(name) && !named_by_connection(name)
@@ -840,6 +926,9 @@ fn parse_answer(read: &[u8], head_method: bool, out: &mut Vec<u8>) -> Result<Par
         if keep {
             header_line(out, name.as_bytes(), header.value);
         }
+    }
+    if reframed {
+        header_line(out, b"transfer-encoding", b"chunked");
     }
     let rejection = super::forward::rejection_reason(status, || {
         response
@@ -855,6 +944,7 @@ fn parse_answer(read: &[u8], head_method: bool, out: &mut Vec<u8>) -> Result<Par
         upstream_keeps_alive: !matches!(framing, Framing::UntilClose)
             && if version == 1 { !close } else { keep_alive },
         rejection,
+        reframed,
     }))
 }
 
@@ -890,12 +980,18 @@ enum ChunkState {
 
 impl Chunks {
     /// How many of `bytes` belong to the body, and whether the body ends there.
-    fn scan(&mut self, bytes: &[u8]) -> Result<(usize, bool), ()> {
+    /// `on_data` gets the ranges of `bytes` that are chunk data.
+    fn scan(
+        &mut self,
+        bytes: &[u8],
+        mut on_data: impl FnMut(std::ops::Range<usize>),
+    ) -> Result<(usize, bool), ()> {
         use ChunkState::*;
         let mut i = 0;
         while i < bytes.len() && self.state != Done {
             if self.state == Data {
                 let take = self.size.min((bytes.len() - i) as u64);
+                on_data(i..i + take as usize);
                 i += take as usize;
                 self.size -= take;
                 if self.size == 0 {
@@ -968,16 +1064,24 @@ mod tests {
     use super::*;
 
     fn scan_all(pieces: &[&[u8]]) -> Result<(usize, bool), ()> {
+        scan_data(pieces).map(|(n, done, _)| (n, done))
+    }
+
+    /// What `scan` says of `pieces` given in turn, and the chunk data it found.
+    fn scan_data(pieces: &[&[u8]]) -> Result<(usize, bool, Vec<u8>), ()> {
         let mut chunks = Chunks::default();
+        let mut seen = Vec::new();
         let mut total = 0;
         for piece in pieces {
-            let (n, done) = chunks.scan(piece)?;
+            let mut data = Vec::new();
+            let (n, done) = chunks.scan(piece, |r| data.extend_from_slice(&piece[r]))?;
+            seen.extend_from_slice(&data);
             total += n;
             if done {
-                return Ok((total, true));
+                return Ok((total, true, seen));
             }
         }
-        Ok((total, false))
+        Ok((total, false, seen))
     }
 
     #[test]
@@ -988,6 +1092,10 @@ mod tests {
         // Byte by byte gives the same end.
         let pieces: Vec<&[u8]> = body.chunks(1).collect();
         assert_eq!(scan_all(&pieces), Ok((end, true)));
+        // The data, for a body that is rewritten, is the chunks' content alone.
+        let data = b"hello0123456789abcdef".to_vec();
+        assert_eq!(scan_data(&[body]), Ok((end, true, data.clone())));
+        assert_eq!(scan_data(&pieces), Ok((end, true, data)));
         assert_eq!(scan_all(&[b"0\r\n\r\n"]), Ok((5, true)));
         assert_eq!(scan_all(&[b"3\r\nab"]), Ok((5, false)));
     }
@@ -1011,7 +1119,7 @@ mod tests {
     fn answer_heads_lose_their_connection_headers_and_keep_their_framing() {
         let mut out = Vec::new();
         let head = b"HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\nMcp-Session-Id: s\r\n\r\n";
-        let Ok(Parsed::Final(answer)) = parse_answer(head, false, &mut out) else {
+        let Ok(Parsed::Final(answer)) = parse_answer(head, false, false, &mut out) else {
             panic!("not parsed");
         };
         assert!(matches!(answer.framing, Framing::Chunked));
@@ -1022,7 +1130,7 @@ mod tests {
         );
         let mut out = Vec::new();
         let head = b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error=\"invalid_token\"\r\nContent-Length: 0\r\n\r\n";
-        let Ok(Parsed::Final(answer)) = parse_answer(head, false, &mut out) else {
+        let Ok(Parsed::Final(answer)) = parse_answer(head, false, false, &mut out) else {
             panic!("not parsed");
         };
         assert_eq!(answer.rejection, Some("invalid_token"));
@@ -1034,28 +1142,45 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
         ] {
-            assert!(parse_answer(bad, false, &mut Vec::new()).is_err());
+            assert!(parse_answer(bad, false, false, &mut Vec::new()).is_err());
         }
         assert!(matches!(
             parse_answer(
                 b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
                 false,
+                false,
                 &mut Vec::new()
             ),
             Ok(Parsed::Informational(_))
         ));
+        // A GET's event stream is re-framed as chunked whatever the upstream's framing; a POST's passes.
+        let sse = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 40\r\n\r\n";
+        let mut out = Vec::new();
+        let Ok(Parsed::Final(answer)) = parse_answer(sse, false, true, &mut out) else {
+            panic!("not parsed");
+        };
+        assert!(answer.reframed && matches!(answer.framing, Framing::Length(40)));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+        );
+        let Ok(Parsed::Final(answer)) = parse_answer(sse, false, false, &mut Vec::new()) else {
+            panic!("not parsed");
+        };
+        assert!(!answer.reframed);
         // HEAD and 204/304 answers have no body whatever their headers say; no length means until close.
         for (head, head_method) in [
             (&b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"[..], true),
             (b"HTTP/1.1 204 No Content\r\n\r\n", false),
             (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", false),
         ] {
-            let Ok(Parsed::Final(answer)) = parse_answer(head, head_method, &mut Vec::new()) else {
+            let Ok(Parsed::Final(answer)) = parse_answer(head, head_method, false, &mut Vec::new()) else {
                 panic!("not parsed");
             };
             assert!(matches!(answer.framing, Framing::Empty));
         }
-        let Ok(Parsed::Final(answer)) = parse_answer(b"HTTP/1.0 200 OK\r\n\r\n", false, &mut Vec::new())
+        let Ok(Parsed::Final(answer)) =
+            parse_answer(b"HTTP/1.0 200 OK\r\n\r\n", false, false, &mut Vec::new())
         else {
             panic!("not parsed");
         };

@@ -16,10 +16,7 @@ use crate::credential::Upstream;
 /// A response body whose legacy `endpoint` events point back through the sidecar.
 pub struct EndpointRewrite<B> {
     inner: B,
-    pending: BytesMut,
-    prefix: String,
-    upstream: Upstream,
-    request_path: String,
+    events: Endpoints,
 }
 
 impl<B> EndpointRewrite<B> {
@@ -27,11 +24,47 @@ impl<B> EndpointRewrite<B> {
     pub fn new(inner: B, name: &str, upstream: Upstream, request_path: String) -> Self {
         EndpointRewrite {
             inner,
+            events: Endpoints::new(name, upstream, request_path),
+        }
+    }
+}
+
+/// The rewriting itself, without I/O: bytes of the stream in, complete events (rewritten) out. The
+/// hyper path's body wrapper and the HTTP/1.1 fast path both use it.
+pub struct Endpoints {
+    pending: BytesMut,
+    prefix: String,
+    upstream: Upstream,
+    request_path: String,
+}
+
+impl Endpoints {
+    /// For the SSE stream of a GET to `request_path` on `upstream`, for credential `name`.
+    pub fn new(name: &str, upstream: Upstream, request_path: String) -> Self {
+        Endpoints {
             pending: BytesMut::new(),
             prefix: format!("/{name}"),
             upstream,
             request_path,
         }
+    }
+
+    /// Takes the next bytes of the stream; returns the events they complete, rewritten. Only an
+    /// incomplete trailing event is held back.
+    pub fn push(&mut self, data: Bytes) -> Option<Bytes> {
+        // The common case: whole events and no endpoint event, forwarded without a copy.
+        if self.pending.is_empty() && last_event_end(&data) == Some(data.len()) {
+            return Some(self.rewrite(data));
+        }
+        self.pending.extend_from_slice(&data);
+        let end = last_event_end(&self.pending)?;
+        let complete = self.pending.split_to(end).freeze();
+        Some(self.rewrite(complete))
+    }
+
+    /// The stream ended: what is left of an incomplete event, unchanged.
+    pub fn finish(&mut self) -> Option<Bytes> {
+        (!self.pending.is_empty()).then(|| self.pending.split().freeze())
     }
 
     fn rewrite(&self, events: Bytes) -> Bytes {
@@ -152,30 +185,20 @@ where
                 Some(Ok(frame)) => frame,
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 // The stream ended inside an event: pass what there is.
-                None if !this.pending.is_empty() => {
-                    let rest = this.pending.split().freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(rest))));
-                }
-                None => return Poll::Ready(None),
+                None => return Poll::Ready(this.events.finish().map(|rest| Ok(Frame::data(rest)))),
             };
             let data = match frame.into_data() {
                 Ok(data) => data,
                 Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
             };
-            // The common case: whole events and no endpoint event, forwarded without a copy.
-            if this.pending.is_empty() && last_event_end(&data) == Some(data.len()) {
-                return Poll::Ready(Some(Ok(Frame::data(this.rewrite(data)))));
-            }
-            this.pending.extend_from_slice(&data);
-            if let Some(end) = last_event_end(&this.pending) {
-                let complete = this.pending.split_to(end).freeze();
-                return Poll::Ready(Some(Ok(Frame::data(this.rewrite(complete)))));
+            if let Some(events) = this.events.push(data) {
+                return Poll::Ready(Some(Ok(Frame::data(events))));
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pending.is_empty() && self.inner.is_end_stream()
+        self.events.pending.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -188,16 +211,11 @@ where
 mod tests {
     use super::*;
 
-    fn rewriter(upstream: &str, path: &str) -> EndpointRewrite<http_body_util::Empty<Bytes>> {
-        EndpointRewrite::new(
-            Default::default(),
-            "legacy",
-            Upstream::parse(upstream).unwrap(),
-            path.into(),
-        )
+    fn rewriter(upstream: &str, path: &str) -> Endpoints {
+        Endpoints::new("legacy", Upstream::parse(upstream).unwrap(), path.into())
     }
 
-    fn rewrite(r: &EndpointRewrite<http_body_util::Empty<Bytes>>, s: &str) -> String {
+    fn rewrite(r: &Endpoints, s: &str) -> String {
         String::from_utf8(r.rewrite(Bytes::from(s.to_owned())).to_vec()).unwrap()
     }
 
