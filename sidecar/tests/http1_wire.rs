@@ -501,25 +501,13 @@ async fn requests_on_one_keep_alive_agent_connection_share_one_upstream_connecti
 }
 
 async fn a_chunked_answer_arrives_whole_and_the_connections_stay_usable(fast_path: bool) {
-    let mut upstream = Upstream::start(|r| match r.head.target() {
-        // Three chunks, one with an extension, one with an upper-case size.
-        "/chunked" => reply(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n\
-             5;note=first\r\nhello\r\nA\r\n, chunked \r\n6\r\nworld!\r\n0\r\n\r\n",
-        ),
-        target => reply(ok(target)),
-    })
-    .await;
-    let sidecar = sidecar(&upstream.url, fast_path).await;
-    let mut agent = Wire::connect(&sidecar.url).await;
-    agent.send(get(&sidecar, "/demo/chunked")).await;
-    let response = agent.response("GET").await;
-    assert_eq!(response.status(), 200);
-    assert_eq!(response.text(), "hello, chunked world!");
-    get_works(&mut agent, &sidecar, "/next").await;
+    // Three chunks, one with an extension, one with an upper-case size.
+    let answer = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  5;note=first\r\nhello\r\nA\r\n, chunked \r\n6\r\nworld!\r\n0\r\n\r\n";
+    let (text, connections) = one_answer_then_next(fast_path, answer, false).await;
+    assert_eq!(text, "hello, chunked world!");
     // The last chunk ended the answer: the upstream connection was reused, not read to its end.
-    assert_eq!(upstream.next().await.connection, 1);
-    assert_eq!(upstream.next().await.connection, 1);
+    assert_eq!(connections, (1, 1));
 }
 
 async fn a_close_delimited_answer_reaches_the_agent_complete(fast_path: bool) {
@@ -623,23 +611,36 @@ async fn a_get_after_the_upstream_closed_its_idle_connection_goes_out_on_a_new_o
 }
 
 async fn an_upstream_connection_close_ends_only_the_upstream_connection(fast_path: bool) {
-    let mut upstream = Upstream::start(|r| match r.head.target() {
-        "/last" => Reply {
-            bytes: b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok".to_vec(),
-            close: true,
+    let answer = "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok";
+    let (text, connections) = one_answer_then_next(fast_path, answer, true).await;
+    assert_eq!(text, "ok");
+    assert_eq!(connections, (1, 2));
+}
+
+/// The upstream answers `GET /special` with `answer` (then closes if `close`) and echoes the rest;
+/// the agent sends that GET and then `/next` on one connection, which must work. Returns the first
+/// answer's body and the upstream connections the two requests went out on.
+async fn one_answer_then_next(
+    fast_path: bool,
+    answer: &'static str,
+    close: bool,
+) -> (String, (usize, usize)) {
+    let mut upstream = Upstream::start(move |r| match r.head.target() {
+        "/special" => Reply {
+            bytes: answer.as_bytes().to_vec(),
+            close,
         },
         target => reply(ok(target)),
     })
     .await;
     let sidecar = sidecar(&upstream.url, fast_path).await;
     let mut agent = Wire::connect(&sidecar.url).await;
-    agent.send(get(&sidecar, "/demo/last")).await;
+    agent.send(get(&sidecar, "/demo/special")).await;
     let response = agent.response("GET").await;
     assert_eq!(response.status(), 200);
-    assert_eq!(response.text(), "ok");
     get_works(&mut agent, &sidecar, "/next").await;
-    assert_eq!(upstream.next().await.connection, 1);
-    assert_eq!(upstream.next().await.connection, 2);
+    let first = upstream.next().await.connection;
+    (response.text(), (first, upstream.next().await.connection))
 }
 
 async fn pipelined_requests_are_answered_in_order(fast_path: bool) {

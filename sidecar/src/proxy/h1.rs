@@ -1061,7 +1061,219 @@ async fn write_two(tcp: &mut TcpStream, head: &[u8], body: &[u8]) -> std::io::Re
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+    use crate::{
+        credential::fixtures::data,
+        metrics::Metrics,
+        proxy::{ClientSettings, upstream_client},
+        store::Store,
+    };
+
+    /// `data` chunked in pieces of `sizes` (cycled), with a chunk extension and a trailer if asked.
+    fn chunked(data: &[u8], sizes: &[usize], extension: bool, trailer: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut rest = data;
+        for size in sizes.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (chunk, after) = rest.split_at((*size).min(rest.len()));
+            out.extend_from_slice(format!("{:X}", chunk.len()).as_bytes());
+            if extension {
+                out.extend_from_slice(b";name=\"v;\\\"x\"");
+            }
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(chunk);
+            out.extend_from_slice(b"\r\n");
+            rest = after;
+        }
+        out.extend_from_slice(b"0\r\n");
+        if trailer {
+            out.extend_from_slice(b"X-Checksum: 1\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    /// Header names and values that steer framing and connection handling, mixed at random.
+    fn header_line_strategy() -> impl Strategy<Value = String> {
+        let names = prop::sample::select(vec![
+            "Connection",
+            "connection",
+            "Keep-Alive",
+            "Transfer-Encoding",
+            "Content-Length",
+            "Content-Type",
+            "X-A",
+            "Upgrade",
+            "Trailer",
+            "TE",
+            "WWW-Authenticate",
+            "Authorization",
+            "Cookie",
+            "X-Api-Key",
+            "Host",
+            "Origin",
+            "Accept",
+            "Expect",
+            "Mcp-Session-Id",
+        ]);
+        let values = prop::sample::select(vec![
+            "close",
+            "keep-alive",
+            "chunked",
+            "gzip, chunked",
+            "chunked, gzip",
+            "5",
+            "0",
+            "1, 2",
+            "-1",
+            "text/event-stream",
+            "X-A",
+            "Bearer error=\"invalid_token\"",
+            "127.0.0.1:7007",
+            "evil.example",
+            "http://localhost:3000",
+            "100-continue",
+            "s1",
+        ]);
+        (names, values).prop_map(|(n, v)| format!("{n}: {v}\r\n"))
+    }
+
+    /// One proxy for every case (loading the system's CA certificates takes a while).
+    static PROXY: std::sync::LazyLock<Proxy> = std::sync::LazyLock::new(test_proxy);
+
+    fn test_proxy() -> Proxy {
+        crate::install_crypto_provider();
+        let store = Store::new(["demo".to_owned()]);
+        let credential =
+            Credential::from_data(&data("http://127.0.0.1:9/base", "X-API-Key", "secret")).unwrap();
+        store.set("demo", credential);
+        Proxy {
+            store,
+            client: upstream_client(&ClientSettings {
+                connect_timeout: Duration::from_secs(1),
+                pool_idle_timeout: Duration::from_secs(30),
+                extra_ca_file: None,
+            })
+            .unwrap(),
+            metrics: Metrics::register(),
+            max_header_bytes: 8192,
+            header_read_timeout: Duration::from_secs(60),
+            http1_fast_path: true,
+        }
+    }
+
+    /// The names of the header lines of a head (after its first line).
+    fn names(head: &[u8]) -> Vec<String> {
+        String::from_utf8_lossy(head)
+            .split("\r\n")
+            .skip(1)
+            .filter_map(|l| l.split_once(':').map(|(n, _)| n.to_ascii_lowercase()))
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunked_body_cut_anywhere_yields_its_data_and_ends_exactly(
+            data in prop::collection::vec(any::<u8>(), 0..1500),
+            sizes in prop::collection::vec(1usize..400, 1..8),
+            cuts in prop::collection::vec(any::<usize>(), 0..8),
+            extension: bool,
+            trailer: bool,
+            after in prop::collection::vec(any::<u8>(), 0..16),
+        ) {
+            let mut body = chunked(&data, &sizes, extension, trailer);
+            let end = body.len();
+            body.extend_from_slice(&after);
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+            points.push(0);
+            points.push(body.len());
+            points.sort_unstable();
+            let pieces: Vec<&[u8]> = points.windows(2).map(|w| &body[w[0]..w[1]]).collect();
+            prop_assert_eq!(scan_data(&pieces), Ok((end, true, data)));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_answer_parsers(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
+            let _ = scan_all(&[&bytes]);
+            let mut out = Vec::new();
+            if let Ok(Parsed::Final(answer)) = parse_answer(&bytes, false, true, &mut out) {
+                prop_assert!(out.starts_with(b"HTTP/1.1 ") && answer.head_len <= bytes.len());
+            }
+        }
+
+        #[test]
+        fn an_answer_head_never_passes_connection_headers_or_two_framings(
+            status in prop::sample::select(vec![200u16, 204, 304, 401, 403, 500]),
+            lines in prop::collection::vec(header_line_strategy(), 0..8),
+            head_method: bool,
+            sse_get: bool,
+        ) {
+            let head = format!("HTTP/1.1 {status} X\r\n{}\r\n", lines.concat());
+            let mut out = Vec::new();
+            if let Ok(Parsed::Final(answer)) = parse_answer(head.as_bytes(), head_method, sse_get, &mut out) {
+                let names = names(&out);
+                for hop in ["connection", "keep-alive", "upgrade", "trailer", "te"] {
+                    prop_assert!(!names.iter().any(|n| n == hop), "{hop} passed in {names:?}");
+                }
+                let framings = names.iter().filter(|n| *n == "content-length" || *n == "transfer-encoding").count();
+                prop_assert!(
+                    !(names.contains(&"content-length".to_owned()) && names.contains(&"transfer-encoding".to_owned())),
+                    "two framings: {names:?} ({framings})"
+                );
+                if answer.reframed {
+                    prop_assert!(names.iter().filter(|n| *n == "transfer-encoding").count() == 1);
+                }
+            }
+        }
+
+    }
+
+    proptest! {
+        // More cases than the default: most random requests are (rightly) left to the hyper path.
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        #[test]
+        fn a_planned_request_carries_the_credential_and_nothing_the_agent_could_use_to_steer_it(
+            method in prop::sample::select(vec!["GET", "POST", "HEAD", "DELETE", "CONNECT", "OPTIONS"]),
+            target in prop::sample::select(vec![
+                "/demo/x", "/demo", "/demo/?q=1", "/demo/../x", "/demo/a%2fb", "/nope/x", "http://evil/x",
+                "/demo/a b", "*", "/demo/%2E%2E/x", "/demo/x?next=http://evil/",
+            ]),
+            version in prop::sample::select(vec!["HTTP/1.1", "HTTP/1.0", "HTTP/2.0"]),
+            lines in prop::collection::vec(header_line_strategy(), 0..8),
+        ) {
+            let proxy = &*PROXY;
+            let request = format!("{method} {target} {version}\r\n{}\r\n", lines.concat());
+            let mut out = Vec::new();
+            if let Plan::Forward(planned) = plan(proxy, None, request.as_bytes(), None, &mut out) {
+                let text = String::from_utf8_lossy(&out).into_owned();
+                prop_assert!(text.starts_with(&format!("{method} /base")), "{text}");
+                let names = names(&out);
+                prop_assert_eq!(names.iter().filter(|n| *n == "host").count(), 1);
+                prop_assert_eq!(names.iter().filter(|n| *n == "x-api-key").count(), 1);
+                prop_assert!(text.contains("host: 127.0.0.1:9\r\n"), "{text}");
+                prop_assert!(text.contains("x-api-key: secret\r\n"), "{text}");
+                for never in [
+                    "authorization",
+                    "cookie",
+                    "connection",
+                    "transfer-encoding",
+                    "expect",
+                    "upgrade",
+                    "keep-alive",
+                    "te",
+                    "trailer",
+                ] {
+                    prop_assert!(!names.iter().any(|n| n == never), "{never} forwarded: {text}");
+                }
+                prop_assert_eq!(planned.head_len, request.len());
+            }
+        }
+    }
 
     fn scan_all(pieces: &[&[u8]]) -> Result<(usize, bool), ()> {
         scan_data(pieces).map(|(n, done, _)| (n, done))
