@@ -4,8 +4,9 @@
 # number of workers (nginx worker_processes = sidecar MCP_SIDECAR_WORKER_THREADS = 1, then 2), in front
 # of one small upstream that refuses requests without the header. Load: wrk, keep-alive, 1/16/64
 # connections, BENCH_DURATION each (default 3s), BENCH_REPEAT rounds (default 3) taking the targets in
-# turn so that load from other processes hits all of them alike; each cell is the median of the
-# rounds, and the spread column gives the lowest and highest req/s. Then an SSE stream of timestamped
+# turn, each round starting with the next one, so that load from other processes hits all of them alike
+# and no target always runs right after the same other; each cell is the median of the rounds, and the
+# spread column gives the lowest and highest req/s. Then an SSE stream of timestamped
 # events per target. Loopback only. Needs: cargo, nginx, wrk, curl (`apt-get install -y nginx wrk curl`).
 #
 #   sidecar/bench/run.sh            prints a Markdown report (also written to $BENCH_OUT if set)
@@ -94,8 +95,10 @@ for w in $workers; do
     } >> "$report"
     for c in $conns; do
         declare -A all_rps=() all_p50=() all_p99=() all_cpu=()
-        for _ in $(seq 1 "$repeat"); do
-            for t in none nginx sidecar; do
+        for round in $(seq 0 $((repeat - 1))); do
+            # Each round starts with another target, so that no target always runs after the same one.
+            order=(none nginx sidecar none nginx)
+            for t in "${order[@]:$((round % 3)):3}"; do
                 before=0; [ -n "${pid[$t]}" ] && before=$(cpu "${pid[$t]}")
                 out=$(wrk -t1 -c"$c" -d"$duration" --latency -H 'Authorization: Bearer agent-token' -H 'X-API-Key: bench-key' "${url[$t]}")
                 after=0; [ -n "${pid[$t]}" ] && after=$(cpu "${pid[$t]}")
