@@ -1021,6 +1021,38 @@ async fn the_fast_path_resends_a_get_whose_reused_connection_closed_unanswered()
     assert_eq!(upstream.await.unwrap(), "GET /second HTTP/1.1");
 }
 
+/// An agent speaking HTTP/2 with prior knowledge: the fast path hands its preface to hyper, which
+/// serves the connection (and the upstream still gets HTTP/1.1 with the credential).
+#[tokio::test]
+async fn an_http2_agent_connection_is_served_by_the_hyper_path() {
+    let mut upstream = echo_target().await;
+    let sidecar = sidecar(&upstream.url, true).await;
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for _ in 0..2 {
+        let response = within(
+            "an HTTP/2 answer",
+            client.get(format!("{}/demo/h2?x=1", sidecar.url)).send(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.unwrap(), "/h2?x=1");
+        let received = upstream.next().await;
+        assert_eq!(received.head.start, "GET /h2?x=1 HTTP/1.1");
+        assert_eq!(received.head.get("x-api-key"), Some("key"));
+    }
+    assert_eq!(
+        handoffs(&sidecar).get("not_http1"),
+        Some(&1),
+        "{:?}",
+        handoffs(&sidecar)
+    );
+}
+
 /// `http1_handoffs_total` by reason, from the sidecar's metrics.
 fn handoffs(sidecar: &common::Sidecar) -> std::collections::BTreeMap<String, u64> {
     let text = sidecar.metrics.render(&sidecar.store);
