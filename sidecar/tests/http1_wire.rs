@@ -676,6 +676,25 @@ async fn a_pipelined_post_body_ends_where_its_content_length_says(fast_path: boo
     assert_eq!(upstream.next().await.head.start, "GET /after HTTP/1.1");
 }
 
+async fn a_body_just_under_one_mebibyte_goes_through_whole_and_the_connection_goes_on(fast_path: bool) {
+    let mut upstream = echo_body().await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
+    let mut agent = Wire::connect(&sidecar.url).await;
+    // The largest body that is still kept for a replay, written in pieces as a slow client would.
+    let body: String = (0..(1 << 20) - 10)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let request = post(&sidecar, "/demo/big", &body);
+    for piece in request.as_bytes().chunks(100_000) {
+        agent.send(piece).await;
+    }
+    let answer = agent.response("POST").await;
+    assert_eq!(answer.status(), 200);
+    assert!(answer.text() == body, "the body came back changed");
+    assert_eq!(upstream.next().await.body.len(), body.len());
+    get_works(&mut agent, &sidecar, "/after").await;
+}
+
 async fn an_agent_connection_close_is_honoured_after_the_answer(fast_path: bool) {
     let upstream = echo_target().await;
     let sidecar = sidecar(&upstream.url, fast_path).await;
@@ -1155,6 +1174,7 @@ macro_rules! on_both_paths {
 }
 
 on_both_paths!(
+    a_body_just_under_one_mebibyte_goes_through_whole_and_the_connection_goes_on,
     a_request_reaches_the_upstream_with_the_credential_in_place_of_the_agents,
     requests_on_one_keep_alive_agent_connection_share_one_upstream_connection,
     a_chunked_answer_arrives_whole_and_the_connections_stay_usable,

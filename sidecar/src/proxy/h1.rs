@@ -157,6 +157,10 @@ impl Conn<'_> {
             }
             let keep_open = self.exchange(&planned, stop).await?;
             self.read.drain(..length);
+            // A large request body's buffer is not kept for the connection's life.
+            if self.read.capacity() > 64 << 10 {
+                self.read.shrink_to(8 << 10);
+            }
             self.head_since = Instant::now();
             if !keep_open {
                 return Ok(());
@@ -333,7 +337,10 @@ impl Conn<'_> {
     }
 
     /// Keeps `up` for the next request; the least recently used one goes when there are too many.
-    fn put_back(&mut self, up: UpstreamConn) {
+    fn put_back(&mut self, mut up: UpstreamConn) {
+        if up.read.capacity() > 64 << 10 {
+            up.read.shrink_to(8 << 10);
+        }
         if self.upstreams.len() == forward::MAX_OWN
             && let Some(oldest) = (0..self.upstreams.len()).min_by_key(|&i| self.upstreams[i].last_used)
         {
