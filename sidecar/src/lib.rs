@@ -154,8 +154,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 }
 
 /// Serves the proxy on `listener` until `stop` turns true, then waits for open connections. Each
-/// connection is one hyper connection (HTTP/1.1, or HTTP/2 with prior knowledge) with the proxy as
-/// its service; HTTP/1 connections keep their own upstream connection.
+/// connection starts on the HTTP/1.1 fast path (unless it is off) and moves to hyper (HTTP/1.1, or
+/// HTTP/2 with prior knowledge) at the first request the fast path leaves to it; HTTP/1 connections
+/// keep their own upstream connections on either path.
 pub async fn serve(listener: TcpListener, app: proxy::App, stop: watch::Receiver<bool>) {
     serve_on(listener, app, stop, Vec::new()).await;
 }
