@@ -197,6 +197,13 @@ async fn keep_fresh(
     let mut published: Option<(String, Option<SystemTime>)> = None;
     let mut version = 0u64;
     let mut renewal_requests = store.refresh_requests();
+    // A session's liveness check, as the operator runs it: on its own interval, with the cookies served.
+    let session = spec.source.session.as_ref();
+    let check = session.and_then(|s| s.check.clone());
+    let form_login = session.is_some_and(|s| s.form_login.is_some());
+    let mut served: Option<Served> = None;
+    let mut session_dead = false;
+    let mut next_check = None;
     loop {
         let attempted = tokio::time::Instant::now();
         let wait = match source::obtain(&name, &spec, &*secrets, &sources).await {
@@ -211,7 +218,14 @@ async fn keep_fresh(
                 if published.as_ref() != Some(&fingerprint) {
                     version += 1;
                     match Credential::from_data(&secret_data(&spec, &header, &value, &issued, version)) {
-                        Ok(credential) => store.set(&name, credential),
+                        Ok(credential) => {
+                            store.set(&name, credential.clone());
+                            served = Some(Served {
+                                header: header.clone(),
+                                value: value.clone(),
+                                credential,
+                            });
+                        }
                         Err(e) => store.fail(&name, e.to_string()),
                     }
                     published = Some(fingerprint);
@@ -235,8 +249,23 @@ async fn keep_fresh(
         let deadline = tokio::time::sleep(wait);
         tokio::pin!(deadline);
         loop {
+            let check_at = match (&check, &served) {
+                (Some(check), Some(_)) => Some(*next_check.get_or_insert_with(|| {
+                    tokio::time::Instant::now() + source::session::check_interval(check)
+                })),
+                _ => None,
+            };
             tokio::select! {
                 () = &mut deadline => break,
+                () = sleep_until(check_at) => {
+                    next_check = None;
+                    if let (Some(check), Some(served)) = (&check, &served)
+                        && check_session(&store, &name, check, served, form_login, &sources, &mut session_dead).await
+                    {
+                        tracing::info!(credential = %name, "the session has expired: logging in again");
+                        break;
+                    }
+                }
                 request = renewal_requests.recv() => match request {
                     Ok(r) if r.name == name && attempted.elapsed() >= MIN_FORCED_RENEWAL_INTERVAL => {
                         tracing::info!(credential = %name, "the upstream rejected the credential: renewing now");
@@ -249,6 +278,61 @@ async fn keep_fresh(
                     _ => {}
                 },
             }
+        }
+    }
+}
+
+/// The header being served, and the credential it belongs to (published again to clear a failure
+/// once the session check passes again).
+struct Served {
+    header: String,
+    value: SecretString,
+    credential: Credential,
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs the session's liveness check with the header being served. A dead session is recorded as
+/// the credential's last failure (shown in 503 bodies and `/readyz`) and the cookies keep being sent,
+/// as the operator does; `true` when a form login should log in again now. A check that cannot tell
+/// (the URL unreachable or failing) changes nothing.
+async fn check_session(
+    store: &Store,
+    name: &str,
+    check: &mcp_credentials_core::SessionCheck,
+    served: &Served,
+    form_login: bool,
+    sources: &SourceContext,
+    dead: &mut bool,
+) -> bool {
+    match source::session::check(check, &served.header, &served.value, sources.http()).await {
+        Ok(()) => {
+            if std::mem::take(dead) {
+                tracing::info!(credential = %name, "the session check passes again");
+                // The same version again: the store keeps it and forgets the failure.
+                store.set(name, served.credential.clone());
+            }
+            false
+        }
+        Err(e) if e.reason() == source::session::SESSION_EXPIRED => {
+            let fix = match form_login {
+                true => "logging in again",
+                false => "export fresh cookies into the cookies file",
+            };
+            tracing::warn!(credential = %name, error = %e, "the session has expired");
+            store.fail(name, format!("{e}; {fix}"));
+            *dead = true;
+            form_login
+        }
+        Err(e) => {
+            tracing::warn!(credential = %name, error = %e, "the session check could not tell");
+            false
         }
     }
 }
@@ -344,6 +428,143 @@ mod tests {
             .wait_for(|_| store.get("demo").unwrap().current.unwrap().headers[0].1 == "key-two")
             .await
             .unwrap();
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A site with a form login and a session check: `/login` sets `sid=<n>` (n counts logins),
+    /// `/check` answers 200 for a session that is not revoked and 401 otherwise.
+    struct Site {
+        url: String,
+        logins: Arc<std::sync::atomic::AtomicU32>,
+        revoked: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    async fn site() -> Site {
+        use axum::{http::HeaderMap, routing};
+        let logins = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let revoked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let (l, r) = (logins.clone(), revoked.clone());
+        let app = axum::Router::new()
+            .route(
+                "/login",
+                routing::post(move || async move {
+                    let n = l.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    ([("set-cookie", format!("sid={n}; Path=/"))], "welcome")
+                }),
+            )
+            .route(
+                "/check",
+                routing::get(move |headers: HeaderMap| async move {
+                    let cookie = headers.get("cookie").and_then(|v| v.to_str().ok()).unwrap_or("");
+                    match !cookie.is_empty() && !r.lock().unwrap().iter().any(|c| c == cookie) {
+                        true => axum::http::StatusCode::OK,
+                        false => axum::http::StatusCode::UNAUTHORIZED,
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Site { url, logins, revoked }
+    }
+
+    /// Polls `condition` until it holds (10 s at most).
+    async fn until(what: &str, condition: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if condition() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    fn cookie(store: &Store) -> Option<String> {
+        let c = store.get("wiki")?.current?;
+        Some(c.headers[0].1.to_str().unwrap().to_owned())
+    }
+
+    #[tokio::test]
+    async fn a_session_check_that_fails_logs_in_again_with_a_form_login() {
+        let site = site().await;
+        let dir = std::env::temp_dir().join(format!("mcp-sidecar-session-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("wiki-login")).unwrap();
+        std::fs::write(dir.join("wiki-login/username"), "ann").unwrap();
+        std::fs::write(dir.join("wiki-login/password"), "pw").unwrap();
+        let file = dir.join("creds.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: wiki}}\n\
+                 spec:\n  upstream: {url}/mcp\n  source:\n    session:\n      formLogin:\n        url: {url}/login\n        \
+                 username: {{name: wiki-login, key: username}}\n        password: {{name: wiki-login, key: password}}\n      \
+                 check: {{url: {url}/check, interval: 1s}}\n",
+                url = site.url
+            ),
+        )
+        .unwrap();
+        let store = Store::new(["wiki".to_owned()]);
+        let task = start(store.clone(), &file, &dir, OutboundPolicy::default())
+            .await
+            .unwrap();
+        until("the first login", || cookie(&store).as_deref() == Some("sid=1")).await;
+        // The site ends that session: the next check fails, and the sidecar logs in again.
+        site.revoked.lock().unwrap().push("sid=1".into());
+        until("a second login", || cookie(&store).as_deref() == Some("sid=2")).await;
+        assert_eq!(site.logins.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // The new session passes its checks: no further login, no failure left.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(site.logins.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(store.get("wiki").unwrap().last_failure.is_none());
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_dead_imported_session_is_reported_until_its_check_passes_again() {
+        let site = site().await;
+        let dir = std::env::temp_dir().join(format!("mcp-sidecar-cookies-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("wiki-cookies")).unwrap();
+        std::fs::write(
+            dir.join("wiki-cookies/cookies.txt"),
+            "127.0.0.1\tFALSE\t/\tFALSE\t0\tsid\timported\n",
+        )
+        .unwrap();
+        let file = dir.join("creds.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: wiki}}\n\
+                 spec:\n  upstream: {url}/mcp\n  source:\n    session:\n      cookies:\n        \
+                 secretKeyRef: {{name: wiki-cookies, key: cookies.txt}}\n      check: {{url: {url}/check, interval: 1s}}\n",
+                url = site.url
+            ),
+        )
+        .unwrap();
+        let store = Store::new(["wiki".to_owned()]);
+        let task = start(store.clone(), &file, &dir, OutboundPolicy::default())
+            .await
+            .unwrap();
+        until("the imported cookies", || {
+            cookie(&store).as_deref() == Some("sid=imported")
+        })
+        .await;
+        site.revoked.lock().unwrap().push("sid=imported".into());
+        let failure = || store.get("wiki").unwrap().last_failure.map(|f| f.to_string());
+        until("the expired session to be reported", || failure().is_some()).await;
+        let message = failure().unwrap();
+        assert!(message.contains("export fresh cookies"), "{message}");
+        assert!(
+            !message.contains("imported"),
+            "the cookie value leaked: {message}"
+        );
+        // The cookies keep being served (the site may still take them for other paths).
+        assert_eq!(cookie(&store).as_deref(), Some("sid=imported"));
+        // The site takes the session back: the next passing check clears the failure.
+        site.revoked.lock().unwrap().clear();
+        until("the failure to clear", || failure().is_none()).await;
+        assert_eq!(site.logins.load(std::sync::atomic::Ordering::SeqCst), 0);
         task.abort();
         std::fs::remove_dir_all(&dir).unwrap();
     }
