@@ -43,6 +43,12 @@ impl Credential {
         self.expires_at.is_some_and(|at| at <= now)
     }
 
+    /// True when the credential must not be sent any more; reads the clock only when it expires at all
+    /// (it runs for every proxied request).
+    pub fn is_expired_now(&self) -> bool {
+        self.expires_at.is_some_and(|at| at <= Timestamp::now())
+    }
+
     /// Parses the data of a credential Secret (or the files of a projected volume).
     pub fn from_data(data: &BTreeMap<String, Vec<u8>>) -> Result<Self, InvalidCredential> {
         let text = |key: &'static str| -> Result<Option<&str>, InvalidCredential> {

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use http::HeaderMap;
-use jiff::Timestamp;
 
 use super::{Proxy, Routed};
 use crate::{credential::Credential, error::ProxyError};
@@ -30,7 +29,7 @@ pub(super) fn attach(
             last_failure: routed.slot.last_failure.clone(),
         }));
     };
-    if credential.expires_at.is_some() && credential.is_expired(Timestamp::now()) {
+    if credential.is_expired_now() {
         return Err(refuse(ProxyError::CredentialExpired {
             name: routed.name.clone(),
             expired_at: credential.expires_at.unwrap_or_default(),

@@ -234,29 +234,28 @@ impl UpstreamClient {
         local: &Mutex<Local>,
         authority: http::uri::Authority,
     ) -> Result<Own, UpstreamError> {
-        let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(authority.clone())
-            .path_and_query("/")
-            .build()?;
-        let io = self.tcp.clone().oneshot(uri).await?;
+        let io = hyper_util::rt::TokioIo::new(self.connect_plain(&authority).await?);
         let (sender, connection) = http1::Builder::new().handshake(io).await?;
         {
             let mut local = local.lock().expect("connection state");
             local.driving.push(connection);
             local.opened = true;
         }
-        // Like the pool's client: the port is left out when it is the default.
-        let host = match authority.port_u16() {
-            Some(80) => HeaderValue::from_str(authority.host())?,
-            _ => HeaderValue::from_str(authority.as_str())?,
-        };
+        let host = HeaderValue::from_str(host(&authority))?;
         Ok(Own {
             authority,
             host,
             sender,
             last_used: Instant::now(),
         })
+    }
+}
+
+/// The Host an upstream gets: like the pool's client, without the port when it is the default.
+pub(super) fn host(authority: &http::uri::Authority) -> &str {
+    match authority.port_u16() {
+        Some(80) => authority.host(),
+        _ => authority.as_str(),
     }
 }
 

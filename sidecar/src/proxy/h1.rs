@@ -12,7 +12,6 @@
 use std::{mem::MaybeUninit, pin::Pin, sync::Arc, time::Duration};
 
 use http::{StatusCode, uri::Authority};
-use jiff::Timestamp;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -174,9 +173,7 @@ impl Conn<'_> {
         if idle && *stop.borrow() {
             return Err(End::Closed);
         }
-        if self.read.capacity() - self.read.len() < 1024 {
-            self.read.reserve(8 << 10);
-        }
+        make_room(&mut self.read, 8 << 10);
         loop {
             tokio::select! {
                 biased;
@@ -206,7 +203,7 @@ impl Conn<'_> {
         let handles = &planned.handles;
         self.handles = Some(handles.clone());
         let started = Instant::now();
-        let (mut up, mut answer) = match self.send(planned, &planned.credential).await {
+        let (mut up, mut answer) = match self.send(planned, &planned.credential, started).await {
             Ok(sent) => sent,
             Err(Failed::AgentGone) => return Err(End::Closed),
             Err(Failed::Upstream(source)) => return self.refuse(planned, source).await,
@@ -230,7 +227,7 @@ impl Conn<'_> {
                 tracing::info!(credential = %handles.name, version = %newer.version, "replaying once with the new credential");
                 // The rejected answer is not read to its end: that connection closes.
                 drop(up);
-                (up, answer) = match Box::pin(self.send(planned, &newer)).await {
+                (up, answer) = match Box::pin(self.send(planned, &newer, Instant::now())).await {
                     Ok(sent) => sent,
                     Err(Failed::AgentGone) => return Err(End::Closed),
                     Err(Failed::Upstream(source)) => return self.refuse(planned, source).await,
@@ -264,12 +261,13 @@ impl Conn<'_> {
         Ok(!close)
     }
 
-    /// Sends the request (with `credential`) and reads the upstream's answer head into the
+    /// Sends the request (with `credential`, at `now`) and reads the upstream's answer head into the
     /// connection's buffer. A reused connection that the upstream had closed is replaced once.
     async fn send(
         &mut self,
         planned: &Planned,
         credential: &Arc<Credential>,
+        now: Instant,
     ) -> Result<(UpstreamConn, Answer), Failed> {
         if !Arc::ptr_eq(credential, &planned.credential) {
             // A replay: the same request with the newer credential's headers.
@@ -282,7 +280,7 @@ impl Conn<'_> {
         }
         let authority = &credential.upstream.authority;
         let body = planned.head_len..planned.head_len + planned.body_len;
-        let mut reused = self.take_upstream(authority);
+        let mut reused = self.take_upstream(authority, now);
         loop {
             let was_reused = reused.is_some();
             let mut up = match reused.take() {
@@ -314,10 +312,10 @@ impl Conn<'_> {
     }
 
     /// The agent's own connection to `authority`, if it has a live one.
-    fn take_upstream(&mut self, authority: &Authority) -> Option<UpstreamConn> {
+    fn take_upstream(&mut self, authority: &Authority, now: Instant) -> Option<UpstreamConn> {
         let i = self.upstreams.iter().position(|u| u.authority == *authority)?;
         let up = self.upstreams.swap_remove(i);
-        let idle = Instant::now().saturating_duration_since(up.last_used);
+        let idle = now.saturating_duration_since(up.last_used);
         // Readable while idle means closed (or stray bytes): either way it cannot carry a request.
         let alive =
             matches!(up.tcp.try_read(&mut [0; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
@@ -434,9 +432,7 @@ impl Conn<'_> {
                 // Bytes after the end of the answer: the upstream is out of step; drop the connection.
                 return Ok(up.read.is_empty() && !upstream_closed);
             }
-            if up.read.capacity() - up.read.len() < 1024 {
-                up.read.reserve(16 << 10);
-            }
+            make_room(&mut up.read, 16 << 10);
             tokio::select! {
                 biased;
                 read = up.tcp.read_buf(&mut up.read) => match read {
@@ -495,6 +491,13 @@ impl Conn<'_> {
         self.out.extend_from_slice(&body);
         self.agent.write_all(&self.out).await.map_err(|_| End::Closed)?;
         Ok(!planned.close)
+    }
+}
+
+/// Makes room for a read of at least 1 KiB, growing the buffer by `grow` when it is nearly full.
+fn make_room(buffer: &mut Vec<u8>, grow: usize) {
+    if buffer.capacity() - buffer.len() < 1024 {
+        buffer.reserve(grow);
     }
 }
 
@@ -584,7 +587,7 @@ fn plan(
         },
     };
     // Step 4's refusal (expired) is the hyper path's; HTTPS upstreams use its TLS pool.
-    if credential.is_expired(Timestamp::now()) {
+    if credential.is_expired_now() {
         return Plan::Hyper("credential_unavailable");
     }
     if credential.upstream.scheme != http::uri::Scheme::HTTP {
@@ -599,11 +602,7 @@ fn plan(
     out.push(b' ');
     credential.upstream.push_path(rest, query, out);
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    let authority = &credential.upstream.authority;
-    out.extend_from_slice(match authority.port_u16() {
-        Some(80) => authority.host().as_bytes(),
-        _ => authority.as_str().as_bytes(),
-    });
+    out.extend_from_slice(forward::host(&credential.upstream.authority).as_bytes());
     out.extend_from_slice(b"\r\n");
     let is_get = method == "GET";
     let mut sse = false;
@@ -801,9 +800,7 @@ async fn read_answer_head(
                 Err(why) => return Err(Failed::Upstream(why.into())),
             }
         }
-        if up.read.capacity() - up.read.len() < 1024 {
-            up.read.reserve(8 << 10);
-        }
+        make_room(&mut up.read, 8 << 10);
         tokio::select! {
             biased;
             read = up.tcp.read_buf(&mut up.read) => match read {

@@ -9,7 +9,6 @@ use axum::body::Body;
 use bytes::Bytes;
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use jiff::Timestamp;
 
 use crate::{
     credential::Credential,
@@ -68,7 +67,7 @@ pub async fn newer_credential(
         store
             .get(name)
             .and_then(|slot| slot.current)
-            .filter(|c| c.version != used.version && !c.is_expired(Timestamp::now()))
+            .filter(|c| c.version != used.version && !c.is_expired_now())
     };
     let mut changes = store.subscribe();
     store.request_refresh(RefreshRequest {
