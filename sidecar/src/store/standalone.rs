@@ -201,7 +201,7 @@ async fn keep_fresh(
     let session = spec.source.session.as_ref();
     let check = session.and_then(|s| s.check.clone());
     let form_login = session.is_some_and(|s| s.form_login.is_some());
-    let mut served: Option<Served> = None;
+    let mut served: Option<Credential> = None;
     let mut session_dead = false;
     let mut next_check = None;
     loop {
@@ -220,11 +220,7 @@ async fn keep_fresh(
                     match Credential::from_data(&secret_data(&spec, &header, &value, &issued, version)) {
                         Ok(credential) => {
                             store.set(&name, credential.clone());
-                            served = Some(Served {
-                                header: header.clone(),
-                                value: value.clone(),
-                                credential,
-                            });
+                            served = Some(credential);
                         }
                         Err(e) => store.fail(&name, e.to_string()),
                     }
@@ -282,14 +278,6 @@ async fn keep_fresh(
     }
 }
 
-/// The header being served, and the credential it belongs to (published again to clear a failure
-/// once the session check passes again).
-struct Served {
-    header: String,
-    value: SecretString,
-    credential: Credential,
-}
-
 /// Sleeps until `at`, or forever when there is nothing to wait for.
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
@@ -298,7 +286,8 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Runs the session's liveness check with the header being served. A dead session is recorded as
+/// Runs the session's liveness check with the header of the credential being served (published again
+/// to clear the failure once the check passes again). A dead session is recorded as
 /// the credential's last failure (shown in 503 bodies and `/readyz`) and the cookies keep being sent,
 /// as the operator does; `true` when a form login should log in again now. A check that cannot tell
 /// (the URL unreachable or failing) changes nothing.
@@ -306,17 +295,22 @@ async fn check_session(
     store: &Store,
     name: &str,
     check: &mcp_credentials_core::SessionCheck,
-    served: &Served,
+    served: &Credential,
     form_login: bool,
     sources: &SourceContext,
     dead: &mut bool,
 ) -> bool {
-    match source::session::check(check, &served.header, &served.value, sources.http()).await {
+    // A session credential is its one header (`Cookie` unless `inject` names another).
+    let Some((header, value)) = served.headers.first() else {
+        return false;
+    };
+    let value = SecretString::new(String::from_utf8_lossy(value.as_bytes()));
+    match source::session::check(check, header.as_str(), &value, sources.http()).await {
         Ok(()) => {
             if std::mem::take(dead) {
                 tracing::info!(credential = %name, "the session check passes again");
                 // The same version again: the store keeps it and forgets the failure.
-                store.set(name, served.credential.clone());
+                store.set(name, served.clone());
             }
             false
         }
@@ -480,6 +474,23 @@ mod tests {
         panic!("timed out waiting for {what}");
     }
 
+    /// Standalone mode on credential `wiki`: a session (`session`, YAML at the session's indentation,
+    /// `{url}` standing for the site) with a check of the site every second.
+    async fn start_wiki(dir: &Path, site: &Site, session: &str) -> (Arc<Store>, JoinHandle<()>) {
+        let file = dir.join("creds.yaml");
+        let yaml = format!(
+            "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: wiki}}\n\
+             spec:\n  upstream: {{url}}/mcp\n  source:\n    session:\n      {session}\n      \
+             check: {{url: {{url}}/check, interval: 1s}}\n"
+        );
+        std::fs::write(&file, yaml.replace("{url}", &site.url)).unwrap();
+        let store = Store::new(["wiki".to_owned()]);
+        let task = start(store.clone(), &file, dir, OutboundPolicy::default())
+            .await
+            .unwrap();
+        (store, task)
+    }
+
     fn cookie(store: &Store) -> Option<String> {
         let c = store.get("wiki")?.current?;
         Some(c.headers[0].1.to_str().unwrap().to_owned())
@@ -492,22 +503,13 @@ mod tests {
         std::fs::create_dir_all(dir.join("wiki-login")).unwrap();
         std::fs::write(dir.join("wiki-login/username"), "ann").unwrap();
         std::fs::write(dir.join("wiki-login/password"), "pw").unwrap();
-        let file = dir.join("creds.yaml");
-        std::fs::write(
-            &file,
-            format!(
-                "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: wiki}}\n\
-                 spec:\n  upstream: {url}/mcp\n  source:\n    session:\n      formLogin:\n        url: {url}/login\n        \
-                 username: {{name: wiki-login, key: username}}\n        password: {{name: wiki-login, key: password}}\n      \
-                 check: {{url: {url}/check, interval: 1s}}\n",
-                url = site.url
-            ),
+        let (store, task) = start_wiki(
+            &dir,
+            &site,
+            "formLogin:\n        url: {url}/login\n        username: {name: wiki-login, key: username}\n        \
+             password: {name: wiki-login, key: password}",
         )
-        .unwrap();
-        let store = Store::new(["wiki".to_owned()]);
-        let task = start(store.clone(), &file, &dir, OutboundPolicy::default())
-            .await
-            .unwrap();
+        .await;
         until("the first login", || cookie(&store).as_deref() == Some("sid=1")).await;
         // The site ends that session: the next check fails, and the sidecar logs in again.
         site.revoked.lock().unwrap().push("sid=1".into());
@@ -531,21 +533,12 @@ mod tests {
             "127.0.0.1\tFALSE\t/\tFALSE\t0\tsid\timported\n",
         )
         .unwrap();
-        let file = dir.join("creds.yaml");
-        std::fs::write(
-            &file,
-            format!(
-                "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: wiki}}\n\
-                 spec:\n  upstream: {url}/mcp\n  source:\n    session:\n      cookies:\n        \
-                 secretKeyRef: {{name: wiki-cookies, key: cookies.txt}}\n      check: {{url: {url}/check, interval: 1s}}\n",
-                url = site.url
-            ),
+        let (store, task) = start_wiki(
+            &dir,
+            &site,
+            "cookies:\n        secretKeyRef: {name: wiki-cookies, key: cookies.txt}",
         )
-        .unwrap();
-        let store = Store::new(["wiki".to_owned()]);
-        let task = start(store.clone(), &file, &dir, OutboundPolicy::default())
-            .await
-            .unwrap();
+        .await;
         until("the imported cookies", || {
             cookie(&store).as_deref() == Some("sid=imported")
         })
