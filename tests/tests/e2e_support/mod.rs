@@ -686,6 +686,18 @@ pub fn secrets_of_run(issued_file: &Path) -> Vec<String> {
     out
 }
 
+/// Scans `logs` for `secrets`, prints the tally, and fails the test on any hit.
+pub fn assert_no_secrets_in_logs(logs: &[PathBuf], secrets: &[String]) {
+    let (hits, lines) = scan_logs(logs, secrets);
+    eprintln!(
+        "log scan: {lines} lines in {} files, {} secrets: {} hits",
+        logs.len(),
+        secrets.len(),
+        hits.len()
+    );
+    assert!(hits.is_empty(), "token bytes in logs: {hits:#?}");
+}
+
 /// Scans every file in `logs` for the `secrets`; returns `(file, line number, which secret)` per hit
 /// (the secret by its first 8 characters, so the report itself leaks nothing useful), and how many
 /// lines were scanned.
