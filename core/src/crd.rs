@@ -72,18 +72,55 @@ pub struct McpCredentialSpec {
     #[x_kube(validation = object_name("spec.secretName"))]
     pub secret_name: Option<String>,
 
-    /// Who may use this credential. Default: every service account in this namespace.
+    /// Who may use this credential (read its Secret, be injected with it, report on it). Default:
+    /// nobody until `access.serviceAccounts` lists the agents' service accounts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access: Option<Access>,
 }
 
+/// Which service accounts may use a credential, as `spec.access` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowed<'a> {
+    /// No `access` (or an empty list): nobody. The safe default: a credential is usable only by
+    /// the service accounts its author names.
+    Nobody,
+    /// Exactly these service accounts of the credential's namespace.
+    Listed(&'a [String]),
+    /// `access.allServiceAccounts: true`: every service account of the namespace.
+    Namespace,
+}
+
+impl Allowed<'_> {
+    /// Whether pods running as `service_account` (of the credential's namespace) may use it.
+    pub fn permits(&self, service_account: &str) -> bool {
+        match self {
+            Self::Nobody => false,
+            Self::Listed(names) => names.iter().any(|n| n == service_account),
+            Self::Namespace => true,
+        }
+    }
+}
+
+impl std::fmt::Display for Allowed<'_> {
+    /// How a refusal describes the policy: `no service account (spec.access.serviceAccounts is
+    /// empty)`, `only ["a", "b"]`, `every service account of the namespace`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Nobody => write!(f, "no service account yet (spec.access.serviceAccounts is empty)"),
+            Self::Listed(names) => write!(f, "only {names:?} (spec.access.serviceAccounts)"),
+            Self::Namespace => write!(f, "every service account of the namespace"),
+        }
+    }
+}
+
 impl McpCredentialSpec {
-    /// The service accounts allowed to use the credential; empty means every one of the namespace.
-    pub fn allowed_service_accounts(&self) -> &[String] {
-        self.access
-            .as_ref()
-            .map(|a| a.service_accounts.as_slice())
-            .unwrap_or_default()
+    /// The service accounts allowed to use the credential.
+    pub fn allowed(&self) -> Allowed<'_> {
+        match &self.access {
+            Some(a) if a.all_service_accounts == Some(true) => Allowed::Namespace,
+            Some(a) if !a.service_accounts.is_empty() => Allowed::Listed(&a.service_accounts),
+            _ => Allowed::Nobody,
+        }
     }
 }
 
@@ -567,15 +604,27 @@ pub struct Refresh {
     pub renew_before_percentage: Option<i32>,
 }
 
-/// Who may use the credential.
+/// Who may use the credential: the service accounts whose pods get read access to its Secret
+/// (a Role and RoleBinding kept by the operator), may be injected with it, and may report on it.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!(has(self.allServiceAccounts) && self.allServiceAccounts && has(self.serviceAccounts) && size(self.serviceAccounts) > 0)"
+).message(
+    "set either access.serviceAccounts or access.allServiceAccounts: true, not both"
+))]
 pub struct Access {
     /// Service accounts in this namespace whose pods may use this credential. Default (empty):
-    /// every service account in the namespace.
+    /// none, so the credential is usable only once its agents' service accounts are listed here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub service_accounts: Vec<String>,
+
+    /// Let every service account of this namespace use the credential, `default` included: any pod
+    /// of the namespace that mounts its service-account token can then read the credential's
+    /// Secret. Only for namespaces where every workload is trusted with it. Default: false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub all_service_accounts: Option<bool>,
 }
 
 /// What the operator observed. Written only by the operator.

@@ -1,23 +1,28 @@
 //! The access policy: for each McpCredential, a Role that may read exactly its Secret and a
-//! RoleBinding to the service accounts in `spec.access.serviceAccounts` (all of the namespace's
-//! when the list is empty). A sidecar can then read its own credentials and nothing else. Its own
-//! controller, because it is a separate concern from refreshing (and a change of the access list
-//! must not cost a token request).
+//! RoleBinding to the service accounts in `spec.access.serviceAccounts` (nobody when the list is
+//! empty, the whole namespace only with `allServiceAccounts: true`). A sidecar can then read its
+//! own credentials and nothing else. The Role names the Secret only while the credential owns it
+//! (controller ownerReference): otherwise `secretName: db-password` would hand any Secret of the
+//! namespace to the listed service accounts. Its own controller, because it is a separate concern
+//! from refreshing (and a change of the access list must not cost a token request).
 
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt;
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::api::{
+    core::v1::Secret,
+    rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ObjectMeta, Patch, PatchParams},
     runtime::{Controller, controller::Action, watcher},
 };
 use mcp_credentials_core::{
-    McpCredential,
+    Allowed, McpCredential,
     secret::{CREDENTIAL_LABEL, MANAGED_BY, MANAGED_BY_LABEL, secret_name},
 };
-use tracing::warn;
+use tracing::{info, warn};
 
 /// The field manager of every object this controller writes.
 const FIELD_MANAGER: &str = "mcp-credentials-access";
@@ -29,6 +34,15 @@ pub enum Error {
     #[error("applying Role {name}")]
     ApplyRole {
         /// The Role.
+        name: String,
+        /// The cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// Reading the credential's Secret (to see whether the credential owns it) failed.
+    #[error("reading Secret {name}")]
+    ReadSecret {
+        /// The Secret.
         name: String,
         /// The cause.
         #[source]
@@ -54,20 +68,40 @@ pub fn object_name(credential: &str) -> String {
     name.chars().take(253).collect()
 }
 
-/// The Role that may read exactly the credential's Secret. `list` and `watch` are granted too:
-/// with `resourceNames` they allow only requests selecting that one name (`metadata.name=`),
-/// which is how the sidecar watches.
-pub fn role(cred: &McpCredential) -> Result<Role, Error> {
+/// Whether `secret` is the credential's own: the operator created it, with a controller
+/// ownerReference to this credential's UID (which a namespace user cannot forge for a Secret they
+/// did not create through this credential, since the UID is assigned by the API server).
+pub fn owns(cred: &McpCredential, secret: &ObjectMeta) -> bool {
+    let uid = cred.metadata.uid.as_deref();
+    uid.is_some()
+        && secret
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid && o.kind == "McpCredential")
+}
+
+/// The Role that may read exactly the credential's Secret, when the credential owns it
+/// (`secret_owned`), and nothing otherwise (no Secret yet, or `spec.secretName` names a Secret the
+/// operator did not write for this credential). `list` and `watch` are granted too: with
+/// `resourceNames` they allow only requests selecting that one name (`metadata.name=`), which is
+/// how the sidecar watches.
+pub fn role(cred: &McpCredential, secret_owned: bool) -> Result<Role, Error> {
     let name = cred.name_any();
-    Ok(Role {
-        metadata: metadata(cred, &object_name(&name))?,
-        rules: Some(vec![PolicyRule {
+    let rules = if secret_owned {
+        vec![PolicyRule {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["secrets".into()]),
             resource_names: Some(vec![secret_name(&name, cred.spec.secret_name.as_deref())]),
             verbs: vec!["get".into(), "list".into(), "watch".into()],
             ..PolicyRule::default()
-        }]),
+        }]
+    } else {
+        Vec::new()
+    };
+    Ok(Role {
+        metadata: metadata(cred, &object_name(&name))?,
+        rules: Some(rules),
     })
 }
 
@@ -75,16 +109,9 @@ pub fn role(cred: &McpCredential) -> Result<Role, Error> {
 pub fn role_binding(cred: &McpCredential) -> Result<RoleBinding, Error> {
     let name = object_name(&cred.name_any());
     let namespace = cred.namespace().ok_or(Error::Incomplete)?;
-    let allowed = cred.spec.allowed_service_accounts().to_vec();
-    let subjects = if allowed.is_empty() {
-        vec![Subject {
-            kind: "Group".into(),
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            name: format!("system:serviceaccounts:{namespace}"),
-            namespace: None,
-        }]
-    } else {
-        allowed
+    let subjects = match cred.spec.allowed() {
+        Allowed::Nobody => Vec::new(),
+        Allowed::Listed(names) => names
             .iter()
             .map(|sa| Subject {
                 kind: "ServiceAccount".into(),
@@ -92,7 +119,13 @@ pub fn role_binding(cred: &McpCredential) -> Result<RoleBinding, Error> {
                 name: sa.clone(),
                 namespace: Some(namespace.clone()),
             })
-            .collect()
+            .collect(),
+        Allowed::Namespace => vec![Subject {
+            kind: "Group".into(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            name: format!("system:serviceaccounts:{namespace}"),
+            namespace: None,
+        }],
     };
     Ok(RoleBinding {
         metadata: metadata(cred, &name)?,
@@ -125,7 +158,19 @@ fn metadata(cred: &McpCredential, name: &str) -> Result<ObjectMeta, Error> {
 async fn reconcile(cred: Arc<McpCredential>, client: Arc<Client>) -> Result<Action, Error> {
     let namespace = cred.namespace().ok_or(Error::Incomplete)?;
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let role = role(&cred)?;
+    let secret = secret_name(&cred.name_any(), cred.spec.secret_name.as_deref());
+    let owned = Api::<Secret>::namespaced((*client).clone(), &namespace)
+        .get_metadata_opt(&secret)
+        .await
+        .map_err(|source| Error::ReadSecret {
+            name: secret.clone(),
+            source,
+        })?
+        .is_some_and(|s| owns(&cred, &s.metadata));
+    if !owned {
+        info!(credential = %cred.name_any(), secret = %secret, "the credential does not own its Secret (yet): its Role grants nothing");
+    }
+    let role = role(&cred, owned)?;
     let name = role.metadata.name.clone().unwrap_or_default();
     Api::<Role>::namespaced((*client).clone(), &namespace)
         .patch(&name, &params, &Patch::Apply(&role))
@@ -162,7 +207,15 @@ pub async fn run(client: Client, namespace: Option<&str>) {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    // The credentials' own Secrets (`owns` watches metadata only: no Secret data is cached): a
+    // Secret the operator creates or that is deleted re-evaluates whether the Role may name it.
+    let owned: Api<Secret> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let managed = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
     Controller::<McpCredential>::new(credentials, watcher::Config::default())
+        .owns(owned, watcher::Config::default().labels(&managed))
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .run(reconcile, error_policy, Arc::new(client))
         .for_each(|_| std::future::ready(()))
@@ -171,12 +224,28 @@ pub async fn run(client: Client, namespace: Option<&str>) {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
     use super::*;
     use crate::fixtures::credential;
 
+    fn owned_by(uid: &str, controller: bool) -> ObjectMeta {
+        ObjectMeta {
+            owner_references: Some(vec![OwnerReference {
+                api_version: "mcpcredentials.dev/v1alpha1".into(),
+                kind: "McpCredential".into(),
+                name: "github".into(),
+                uid: uid.into(),
+                controller: Some(controller),
+                ..OwnerReference::default()
+            }]),
+            ..ObjectMeta::default()
+        }
+    }
+
     #[test]
     fn the_role_reads_only_the_credentials_secret() {
-        let role = role(&credential("github", &[], Some("gh-token"))).unwrap();
+        let role = role(&credential("github", &[], Some("gh-token")), true).unwrap();
         let rule = &role.rules.unwrap()[0];
         assert_eq!(
             rule.resource_names.as_deref(),
@@ -188,7 +257,18 @@ mod tests {
     }
 
     #[test]
-    fn the_binding_names_each_allowed_service_account_or_the_whole_namespace() {
+    fn a_secret_the_credential_does_not_own_is_granted_to_nobody() {
+        let cred = credential("github", &["coding-agent"], Some("db-password"));
+        let role = role(&cred, false).unwrap();
+        assert_eq!(role.rules, Some(vec![]));
+        assert!(!owns(&cred, &ObjectMeta::default()), "no ownerReference");
+        assert!(!owns(&cred, &owned_by("other-uid", true)), "another owner");
+        assert!(!owns(&cred, &owned_by("0000-1111", false)), "not the controller");
+        assert!(owns(&cred, &owned_by("0000-1111", true)));
+    }
+
+    #[test]
+    fn the_binding_names_each_allowed_service_account_and_nobody_by_default() {
         let binding = role_binding(&credential("github", &["coding-agent", "research"], None)).unwrap();
         let names: Vec<_> = binding
             .subjects
@@ -203,7 +283,11 @@ mod tests {
                 ("ServiceAccount".into(), "research".into())
             ]
         );
-        let open = role_binding(&credential("github", &[], None)).unwrap();
+        let closed = role_binding(&credential("github", &[], None)).unwrap();
+        assert_eq!(closed.subjects, Some(vec![]));
+        let mut open = credential("github", &[], None);
+        open.spec.access.as_mut().unwrap().all_service_accounts = Some(true);
+        let open = role_binding(&open).unwrap();
         assert_eq!(open.subjects.unwrap()[0].name, "system:serviceaccounts:agents");
     }
 }

@@ -5,7 +5,7 @@ use mcp_credentials_core::{
 };
 
 /// An API-key credential `name` in namespace `agents` (with a UID, as if read from the API),
-/// usable by `allowed` (empty: the whole namespace), written to `secret` (or the default name).
+/// usable by `allowed` (empty: nobody), written to `secret` (or the default name).
 pub fn credential(name: &str, allowed: &[&str], secret: Option<&str>) -> McpCredential {
     let mut c = McpCredential::new(
         name,
@@ -25,6 +25,7 @@ pub fn credential(name: &str, allowed: &[&str], secret: Option<&str>) -> McpCred
             secret_name: secret.map(Into::into),
             access: Some(Access {
                 service_accounts: allowed.iter().map(|s| s.to_string()).collect(),
+                all_service_accounts: None,
             }),
         },
     );

@@ -290,11 +290,11 @@ pub fn authorize<'a>(
             "McpCredential {namespace}/{name} does not exist"
         )));
     };
-    let allowed = credential.spec.allowed_service_accounts();
-    if !allowed.is_empty() && !allowed.iter().any(|a| a == sa_name) {
+    let allowed = credential.spec.allowed();
+    if !allowed.permits(sa_name) {
         return Err(Answer::Forbidden(format!(
             "service account {sa_namespace}/{sa_name} may not use McpCredential {namespace}/{name}: \
-             its spec.access.serviceAccounts allows only {allowed:?}"
+             it allows {allowed}"
         )));
     }
     Ok(credential)
@@ -570,11 +570,18 @@ mod tests {
             decide_with(&sa("agents", "research"), Some(&cred), None),
             Answer::Refresh
         );
-        let anyone = credential("github", &[], None);
+        let mut anyone = credential("github", &[], None);
+        anyone.spec.access.as_mut().unwrap().all_service_accounts = Some(true);
         assert_eq!(
             decide_with(&sa("agents", "other"), Some(&anyone), Some(60)),
             Answer::Refresh
         );
+        // Without an access list, nobody may use (or report on) the credential.
+        let closed = credential("github", &[], None);
+        assert!(matches!(
+            decide_with(&sa("agents", "other"), Some(&closed), Some(60)),
+            Answer::Forbidden(_)
+        ));
     }
 
     #[test]
@@ -628,7 +635,7 @@ mod tests {
 
     #[test]
     fn a_report_on_an_old_version_requests_nothing() {
-        let cred = credential("github", &[], None);
+        let cred = credential("github", &["research"], None);
         let answer = decide(&Facts {
             report: &report("v1"),
             identity: &sa("agents", "research"),
@@ -644,7 +651,7 @@ mod tests {
 
     #[test]
     fn a_second_refresh_within_ten_seconds_is_rate_limited() {
-        let cred = credential("github", &[], None);
+        let cred = credential("github", &["research"], None);
         let answer = decide_with(&sa("agents", "research"), Some(&cred), Some(3));
         assert_eq!(answer, Answer::RateLimited(7));
         let response = answer.into_response();
