@@ -31,8 +31,14 @@ const TOKEN_VOLUME: &str = "mcp-credentials-api-access";
 const TOKEN_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// The proxy's port on loopback, as the sidecar defaults to.
 pub const PROXY_PORT: u16 = 7007;
-/// The sidecar's admin port (probes, metrics).
+/// The sidecar's admin port (metrics, and probes with details): on loopback, unless the pod opts in
+/// with [`EXPOSE_METRICS_ANNOTATION`].
 pub const ADMIN_PORT: u16 = 7008;
+/// The sidecar's probe port on the pod IP: `/healthz` and `/readyz`, a status and nothing else.
+pub const PROBE_PORT: u16 = 7009;
+/// Set to `"true"` to serve the sidecar's `/metrics` on the pod IP (port 7008), for a Prometheus
+/// that scrapes pods. By default it listens on loopback only.
+pub const EXPOSE_METRICS_ANNOTATION: &str = "mcpcredentials.dev/expose-sidecar-metrics";
 
 /// How the sidecar is injected.
 #[derive(Debug, Clone)]
@@ -74,17 +80,24 @@ pub enum Denied {
     },
     /// The pod's service account is not in the credential's `spec.access.serviceAccounts`.
     #[error(
-        "service account {service_account:?} may not use McpCredential {name:?}: its spec.access.serviceAccounts \
-         allows only {allowed:?}; run the pod as one of those, or add {service_account:?} to the list"
+        "service account {service_account:?} may not use McpCredential {name:?}: it allows {allowed}; run the pod \
+         as an allowed service account, or add {service_account:?} to the credential's spec.access.serviceAccounts"
     )]
     NotAllowed {
         /// The credential.
         name: String,
         /// The pod's service account.
         service_account: String,
-        /// Who may use it.
-        allowed: Vec<String>,
+        /// Who may use it, in words.
+        allowed: String,
     },
+    /// The pod shares the node's network namespace.
+    #[error(
+        "pod uses hostNetwork: true, where the sidecar's 127.0.0.1:{PROXY_PORT} would be the node's loopback, \
+         open to every process on the node; credentials are not injected into host-network pods: run the agent \
+         without hostNetwork"
+    )]
+    HostNetwork,
     /// Two credentials would get the same environment variable.
     #[error("credentials {0:?} and {1:?} would both set the environment variable {2}; rename one of them")]
     EnvCollision(String, String, String),
@@ -138,12 +151,12 @@ pub fn authorize(
                     name: name.clone(),
                     namespace: namespace.to_owned(),
                 })?;
-            let allowed = cred.spec.allowed_service_accounts().to_vec();
-            if !allowed.is_empty() && !allowed.iter().any(|sa| sa == service_account) {
+            let allowed = cred.spec.allowed();
+            if !allowed.permits(service_account) {
                 return Err(Denied::NotAllowed {
                     name: name.clone(),
                     service_account: service_account.to_owned(),
-                    allowed,
+                    allowed: allowed.to_string(),
                 });
             }
             Ok((name.clone(), secret_name(name, cred.spec.secret_name.as_deref())))
@@ -189,6 +202,9 @@ pub fn inject(
     if already {
         return Ok(None);
     }
+    if spec.host_network == Some(true) {
+        return Err(Denied::HostNetwork);
+    }
     let mut env_names: BTreeMap<String, &str> = BTreeMap::new();
     for (name, _) in credentials {
         if let Some(other) = env_names.insert(url_env_name(name), name) {
@@ -210,6 +226,7 @@ pub fn inject(
         })
         .collect();
     let keep_token = pod_annotation(&pod, AGENT_API_ACCESS_ANNOTATION) == Some("true");
+    let expose_metrics = pod_annotation(&pod, EXPOSE_METRICS_ANNOTATION) == Some("true");
     let spec = pod.spec.as_mut().expect("checked above");
     for container in &mut spec.containers {
         let env = container.env.get_or_insert_with(Vec::new);
@@ -224,7 +241,7 @@ pub fn inject(
     }
 
     spec.volumes.get_or_insert_with(Vec::new).push(token_volume());
-    let sidecar = sidecar_container(credentials, config);
+    let sidecar = sidecar_container(credentials, config, expose_metrics);
     if config.native_sidecar {
         // First, so it is running (and ready, through its startup probe) before any other init
         // container or the agent starts.
@@ -269,7 +286,11 @@ fn remove_service_account_token(spec: &mut k8s_openapi::api::core::v1::PodSpec) 
     }
 }
 
-fn sidecar_container(credentials: &[(String, String)], config: &InjectConfig) -> Container {
+fn sidecar_container(
+    credentials: &[(String, String)],
+    config: &InjectConfig,
+    expose_metrics: bool,
+) -> Container {
     let wanted: Vec<String> = credentials
         .iter()
         .map(|(name, secret)| {
@@ -288,7 +309,7 @@ fn sidecar_container(credentials: &[(String, String)], config: &InjectConfig) ->
     let probe = |path: &str| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::String("mcp-admin".into()),
+            port: IntOrString::String("mcp-probe".into()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(1),
@@ -302,7 +323,14 @@ fn sidecar_container(credentials: &[(String, String)], config: &InjectConfig) ->
             [
                 Some(env("MCP_SIDECAR_CREDENTIALS", wanted.join(","))),
                 Some(env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{PROXY_PORT}"))),
-                Some(env("MCP_SIDECAR_ADMIN_LISTEN", format!("0.0.0.0:{ADMIN_PORT}"))),
+                Some(env(
+                    "MCP_SIDECAR_ADMIN_LISTEN",
+                    format!(
+                        "{}:{ADMIN_PORT}",
+                        if expose_metrics { "0.0.0.0" } else { "127.0.0.1" }
+                    ),
+                )),
+                Some(env("MCP_SIDECAR_PROBE_LISTEN", format!("0.0.0.0:{PROBE_PORT}"))),
                 // Reports authenticate with the token of the volume below (the sidecar's default path).
                 config
                     .report_url
@@ -317,11 +345,23 @@ fn sidecar_container(credentials: &[(String, String)], config: &InjectConfig) ->
             .flatten()
             .collect(),
         ),
-        ports: Some(vec![ContainerPort {
-            name: Some("mcp-admin".into()),
-            container_port: ADMIN_PORT.into(),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(
+            [
+                Some(ContainerPort {
+                    name: Some("mcp-probe".into()),
+                    container_port: PROBE_PORT.into(),
+                    ..ContainerPort::default()
+                }),
+                expose_metrics.then(|| ContainerPort {
+                    name: Some("mcp-metrics".into()),
+                    container_port: ADMIN_PORT.into(),
+                    ..ContainerPort::default()
+                }),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        ),
         // The agent starts only when every credential it needs is present and unexpired.
         startup_probe: Some(Probe {
             failure_threshold: Some(300),
@@ -469,10 +509,9 @@ mod tests {
 
     #[test]
     fn a_service_account_not_in_the_access_list_is_denied_with_both_names() {
-        let creds = [
-            credential("github", &["coding-agent"], None),
-            credential("slack", &[], None),
-        ];
+        let mut open = credential("slack", &[], None);
+        open.spec.access.as_mut().unwrap().all_service_accounts = Some(true);
+        let creds = [credential("github", &["coding-agent"], None), open.clone()];
         let err = authorize(&["slack".into(), "github".into()], "agents", "research", &creds).unwrap_err();
         let message = err.to_string();
         assert!(
@@ -480,8 +519,12 @@ mod tests {
                 && message.contains("\"github\"")
                 && message.contains("coding-agent")
         );
-        // An empty list means every service account of the namespace.
-        assert!(authorize(&["slack".into()], "agents", "research", &creds).is_ok());
+        // An empty list means nobody, until the author lists the service account (or opts the whole
+        // namespace in).
+        let closed = [credential("slack", &[], None)];
+        let err = authorize(&["slack".into()], "agents", "research", &closed).unwrap_err();
+        assert!(err.to_string().contains("no service account yet"), "{err}");
+        assert!(authorize(&["slack".into()], "agents", "research", &[open]).is_ok());
     }
 
     #[test]
@@ -496,8 +539,8 @@ mod tests {
     #[test]
     fn a_native_sidecar_starts_first_and_every_agent_container_gets_the_urls() {
         let creds = [
-            credential("github", &[], None),
-            credential("my.api", &[], Some("api-token")),
+            credential("github", &["research"], None),
+            credential("my.api", &["research"], Some("api-token")),
         ];
         let wanted = authorize(&["github".into(), "my.api".into()], "agents", "research", &creds).unwrap();
         let out = inject(&pod(Some("github,my.api")), &wanted, &config(true))
@@ -664,5 +707,56 @@ mod tests {
         assert_eq!(sc.allow_privilege_escalation, Some(false));
         assert_eq!(sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
         assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    }
+
+    #[test]
+    fn a_host_network_pod_is_denied_because_its_loopback_is_the_nodes() {
+        let mut host = pod(Some("github"));
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        let wanted = [("github".to_string(), "github-mcp-credential".to_string())];
+        let err = inject(&host, &wanted, &config(true)).unwrap_err();
+        assert_eq!(err, Denied::HostNetwork);
+        assert!(err.to_string().contains("hostNetwork"), "{err}");
+    }
+
+    #[test]
+    fn only_the_probes_listen_on_the_pod_ip_unless_the_pod_exposes_metrics() {
+        let env_of = |pod: &Pod, name: &str| {
+            let sidecar = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+            sidecar
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        let wanted = [("github".to_string(), "github-mcp-credential".to_string())];
+        let out = inject(&pod(Some("github")), &wanted, &config(true))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            env_of(&out, "MCP_SIDECAR_ADMIN_LISTEN").as_deref(),
+            Some("127.0.0.1:7008")
+        );
+        assert_eq!(
+            env_of(&out, "MCP_SIDECAR_PROBE_LISTEN").as_deref(),
+            Some("0.0.0.0:7009")
+        );
+        let sidecar = &out.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        let ports: Vec<_> = sidecar.ports.iter().flatten().map(|p| p.container_port).collect();
+        assert_eq!(ports, [7009]);
+
+        let mut exposed = pod(Some("github"));
+        exposed
+            .metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(EXPOSE_METRICS_ANNOTATION.into(), "true".into());
+        let out = inject(&exposed, &wanted, &config(true)).unwrap().unwrap();
+        assert_eq!(
+            env_of(&out, "MCP_SIDECAR_ADMIN_LISTEN").as_deref(),
+            Some("0.0.0.0:7008")
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` for Prometheus, `/healthz` (the process serves), `/readyz` (every
-//! required credential is present and unexpired: the injected sidecar's startup probe).
+//! required credential is present and unexpired), on loopback; and the probe listener, the same
+//! two checks with nothing but a status, which the kubelet's probes reach on the pod IP.
 
 use std::sync::Arc;
 
@@ -28,6 +29,23 @@ pub fn app(store: Arc<Store>, metrics: Metrics) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(Admin { store, metrics })
+}
+
+/// The probe Router: `/healthz` and `/readyz` only, saying ready or not and nothing about which
+/// credentials the pod has (anyone on the pod network reaches it).
+pub fn probes(store: Arc<Store>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|State(store): State<Arc<Store>>| async move {
+                match store.ready(Timestamp::now()) {
+                    Ok(()) => (StatusCode::OK, "ready\n"),
+                    Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+                }
+            }),
+        )
+        .with_state(store)
 }
 
 async fn metrics_text(State(admin): State<Admin>) -> impl IntoResponse {

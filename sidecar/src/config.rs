@@ -8,12 +8,13 @@ use crate::{proxy::ClientSettings, report::ReportSettings};
 /// Where the proxy listens. Loopback only: the agent in the same pod (or on the same laptop) is the
 /// only client, and nothing else on the network may use the credentials.
 pub const LISTEN: (&str, &str) = ("MCP_SIDECAR_LISTEN", "127.0.0.1:7007");
-/// Where `/metrics`, `/healthz` and `/readyz` listen. All interfaces in a pod, because the kubelet's
-/// probes and Prometheus reach the pod IP; this port carries no credential. Standalone mode defaults
-/// to loopback instead (a laptop has no kubelet).
-pub const ADMIN_LISTEN: (&str, &str) = ("MCP_SIDECAR_ADMIN_LISTEN", "0.0.0.0:7008");
-/// Loopback admin address for standalone mode.
-pub const STANDALONE_ADMIN_LISTEN: &str = "127.0.0.1:7008";
+/// Where `/metrics`, `/healthz` and `/readyz` listen. Loopback: what the sidecar serves and how it
+/// is doing is nobody else's business. A pod that wants Prometheus to scrape it opts in (the
+/// injector sets `0.0.0.0:7008` for pods annotated `mcpcredentials.dev/expose-sidecar-metrics`).
+pub const ADMIN_LISTEN: (&str, &str) = ("MCP_SIDECAR_ADMIN_LISTEN", "127.0.0.1:7008");
+/// Where only `/healthz` and `/readyz` listen, answering with a status and no names: the kubelet's
+/// probes reach the pod IP, never its loopback, so the injector sets `0.0.0.0:7009`. Empty: none.
+pub const PROBE_LISTEN: (&str, &str) = ("MCP_SIDECAR_PROBE_LISTEN", "");
 /// Comma-separated credentials this pod needs, each `name` or `name=secret-name` (when the
 /// McpCredential sets `spec.secretName`); `/readyz` waits for all of them. Empty: every credential
 /// found is served (the Kubernetes store then watches every managed Secret of the namespace), and
@@ -136,6 +137,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The admin address.
     pub admin_listen: SocketAddr,
+    /// The probe-only address, if any.
+    pub probe_listen: Option<SocketAddr>,
     /// Credentials required for readiness.
     pub credentials: Vec<Wanted>,
     /// The credential store.
@@ -212,10 +215,6 @@ impl Config {
                 namespace: (!namespace.is_empty()).then_some(namespace),
             },
         };
-        let admin_default = match store {
-            StoreConfig::Standalone { .. } => STANDALONE_ADMIN_LISTEN,
-            _ => ADMIN_LISTEN.1,
-        };
         let extra_ca = get(EXTRA_CA_FILE).1;
         let report_url = get(REPORT_URL);
         let report = if report_url.1.trim().is_empty() {
@@ -238,10 +237,11 @@ impl Config {
         };
         Ok(Config {
             listen: parse(get(LISTEN), "an address like 127.0.0.1:7007")?,
-            admin_listen: parse(
-                get((ADMIN_LISTEN.0, admin_default)),
-                "an address like 0.0.0.0:7008",
-            )?,
+            admin_listen: parse(get(ADMIN_LISTEN), "an address like 127.0.0.1:7008")?,
+            probe_listen: match get(PROBE_LISTEN) {
+                (_, v) if v.trim().is_empty() => None,
+                pair => Some(parse(pair, "an address like 0.0.0.0:7009")?),
+            },
             credentials: get(CREDENTIALS)
                 .1
                 .split(',')

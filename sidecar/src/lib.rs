@@ -85,6 +85,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let proxy_listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin_listen).await?;
+    let probe_listener = match config.probe_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
 
     let source = match &config.store {
         StoreConfig::Kubernetes { namespace } => {
@@ -121,7 +125,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
 
-    tracing::info!(proxy = %config.listen, admin = %config.admin_listen, credentials = ?store.names(), "serving");
+    tracing::info!(proxy = %config.listen, admin = %config.admin_listen, probes = ?config.probe_listen, credentials = ?store.names(), "serving");
     let proxy = Proxy {
         store: store.clone(),
         client,
@@ -134,9 +138,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // This thread serves its share of agent connections; each further worker is a thread with its
     // own event loop that serves the connections dealt to it, like nginx's worker processes.
     let workers = (1..config.worker_threads).map(|_| worker()).collect();
-    let servers = futures_util::future::join(
+    let probes = async {
+        if let Some(listener) = probe_listener {
+            serve_admin(listener, admin::probes(store.clone()), stopped.clone()).await;
+        }
+    };
+    let servers = futures_util::future::join3(
         serve_on(proxy_listener, proxy::app(proxy), stopped.clone(), workers),
-        serve_admin(admin_listener, admin::app(store, metrics), stopped),
+        serve_admin(
+            admin_listener,
+            admin::app(store.clone(), metrics),
+            stopped.clone(),
+        ),
+        probes,
     );
     tokio::pin!(servers);
     tokio::select! {
