@@ -124,6 +124,18 @@ pub fn apply(store: &Store, name: &str, secret: &Secret) {
         );
         return;
     }
+    // The operator labels every Secret it writes with its credential. One labelled for another
+    // credential (a `spec.secretName` pointing at another credential's Secret) is not this one's.
+    if let Some(owner) = secret.labels().get(CREDENTIAL_LABEL).filter(|o| *o != name) {
+        store.fail(
+            name,
+            format!(
+                "Secret {} belongs to McpCredential {owner}, not to {name}",
+                secret.name_any()
+            ),
+        );
+        return;
+    }
     let data: BTreeMap<String, Vec<u8>> = secret
         .data
         .iter()
