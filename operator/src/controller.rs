@@ -25,6 +25,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams, PostParams},
+    core::PartialObjectMeta,
     runtime::{
         Controller,
         controller::Action,
@@ -168,7 +169,10 @@ impl Context {
 
 /// Runs the controller until `shutdown` resolves. `namespace`: watch only that namespace.
 pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16) {
-    let (creds, secrets): (Api<McpCredential>, Api<Secret>) = match namespace {
+    // Secrets are watched for their metadata only: the operator reacts to a change of a Secret it
+    // writes or reads, and reads the data of those few itself, so it never holds the data of the
+    // cluster's other Secrets (nor their memory).
+    let (creds, secrets): (Api<McpCredential>, Api<PartialObjectMeta<Secret>>) = match namespace {
         Some(ns) => (
             Api::namespaced(ctx.client.clone(), ns),
             Api::namespaced(ctx.client.clone(), ns),
@@ -181,7 +185,9 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16) {
     controller
         // One watch on Secrets covers both the Secrets we write (a foreign or edited one) and the
         // Secrets a credential references (a new API key, a replaced refresh token).
-        .watches(secrets, watcher::Config::default(), move |s: Secret| affected(&store, &s))
+        .watches(secrets, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
+            affected(&store, &s)
+        })
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
             if let Err(e) = r {
@@ -207,7 +213,7 @@ impl std::fmt::Display for ErrorChain<'_> {
 }
 
 /// The credentials in the Secret's namespace that write it or read it.
-fn affected(store: &Store<McpCredential>, s: &Secret) -> Vec<ObjectRef<McpCredential>> {
+fn affected(store: &Store<McpCredential>, s: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<McpCredential>> {
     let ns = s.namespace();
     let name = s.name_any();
     store

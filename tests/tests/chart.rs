@@ -216,6 +216,11 @@ fn helm_install_creates_a_least_privilege_operator() {
         ("get", "serviceaccounts", "yes"),
         ("create", "serviceaccounts", "no"),
         ("delete", "secrets", "no"),
+        // Secrets are written by server-side apply and merge patches only.
+        ("update", "secrets", "no"),
+        // The access policy's Roles and RoleBindings are applied, never read back or deleted.
+        ("list", "rolebindings.rbac.authorization.k8s.io", "no"),
+        ("delete", "roles.rbac.authorization.k8s.io", "no"),
         ("create", "pods", "no"),
         ("create", "mcpcredentials.mcpcredentials.dev", "no"),
     ] {
