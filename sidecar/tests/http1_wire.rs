@@ -1147,6 +1147,151 @@ async fn ordinary_requests_stay_on_the_fast_path_and_the_rest_is_handed_over_by_
     }
 }
 
+/// A sidecar serving `demo` (an API key) and `session` (a session cookie) for `upstream`.
+async fn sidecar_with_a_session(upstream: &str, fast_path: bool) -> common::Sidecar {
+    let store = mcp_credentials_sidecar::store::Store::new(["demo".to_owned(), "session".to_owned()]);
+    store.set("demo", common::credential(upstream, "key", "1", None));
+    let session =
+        mcp_credentials_sidecar::credential::Credential::from_data(&std::collections::BTreeMap::from([
+            ("upstream".to_owned(), upstream.as_bytes().to_vec()),
+            ("header.Cookie".to_owned(), b"sid=session-secret".to_vec()),
+            ("version".to_owned(), b"1".to_vec()),
+        ]))
+        .unwrap();
+    store.set("session", session);
+    common::sidecar_on(store, fast_path).await
+}
+
+async fn an_upstreams_cookies_never_reach_the_agent_whatever_the_credential(fast_path: bool) {
+    // The upstream sets a cookie holding the credential it received (a rolling session, or a session
+    // cookie handed out after bearer auth), in every spelling, on ordinary and event-stream answers.
+    let mut upstream = Upstream::start(|r| {
+        let received = r.head.get("x-api-key").or(r.head.get("cookie")).unwrap_or("none");
+        let (kind, body) = match r.head.target() {
+            "/sse" => ("text/event-stream", "data: 1\n\n"),
+            _ => ("text/plain", "hello"),
+        };
+        reply(format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nSet-Cookie: sid={received}; Path=/; HttpOnly\r\n\
+             set-cookie: other=1\r\nSET-COOKIE2: sid={received}\r\nX-Upstream: yes\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+    })
+    .await;
+    let sidecar = sidecar_with_a_session(&upstream.url, fast_path).await;
+    let mut agent = Wire::connect(&sidecar.url).await;
+    for (path, secret) in [
+        ("/demo/x", "key"),
+        ("/session/x", "sid=session-secret"),
+        ("/demo/sse", "key"),
+        ("/session/sse", "sid=session-secret"),
+    ] {
+        agent
+            .send(format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream, text/plain\r\n\r\n",
+                host(&sidecar)
+            ))
+            .await;
+        let response = agent.response("GET").await;
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(response.head.get("x-upstream"), Some("yes"), "{path}");
+        for name in ["set-cookie", "set-cookie2"] {
+            assert!(
+                response.head.all(name).is_empty(),
+                "{path}: {name} reached the agent"
+            );
+        }
+        assert!(
+            !response.head.headers.iter().any(|(_, v)| v.contains(secret)),
+            "{path}: the credential reached the agent: {:?}",
+            response.head
+        );
+        assert_eq!(
+            upstream.next().await.head.target(),
+            &path[path[1..].find('/').unwrap() + 1..]
+        );
+    }
+}
+
+async fn a_null_origin_and_cross_site_browser_requests_are_refused(fast_path: bool) {
+    let mut upstream = echo_target().await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
+    let h = host(&sidecar);
+    for (headers, method, error) in [
+        ("Origin: null\r\n", "GET", "null_origin"),
+        (
+            "Origin: null\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n",
+            "POST",
+            "null_origin",
+        ),
+        (
+            "Sec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: no-cors\r\n",
+            "GET",
+            "cross_site_request",
+        ),
+        (
+            "Sec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: navigate\r\n",
+            "GET",
+            "cross_site_request",
+        ),
+    ] {
+        let body = if method == "POST" { "{}" } else { "" };
+        let request = format!("{method} /demo/refused HTTP/1.1\r\nHost: {h}\r\n{headers}\r\n{body}");
+        let mut agent = Wire::connect(&sidecar.url).await;
+        agent.send(&request).await;
+        let response = agent.response(method).await;
+        assert_eq!(response.status(), 403, "{request:?}");
+        assert_eq!(response.json()["error"], error, "{request:?}");
+        assert!(response.json()["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(response.head.get("x-mcp-credentials-error"), Some(error));
+    }
+    // A page served from this machine (cross-site to 127.0.0.1 when it is on localhost), requests no
+    // other site made, and clients that are not browsers at all get through.
+    for headers in [
+        "Origin: http://localhost:3000\r\nSec-Fetch-Site: cross-site\r\n",
+        "Sec-Fetch-Site: same-origin\r\n",
+        "Sec-Fetch-Site: none\r\n",
+        "",
+    ] {
+        let mut agent = Wire::connect(&sidecar.url).await;
+        agent
+            .send(format!(
+                "GET /demo/allowed HTTP/1.1\r\nHost: {h}\r\n{headers}\r\n"
+            ))
+            .await;
+        let response = agent.response("GET").await;
+        assert_eq!(response.status(), 200, "{headers:?}: {}", response.text());
+        assert_eq!(upstream.next().await.head.target(), "/allowed");
+    }
+    upstream.nothing_more();
+}
+
+async fn trace_and_track_are_refused_and_never_reach_the_upstream(fast_path: bool) {
+    let mut upstream = echo_target().await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
+    let mut agent = Wire::connect(&sidecar.url).await;
+    for method in ["TRACE", "TRACK", "trace"] {
+        agent
+            .send(format!(
+                "{method} /demo/echo HTTP/1.1\r\nHost: {}\r\n\r\n",
+                host(&sidecar)
+            ))
+            .await;
+        let response = agent.response(method).await;
+        assert_eq!(response.status(), 405, "{method}");
+        assert_eq!(response.json()["error"], "method_not_allowed", "{method}");
+        assert!(!response.text().contains("key"), "{method}: {}", response.text());
+        if response.head.lists("connection", "close") {
+            agent = Wire::connect(&sidecar.url).await;
+        }
+    }
+    // The connection goes on, and only this GET reached the upstream.
+    get_works(&mut agent, &sidecar, "/after").await;
+    assert_eq!(upstream.next().await.head.start, "GET /after HTTP/1.1");
+    upstream.nothing_more();
+}
+
 /// A sidecar serving credential `demo` for `upstream` with `X-API-Key: key`, on the fast path or
 /// with every request on hyper's path.
 async fn sidecar(upstream: &str, fast_path: bool) -> common::Sidecar {
@@ -1193,4 +1338,7 @@ on_both_paths!(
     a_request_expecting_100_continue_gets_it_and_its_body_reaches_the_upstream,
     a_legacy_sse_endpoint_event_is_rewritten_and_its_posts_get_through,
     oversized_request_headers_are_refused_before_the_upstream,
+    an_upstreams_cookies_never_reach_the_agent_whatever_the_credential,
+    a_null_origin_and_cross_site_browser_requests_are_refused,
+    trace_and_track_are_refused_and_never_reach_the_upstream,
 );

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use super::{
-    Local, Proxy, Routed, measure::Handles, replay, sse::EndpointRewrite, strip::strip_connection_headers,
+    Local, Proxy, Routed, measure::Handles, replay, sse::EndpointRewrite, strip::strip_answer_headers,
 };
 use crate::{credential::Credential, error::ProxyError};
 
@@ -335,7 +335,7 @@ pub(super) async fn forward(
         };
     }
     let (mut parts, body) = response.into_parts();
-    strip_connection_headers(&mut parts.headers);
+    strip_answer_headers(&mut parts.headers);
     let is_sse = is_get
         && parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
             v.as_bytes()
