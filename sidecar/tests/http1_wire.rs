@@ -1292,6 +1292,116 @@ async fn trace_and_track_are_refused_and_never_reach_the_upstream(fast_path: boo
     upstream.nothing_more();
 }
 
+async fn dot_segments_in_disguise_and_double_encoding_are_refused(fast_path: bool) {
+    let mut upstream = echo_target().await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
+    for path in [
+        "/demo/..;/other",
+        "/demo/..;jsessionid=1/other",
+        "/demo/.;/x",
+        "/demo/%2e%2e;/other",
+        "/demo/..%3B/other",
+        "/demo/%252e%252e/other",
+        "/demo/a%252fb",
+        "/demo/a%255cb",
+        "/demo/%2e/x",
+    ] {
+        let mut agent = Wire::connect(&sidecar.url).await;
+        agent.send(get(&sidecar, path)).await;
+        let response = agent.response("GET").await;
+        assert_eq!(response.status(), 400, "{path}");
+        assert_eq!(response.json()["error"], "bad_path", "{path}");
+    }
+    // Path parameters and escapes that change no path still pass.
+    let mut agent = Wire::connect(&sidecar.url).await;
+    get_works(&mut agent, &sidecar, "/a;v=1/b%20c").await;
+    assert_eq!(upstream.next().await.head.target(), "/a;v=1/b%20c");
+    upstream.nothing_more();
+}
+
+async fn a_legacy_endpoint_event_that_leads_out_of_the_credentials_routes_is_dropped(fast_path: bool) {
+    // A malicious (or broken) upstream names endpoints that an agent's client would resolve to
+    // another credential's route, or to the sidecar's root.
+    const ENDPOINTS: [&str; 5] = [
+        "../other/messages",
+        "/../other/messages",
+        "/%2e%2e/other/messages",
+        "http://127.0.0.1:7007/other/messages",
+        "//localhost:7007/other/messages",
+    ];
+    let upstream = Upstream::start(|r| {
+        let case: usize = r.head.target().rsplit('=').next().unwrap().parse().unwrap();
+        let events = format!(
+            "event: endpoint\ndata: {}\n\nevent: message\ndata: 1\n\n",
+            ENDPOINTS[case]
+        );
+        reply(format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\n\r\n{events}",
+            events.len()
+        ))
+    })
+    .await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
+    let mut agent = Wire::connect(&sidecar.url).await;
+    for (case, endpoint) in ENDPOINTS.iter().enumerate() {
+        agent
+            .send(format!(
+                "GET /demo/sse?case={case} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+                host(&sidecar)
+            ))
+            .await;
+        let response = agent.response("GET").await;
+        assert_eq!(response.status(), 200, "{endpoint}");
+        let text = response.text();
+        assert!(!text.contains("other"), "{endpoint}: {text:?}");
+        assert!(!text.contains("event: endpoint"), "{endpoint}: {text:?}");
+        // The rest of the stream passes.
+        assert!(
+            text.ends_with("event: message\ndata: 1\n\n"),
+            "{endpoint}: {text:?}"
+        );
+    }
+}
+
+async fn a_replay_goes_to_the_newer_credentials_upstream_and_never_to_the_old_one(fast_path: bool) {
+    // Upstream A rejects the credential; meanwhile the credential moves to upstream B.
+    let mut a = Upstream::start(|_| {
+        reply(
+            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error=\"invalid_token\"\r\n\
+             Content-Length: 0\r\n\r\n",
+        )
+    })
+    .await;
+    let mut b = echo_body().await;
+    let sidecar = sidecar(&a.url, fast_path).await;
+    let store = sidecar.store.clone();
+    let b_url = b.url.clone();
+    let mut requests = store.refresh_requests();
+    tokio::spawn(async move {
+        while let Ok(request) = requests.recv().await {
+            store.set(&request.name, common::credential(&b_url, "key-2", "2", None));
+        }
+    });
+    let mut agent = Wire::connect(&sidecar.url).await;
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    agent.send(post(&sidecar, "/demo/mcp?x=1", call)).await;
+    let response = agent.response("POST").await;
+    assert_eq!(response.status(), 200, "{}", response.text());
+    assert_eq!(response.text(), call);
+    let first = a.next().await;
+    assert_eq!(first.head.all("x-api-key"), ["key"]);
+    let replayed = b.next().await;
+    assert_eq!(replayed.head.start, "POST /mcp?x=1 HTTP/1.1");
+    assert_eq!(replayed.head.all("host"), [b.authority()]);
+    assert_eq!(replayed.head.all("x-api-key"), ["key-2"]);
+    assert_eq!(replayed.body, call.as_bytes());
+    // The old upstream never saw the new credential, and the connection goes on with the new one.
+    a.nothing_more();
+    get_works(&mut agent, &sidecar, "/after").await;
+    assert_eq!(b.next().await.head.all("x-api-key"), ["key-2"]);
+    a.nothing_more();
+}
+
 /// A sidecar serving credential `demo` for `upstream` with `X-API-Key: key`, on the fast path or
 /// with every request on hyper's path.
 async fn sidecar(upstream: &str, fast_path: bool) -> common::Sidecar {
@@ -1341,4 +1451,7 @@ on_both_paths!(
     an_upstreams_cookies_never_reach_the_agent_whatever_the_credential,
     a_null_origin_and_cross_site_browser_requests_are_refused,
     trace_and_track_are_refused_and_never_reach_the_upstream,
+    dot_segments_in_disguise_and_double_encoding_are_refused,
+    a_legacy_endpoint_event_that_leads_out_of_the_credentials_routes_is_dropped,
+    a_replay_goes_to_the_newer_credentials_upstream_and_never_to_the_old_one,
 );

@@ -203,8 +203,9 @@ impl Conn<'_> {
         let proxy = self.proxy;
         let handles = &planned.handles;
         self.handles = Some(handles.clone());
+        let mut replayed = None;
         let started = Instant::now();
-        let (mut up, mut answer) = match self.send(planned, &planned.credential, started).await {
+        let (mut up, mut answer) = match self.send(planned, started).await {
             Ok(sent) => sent,
             Err(Failed::AgentGone) => return Err(End::Closed),
             Err(Failed::Upstream(source)) => return self.refuse(planned, source).await,
@@ -228,20 +229,31 @@ impl Conn<'_> {
                 tracing::info!(credential = %handles.name, version = %newer.version, "replaying once with the new credential");
                 // The rejected answer is not read to its end: that connection closes.
                 drop(up);
-                (up, answer) = match Box::pin(self.send(planned, &newer, Instant::now())).await {
+                // The same request planned again with the newer credential: its headers, and its
+                // upstream, which may have changed since the request was planned. One this path
+                // cannot send (an HTTPS upstream now) goes to the hyper path, which sends it with
+                // the current credential; nothing of the rejected answer has reached the agent.
+                let again = match plan(proxy, Some(handles), &self.read, Some(&newer), &mut self.out) {
+                    Plan::Forward(again) => replayed.insert(again),
+                    Plan::Hyper(reason) => return Err(End::Hyper(reason)),
+                    Plan::Partial => return Err(End::Closed),
+                };
+                (up, answer) = match Box::pin(self.send(again, Instant::now())).await {
                     Ok(sent) => sent,
                     Err(Failed::AgentGone) => return Err(End::Closed),
                     Err(Failed::Upstream(source)) => return self.refuse(planned, source).await,
                 };
             }
         }
+        // What was sent last: the replay, if there was one.
+        let sent = replayed.as_ref().unwrap_or(planned);
         measure::count(proxy, Some(handles), answer.status);
         // A GET's event stream is re-framed as chunks of whole events (legacy endpoints rewritten),
         // like the hyper path's `EndpointRewrite`; everything else passes as it is.
-        let events = match (&planned.sse_path, answer.reframed) {
+        let events = match (&sent.sse_path, answer.reframed) {
             (Some(path), true) => Some(sse::Endpoints::new(
                 &handles.name,
-                planned.credential.upstream.clone(),
+                sent.credential.upstream.clone(),
                 path.clone(),
             )),
             _ => None,
@@ -262,24 +274,11 @@ impl Conn<'_> {
         Ok(!close)
     }
 
-    /// Sends the request (with `credential`, at `now`) and reads the upstream's answer head into the
-    /// connection's buffer. A reused connection that the upstream had closed is replaced once.
-    async fn send(
-        &mut self,
-        planned: &Planned,
-        credential: &Arc<Credential>,
-        now: Instant,
-    ) -> Result<(UpstreamConn, Answer), Failed> {
-        if !Arc::ptr_eq(credential, &planned.credential) {
-            // A replay: the same request with the newer credential's headers.
-            match plan(self.proxy, None, &self.read, Some(credential), &mut self.out) {
-                Plan::Forward(_) => {}
-                Plan::Partial | Plan::Hyper(_) => {
-                    return Err(Failed::Upstream("the replayed request no longer plans".into()));
-                }
-            }
-        }
-        let authority = &credential.upstream.authority;
+    /// Sends the planned request (its head in `out`, at `now`) to its credential's upstream and reads
+    /// the answer head into the connection's buffer. A reused connection that the upstream had closed
+    /// is replaced once.
+    async fn send(&mut self, planned: &Planned, now: Instant) -> Result<(UpstreamConn, Answer), Failed> {
+        let authority = &planned.credential.upstream.authority;
         let body = planned.head_len..planned.head_len + planned.body_len;
         let mut reused = self.take_upstream(authority, now);
         loop {
