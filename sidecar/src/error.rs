@@ -39,6 +39,22 @@ pub enum ProxyError {
     /// The `Origin` is a web site: browsers must not reach the sidecar from other sites.
     #[error("requests from web origins other than this machine are refused")]
     ForeignOrigin,
+    /// `Origin: null`: a sandboxed, `file:` or redirected page, which any web site can produce.
+    #[error(
+        "requests with Origin: null are refused: browsers send it from sandboxed and file: pages, which any web site can make"
+    )]
+    NullOrigin,
+    /// A browser marked the request `Sec-Fetch-Site: cross-site` and it has no loopback `Origin`.
+    #[error(
+        "the browser marked this request cross-site (Sec-Fetch-Site): web pages of other sites must not reach the sidecar"
+    )]
+    CrossSite,
+    /// TRACE or TRACK: the upstream would echo the request, attached credential included.
+    #[error("{method} is refused: an upstream that honours it would echo the attached credential back")]
+    MethodNotAllowed {
+        /// The method, as its standard name.
+        method: &'static str,
+    },
     /// The agent's request body could not be read to the end.
     #[error("the request body could not be read")]
     RequestBody,
@@ -86,6 +102,9 @@ impl ProxyError {
             ProxyError::NotAForwardProxy => "not_a_forward_proxy",
             ProxyError::ForeignHost => "foreign_host",
             ProxyError::ForeignOrigin => "foreign_origin",
+            ProxyError::NullOrigin => "null_origin",
+            ProxyError::CrossSite => "cross_site_request",
+            ProxyError::MethodNotAllowed { .. } => "method_not_allowed",
             ProxyError::HeadersTooLarge { .. } => "headers_too_large",
             ProxyError::RequestBody => "request_body",
             ProxyError::CredentialUnavailable { .. } => "credential_unavailable",
@@ -100,7 +119,13 @@ impl ProxyError {
             ProxyError::BadPath(_) | ProxyError::NotAForwardProxy | ProxyError::RequestBody => {
                 StatusCode::BAD_REQUEST
             }
-            ProxyError::ForeignHost | ProxyError::ForeignOrigin => StatusCode::FORBIDDEN,
+            ProxyError::ForeignHost
+            | ProxyError::ForeignOrigin
+            | ProxyError::NullOrigin
+            | ProxyError::CrossSite => StatusCode::FORBIDDEN,
+            // Without `Allow` (RFC 9110 §15.5.6 asks for one): the sidecar does not know which methods
+            // the upstream takes, and naming some would be a guess. The JSON body says what was refused.
+            ProxyError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::CredentialUnavailable { .. } | ProxyError::CredentialExpired { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE

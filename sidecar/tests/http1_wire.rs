@@ -1147,6 +1147,261 @@ async fn ordinary_requests_stay_on_the_fast_path_and_the_rest_is_handed_over_by_
     }
 }
 
+/// A sidecar serving `demo` (an API key) and `session` (a session cookie) for `upstream`.
+async fn sidecar_with_a_session(upstream: &str, fast_path: bool) -> common::Sidecar {
+    let store = mcp_credentials_sidecar::store::Store::new(["demo".to_owned(), "session".to_owned()]);
+    store.set("demo", common::credential(upstream, "key", "1", None));
+    let session =
+        mcp_credentials_sidecar::credential::Credential::from_data(&std::collections::BTreeMap::from([
+            ("upstream".to_owned(), upstream.as_bytes().to_vec()),
+            ("header.Cookie".to_owned(), b"sid=session-secret".to_vec()),
+            ("version".to_owned(), b"1".to_vec()),
+        ]))
+        .unwrap();
+    store.set("session", session);
+    common::sidecar_on(store, fast_path).await
+}
+
+async fn an_upstreams_cookies_never_reach_the_agent_whatever_the_credential(fast_path: bool) {
+    // The upstream sets a cookie holding the credential it received (a rolling session, or a session
+    // cookie handed out after bearer auth), in every spelling, on ordinary and event-stream answers.
+    let mut upstream = Upstream::start(|r| {
+        let received = r.head.get("x-api-key").or(r.head.get("cookie")).unwrap_or("none");
+        let (kind, body) = match r.head.target() {
+            "/sse" => ("text/event-stream", "data: 1\n\n"),
+            _ => ("text/plain", "hello"),
+        };
+        reply(format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nSet-Cookie: sid={received}; Path=/; HttpOnly\r\n\
+             set-cookie: other=1\r\nSET-COOKIE2: sid={received}\r\nX-Upstream: yes\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+    })
+    .await;
+    let sidecar = sidecar_with_a_session(&upstream.url, fast_path).await;
+    let mut agent = Wire::connect(&sidecar.url).await;
+    for (path, secret) in [
+        ("/demo/x", "key"),
+        ("/session/x", "sid=session-secret"),
+        ("/demo/sse", "key"),
+        ("/session/sse", "sid=session-secret"),
+    ] {
+        agent
+            .send(format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream, text/plain\r\n\r\n",
+                host(&sidecar)
+            ))
+            .await;
+        let response = agent.response("GET").await;
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(response.head.get("x-upstream"), Some("yes"), "{path}");
+        for name in ["set-cookie", "set-cookie2"] {
+            assert!(
+                response.head.all(name).is_empty(),
+                "{path}: {name} reached the agent"
+            );
+        }
+        assert!(
+            !response.head.headers.iter().any(|(_, v)| v.contains(secret)),
+            "{path}: the credential reached the agent: {:?}",
+            response.head
+        );
+        assert_eq!(
+            upstream.next().await.head.target(),
+            &path[path[1..].find('/').unwrap() + 1..]
+        );
+    }
+}
+
+async fn a_null_origin_and_cross_site_browser_requests_are_refused(fast_path: bool) {
+    let mut upstream = echo_target().await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
+    let h = host(&sidecar);
+    for (headers, method, error) in [
+        ("Origin: null\r\n", "GET", "null_origin"),
+        (
+            "Origin: null\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n",
+            "POST",
+            "null_origin",
+        ),
+        (
+            "Sec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: no-cors\r\n",
+            "GET",
+            "cross_site_request",
+        ),
+        (
+            "Sec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: navigate\r\n",
+            "GET",
+            "cross_site_request",
+        ),
+    ] {
+        let body = if method == "POST" { "{}" } else { "" };
+        let request = format!("{method} /demo/refused HTTP/1.1\r\nHost: {h}\r\n{headers}\r\n{body}");
+        let mut agent = Wire::connect(&sidecar.url).await;
+        agent.send(&request).await;
+        let response = agent.response(method).await;
+        assert_eq!(response.status(), 403, "{request:?}");
+        assert_eq!(response.json()["error"], error, "{request:?}");
+        assert!(response.json()["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert_eq!(response.head.get("x-mcp-credentials-error"), Some(error));
+    }
+    // A page served from this machine (cross-site to 127.0.0.1 when it is on localhost), requests no
+    // other site made, and clients that are not browsers at all get through.
+    for headers in [
+        "Origin: http://localhost:3000\r\nSec-Fetch-Site: cross-site\r\n",
+        "Sec-Fetch-Site: same-origin\r\n",
+        "Sec-Fetch-Site: none\r\n",
+        "",
+    ] {
+        let mut agent = Wire::connect(&sidecar.url).await;
+        agent
+            .send(format!(
+                "GET /demo/allowed HTTP/1.1\r\nHost: {h}\r\n{headers}\r\n"
+            ))
+            .await;
+        let response = agent.response("GET").await;
+        assert_eq!(response.status(), 200, "{headers:?}: {}", response.text());
+        assert_eq!(upstream.next().await.head.target(), "/allowed");
+    }
+    upstream.nothing_more();
+}
+
+async fn trace_and_track_are_refused_and_never_reach_the_upstream(fast_path: bool) {
+    let mut upstream = echo_target().await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
+    let mut agent = Wire::connect(&sidecar.url).await;
+    for method in ["TRACE", "TRACK", "trace"] {
+        agent
+            .send(format!(
+                "{method} /demo/echo HTTP/1.1\r\nHost: {}\r\n\r\n",
+                host(&sidecar)
+            ))
+            .await;
+        let response = agent.response(method).await;
+        assert_eq!(response.status(), 405, "{method}");
+        assert_eq!(response.json()["error"], "method_not_allowed", "{method}");
+        assert!(!response.text().contains("key"), "{method}: {}", response.text());
+        if response.head.lists("connection", "close") {
+            agent = Wire::connect(&sidecar.url).await;
+        }
+    }
+    // The connection goes on, and only this GET reached the upstream.
+    get_works(&mut agent, &sidecar, "/after").await;
+    assert_eq!(upstream.next().await.head.start, "GET /after HTTP/1.1");
+    upstream.nothing_more();
+}
+
+async fn dot_segments_in_disguise_and_double_encoding_are_refused(fast_path: bool) {
+    let mut upstream = echo_target().await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
+    for path in [
+        "/demo/..;/other",
+        "/demo/..;jsessionid=1/other",
+        "/demo/.;/x",
+        "/demo/%2e%2e;/other",
+        "/demo/..%3B/other",
+        "/demo/%252e%252e/other",
+        "/demo/a%252fb",
+        "/demo/a%255cb",
+        "/demo/%2e/x",
+    ] {
+        let mut agent = Wire::connect(&sidecar.url).await;
+        agent.send(get(&sidecar, path)).await;
+        let response = agent.response("GET").await;
+        assert_eq!(response.status(), 400, "{path}");
+        assert_eq!(response.json()["error"], "bad_path", "{path}");
+    }
+    // Path parameters and escapes that change no path still pass.
+    let mut agent = Wire::connect(&sidecar.url).await;
+    get_works(&mut agent, &sidecar, "/a;v=1/b%20c").await;
+    assert_eq!(upstream.next().await.head.target(), "/a;v=1/b%20c");
+    upstream.nothing_more();
+}
+
+async fn a_legacy_endpoint_event_that_leads_out_of_the_credentials_routes_is_dropped(fast_path: bool) {
+    // A malicious (or broken) upstream names endpoints that an agent's client would resolve to
+    // another credential's route, or to the sidecar's root.
+    const ENDPOINTS: [&str; 5] = [
+        "../other/messages",
+        "/../other/messages",
+        "/%2e%2e/other/messages",
+        "http://127.0.0.1:7007/other/messages",
+        "//localhost:7007/other/messages",
+    ];
+    let upstream = Upstream::start(|r| {
+        let case: usize = r.head.target().rsplit('=').next().unwrap().parse().unwrap();
+        let events = format!(
+            "event: endpoint\ndata: {}\n\nevent: message\ndata: 1\n\n",
+            ENDPOINTS[case]
+        );
+        reply(format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\n\r\n{events}",
+            events.len()
+        ))
+    })
+    .await;
+    let sidecar = sidecar(&upstream.url, fast_path).await;
+    let mut agent = Wire::connect(&sidecar.url).await;
+    for (case, endpoint) in ENDPOINTS.iter().enumerate() {
+        agent
+            .send(format!(
+                "GET /demo/sse?case={case} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+                host(&sidecar)
+            ))
+            .await;
+        let response = agent.response("GET").await;
+        assert_eq!(response.status(), 200, "{endpoint}");
+        let text = response.text();
+        assert!(!text.contains("other"), "{endpoint}: {text:?}");
+        assert!(!text.contains("event: endpoint"), "{endpoint}: {text:?}");
+        // The rest of the stream passes.
+        assert!(
+            text.ends_with("event: message\ndata: 1\n\n"),
+            "{endpoint}: {text:?}"
+        );
+    }
+}
+
+async fn a_replay_goes_to_the_newer_credentials_upstream_and_never_to_the_old_one(fast_path: bool) {
+    // Upstream A rejects the credential; meanwhile the credential moves to upstream B.
+    let mut a = Upstream::start(|_| {
+        reply(
+            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer error=\"invalid_token\"\r\n\
+             Content-Length: 0\r\n\r\n",
+        )
+    })
+    .await;
+    let mut b = echo_body().await;
+    let sidecar = sidecar(&a.url, fast_path).await;
+    let store = sidecar.store.clone();
+    let b_url = b.url.clone();
+    let mut requests = store.refresh_requests();
+    tokio::spawn(async move {
+        while let Ok(request) = requests.recv().await {
+            store.set(&request.name, common::credential(&b_url, "key-2", "2", None));
+        }
+    });
+    let mut agent = Wire::connect(&sidecar.url).await;
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    agent.send(post(&sidecar, "/demo/mcp?x=1", call)).await;
+    let response = agent.response("POST").await;
+    assert_eq!(response.status(), 200, "{}", response.text());
+    assert_eq!(response.text(), call);
+    let first = a.next().await;
+    assert_eq!(first.head.all("x-api-key"), ["key"]);
+    let replayed = b.next().await;
+    assert_eq!(replayed.head.start, "POST /mcp?x=1 HTTP/1.1");
+    assert_eq!(replayed.head.all("host"), [b.authority()]);
+    assert_eq!(replayed.head.all("x-api-key"), ["key-2"]);
+    assert_eq!(replayed.body, call.as_bytes());
+    // The old upstream never saw the new credential, and the connection goes on with the new one.
+    a.nothing_more();
+    get_works(&mut agent, &sidecar, "/after").await;
+    assert_eq!(b.next().await.head.all("x-api-key"), ["key-2"]);
+    a.nothing_more();
+}
+
 /// A sidecar serving credential `demo` for `upstream` with `X-API-Key: key`, on the fast path or
 /// with every request on hyper's path.
 async fn sidecar(upstream: &str, fast_path: bool) -> common::Sidecar {
@@ -1193,4 +1448,10 @@ on_both_paths!(
     a_request_expecting_100_continue_gets_it_and_its_body_reaches_the_upstream,
     a_legacy_sse_endpoint_event_is_rewritten_and_its_posts_get_through,
     oversized_request_headers_are_refused_before_the_upstream,
+    an_upstreams_cookies_never_reach_the_agent_whatever_the_credential,
+    a_null_origin_and_cross_site_browser_requests_are_refused,
+    trace_and_track_are_refused_and_never_reach_the_upstream,
+    dot_segments_in_disguise_and_double_encoding_are_refused,
+    a_legacy_endpoint_event_that_leads_out_of_the_credentials_routes_is_dropped,
+    a_replay_goes_to_the_newer_credentials_upstream_and_never_to_the_old_one,
 );

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tower::ServiceExt;
 
 use super::{
-    Local, Proxy, Routed, measure::Handles, replay, sse::EndpointRewrite, strip::strip_connection_headers,
+    Local, Proxy, Routed, measure::Handles, replay, route, sse::EndpointRewrite, strip::strip_answer_headers,
 };
 use crate::{credential::Credential, error::ProxyError};
 
@@ -264,7 +264,7 @@ pub(super) async fn forward(
     local: Option<&Mutex<Local>>,
     handles: &Handles,
     routed: Routed,
-    used: Arc<Credential>,
+    mut used: Arc<Credential>,
     request: Request<Body>,
 ) -> Response {
     let Routed {
@@ -287,14 +287,7 @@ pub(super) async fn forward(
         Ok(kept) => kept,
         Err(e) => return e.into_response(),
     };
-    let again = kept.map(|bytes| {
-        (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.headers.clone(),
-            bytes,
-        )
-    });
+    let again = kept.map(|bytes| (parts.method.clone(), parts.headers.clone(), bytes));
     let started = Instant::now();
     // Dropping this future (the agent went away) drops the upstream request: that is the cancellation.
     let result = proxy
@@ -315,9 +308,15 @@ pub(super) async fn forward(
             .with_label_values(&[&name, reason])
             .inc();
     }
-    if let (true, Some((method, uri, mut headers, bytes))) = (replay::worth_replaying(reason), again)
+    if let (true, Some((method, mut headers, bytes))) = (replay::worth_replaying(reason), again)
         && let Some(newer) = Box::pin(replay::newer_credential(&proxy.store, &name, &used, reason)).await
     {
+        // To the newer credential's upstream, which may have changed since the request was routed:
+        // the first URI may name a host the newer credential was never meant for.
+        let uri = match route::upstream_uri(&newer, &agent_uri) {
+            Ok(uri) => uri,
+            Err(e) => return e.into_response(),
+        };
         for (header, _) in &used.headers {
             headers.remove(header);
         }
@@ -333,9 +332,11 @@ pub(super) async fn forward(
             Ok(response) => response,
             Err(source) => return ProxyError::Upstream { name, source }.into_response(),
         };
+        // The answer, and any legacy `endpoint` in it, is the newer credential's upstream's.
+        used = newer;
     }
     let (mut parts, body) = response.into_parts();
-    strip_connection_headers(&mut parts.headers);
+    strip_answer_headers(&mut parts.headers);
     let is_sse = is_get
         && parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
             v.as_bytes()
@@ -345,8 +346,20 @@ pub(super) async fn forward(
         });
     // A GET stream may be the legacy HTTP+SSE transport: its `endpoint` event must point back
     // through the sidecar, resolved against the upstream path of this request.
-    let body = match is_sse.then(|| upstream_path(&used, &name, &agent_uri)).flatten() {
-        Some(path) => Body::new(EndpointRewrite::new(body, &name, used.upstream.clone(), path)),
+    let body = match is_sse
+        .then(|| route::upstream_uri(&used, &agent_uri).ok())
+        .flatten()
+    {
+        Some(uri) => {
+            // Rewriting changes the length (the fast path re-frames the stream as chunked too).
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Body::new(EndpointRewrite::new(
+                body,
+                &name,
+                used.upstream.clone(),
+                uri.path().to_owned(),
+            ))
+        }
         None => Body::new(body),
     };
     Response::from_parts(parts, body)
@@ -370,12 +383,6 @@ fn keep(
     }
     upstream.push(own);
     response
-}
-
-/// The upstream path the agent's `/<name><rest>` was routed to.
-fn upstream_path(credential: &Credential, name: &str, agent_uri: &Uri) -> Option<String> {
-    let rest = agent_uri.path().get(1 + name.len()..)?;
-    Some(credential.upstream.join(rest, None).ok()?.path().to_owned())
 }
 
 /// Why the upstream refused the credential, from its status and `WWW-Authenticate` values

@@ -21,9 +21,10 @@ use tokio::{
 
 use super::{
     Proxy, forward,
-    guard::{is_loopback_authority, is_loopback_origin},
+    guard::{self, is_loopback_authority},
     measure::{self, Handles},
     replay, route, sse,
+    strip::{is_hop_by_hop_name, is_withheld_answer_header},
 };
 use crate::{credential::Credential, error::ProxyError};
 
@@ -202,8 +203,9 @@ impl Conn<'_> {
         let proxy = self.proxy;
         let handles = &planned.handles;
         self.handles = Some(handles.clone());
+        let mut replayed = None;
         let started = Instant::now();
-        let (mut up, mut answer) = match self.send(planned, &planned.credential, started).await {
+        let (mut up, mut answer) = match self.send(planned, started).await {
             Ok(sent) => sent,
             Err(Failed::AgentGone) => return Err(End::Closed),
             Err(Failed::Upstream(source)) => return self.refuse(planned, source).await,
@@ -227,20 +229,31 @@ impl Conn<'_> {
                 tracing::info!(credential = %handles.name, version = %newer.version, "replaying once with the new credential");
                 // The rejected answer is not read to its end: that connection closes.
                 drop(up);
-                (up, answer) = match Box::pin(self.send(planned, &newer, Instant::now())).await {
+                // The same request planned again with the newer credential: its headers, and its
+                // upstream, which may have changed since the request was planned. One this path
+                // cannot send (an HTTPS upstream now) goes to the hyper path, which sends it with
+                // the current credential; nothing of the rejected answer has reached the agent.
+                let again = match plan(proxy, Some(handles), &self.read, Some(&newer), &mut self.out) {
+                    Plan::Forward(again) => replayed.insert(again),
+                    Plan::Hyper(reason) => return Err(End::Hyper(reason)),
+                    Plan::Partial => return Err(End::Closed),
+                };
+                (up, answer) = match Box::pin(self.send(again, Instant::now())).await {
                     Ok(sent) => sent,
                     Err(Failed::AgentGone) => return Err(End::Closed),
                     Err(Failed::Upstream(source)) => return self.refuse(planned, source).await,
                 };
             }
         }
+        // What was sent last: the replay, if there was one.
+        let sent = replayed.as_ref().unwrap_or(planned);
         measure::count(proxy, Some(handles), answer.status);
         // A GET's event stream is re-framed as chunks of whole events (legacy endpoints rewritten),
         // like the hyper path's `EndpointRewrite`; everything else passes as it is.
-        let events = match (&planned.sse_path, answer.reframed) {
+        let events = match (&sent.sse_path, answer.reframed) {
             (Some(path), true) => Some(sse::Endpoints::new(
                 &handles.name,
-                planned.credential.upstream.clone(),
+                sent.credential.upstream.clone(),
                 path.clone(),
             )),
             _ => None,
@@ -261,24 +274,11 @@ impl Conn<'_> {
         Ok(!close)
     }
 
-    /// Sends the request (with `credential`, at `now`) and reads the upstream's answer head into the
-    /// connection's buffer. A reused connection that the upstream had closed is replaced once.
-    async fn send(
-        &mut self,
-        planned: &Planned,
-        credential: &Arc<Credential>,
-        now: Instant,
-    ) -> Result<(UpstreamConn, Answer), Failed> {
-        if !Arc::ptr_eq(credential, &planned.credential) {
-            // A replay: the same request with the newer credential's headers.
-            match plan(self.proxy, None, &self.read, Some(credential), &mut self.out) {
-                Plan::Forward(_) => {}
-                Plan::Partial | Plan::Hyper(_) => {
-                    return Err(Failed::Upstream("the replayed request no longer plans".into()));
-                }
-            }
-        }
-        let authority = &credential.upstream.authority;
+    /// Sends the planned request (its head in `out`, at `now`) to its credential's upstream and reads
+    /// the answer head into the connection's buffer. A reused connection that the upstream had closed
+    /// is replaced once.
+    async fn send(&mut self, planned: &Planned, now: Instant) -> Result<(UpstreamConn, Answer), Failed> {
+        let authority = &planned.credential.upstream.authority;
         let body = planned.head_len..planned.head_len + planned.body_len;
         let mut reused = self.take_upstream(authority, now);
         loop {
@@ -563,8 +563,11 @@ fn plan(
     let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version) else {
         return Plan::Hyper("not_http1");
     };
-    // Step 1, guard: origin-form targets only (no absolute form, no CONNECT, no `*`).
-    if method == "CONNECT" || !target.starts_with('/') || !target.bytes().all(is_plain_target_byte) {
+    // Step 1, guard: the method rule, and origin-form targets only (no absolute form, no `*`).
+    if guard::check_method(method).is_err()
+        || !target.starts_with('/')
+        || !target.bytes().all(is_plain_target_byte)
+    {
         return Plan::Hyper("request_target");
     }
     // Step 2, route.
@@ -609,13 +612,16 @@ fn plan(
     let mut size = 0;
     let mut body_len = None;
     let mut close = false;
+    // The first values, as the hyper path's guard reads them (`HeaderMap::get`).
+    let (mut origin, mut fetch_site) = (None, None);
     // Steps 1 and 3 over the headers: guard Host and Origin, strip credentials and connection headers.
     for header in request.headers.iter() {
         let (name, value) = (header.name, header.value);
         size += name.len() + value.len() + 4;
         match RequestHeader::of(name) {
             RequestHeader::Host if is_loopback_authority(value) => continue,
-            RequestHeader::Origin if is_loopback_origin(value) => {}
+            RequestHeader::Origin => _ = origin.get_or_insert(value),
+            RequestHeader::SecFetchSite => _ = fetch_site.get_or_insert(value),
             RequestHeader::Credential => continue,
             RequestHeader::ContentLength => match (parse_length(value), body_len) {
                 (Some(n), None) => body_len = Some(n),
@@ -636,7 +642,7 @@ fn plan(
             }
             RequestHeader::Accept if is_get && contains(value, b"text/event-stream") => sse = true,
             RequestHeader::Accept | RequestHeader::Other => {}
-            RequestHeader::Host | RequestHeader::Origin | RequestHeader::Hyper => {
+            RequestHeader::Host | RequestHeader::Hyper => {
                 return Plan::Hyper("request_header");
             }
         }
@@ -652,6 +658,10 @@ fn plan(
     }
     if size > proxy.max_header_bytes {
         return Plan::Hyper("headers_too_large");
+    }
+    // The guard's browser rule; its refusal is the hyper path's.
+    if guard::check_browser(origin, fetch_site).is_err() {
+        return Plan::Hyper("request_header");
     }
     let body_len = body_len.unwrap_or(0);
     // Larger bodies stream through the hyper path (and are never replayed).
@@ -674,7 +684,8 @@ fn plan(
         credential,
         handles,
         head_method: method == "HEAD",
-        idempotent: matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"),
+        // (TRACE is idempotent too, but never forwarded.)
+        idempotent: matches!(method, "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE"),
         close,
         sse_path,
     })
@@ -684,6 +695,7 @@ fn plan(
 enum RequestHeader {
     Host,
     Origin,
+    SecFetchSite,
     /// `Authorization` and `Cookie`: never forwarded.
     Credential,
     ContentLength,
@@ -705,18 +717,12 @@ impl RequestHeader {
             6 if is("expect") => Self::Hyper,
             13 if is("authorization") => Self::Credential,
             14 if is("content-length") => Self::ContentLength,
+            14 if is("sec-fetch-site") => Self::SecFetchSite,
             10 if is("connection") => Self::Connection,
-            2 | 7 | 10 | 16 | 17 | 18 | 19 if is_hop_by_hop(name) => Self::Hyper,
+            2 | 7 | 10 | 16 | 17 | 18 | 19 if is_hop_by_hop_name(name) => Self::Hyper,
             _ => Self::Other,
         }
     }
-}
-
-/// Connection-level headers (RFC 9110 §7.6.1 and the non-standard ones), as the hyper path strips them.
-fn is_hop_by_hop(name: &str) -> bool {
-    super::strip::HOP_BY_HOP
-        .iter()
-        .any(|h| h.len() == name.len() && name.eq_ignore_ascii_case(h))
 }
 
 /// Bytes a request target may hold on the fast path: unreserved, sub-delims, `:@/?%` (RFC 3986).
@@ -925,7 +931,8 @@ fn parse_answer(
             !encoded && !reframed
         } else {
             challenges |= name.eq_ignore_ascii_case("www-authenticate");
-            !is_hop_by_hop(name) && !named_by_connection(name)
+            // The hyper path's rule (`strip_answer_headers`): no connection headers, no cookies.
+            !is_withheld_answer_header(name) && !named_by_connection(name)
         };
         if keep {
             header_line(out, name.as_bytes(), header.value);

@@ -1,13 +1,14 @@
 //! Layer: route `/<credential>/<rest>` to `<upstream>/<rest>`. The upstream URI is built here from
 //! configuration alone; the request's Host, authority and scheme are never used, and paths that could
-//! climb out of the upstream's path (dot segments, encoded slashes) are refused.
+//! climb out of the upstream's path (dot segments, with `;` parameters or percent-encoded; encoded
+//! slashes; double encoding) are refused.
 
 use std::sync::Arc;
 
 use http::Uri;
 
 use super::{Proxy, measure::Handles};
-use crate::{error::ProxyError, store::Slot};
+use crate::{credential::Credential, error::ProxyError, store::Slot};
 
 /// The routing decision, for the steps after this one.
 pub(super) struct Routed {
@@ -34,11 +35,7 @@ pub(super) fn route(proxy: &Proxy, uri: &Uri, cached: Option<Arc<Handles>>) -> R
         _ => Arc::new(Handles::new(&proxy.metrics, name)),
     };
     let upstream_uri = match &slot.current {
-        Some(c) => Some(
-            c.upstream
-                .join(rest, uri.query())
-                .map_err(|_| ProxyError::BadPath("it does not form a valid upstream URI"))?,
-        ),
+        Some(c) => Some(join(c, rest, uri.query())?),
         None => None,
     };
     Ok(Routed {
@@ -47,6 +44,20 @@ pub(super) fn route(proxy: &Proxy, uri: &Uri, cached: Option<Arc<Handles>>) -> R
         slot,
         upstream_uri,
     })
+}
+
+/// The URI on `credential`'s upstream of an agent `uri` that [`route`] accepted. A replay with a newer
+/// credential is sent here again: the newer credential's upstream may not be the one routed to first.
+pub(super) fn upstream_uri(credential: &Credential, uri: &Uri) -> Result<Uri, ProxyError> {
+    let (_, rest) = split(uri.path())?;
+    join(credential, rest, uri.query())
+}
+
+fn join(credential: &Credential, rest: &str, query: Option<&str>) -> Result<Uri, ProxyError> {
+    credential
+        .upstream
+        .join(rest, query)
+        .map_err(|_| ProxyError::BadPath("it does not form a valid upstream URI"))
 }
 
 /// Splits `/<name><rest>` (`name` may be empty) and checks that `rest` stays below the upstream's path.
@@ -62,31 +73,73 @@ pub(super) fn split(path: &str) -> Result<(&str, &str), ProxyError> {
     Ok((name, rest))
 }
 
-/// Refuses what an upstream (or a proxy in front of it) could decode into a different path.
-fn check_rest(rest: &str) -> Result<(), ProxyError> {
+/// Refuses what an upstream (or a proxy in front of it) could decode into a different path. Also the
+/// check that keeps a rewritten legacy SSE endpoint below `/<credential>/` ([`super::sse`]).
+/// Allocation-free unless a segment holds a `%`.
+pub(super) fn check_rest(rest: &str) -> Result<(), ProxyError> {
     if rest.contains('\\') {
         return Err(ProxyError::BadPath("it contains a backslash"));
     }
-    if rest.contains('%') {
-        let lower = rest.to_ascii_lowercase();
-        if lower.contains("%2f") || lower.contains("%5c") {
-            return Err(ProxyError::BadPath("it contains an encoded slash or backslash"));
-        }
-        if lower.contains("%00") {
-            return Err(ProxyError::BadPath("it contains an encoded NUL"));
-        }
-    }
     for segment in rest.split('/') {
-        // Only a segment of 1 to 6 bytes can decode to `.` or `..` (`%2e%2e` is the longest).
-        if segment.len() > 6 || !segment.starts_with(['.', '%']) {
-            continue;
-        }
-        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
-        if decoded == "." || decoded == ".." {
-            return Err(ProxyError::BadPath("it contains a . or .. segment"));
+        if segment.contains('%') {
+            check_encoded(segment.as_bytes())?;
+        } else if is_dot_segment(segment.as_bytes()) {
+            return Err(DOT_SEGMENT);
         }
     }
     Ok(())
+}
+
+const DOT_SEGMENT: ProxyError = ProxyError::BadPath("it contains a . or .. segment");
+
+/// `.` or `..`, once `;` parameters are cut off: Tomcat, Jetty and Spring read `..;x` as `..`.
+fn is_dot_segment(segment: &[u8]) -> bool {
+    let name = segment.split(|&b| b == b';').next().unwrap_or_default();
+    name == b"." || name == b".."
+}
+
+/// A segment with escapes, decoded once as the upstream would: no slash, backslash or NUL may come
+/// out, nor a dot segment; and what comes out must not decode again (`%252e`, `%%32%65`), since a
+/// proxy or framework in front of the upstream may decode a second time.
+fn check_encoded(segment: &[u8]) -> Result<(), ProxyError> {
+    let decoded = percent_decode(segment);
+    if decoded.iter().any(|&b| b == b'/' || b == b'\\') {
+        return Err(ProxyError::BadPath("it contains an encoded slash or backslash"));
+    }
+    if decoded.contains(&0) {
+        return Err(ProxyError::BadPath("it contains an encoded NUL"));
+    }
+    if is_dot_segment(&decoded) {
+        return Err(DOT_SEGMENT);
+    }
+    if decoded.windows(3).any(is_escape) {
+        return Err(ProxyError::BadPath("it is percent-encoded twice"));
+    }
+    Ok(())
+}
+
+fn is_escape(w: &[u8]) -> bool {
+    w[0] == b'%' && w[1].is_ascii_hexdigit() && w[2].is_ascii_hexdigit()
+}
+
+/// `%XX` decoded; a `%` without two hex digits after it stays as it is.
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes.get(i..i + 3) {
+            Some(w) if is_escape(w) => {
+                let hex = |b: u8| (b as char).to_digit(16).unwrap_or(0) as u8;
+                out.push(hex(w[1]) << 4 | hex(w[2]));
+                i += 3;
+            }
+            _ => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -123,5 +176,43 @@ mod tests {
         }
         // Dots inside a segment are ordinary characters.
         assert!(split("/github/v1.2/..x/a..b").is_ok());
+    }
+
+    #[test]
+    fn dot_segments_with_parameters_or_escapes_and_double_encoding_are_refused() {
+        for path in [
+            "/cred/..;/other",
+            "/cred/..;jsessionid=1/other",
+            "/cred/.;/x",
+            "/cred/a/..;",
+            "/cred/%2e%2e;/other",
+            "/cred/..%3b/other",
+            "/cred/%2e;x/y",
+            "/cred/%2e",
+            "/cred/%252e%252e/other",
+            "/cred/%252E./other",
+            "/cred/a%252fb",
+            "/cred/a%252Fb",
+            "/cred/a%255cb",
+            "/cred/a%2500",
+            "/cred/%%32%65%%32%65/other",
+            "/cred/a%5Cb",
+        ] {
+            assert!(
+                matches!(split(path), Err(ProxyError::BadPath(_))),
+                "{path} was accepted"
+            );
+        }
+        // Parameters, escapes and a lone % that change no path pass.
+        for path in [
+            "/cred/a;v=1/b",
+            "/cred/...;/x",
+            "/cred/file%20name",
+            "/cred/100%",
+            "/cred/50%off",
+            "/cred/%7Euser/a.b",
+        ] {
+            assert!(split(path).is_ok(), "{path} was refused");
+        }
     }
 }

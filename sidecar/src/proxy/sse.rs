@@ -11,6 +11,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 
+use super::{guard::is_loopback_authority, route};
 use crate::credential::Upstream;
 
 /// A response body whose legacy `endpoint` events point back through the sidecar.
@@ -85,13 +86,27 @@ impl Endpoints {
             let is_endpoint = event
                 .iter()
                 .any(|l| field(l, "event").is_some_and(|v| v == "endpoint"));
-            for l in event.drain(..) {
-                match field(l, "data").filter(|_| is_endpoint).and_then(|v| self.map(v)) {
-                    Some(mapped) => {
+            let mapped: Vec<Option<Mapped>> = event
+                .iter()
+                .map(|l| field(l, "data").filter(|_| is_endpoint).map(|v| self.map(v)))
+                .collect();
+            if mapped.iter().any(|m| matches!(m, Some(Mapped::Refused))) {
+                // Fail closed: the legacy client gets no endpoint (it stops) rather than one that
+                // leads out of this credential's routes. A comment line, which SSE clients ignore,
+                // says why to whoever reads the stream.
+                event.clear();
+                out.push_str(": mcp-credentials: endpoint event dropped, it leads outside ");
+                out.push_str(&self.prefix);
+                out.push_str("/\n\n");
+                continue;
+            }
+            for (l, mapped) in event.drain(..).zip(mapped) {
+                match mapped {
+                    Some(Mapped::To(mapped)) => {
                         out.push_str("data: ");
                         out.push_str(&mapped);
                     }
-                    None => out.push_str(l),
+                    _ => out.push_str(l),
                 }
                 out.push('\n');
             }
@@ -105,23 +120,34 @@ impl Endpoints {
         Bytes::from(out)
     }
 
-    /// Maps an endpoint URI on the upstream to the sidecar path that reaches it.
-    fn map(&self, endpoint: &str) -> Option<String> {
+    /// Maps an endpoint URI on the upstream to the sidecar path that reaches it. What this produces
+    /// always stays below `/<credential>/` (the router's own path check holds for it); an endpoint that
+    /// would lead the agent to another of the sidecar's routes, rewritten or not, is refused.
+    fn map(&self, endpoint: &str) -> Mapped {
         let path_and_query = if let Some(rest) = endpoint
             .strip_prefix("http://")
             .or_else(|| endpoint.strip_prefix("https://"))
         {
             let scheme_ok = endpoint.starts_with(self.upstream.scheme.as_str());
-            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
             if !scheme_ok || !authority.eq_ignore_ascii_case(self.upstream.authority.as_str()) {
+                // A loopback address may be the sidecar itself (`http://127.0.0.1:7007/other/`).
+                if is_loopback_authority(authority.as_bytes()) {
+                    tracing::warn!("legacy endpoint event names a loopback origin; dropped");
+                    return Mapped::Refused;
+                }
                 tracing::warn!("legacy endpoint event names another origin; left unchanged");
-                return None;
+                return Mapped::Unchanged;
             }
             if path.is_empty() {
                 "/".to_owned()
             } else {
                 path.to_owned()
             }
+        } else if endpoint.starts_with("//") {
+            // A network-path reference: the agent resolves it to another origin, possibly this one.
+            tracing::warn!("legacy endpoint event is a network-path reference; dropped");
+            return Mapped::Refused;
         } else if endpoint.starts_with('/') {
             endpoint.to_owned()
         } else {
@@ -129,20 +155,39 @@ impl Endpoints {
             let dir = &self.request_path[..self.request_path.rfind('/').map_or(0, |i| i + 1)];
             format!("{dir}{endpoint}")
         };
+        // Dot segments (and their disguises) anywhere in the path could climb out of the prefix,
+        // whether the event is rewritten or left for the agent to resolve.
+        let path = path_and_query.split(['?', '#']).next().unwrap_or_default();
+        if route::check_rest(path).is_err() {
+            tracing::warn!("legacy endpoint event has a path the sidecar refuses; dropped");
+            return Mapped::Refused;
+        }
         let base = &self.upstream.base_path;
         let below = path_and_query
             .strip_prefix(base.as_str())
             .filter(|r| r.is_empty() || r.starts_with(['/', '?']));
         match below {
-            Some(rest) => Some(format!("{}{rest}", self.prefix)),
+            Some(rest) => Mapped::To(format!("{}{rest}", self.prefix)),
+            // Only an absolute path gets here (a relative one resolves below the stream's own path,
+            // which is below the base): the agent resolves it against the sidecar's root.
             None => {
                 tracing::warn!(
                     "legacy endpoint event is outside the upstream's path; configure the upstream at a common prefix"
                 );
-                None
+                Mapped::Unchanged
             }
         }
     }
+}
+
+/// What becomes of an `endpoint` event's URI.
+enum Mapped {
+    /// Rewritten to this sidecar path, below `/<credential>/`.
+    To(String),
+    /// Passed as it is: another origin, or a path outside the upstream's.
+    Unchanged,
+    /// The event is dropped: the URI would lead out of the credential's routes.
+    Refused,
 }
 
 /// The value of an SSE field line `name: value` (one optional space after the colon).
@@ -250,6 +295,51 @@ mod tests {
         assert_eq!(
             rewrite(&r, "event: endpoint\ndata: https://evil.example/mcp/x\n\n"),
             "event: endpoint\ndata: https://evil.example/mcp/x\n\n"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_event_that_would_leave_the_credentials_routes_is_dropped() {
+        let dropped = ": mcp-credentials: endpoint event dropped, it leads outside /legacy/\n\n";
+        for (upstream, path) in [
+            ("http://127.0.0.1:9000", "/sse"),
+            ("https://h.example/mcp/", "/mcp/sse"),
+        ] {
+            let r = rewriter(upstream, path);
+            for endpoint in [
+                "../other/messages",
+                "../../other/messages?s=1",
+                "/../other",
+                "/mcp/../other",
+                "/mcp/../../other/x",
+                "/mc/../mcp/x",
+                "./messages",
+                "/%2e%2e/other",
+                "/mcp/..;/other",
+                "/mcp/%252e%252e/other",
+                "//127.0.0.1:7007/other/messages",
+                "//evil.example/x",
+                "http://127.0.0.1:7007/other/messages",
+                "http://localhost:7007/other",
+            ] {
+                let event = format!("event: endpoint\ndata: {endpoint}\n\n");
+                assert_eq!(rewrite(&r, &event), dropped, "{upstream} {endpoint}");
+            }
+            // The events around it pass.
+            let s = "data: 1\n\nevent: endpoint\ndata: ../other\n\nevent: message\ndata: 2\n\n";
+            assert_eq!(
+                rewrite(&r, s),
+                format!("data: 1\n\n{dropped}event: message\ndata: 2\n\n")
+            );
+        }
+        // The upstream's own loopback origin is still its own.
+        let r = rewriter("http://127.0.0.1:9000", "/sse");
+        assert_eq!(
+            rewrite(
+                &r,
+                "event: endpoint\ndata: http://127.0.0.1:9000/messages?s=1\n\n"
+            ),
+            "event: endpoint\ndata: /legacy/messages?s=1\n\n"
         );
     }
 

@@ -1,5 +1,6 @@
 //! Step: strip whatever credential the agent sent, and the headers that belong to the agent's
-//! connection (Host and hop-by-hop headers), on every method. The MCP headers pass untouched.
+//! connection (Host and hop-by-hop headers), on every method. The MCP headers pass untouched. On the
+//! way back, the upstream's connection headers and cookies are stripped from its answer.
 
 use http::{HeaderMap, HeaderName, header};
 
@@ -42,6 +43,42 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
 }
 
+/// Whether `name` (any case) is a hop-by-hop header of [`HOP_BY_HOP`]; compared without allocating,
+/// for the fast path, which sees header names as the agent or upstream spelled them.
+pub(super) fn is_hop_by_hop_name(name: &str) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| h.len() == name.len() && name.eq_ignore_ascii_case(h))
+}
+
+/// Answer headers the agent never gets, besides connection headers: cookies the upstream sets.
+/// A session credential's cookies live in the credential store (the operator or standalone mode
+/// keeps them fresh); a cookie an upstream sets after bearer or API-key auth is a credential too.
+/// Either way the agent must not hold one (no token passthrough, in this direction either).
+pub(super) const WITHHELD_ANSWER_HEADERS: [&str; 2] = ["set-cookie", "set-cookie2"];
+
+/// Whether the agent must not see answer header `name` (any case; compared without allocating):
+/// a hop-by-hop header or one of [`WITHHELD_ANSWER_HEADERS`]. Both paths' answer filter. The
+/// headers a `Connection` header names are the callers' own check (they need the whole head).
+pub(super) fn is_withheld_answer_header(name: &str) -> bool {
+    is_hop_by_hop_name(name)
+        || WITHHELD_ANSWER_HEADERS
+            .iter()
+            .any(|h| h.len() == name.len() && name.eq_ignore_ascii_case(h))
+}
+
+/// Strips an upstream answer's headers for the agent: connection headers (and those `Connection`
+/// names), then [`WITHHELD_ANSWER_HEADERS`]. One pass over the names when there is nothing to strip.
+pub(super) fn strip_answer_headers(headers: &mut HeaderMap) {
+    if !headers.keys().any(|n| is_withheld_answer_header(n.as_str())) {
+        return;
+    }
+    strip_connection_headers(headers);
+    for name in WITHHELD_ANSWER_HEADERS {
+        headers.remove(name);
+    }
+}
+
 /// The hop-by-hop headers of RFC 9110 §7.6.1, plus the non-standard ones still seen in the wild.
 pub(super) const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -73,5 +110,25 @@ mod tests {
         h.insert("content-type", "text/event-stream".parse().unwrap());
         strip_connection_headers(&mut h);
         assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn an_answer_loses_its_cookies_and_connection_headers_whatever_their_case() {
+        let mut h = HeaderMap::new();
+        h.append("set-cookie", "sid=secret; Path=/".parse().unwrap());
+        h.append("set-cookie", "other=1".parse().unwrap());
+        h.insert("set-cookie2", "sid=secret".parse().unwrap());
+        h.insert("connection", "X-Private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("mcp-session-id", "s".parse().unwrap());
+        strip_answer_headers(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("mcp-session-id"));
+        for name in ["Set-Cookie", "SET-COOKIE2", "Transfer-Encoding", "keep-alive"] {
+            assert!(is_withheld_answer_header(name), "{name}");
+        }
+        for name in ["Set-Cookies", "Cookie", "WWW-Authenticate", "Mcp-Session-Id"] {
+            assert!(!is_withheld_answer_header(name), "{name}");
+        }
     }
 }
