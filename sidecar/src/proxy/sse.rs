@@ -169,12 +169,13 @@ impl Endpoints {
         match below {
             Some(rest) => Mapped::To(format!("{}{rest}", self.prefix)),
             // Only an absolute path gets here (a relative one resolves below the stream's own path,
-            // which is below the base): the agent resolves it against the sidecar's root.
+            // which is below the base). The agent would resolve it against the sidecar's root, where
+            // `/other/...` is another credential's route: an upstream must not steer the agent there.
             None => {
                 tracing::warn!(
-                    "legacy endpoint event is outside the upstream's path; configure the upstream at a common prefix"
+                    "legacy endpoint event is outside the upstream's path; dropped (configure the upstream at a common prefix)"
                 );
-                Mapped::Unchanged
+                Mapped::Refused
             }
         }
     }
@@ -184,7 +185,7 @@ impl Endpoints {
 enum Mapped {
     /// Rewritten to this sidecar path, below `/<credential>/`.
     To(String),
-    /// Passed as it is: another origin, or a path outside the upstream's.
+    /// Passed as it is: another origin (which the agent reaches without any credential).
     Unchanged,
     /// The event is dropped: the URI would lead out of the credential's routes.
     Refused,
@@ -287,10 +288,11 @@ mod tests {
             rewrite(&r, "event: endpoint\ndata: /mcp/msg\n\n"),
             "event: endpoint\ndata: /legacy/msg\n\n"
         );
-        // Outside the upstream's path, or on another origin: unchanged (the sidecar would refuse it).
+        // Outside the upstream's path: dropped, since `/other` on the sidecar is another
+        // credential's route. On another origin: unchanged (the agent goes there with no credential).
         assert_eq!(
             rewrite(&r, "event: endpoint\ndata: /other\n\n"),
-            "event: endpoint\ndata: /other\n\n"
+            ": mcp-credentials: endpoint event dropped, it leads outside /legacy/\n\n"
         );
         assert_eq!(
             rewrite(&r, "event: endpoint\ndata: https://evil.example/mcp/x\n\n"),
