@@ -144,8 +144,13 @@ pub struct CredentialSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_exchange: Option<TokenExchangeSource>,
 
-    /// A JWT minted and signed by the operator itself, audience-bound to the upstream. The upstream
-    /// validates it with the operator's JWKS (`/.well-known/jwks.json`).
+    /// A JWT minted and signed by the operator itself, audience-bound to the upstream and bound to
+    /// this namespace. One issuer signs for every namespace, so an upstream validating with the
+    /// operator's JWKS (`<issuer>/.well-known/jwks.json`) checks: the signature, `iss` (the operator's
+    /// issuer), `aud` (its own URL), `exp`, and that the claim `mcpcredentials.dev/namespace` is a
+    /// namespace allowed to call it (always set; `sub` is `mcpcred:<namespace>:<subject>` too).
+    /// Custom `claims` are chosen by whoever writes this object: never trust them for identity. A
+    /// cluster administrator can limit each namespace's audiences (operator `--jwt-policy-file`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt: Option<JwtSource>,
 
@@ -392,15 +397,23 @@ pub enum JwtAlgorithm {
     RS256,
 }
 
-/// A JWT minted and signed by the operator.
+/// A JWT minted and signed by the operator, bound to the McpCredential's namespace: `sub` is
+/// `mcpcred:<namespace>:<subject>`, and the claims `mcpcredentials.dev/namespace` and
+/// `mcpcredentials.dev/credential` hold the namespace and the McpCredential's name.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct JwtSource {
-    /// The `sub` claim: who the agent acts as, for example `system:serviceaccount:agents:research`.
+    /// Who the agent acts as, for example `research`. The token's `sub` is
+    /// `mcpcred:<namespace>:<subject>` (so `research` in namespace `agents` gives
+    /// `mcpcred:agents:research`): no namespace can mint another namespace's subject. A cluster
+    /// administrator can let a namespace mint a subject without the prefix (operator
+    /// `--jwt-policy-file`, `unprefixedSubjects`), as a migration path.
     #[schemars(length(min = 1, max = 1024))]
     pub subject: String,
 
-    /// The `aud` claim. Default: `spec.upstream`.
+    /// The `aud` claim. Default: `spec.upstream`. When a cluster administrator has set an audience
+    /// policy (operator `--jwt-policy-file`, Helm value `jwt.audiencePolicy`), only the audiences it
+    /// allows for this namespace are minted; any other is `Ready=False`, reason `AudienceNotAllowed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audience: Option<String>,
 
@@ -414,13 +427,19 @@ pub struct JwtSource {
     #[serde(default)]
     pub algorithm: JwtAlgorithm,
 
-    /// Extra claims, merged into the token. `iss`, `sub`, `aud`, `iat`, `nbf`, `exp` and `jti`
-    /// are set by the operator and cannot be overridden here. Default: none.
+    /// Extra claims, merged into the token. `iss`, `sub`, `aud`, `iat`, `nbf`, `exp`, `jti` and
+    /// every claim starting with `mcpcredentials.dev` (the namespace and credential the token is
+    /// bound to) are set by the operator and cannot be set here. Anyone who may write this object
+    /// chooses these values, so an upstream must not trust them for identity. Default: none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 64))]
     #[x_kube(validation = Rule::new(
-        "!self.exists(k, k in ['iss', 'sub', 'aud', 'iat', 'nbf', 'exp', 'jti'])"
-    ).message("jwt.claims cannot set the registered claims iss, sub, aud, iat, nbf, exp or jti"))]
+        "!self.exists(k, k in ['iss', 'sub', 'aud', 'iat', 'nbf', 'exp', 'jti'] || k.startsWith('mcpcredentials.dev'))"
+    ).message(
+        "jwt.claims cannot set the registered claims iss, sub, aud, iat, nbf, exp or jti, nor claims starting with \
+         mcpcredentials.dev (the operator sets mcpcredentials.dev/namespace and mcpcredentials.dev/credential to bind \
+         the token to this namespace)"
+    ))]
     pub claims: BTreeMap<String, String>,
 }
 

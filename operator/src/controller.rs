@@ -329,6 +329,8 @@ impl SecretResolver for Inputs {
 /// reconcile), for tokenExchange the tokens of service accounts that allow it, and the operator's
 /// JWT signing keys.
 struct Resolver<'a> {
+    /// The credential's namespace, which minted `jwt` tokens are bound to.
+    namespace: &'a str,
     inputs: &'a Inputs,
     service_accounts: Api<ServiceAccount>,
     keys: Option<&'a Keys>,
@@ -337,6 +339,10 @@ struct Resolver<'a> {
 impl SecretResolver for Resolver<'_> {
     async fn get(&self, r: &SecretKeyRef) -> Result<SecretString, ResolveError> {
         self.inputs.get(r).await
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        Some(self.namespace)
     }
 
     /// A TokenRequest for the service account, if its annotation allows `audience`: otherwise
@@ -526,6 +532,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     let kind = source::kind(&cred.spec);
     let cached = ctx.sources.discovered(&cred.spec);
     let resolver = Resolver {
+        namespace: &ns,
         inputs: &inputs,
         service_accounts: Api::namespaced(ctx.client.clone(), &ns),
         keys: ctx.keys.as_deref(),

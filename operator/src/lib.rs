@@ -170,6 +170,15 @@ pub struct Config {
     #[arg(long, env = "MCP_CREDENTIALS_JWT_KEY_ROTATION", default_value_t = 30 * 86400, value_parser = clap::value_parser!(u64).range(3600..=365 * 86400))]
     pub jwt_key_rotation: u64,
 
+    /// A YAML (or JSON) file, written by a cluster administrator, that limits which audiences each
+    /// namespace may mint `jwt` tokens for (`audiences: {<namespace or "*">: [<audience pattern>]}`)
+    /// and lets a namespace mint a `sub` without its `mcpcred:<namespace>:` prefix
+    /// (`unprefixedSubjects: {<namespace>: [<subject pattern>]}`, for migration). Read at start (a
+    /// change needs a restart; the Helm chart rolls the pods). Default: none (any audience, every
+    /// `sub` prefixed).
+    #[arg(long, env = "MCP_CREDENTIALS_JWT_POLICY_FILE")]
+    pub jwt_policy_file: Option<std::path::PathBuf>,
+
     /// The sidecar image the webhook injects.
     #[arg(
         long,
@@ -285,9 +294,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let policy = mcp_credentials_core::source::OutboundPolicy {
         allow_loopback: config.discovery_allow_loopback,
     };
-    let sources =
+    let mut sources =
         mcp_credentials_core::source::SourceContext::new(Duration::from_secs(config.token_timeout), policy)
             .context("building the HTTP clients")?;
+    if let Some(policy) = jwt_policy(&config)? {
+        sources = sources.with_jwt_policy(policy);
+    }
     let mut ctx = controller::Context::new(client.clone(), sources, metrics.clone(), &identity);
     if let Some(k) = &keys {
         ctx = ctx.with_keys(k.clone());
@@ -391,6 +403,26 @@ async fn start_jwks(
         metrics.clone(),
     ));
     Ok(keys)
+}
+
+/// The administrator's `--jwt-policy-file`, checked: a bad file stops the operator with a message
+/// naming the setting and the key to fix (minting with a policy half-read would fail open or closed
+/// by accident).
+fn jwt_policy(config: &Config) -> anyhow::Result<Option<mcp_credentials_core::source::jwt::MintPolicy>> {
+    let Some(path) = &config.jwt_policy_file else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--jwt-policy-file {}: cannot read it", path.display()))?;
+    let policy = mcp_credentials_core::source::jwt::MintPolicy::parse(&text)
+        .map_err(|e| anyhow::anyhow!("--jwt-policy-file {}: {e}", path.display()))?;
+    info!(
+        jwt_policy_file = %path.display(),
+        audience_namespaces = policy.audiences.as_ref().map(|a| a.len()),
+        unprefixed_subject_namespaces = policy.unprefixed_subjects.len(),
+        "minted JWTs follow the JWT policy"
+    );
+    Ok(Some(policy))
 }
 
 /// Keeps self-managed webhook certificates current (leader only), or waits forever when off.

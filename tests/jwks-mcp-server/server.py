@@ -3,8 +3,10 @@ only JWTs minted for it by the mcp-credentials operator, validated the standard 
 PyJWKClient fetches the operator's JWKS (found through the issuer's
 /.well-known/openid-configuration) and checks the signature, `iss`, `aud` and `exp`.
 
-python3 server.py <issuer>   prints the port it listens on (127.0.0.1), then serves until killed.
-Its audience is its own URL, http://127.0.0.1:<port>/mcp.
+python3 server.py <issuer> [<namespace>]   prints the port it listens on (127.0.0.1), then serves
+until killed. Its audience is its own URL, http://127.0.0.1:<port>/mcp. With <namespace>, it also
+accepts only tokens minted in that namespace: the claim `mcpcredentials.dev/namespace`, which the
+operator sets and no McpCredential can, must name it (what the README asks of a shared upstream).
 """
 import json
 import socket
@@ -19,6 +21,8 @@ from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 
 ISSUER = sys.argv[1]
+NAMESPACE = sys.argv[2] if len(sys.argv) > 2 else None
+NAMESPACE_CLAIM = "mcpcredentials.dev/namespace"
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
 PORT = sock.getsockname()[1]
@@ -53,6 +57,9 @@ class OperatorJwks:
             )
         except jwt.PyJWTError as e:
             print(f"rejected a token: {type(e).__name__}", file=sys.stderr, flush=True)
+            return None
+        if NAMESPACE is not None and claims.get(NAMESPACE_CLAIM) != NAMESPACE:
+            print("rejected a token: minted in another namespace", file=sys.stderr, flush=True)
             return None
         return AccessToken(
             token=token,

@@ -35,14 +35,28 @@ use operator_support::*;
 struct JwksMcpServer {
     child: Child,
     port: u16,
+    /// Its stderr (why it rejected each token it rejected).
+    log: std::path::PathBuf,
 }
 
 impl JwksMcpServer {
     fn start(issuer: &str) -> Self {
+        Self::start_for(issuer, None)
+    }
+
+    /// A server that also accepts only tokens minted in `namespace` (its namespace-claim check).
+    fn start_for(issuer: &str, namespace: Option<&str>) -> Self {
+        let log = std::env::temp_dir().join(format!(
+            "mcp-jwks-server-{}-{}.log",
+            std::process::id(),
+            free_port()
+        ));
         let mut child = Command::new("python3")
             .arg(repo_root().join("tests/jwks-mcp-server/server.py"))
             .arg(issuer)
+            .args(namespace)
             .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("python3 runs (tests/python-requirements.txt installs mcp, uvicorn, PyJWT)");
         let mut line = String::new();
@@ -53,11 +67,15 @@ impl JwksMcpServer {
             let _ = child.kill();
             panic!("server.py printed no port ({line:?}); are mcp and PyJWT installed?")
         });
-        Self { child, port }
+        Self { child, port, log }
     }
 
     fn url(&self) -> String {
         format!("http://127.0.0.1:{}/mcp", self.port)
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -170,7 +188,11 @@ async fn minted_jwts_pass_an_mcp_servers_jwks_validation_for_their_audience_only
     let claims = jwt_payload(token);
     assert_eq!(claims["iss"], issuer.as_str());
     assert_eq!(claims["aud"], server.url().as_str());
-    assert_eq!(claims["sub"], "system:serviceaccount:agents:research");
+    assert_eq!(
+        claims["sub"],
+        format!("mcpcred:{ns}:system:serviceaccount:agents:research"),
+        "sub is bound to the namespace"
+    );
     assert_eq!(claims["tenant"], "acme");
     assert!(claims["jti"].as_str().is_some_and(|j| !j.is_empty()));
     assert_eq!(
@@ -232,6 +254,237 @@ async fn minted_jwts_pass_an_mcp_servers_jwks_validation_for_their_audience_only
         1.0
     );
     assert!(!op.log_text().contains(token), "the token never reaches the log");
+}
+
+/// An operator for `ns` that mints, with its JWKS on a free port, and the issuer it signs as.
+fn minting_operator(
+    cp: &'static mcp_credentials_e2e::ControlPlane,
+    ns: &str,
+    extra: &[&str],
+) -> (Operator, String) {
+    let port = free_port();
+    let issuer = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--jwks-listen",
+        listen.as_str(),
+        "--jwt-issuer",
+        issuer.as_str(),
+        "--jwt-keys-secret",
+        "jwt-keys",
+    ];
+    args.extend_from_slice(extra);
+    (Operator::start(cp, ns, "a", &args), issuer)
+}
+
+fn minted_credential(name: &str, upstream: &str, subject: &str, claims: &str) -> String {
+    format!(
+        r#"apiVersion: mcpcredentials.dev/v1alpha1
+kind: McpCredential
+metadata: {{ name: {name} }}
+spec:
+  upstream: {upstream}
+  source:
+    jwt:
+      subject: "{subject}"
+      claims: {claims}
+"#
+    )
+}
+
+/// The token in a credential's Secret (`Bearer {token}`).
+async fn minted_token(secrets: &Api<Secret>, credential: &str) -> String {
+    let s = secrets
+        .get(&format!("{credential}-mcp-credential"))
+        .await
+        .unwrap();
+    let header = data(&s, "header.Authorization").expect("an Authorization header");
+    header.strip_prefix("Bearer ").expect("Bearer {token}").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_namespace_cannot_mint_another_namespaces_subject_nor_pass_an_upstreams_namespace_check() {
+    let (cp, a) = setup("op-jwt-a");
+    let b = cp.namespace("op-jwt-b");
+    let (op, issuer) = minting_operator(cp, &a, &[]);
+    // Two upstreams that trust the one issuer, each only for its own namespace.
+    let server_a = JwksMcpServer::start_for(&issuer, Some(&a));
+    let server_b = JwksMcpServer::start_for(&issuer, Some(&b));
+    // Namespace a asks for b's admin, b's audience and b's tenant claim.
+    apply(
+        cp,
+        &a,
+        &minted_credential(
+            "impersonate",
+            &server_b.url(),
+            &format!("system:serviceaccount:{b}:admin"),
+            &format!("{{tenant: {b}}}"),
+        ),
+    );
+    apply(
+        cp,
+        &a,
+        &minted_credential("own", &server_a.url(), "research", "{}"),
+    );
+    let client = client(cp).await;
+    let creds: Api<McpCredential> = Api::namespaced(client.clone(), &a);
+    let secrets: Api<Secret> = Api::namespaced(client, &a);
+    wait_condition(&creds, "impersonate", "Ready", "True", Some("CredentialValid")).await;
+    wait_condition(&creds, "own", "Ready", "True", Some("CredentialValid")).await;
+
+    let impersonating = minted_token(&secrets, "impersonate").await;
+    let claims = jwt_payload(&impersonating);
+    assert_ne!(claims["sub"], format!("system:serviceaccount:{b}:admin"));
+    assert_eq!(
+        claims["sub"],
+        format!("mcpcred:{a}:system:serviceaccount:{b}:admin"),
+        "sub carries the namespace it was minted in"
+    );
+    assert_eq!(claims["mcpcredentials.dev/namespace"], a.as_str());
+    assert_eq!(claims["mcpcredentials.dev/credential"], "impersonate");
+    assert_eq!(
+        claims["aud"],
+        server_b.url().as_str(),
+        "without a policy, any audience"
+    );
+    let own = minted_token(&secrets, "own").await;
+    assert_eq!(jwt_payload(&own)["sub"], format!("mcpcred:{a}:research"));
+
+    // a's upstream accepts a's token; b's upstream refuses the token a minted for b's audience,
+    // and for the namespace claim alone (signature, iss, aud and exp are all good).
+    assert_eq!(
+        initialize(&server_a.url(), Some(&format!("Bearer {own}"))).await,
+        200,
+        "a's token at a's upstream"
+    );
+    assert_eq!(
+        initialize(&server_b.url(), Some(&format!("Bearer {impersonating}"))).await,
+        401,
+        "a's token at b's upstream"
+    );
+    let refused = server_b.log_text();
+    assert!(
+        refused.contains("minted in another namespace") && !refused.contains("InvalidAudience"),
+        "refused for the namespace claim: {refused}"
+    );
+    let log = op.log_text();
+    assert!(
+        !log.contains(&impersonating) && !log.contains(&own),
+        "no token in the log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_server_refuses_jwt_claims_that_set_the_namespace_binding() {
+    let (cp, ns) = setup("op-jwt-cel");
+    // The control plane is shared: make sure it serves this tree's CRD.
+    cp.install_crds();
+    for claim in ["mcpcredentials.dev/namespace", "mcpcredentials.dev/credential"] {
+        let yaml = minted_credential(
+            "forged",
+            "https://inventory.example.com/mcp",
+            "research",
+            &format!("{{\"{claim}\": other}}"),
+        );
+        let out = cp.apply(&ns, &yaml);
+        assert!(!out.success, "{claim} was accepted");
+        assert!(
+            out.stderr.contains("jwt.claims cannot set")
+                && out
+                    .stderr
+                    .contains("mcpcredentials.dev/namespace and mcpcredentials.dev/credential"),
+            "{claim}: {}",
+            out.stderr
+        );
+    }
+    let creds: Api<McpCredential> = Api::namespaced(client(cp).await, &ns);
+    assert!(creds.get_opt("forged").await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_an_audience_policy_a_namespace_mints_only_for_the_audiences_allowed_to_it() {
+    let (cp, a) = setup("op-jwt-policy-a");
+    let b = cp.namespace("op-jwt-policy-b");
+    let port = free_port();
+    let issuer = format!("http://127.0.0.1:{port}");
+    let server_a = JwksMcpServer::start_for(&issuer, Some(&a));
+    let server_b = JwksMcpServer::start_for(&issuer, Some(&b));
+    // What a cluster administrator writes (the Helm values jwt.audiencePolicy and jwt.unprefixedSubjects).
+    let policy = std::env::temp_dir().join(format!("mcp-jwt-policy-{a}.yaml"));
+    std::fs::write(
+        &policy,
+        format!(
+            "audiences:\n  {a}: [\"{}\"]\n  {b}: [\"{}\"]\nunprefixedSubjects:\n  {a}: [legacy-agent]\n",
+            server_a.url(),
+            server_b.url()
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let op = Operator::start(
+        cp,
+        &a,
+        "a",
+        &[
+            "--jwks-listen",
+            &listen,
+            "--jwt-issuer",
+            &issuer,
+            "--jwt-keys-secret",
+            "jwt-keys",
+            "--jwt-policy-file",
+            policy.to_str().unwrap(),
+        ],
+    );
+    apply(
+        cp,
+        &a,
+        &minted_credential(
+            "theirs",
+            &server_b.url(),
+            &format!("system:serviceaccount:{b}:admin"),
+            "{}",
+        ),
+    );
+    apply(
+        cp,
+        &a,
+        &minted_credential("allowed", &server_a.url(), "legacy-agent", "{}"),
+    );
+    let client = client(cp).await;
+    let creds: Api<McpCredential> = Api::namespaced(client.clone(), &a);
+    let secrets: Api<Secret> = Api::namespaced(client, &a);
+
+    let theirs = wait_condition(&creds, "theirs", "Ready", "False", Some("AudienceNotAllowed")).await;
+    let message = condition(&theirs, "Ready").unwrap().2;
+    for part in [
+        format!("namespace {a:?}"),
+        format!("{:?}", server_b.url()),
+        format!("audiences.{a}"),
+        "jwt.audiencePolicy".to_owned(),
+        "--jwt-policy-file".to_owned(),
+    ] {
+        assert!(message.contains(&part), "{part:?} in {message}");
+    }
+    assert!(
+        secrets.get_opt("theirs-mcp-credential").await.unwrap().is_none(),
+        "nothing was minted"
+    );
+
+    wait_condition(&creds, "allowed", "Ready", "True", Some("CredentialValid")).await;
+    let token = minted_token(&secrets, "allowed").await;
+    let claims = jwt_payload(&token);
+    assert_eq!(claims["aud"], server_a.url().as_str());
+    assert_eq!(
+        claims["sub"], "legacy-agent",
+        "the administrator allowed this sub unprefixed"
+    );
+    assert_eq!(claims["mcpcredentials.dev/namespace"], a.as_str());
+    assert_eq!(
+        initialize(&server_a.url(), Some(&format!("Bearer {token}"))).await,
+        200
+    );
+    assert!(!op.log_text().contains(&token), "no token in the log");
 }
 
 #[tokio::test(flavor = "multi_thread")]

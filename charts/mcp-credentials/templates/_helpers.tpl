@@ -44,3 +44,15 @@ app.kubernetes.io/component: operator
 {{- define "mcp-credentials.operatorImage" -}}
 {{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
 {{- end -}}
+
+{{/* The operator's --jwt-policy-file as JSON, or empty when no jwt policy value is set (then no
+ConfigMap, no mount, no flag). `audiences` is left out when jwt.audiencePolicy is empty: any audience. */}}
+{{- define "mcp-credentials.jwtPolicy" -}}
+{{- if and .Values.jwt.enabled (or .Values.jwt.audiencePolicy .Values.jwt.unprefixedSubjects) -}}
+{{- $policy := dict "unprefixedSubjects" (.Values.jwt.unprefixedSubjects | default dict) -}}
+{{- if .Values.jwt.audiencePolicy -}}
+{{- $_ := set $policy "audiences" .Values.jwt.audiencePolicy -}}
+{{- end -}}
+{{- toJson $policy -}}
+{{- end -}}
+{{- end -}}

@@ -93,6 +93,13 @@ pub trait SecretResolver: Send + Sync {
         }
     }
 
+    /// The namespace of the McpCredential being obtained: every `jwt` token minted for it is bound
+    /// to it ([`jwt::Binding`]). Default: `None`, only right where there are no namespaces
+    /// (standalone mode); a resolver inside a cluster must say.
+    fn namespace(&self) -> Option<&str> {
+        None
+    }
+
     /// The current key for minting `jwt` tokens with `alg`. Default: none (this process does not mint).
     fn signing_key(
         &self,
@@ -229,6 +236,22 @@ pub enum SourceError {
         describe(.0)
     )]
     SubjectRejected(Option<String>),
+    /// The administrator's JWT policy does not let the credential's namespace mint for this
+    /// audience. Nothing was minted.
+    #[error(
+        "jwt audience {audience:?} is not allowed for namespace {namespace:?} by the operator's JWT policy ({}); \
+         a cluster administrator can allow it under audiences.{namespace} in the operator's --jwt-policy-file \
+         (Helm value jwt.audiencePolicy)",
+        allowed_list(.allowed)
+    )]
+    AudienceNotAllowed {
+        /// The credential's namespace.
+        namespace: String,
+        /// The audience asked for (`jwt.audience`, else `spec.upstream`).
+        audience: String,
+        /// The patterns the policy allows this namespace.
+        allowed: Vec<String>,
+    },
     /// The issued token is a JWT whose `aud` is not the requested resource.
     #[error(
         "the issued token's audience {actual:?} does not include the requested resource {expected:?} (set quirks.acceptAudiences to allow it)"
@@ -239,6 +262,14 @@ pub enum SourceError {
         /// The token's `aud`.
         actual: Vec<String>,
     },
+}
+
+fn allowed_list(allowed: &[String]) -> String {
+    if allowed.is_empty() {
+        "it allows this namespace no audience".to_owned()
+    } else {
+        format!("it allows this namespace {}", allowed.join(", "))
+    }
 }
 
 fn describe(d: &Option<String>) -> String {
@@ -272,6 +303,7 @@ impl SourceError {
             | Self::SignAssertion(_)
             | Self::SignJwt { .. }
             | Self::Rejected { .. }
+            | Self::AudienceNotAllowed { .. }
             | Self::AudienceMismatch { .. } => "config_error",
         }
     }
@@ -295,6 +327,7 @@ impl SourceError {
             Self::HttpStatus(_) => "TokenEndpointError",
             Self::BadResponse(_) => "BadTokenResponse",
             Self::AudienceMismatch { .. } => "AudienceMismatch",
+            Self::AudienceNotAllowed { .. } => "AudienceNotAllowed",
         }
     }
 
@@ -404,7 +437,12 @@ pub async fn obtain(
         });
     }
     if let Some(j) = &spec.source.jwt {
-        return jwt::obtain(spec, j, secrets).await;
+        let binding = secrets.namespace().map(|namespace| jwt::Binding {
+            namespace,
+            credential: name,
+            unprefixed_subject: false,
+        });
+        return jwt::obtain(spec, j, binding, ctx.jwt_policy.as_ref(), secrets).await;
     }
     if let Some(g) = &spec.source.github_app {
         return github_app::obtain(g, secrets, ctx.http()).await;
@@ -462,6 +500,8 @@ pub struct SourceContext {
     guarded_token: reqwest::Client,
     policy: OutboundPolicy,
     discovery: discovery::Cache,
+    /// The administrator's rules for minted `jwt` tokens (`None`: any audience, every `sub` prefixed).
+    jwt_policy: Option<jwt::MintPolicy>,
 }
 
 /// A token endpoint, configured or discovered.
@@ -481,7 +521,14 @@ impl SourceContext {
             guarded_token: outbound::guarded_client(timeout, policy, false)?,
             policy,
             discovery: discovery::Cache::default(),
+            jwt_policy: None,
         })
+    }
+
+    /// Holds minted `jwt` tokens to `policy` (the operator's `--jwt-policy-file`).
+    pub fn with_jwt_policy(mut self, policy: jwt::MintPolicy) -> Self {
+        self.jwt_policy = Some(policy);
+        self
     }
 
     /// The client for URLs the user configured (a GitHub API URL, a login form, a session check).
