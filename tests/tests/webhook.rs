@@ -86,7 +86,7 @@ fn the_api_server_injects_the_sidecar_through_the_operators_webhook() {
         assert!(cp.kubectl(&["create", "serviceaccount", sa, "-n", &ns]).success);
     }
     let credentials = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: github}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {apiKey: {secretKeyRef: {name: gh, key: token}}}\n  access: {serviceAccounts: [coding-agent]}\n---\n\
-         apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: slack}\nspec:\n  upstream: https://mcp.slack.com/mcp\n  source: {apiKey: {secretKeyRef: {name: sl, key: token}}}\n  secretName: slack-token\n";
+         apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: slack}\nspec:\n  upstream: https://mcp.slack.com/mcp\n  source: {apiKey: {secretKeyRef: {name: sl, key: token}}}\n  secretName: slack-token\n  access: {serviceAccounts: [coding-agent]}\n";
     let out = cp.apply(&ns, credentials);
     assert!(out.success, "{}", out.stderr);
 
@@ -376,6 +376,82 @@ fn self_managed_webhook_certificates_are_issued_trusted_and_rotated() {
         assert_eq!(injected.stdout, "mcp-credentials-sidecar");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
+    assert!(
+        cp.kubectl(&["delete", "mutatingwebhookconfiguration", &webhook_name])
+            .success
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Pod-level exposure, through the real API server: a host-network pod is denied (its loopback is
+/// the node's, open to every process there), and an injected pod listens on its pod IP only for
+/// the kubelet's probes, with the credential-bearing proxy and the metrics on loopback.
+#[test]
+fn host_network_pods_are_denied_and_only_the_probes_face_the_pod_network() {
+    let (cp, ns) = setup("webhook-exposure");
+    let dir = std::env::temp_dir().join(format!("mcp-webhook-{ns}"));
+    let WebhookOperator {
+        operator,
+        listen,
+        ca_pem: ca,
+    } = WebhookOperator::start(
+        cp,
+        &ns,
+        "webhook-exposure",
+        &dir,
+        &["--sidecar-image", "example.com/mcp-credentials-sidecar:test"],
+    );
+    assert!(cp.kubectl(&["create", "serviceaccount", "coding-agent", "-n", &ns]).success);
+    let credential = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: github}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {apiKey: {secretKeyRef: {name: gh, key: token}}}\n  access: {serviceAccounts: [coding-agent]}\n";
+    assert!(cp.apply(&ns, credential).success);
+    let webhook_name = format!("mcp-credentials-test-{ns}");
+    register_webhook(cp, &webhook_name, &listen, &ns, Some(&b64(&ca)));
+
+    let mut host: serde_json::Value =
+        serde_json::from_str(&pod("host", "coding-agent", true, Some("github"))).unwrap();
+    host["spec"]["hostNetwork"] = true.into();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let denied = loop {
+        let out = create(cp, &ns, &host.to_string());
+        if !out.stderr.contains("failed calling webhook") || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        !denied.success,
+        "a hostNetwork pod was admitted with the sidecar; operator log:\n{}",
+        operator.log_text()
+    );
+    assert!(
+        denied.stderr.contains("hostNetwork") && denied.stderr.contains("node's loopback"),
+        "{}",
+        denied.stderr
+    );
+
+    let out = create(cp, &ns, &pod("agent", "coding-agent", true, Some("github")));
+    assert!(out.success, "{}", out.stderr);
+    let injected: serde_json::Value = serde_json::from_str(
+        &cp.kubectl(&["get", "pod", "agent", "-n", &ns, "-o", "json"])
+            .stdout,
+    )
+    .unwrap();
+    let sidecar = &injected["spec"]["initContainers"][0];
+    let env = |name: &str| {
+        sidecar["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(env("MCP_SIDECAR_LISTEN").as_deref(), Some("127.0.0.1:7007"));
+    assert_eq!(env("MCP_SIDECAR_ADMIN_LISTEN").as_deref(), Some("127.0.0.1:7008"));
+    assert_eq!(env("MCP_SIDECAR_PROBE_LISTEN").as_deref(), Some("0.0.0.0:7009"));
+    assert_eq!(sidecar["startupProbe"]["httpGet"]["port"], "mcp-probe");
+    assert_eq!(sidecar["ports"][0]["containerPort"], 7009);
+    assert_eq!(sidecar["ports"].as_array().map(Vec::len), Some(1), "{sidecar:#}");
+
     assert!(
         cp.kubectl(&["delete", "mutatingwebhookconfiguration", &webhook_name])
             .success
