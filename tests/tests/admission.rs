@@ -320,3 +320,181 @@ async fn the_operator_refuses_a_service_account_token_secret_as_an_input() {
         assert!(!log.contains(&token), "the token is in the operator's log");
     }
 }
+
+/// The chart's documents with `args` added to `helm template`.
+fn rendered(cp: &ControlPlane, args: &[&str]) -> Vec<serde_json::Value> {
+    let chart = mcp_credentials_e2e::repo_root().join("charts/mcp-credentials");
+    let mut all = vec!["template", "mcpc", chart.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = cp.tool("helm", &all, None);
+    assert!(out.success, "helm template {args:?}: {}", out.stderr);
+    serde_yaml::Deserializer::from_str(&out.stdout)
+        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+        .filter(|d: &serde_json::Value| !d.is_null())
+        .collect()
+}
+
+#[test]
+fn the_chart_registers_the_webhook_on_mcpcredentials_and_lets_the_operator_ask() {
+    let cp = mcp_credentials_e2e::control_plane();
+    let docs = rendered(cp, &[]);
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+            .clone()
+    };
+    let hook = find("ValidatingWebhookConfiguration", "mcpc-mcp-credentials");
+    let hook = &hook["webhooks"][0];
+    assert_eq!(hook["clientConfig"]["service"]["path"], "/validate-mcpcredential");
+    assert_eq!(
+        hook["clientConfig"]["service"]["name"],
+        "mcpc-mcp-credentials-webhook"
+    );
+    assert_eq!(hook["failurePolicy"], "Fail", "safe by default");
+    assert_eq!(hook["sideEffects"], "None");
+    let rule = &hook["rules"][0];
+    assert_eq!(rule["apiGroups"], serde_json::json!(["mcpcredentials.dev"]));
+    assert_eq!(rule["operations"], serde_json::json!(["CREATE", "UPDATE"]));
+    assert_eq!(
+        rule["resources"],
+        serde_json::json!(["mcpcredentials"]),
+        "the main resource only: status writes never reach the webhook"
+    );
+    assert!(
+        hook["namespaceSelector"].is_null(),
+        "every namespace the operator acts in"
+    );
+
+    let asks = find("ClusterRole", "mcpc-mcp-credentials-admission");
+    assert_eq!(
+        asks["rules"],
+        serde_json::json!([{"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}])
+    );
+    let ca = find("ClusterRole", "mcpc-mcp-credentials-webhook-ca");
+    assert!(
+        ca["rules"][0]["resources"]
+            .to_string()
+            .contains("validatingwebhookconfigurations"),
+        "self-managed certificates patch its caBundle too: {ca}"
+    );
+
+    let watching = rendered(cp, &["--set", "operator.watchNamespace=team-a"]);
+    let hook = watching
+        .iter()
+        .find(|d| d["kind"] == "ValidatingWebhookConfiguration")
+        .unwrap();
+    assert_eq!(
+        hook["webhooks"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "team-a"
+    );
+    let with_cert_manager = rendered(cp, &["--set", "webhook.certManager.enabled=true"]);
+    let hook = with_cert_manager
+        .iter()
+        .find(|d| d["kind"] == "ValidatingWebhookConfiguration")
+        .unwrap();
+    assert_eq!(
+        hook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        "default/mcpc-mcp-credentials-webhook"
+    );
+    let off = rendered(cp, &["--set", "webhook.enabled=false"]);
+    assert!(!off.iter().any(|d| d["kind"] == "ValidatingWebhookConfiguration"));
+}
+
+#[test]
+fn self_managed_certificates_keep_the_validating_webhooks_ca_bundle_current() {
+    let (cp, ns) = setup("admission-ca");
+    let dir = std::env::temp_dir().join(format!("mcp-admission-ca-{ns}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let listen = format!("127.0.0.1:{}", operator_support::free_port());
+    let name = format!("mcp-credentials-admission-ca-{ns}");
+    // Both registered without a caBundle, as the chart's first install does: the leader fills them in.
+    let mutating = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "inject.mcpcredentials.dev",
+            "clientConfig": {"url": format!("https://{listen}/mutate")},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
+            "objectSelector": {"matchLabels": {"mcpcredentials.dev/inject": "true"}},
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+        }]
+    });
+    let out = cp.tool("kubectl", &["apply", "-f", "-"], Some(&mutating.to_string()));
+    assert!(out.success, "{}", out.stderr);
+    let validating = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "validate.mcpcredentials.dev",
+            "clientConfig": {"url": format!("https://{listen}/validate-mcpcredential")},
+            "rules": [{"apiGroups": ["mcpcredentials.dev"], "apiVersions": ["*"], "operations": ["CREATE", "UPDATE"], "resources": ["mcpcredentials"]}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+        }]
+    });
+    let out = cp.tool("kubectl", &["apply", "-f", "-"], Some(&validating.to_string()));
+    assert!(out.success, "{}", out.stderr);
+
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let operator = Operator::start(
+        cp,
+        &ns,
+        "ca",
+        &[
+            "--webhook-listen",
+            &listen,
+            "--webhook-cert-file",
+            cert.to_str().unwrap(),
+            "--webhook-key-file",
+            key.to_str().unwrap(),
+            "--webhook-tls-secret",
+            "webhook-tls",
+            "--webhook-configuration",
+            &name,
+        ],
+    );
+    let bundle_of = |kind: &str| {
+        cp.kubectl(&[
+            "get",
+            kind,
+            &name,
+            "-o",
+            "jsonpath={.webhooks[0].clientConfig.caBundle}",
+        ])
+        .stdout
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let trusted = loop {
+        let trusted = cp
+            .kubectl(&[
+                "get",
+                "secret",
+                "webhook-tls",
+                "-n",
+                &ns,
+                "-o",
+                "jsonpath={.data.ca\\.crt}",
+            ])
+            .stdout;
+        if !trusted.is_empty() && bundle_of("validatingwebhookconfiguration") == trusted {
+            break trusted;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the validating caBundle was not set:\n{}",
+            operator.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(bundle_of("mutatingwebhookconfiguration"), trusted);
+    for kind in ["mutatingwebhookconfiguration", "validatingwebhookconfiguration"] {
+        let _ = cp.kubectl(&["delete", kind, &name]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
