@@ -1,14 +1,17 @@
 //! The webhook's self-managed certificates: a CA and a serving certificate kept in a Secret of the
-//! operator's namespace, renewed when a third of their lifetime is left, with the webhook's
-//! `caBundle` patched *before* a new certificate is served. The bundle keeps the previous CA until
-//! it expires, so a rotation never leaves the API server distrusting the webhook.
+//! operator's namespace, renewed when a third of their lifetime is left, with the webhooks'
+//! `caBundle` (mutating and validating) patched *before* a new certificate is served. The bundle
+//! keeps the previous CA until it expires, so a rotation never leaves the API server distrusting
+//! the webhook.
 //! (With cert-manager, the chart disables all of this.)
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use k8s_openapi::{
-    ByteString, api::admissionregistration::v1::MutatingWebhookConfiguration, api::core::v1::Secret,
+    ByteString,
+    api::admissionregistration::v1::{MutatingWebhookConfiguration, ValidatingWebhookConfiguration},
+    api::core::v1::Secret,
 };
 use kube::{
     Api, Client,
@@ -34,7 +37,8 @@ pub struct SelfManaged {
     pub secret: String,
     /// Its namespace: the operator's.
     pub namespace: String,
-    /// The MutatingWebhookConfiguration whose `caBundle` to keep current.
+    /// The MutatingWebhookConfiguration whose `caBundle` to keep current, and the
+    /// ValidatingWebhookConfiguration of the same name when there is one.
     pub webhook_configuration: String,
     /// The webhook's Service; its DNS names go in the certificate.
     pub service: String,
@@ -232,36 +236,77 @@ pub async fn ensure(client: &Client, config: &SelfManaged, now: SystemTime) -> a
 }
 
 async fn patch_ca_bundle(client: &Client, config: &SelfManaged, bundle: &str) -> anyhow::Result<()> {
-    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let current = api.get(&config.webhook_configuration).await.with_context(|| {
-        format!(
-            "reading MutatingWebhookConfiguration {}",
-            config.webhook_configuration
-        )
-    })?;
     let wanted = ByteString(bundle.as_bytes().to_vec());
-    let webhooks = current.webhooks.unwrap_or_default();
-    let ops: Vec<serde_json::Value> = webhooks
-        .iter()
+    let name = &config.webhook_configuration;
+    let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let current = mutating
+        .get(name)
+        .await
+        .with_context(|| format!("reading MutatingWebhookConfiguration {name}"))?;
+    let stale = stale_bundles(
+        current
+            .webhooks
+            .iter()
+            .flatten()
+            .map(|w| w.client_config.ca_bundle.as_ref()),
+        &wanted,
+    );
+    patch_bundles(&mutating, name, stale, &wanted).await?;
+    // The McpCredential webhook of the same name (the chart installs both); absent before it existed.
+    let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let Some(current) = validating
+        .get_opt(name)
+        .await
+        .with_context(|| format!("reading ValidatingWebhookConfiguration {name}"))?
+    else {
+        return Ok(());
+    };
+    let stale = stale_bundles(
+        current
+            .webhooks
+            .iter()
+            .flatten()
+            .map(|w| w.client_config.ca_bundle.as_ref()),
+        &wanted,
+    );
+    patch_bundles(&validating, name, stale, &wanted).await
+}
+
+/// The indexes of the webhooks whose caBundle is not `wanted`.
+fn stale_bundles<'a>(
+    bundles: impl Iterator<Item = Option<&'a ByteString>>,
+    wanted: &ByteString,
+) -> Vec<usize> {
+    bundles
         .enumerate()
-        .filter(|(_, w)| w.client_config.ca_bundle.as_ref() != Some(&wanted))
-        .map(|(i, _)| {
-            serde_json::json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": wanted})
-        })
-        .collect();
-    if ops.is_empty() {
+        .filter(|(_, b)| *b != Some(wanted))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Sets the caBundle of the webhooks at `stale` (one JSON patch), if any.
+async fn patch_bundles<K>(
+    api: &Api<K>,
+    name: &str,
+    stale: Vec<usize>,
+    wanted: &ByteString,
+) -> anyhow::Result<()>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    if stale.is_empty() {
         return Ok(());
     }
+    let ops: Vec<serde_json::Value> = stale
+        .into_iter()
+        .map(|i| serde_json::json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": wanted}))
+        .collect();
     let patch: json_patch::Patch =
         serde_json::from_value(serde_json::Value::Array(ops)).context("caBundle patch")?;
-    api.patch(
-        &config.webhook_configuration,
-        &PatchParams::default(),
-        &Patch::Json::<()>(patch),
-    )
-    .await
-    .with_context(|| format!("patching the caBundle of {}", config.webhook_configuration))?;
-    info!(webhook = %config.webhook_configuration, "caBundle updated");
+    api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .with_context(|| format!("patching the caBundle of {name}"))?;
+    info!(webhook = %name, "caBundle updated");
     Ok(())
 }
 

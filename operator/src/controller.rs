@@ -272,6 +272,15 @@ impl Current {
     }
 }
 
+/// Secret types never read as inputs, whoever wrote the McpCredential (the admission webhook may be
+/// off, or the credential older than it): the cluster's own credentials, which a source would send
+/// to a URL of the author's choice. A service account's identity goes through
+/// `tokenExchange.subject.serviceAccount` instead: a short-lived token, for one allowed audience.
+const REFUSED_INPUT_TYPES: [&str; 2] = [
+    "kubernetes.io/service-account-token",
+    "bootstrap.kubernetes.io/token",
+];
+
 /// The referenced Secrets, read once per reconcile: resolves keys and fingerprints the inputs.
 struct Inputs(BTreeMap<String, Option<Secret>>);
 
@@ -311,6 +320,16 @@ impl SecretResolver for Inputs {
             .get(&r.name)
             .and_then(Option::as_ref)
             .ok_or_else(not_found)?;
+        if let Some(type_) = secret
+            .type_
+            .as_deref()
+            .filter(|t| REFUSED_INPUT_TYPES.contains(t))
+        {
+            return Err(ResolveError::RefusedType {
+                name: r.name.clone(),
+                type_: type_.to_owned(),
+            });
+        }
         let bytes = secret
             .data
             .as_ref()

@@ -19,6 +19,8 @@ use tracing::info;
 
 /// Roles and RoleBindings so each service account reads only the Secrets it may use.
 pub mod access;
+/// The validating webhook: an McpCredential asks nothing its author may not do (SubjectAccessReview).
+pub mod admission;
 /// The webhook's self-managed CA and serving certificate, rotated before expiry.
 pub mod certs;
 /// Reconciling McpCredentials into Secrets.
@@ -126,7 +128,8 @@ pub struct Config {
     #[arg(long, env = "MCP_CREDENTIALS_REPORT_MIN_INTERVAL", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub report_min_interval: u64,
 
-    /// The MutatingWebhookConfiguration whose caBundle self-managed certificates keep current.
+    /// The MutatingWebhookConfiguration (pods) and ValidatingWebhookConfiguration (McpCredentials,
+    /// when there is one) of this name, whose caBundle self-managed certificates keep current.
     #[arg(
         long,
         env = "MCP_CREDENTIALS_WEBHOOK_CONFIGURATION",

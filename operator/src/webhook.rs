@@ -1,7 +1,8 @@
-//! The mutating admission webhook: an HTTPS server the API server calls for every pod labelled
-//! `mcpcredentials.dev/inject: "true"`. It runs on every replica (admission must not wait for a
-//! leader) and applies the rules in [`crate::inject`]. The same listener serves sidecar reports
-//! ([`crate::report`]), so sidecars trust the certificate the API server already trusts.
+//! The admission webhooks: an HTTPS server the API server calls for every pod labelled
+//! `mcpcredentials.dev/inject: "true"` (`/mutate`, the rules in [`crate::inject`]) and for every
+//! McpCredential created or changed (`/validate-mcpcredential`, the rules in [`crate::admission`]).
+//! It runs on every replica (admission must not wait for a leader). The same listener serves
+//! sidecar reports ([`crate::report`]), so sidecars trust the certificate the API server already trusts.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::SystemTime};
 
@@ -79,6 +80,7 @@ impl Webhook {
         });
         let router = Router::new()
             .route("/mutate", post(mutate))
+            .route(crate::admission::PATH, post(validate))
             .with_state(app)
             .merge(crate::report::router(reports));
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -222,6 +224,34 @@ async fn mutate(
         Ok(None) => AdmissionResponse::from(&request),
         Err(Decision::Deny(message)) => {
             info!(namespace = ?request.namespace, pod = %request.name, reason = %message, "pod denied");
+            AdmissionResponse::from(&request).deny(message)
+        }
+    };
+    Json(response.into_review())
+}
+
+/// The McpCredential handler: admit, or deny with the message of [`crate::admission::review`].
+async fn validate(
+    State(app): State<Arc<App>>,
+    Json(review): Json<AdmissionReview<DynamicObject>>,
+) -> Json<AdmissionReview<DynamicObject>> {
+    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "malformed AdmissionReview");
+            return Json(AdmissionResponse::invalid(e.to_string()).into_review());
+        }
+    };
+    let response = match crate::admission::review(&app.client, &request).await {
+        Ok(()) => AdmissionResponse::from(&request),
+        Err(message) => {
+            info!(
+                namespace = ?request.namespace,
+                credential = %request.name,
+                user = ?request.user_info.username,
+                reason = %message,
+                "McpCredential denied"
+            );
             AdmissionResponse::from(&request).deny(message)
         }
     };

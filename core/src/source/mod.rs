@@ -139,6 +139,20 @@ pub enum ResolveError {
         /// True when trying again later may work (the API server did not answer).
         transient: bool,
     },
+    /// The Secret is of a type the operator never reads as an input: a credential of the cluster
+    /// itself (a service-account or bootstrap token), which a source would send to the URL the
+    /// credential's author chose. Terminal until the spec names another Secret.
+    #[error(
+        "secret {name:?} is of type {type_}, which the operator never reads: it would send a cluster \
+         credential wherever this McpCredential says. Reference a Secret of another type; for a service \
+         account's identity use tokenExchange.subject.serviceAccount (a short-lived token for one audience)"
+    )]
+    RefusedType {
+        /// The Secret's name.
+        name: String,
+        /// Its `type`.
+        type_: String,
+    },
     /// This process has no JWT signing keys (the operator mints only with `--jwks-listen`).
     #[error(
         "this process does not mint JWTs: run the operator with --jwks-listen (the Helm chart does), \
@@ -315,6 +329,7 @@ impl SourceError {
             Self::Config(_) => "InvalidConfiguration",
             Self::ResolveSecret(ResolveError::ServiceAccountToken { .. }) => "ServiceAccountTokenFailed",
             Self::ResolveSecret(ResolveError::NoSigningKey) => "NoSigningKey",
+            Self::ResolveSecret(ResolveError::RefusedType { .. }) => "SecretTypeRefused",
             Self::ResolveSecret(_) => "SecretUnavailable",
             Self::Discovery { .. } => "DiscoveryFailed",
             Self::SubjectRejected(_) => "SubjectTokenRejected",

@@ -95,6 +95,32 @@ async fn the_fingerprint_changes_with_the_referenced_secret_and_the_spec_only() 
     assert_eq!(a.get(&r).await.unwrap().expose(), "key-1");
 }
 
+#[tokio::test]
+async fn a_service_account_token_secret_is_never_read_as_an_input() {
+    for type_ in REFUSED_INPUT_TYPES {
+        let mut token = secret_with_rv("1");
+        token.type_ = Some(type_.into());
+        let inputs = Inputs(BTreeMap::from([("keys".to_owned(), Some(token))]));
+        let r = SecretKeyRef {
+            name: "keys".into(),
+            key: "github".into(),
+        };
+        let e = SourceError::from(inputs.get(&r).await.unwrap_err());
+        assert_eq!(e.reason(), "SecretTypeRefused");
+        assert_eq!(
+            e.category(),
+            "config_error",
+            "not transient: retrying reads it again"
+        );
+        let message = e.to_string();
+        assert!(
+            message.contains("\"keys\"") && message.contains(type_),
+            "{message}"
+        );
+        assert!(!message.contains("key-1"), "no secret value in the message");
+    }
+}
+
 /// The API server as a script: each expected request, checked, then answered.
 mod api_budget {
     use http::{Request, Response};
