@@ -401,7 +401,10 @@ fn host_network_pods_are_denied_and_only_the_probes_face_the_pod_network() {
         &dir,
         &["--sidecar-image", "example.com/mcp-credentials-sidecar:test"],
     );
-    assert!(cp.kubectl(&["create", "serviceaccount", "coding-agent", "-n", &ns]).success);
+    assert!(
+        cp.kubectl(&["create", "serviceaccount", "coding-agent", "-n", &ns])
+            .success
+    );
     let credential = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: github}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {apiKey: {secretKeyRef: {name: gh, key: token}}}\n  access: {serviceAccounts: [coding-agent]}\n";
     assert!(cp.apply(&ns, credential).success);
     let webhook_name = format!("mcp-credentials-test-{ns}");
