@@ -271,7 +271,7 @@ fn self_managed_webhook_certificates_are_issued_trusted_and_rotated() {
     let webhook_name = format!("mcp-credentials-certs-{ns}");
     // Registered without a caBundle: the operator fills it in.
     register_webhook(cp, &webhook_name, &listen, &ns, None);
-    let credential = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: github}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {apiKey: {secretKeyRef: {name: gh, key: token}}}\n";
+    let credential = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: github}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {apiKey: {secretKeyRef: {name: gh, key: token}}}\n  access: {serviceAccounts: [default]}\n";
     assert!(cp.apply(&ns, credential).success);
 
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
