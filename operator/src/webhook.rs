@@ -203,18 +203,27 @@ fn load_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Resul
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// The request inside a review, or the answer to a malformed review (both webhooks).
+fn admission_request(
+    review: AdmissionReview<DynamicObject>,
+) -> Result<AdmissionRequest<DynamicObject>, Json<AdmissionReview<DynamicObject>>> {
+    review
+        .try_into()
+        .map_err(|e: kube::core::admission::ConvertAdmissionReviewError| {
+            warn!(error = %e, "malformed AdmissionReview");
+            Json(AdmissionResponse::invalid(e.to_string()).into_review())
+        })
+}
+
 /// The admission handler: allow, deny with a reason, or allow with a patch. A request that is not
 /// a pod CREATE is allowed untouched, so a misconfigured webhook never blocks unrelated objects.
 async fn mutate(
     State(app): State<Arc<App>>,
     Json(review): Json<AdmissionReview<DynamicObject>>,
 ) -> Json<AdmissionReview<DynamicObject>> {
-    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+    let request = match admission_request(review) {
         Ok(r) => r,
-        Err(e) => {
-            warn!(error = %e, "malformed AdmissionReview");
-            return Json(AdmissionResponse::invalid(e.to_string()).into_review());
-        }
+        Err(invalid) => return invalid,
     };
     let response = match decide(&app, &request).await {
         Ok(Some(patch)) => match AdmissionResponse::from(&request).with_patch(patch) {
@@ -235,12 +244,9 @@ async fn validate(
     State(app): State<Arc<App>>,
     Json(review): Json<AdmissionReview<DynamicObject>>,
 ) -> Json<AdmissionReview<DynamicObject>> {
-    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+    let request = match admission_request(review) {
         Ok(r) => r,
-        Err(e) => {
-            warn!(error = %e, "malformed AdmissionReview");
-            return Json(AdmissionResponse::invalid(e.to_string()).into_review());
-        }
+        Err(invalid) => return invalid,
     };
     let response = match crate::admission::review(&app.client, &request).await {
         Ok(()) => AdmissionResponse::from(&request),
