@@ -206,12 +206,12 @@ fn load_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Resul
 /// The request inside a review, or the answer to a malformed review (both webhooks).
 fn admission_request(
     review: AdmissionReview<DynamicObject>,
-) -> Result<AdmissionRequest<DynamicObject>, Json<AdmissionReview<DynamicObject>>> {
+) -> Result<AdmissionRequest<DynamicObject>, Box<Json<AdmissionReview<DynamicObject>>>> {
     review
         .try_into()
         .map_err(|e: kube::core::admission::ConvertAdmissionReviewError| {
             warn!(error = %e, "malformed AdmissionReview");
-            Json(AdmissionResponse::invalid(e.to_string()).into_review())
+            Box::new(Json(AdmissionResponse::invalid(e.to_string()).into_review()))
         })
 }
 
@@ -223,7 +223,7 @@ async fn mutate(
 ) -> Json<AdmissionReview<DynamicObject>> {
     let request = match admission_request(review) {
         Ok(r) => r,
-        Err(invalid) => return invalid,
+        Err(invalid) => return *invalid,
     };
     let response = match decide(&app, &request).await {
         Ok(Some(patch)) => match AdmissionResponse::from(&request).with_patch(patch) {
@@ -246,7 +246,7 @@ async fn validate(
 ) -> Json<AdmissionReview<DynamicObject>> {
     let request = match admission_request(review) {
         Ok(r) => r,
-        Err(invalid) => return invalid,
+        Err(invalid) => return *invalid,
     };
     let response = match crate::admission::review(&app.client, &request).await {
         Ok(()) => AdmissionResponse::from(&request),
