@@ -308,8 +308,10 @@ pub(super) async fn forward(
             .with_label_values(&[&name, reason])
             .inc();
     }
-    if let (true, Some((method, mut headers, bytes))) = (replay::worth_replaying(reason), again)
-        && let Some(newer) = Box::pin(replay::newer_credential(&proxy.store, &name, &used, reason)).await
+    if let (true, Some((method, mut headers, bytes))) = (
+        reason.is_some() && replay::worth_replaying(&proxy.store, &name, reason),
+        again,
+    ) && let Some(newer) = Box::pin(replay::newer_credential(&proxy.store, &name, &used, reason)).await
     {
         // To the newer credential's upstream, which may have changed since the request was routed:
         // the first URI may name a host the newer credential was never meant for.

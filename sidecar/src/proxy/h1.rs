@@ -217,7 +217,7 @@ impl Conn<'_> {
                 .upstream_rejections
                 .with_label_values(&[&handles.name, reason])
                 .inc();
-            if replay::worth_replaying(Some(reason))
+            if replay::worth_replaying(&proxy.store, &handles.name, Some(reason))
                 && let Some(newer) = Box::pin(replay::newer_credential(
                     &proxy.store,
                     &handles.name,

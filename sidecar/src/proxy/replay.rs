@@ -2,6 +2,13 @@
 //! the sidecar asks its credential source for a new credential (in a pod: a report to the operator,
 //! see [`crate::report`]), waits briefly for one, and sends the request once more if its body was
 //! small enough to keep. Otherwise the upstream's answer stands.
+//!
+//! A credential read from files (the files store, standalone API keys) is replayed after any 401/403,
+//! whatever the challenge: an API-key server says nothing like `invalid_token`, and its key rotates
+//! by two steps that never land at the same moment. When the server switched first, the request
+//! waits for the rotated file (its source reads the files again now). When the file came first, the
+//! server rejects a key it is about to accept: a credential loaded less than the wait before the
+//! rejection is given the wait to take effect, then the request is sent once more with it.
 
 use std::{sync::OnceLock, time::Duration};
 
@@ -50,13 +57,21 @@ pub async fn keep(body: Body) -> Result<(Body, Option<Bytes>), ProxyError> {
     }
 }
 
-/// Whether the upstream's rejection says the credential itself is stale or too narrow.
-pub fn worth_replaying(reason: Option<&str>) -> bool {
-    matches!(reason, Some("invalid_token" | "insufficient_scope"))
+/// Whether a new credential may answer the upstream's rejection (`reason`, `None` when the answer
+/// was no 401/403): its challenge says the credential is stale or too narrow, or any 401/403 of a
+/// credential whose source reads it from files again when asked. Only called after a 401/403.
+pub fn worth_replaying(store: &Store, name: &str, reason: Option<&str>) -> bool {
+    match reason {
+        Some("invalid_token" | "insufficient_scope") => true,
+        Some(_) => store.rereads(name),
+        None => false,
+    }
 }
 
 /// Asks for a new credential for `name` (the upstream rejected `used` for `reason`) and waits up to
-/// [`WAIT`] for a version other than `used`.
+/// [`WAIT`] for a version other than `used`. For a credential read from files, when none comes:
+/// `used` itself if it is still the current one and was loaded less than the wait before the
+/// rejection (the upstream may not have switched to it yet; it has had the wait to do so).
 pub async fn newer_credential(
     store: &Store,
     name: &str,
@@ -78,9 +93,17 @@ pub async fn newer_credential(
     if let Some(c) = newer() {
         return Some(c);
     }
-    tokio::time::timeout(wait(), changes.wait_for(|_| newer().is_some()))
-        .await
-        .ok()?
-        .ok()?;
-    newer()
+    // A key file that landed less than the wait ago: the upstream may not have switched to it yet.
+    let just_loaded = store.rereads(name)
+        && Duration::try_from(jiff::Timestamp::now().duration_since(used.loaded_at))
+            .is_ok_and(|age| age < wait());
+    match tokio::time::timeout(wait(), changes.wait_for(|_| newer().is_some())).await {
+        Ok(Ok(_)) => newer(),
+        // No newer one: the same credential once more, if it is still the one to send.
+        Err(_) if just_loaded => store
+            .get(name)
+            .and_then(|slot| slot.current)
+            .filter(|c| c.version == used.version && c.headers == used.headers && !c.is_expired_now()),
+        Ok(Err(_)) | Err(_) => None,
+    }
 }

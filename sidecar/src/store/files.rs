@@ -1,6 +1,8 @@
 //! The file store: a directory with one subdirectory per credential, holding files named like the
 //! Secret's data keys (`header.Authorization`, `upstream`, `expires-at`, `version`), as a projected
-//! Secret volume lays them out. Re-read on an interval; only changed credentials are reloaded.
+//! Secret volume lays them out. Re-read the moment anything in it changes (an inotify watch on the
+//! directory), when an upstream rejects a credential (it may have switched to a rotated key whose
+//! file is about to land), and on an interval as the fallback; only changed credentials are reloaded.
 
 use std::{
     collections::BTreeMap,
@@ -9,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use super::Store;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::{Store, dirwatch};
 use crate::credential::Credential;
 
 type Data = BTreeMap<String, Vec<u8>>;
@@ -19,8 +23,21 @@ pub async fn run(store: Arc<Store>, dir: PathBuf, interval: Duration) {
     let mut seen = BTreeMap::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Created before the first read, so no change between the two is missed.
+    let watch = dirwatch::DirWatch::new(&dir);
+    let mut changes = watch.receiver();
+    let mut requests = store.refresh_requests();
+    store.set_rereads(None);
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = dirwatch::changed(&mut changes) => {}
+            request = requests.recv() => match request {
+                // Lagged: there were requests; one read answers them all.
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => std::future::pending().await,
+            },
+        }
         reload(&store, &dir, &mut seen);
     }
 }

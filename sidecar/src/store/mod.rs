@@ -3,8 +3,11 @@
 //! proxy on every request.
 
 use std::{
-    collections::BTreeMap,
-    sync::{Arc, RwLock},
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use jiff::Timestamp;
@@ -12,6 +15,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::credential::Credential;
 
+pub mod dirwatch;
 pub mod files;
 pub mod kubernetes;
 pub mod standalone;
@@ -30,7 +34,8 @@ pub struct Slot {
 pub struct RefreshRequest {
     /// The credential's name.
     pub name: String,
-    /// Why the upstream rejected it: `invalid_token` or `insufficient_scope`.
+    /// Why the upstream rejected it: `invalid_token`, `insufficient_scope`, or `other` (any other
+    /// 401/403, asked only of a credential whose source [`Store::rereads`]).
     pub reason: &'static str,
     /// The version that was rejected (so a renewal that already happened is not asked for again).
     pub version: String,
@@ -46,6 +51,10 @@ pub struct Store {
     generation: watch::Sender<u64>,
     /// Names whose credential an upstream rejected: the source should renew them now.
     refresh: broadcast::Sender<RefreshRequest>,
+    /// Every credential's source re-reads its files when asked (the files store).
+    reread_all: AtomicBool,
+    /// Credentials whose source re-reads a file when asked (standalone API keys).
+    reread: RwLock<BTreeSet<String>>,
 }
 
 impl Store {
@@ -59,6 +68,8 @@ impl Store {
             generation: watch::channel(0).0,
             // A few pending requests are plenty: one is enough to trigger a renewal.
             refresh: broadcast::channel(16).0,
+            reread_all: AtomicBool::new(false),
+            reread: RwLock::new(BTreeSet::new()),
         })
     }
 
@@ -187,9 +198,26 @@ impl Store {
     }
 
     /// Asks the credential source to renew a credential now (an upstream rejected it): standalone
-    /// mode renews in-process, the Kubernetes store reports to the operator, files ignore it.
+    /// mode renews in-process, the Kubernetes store reports to the operator, the files store reads its directory again.
     pub fn request_refresh(&self, request: RefreshRequest) {
         let _ = self.refresh.send(request);
+    }
+
+    /// Says that the source of `name` (every credential, for `None`) re-reads its files on a
+    /// [`Store::request_refresh`], so any upstream 401/403 is worth one: the upstream may have
+    /// switched to a rotated key whose file has not been read yet.
+    pub fn set_rereads(&self, name: Option<&str>) {
+        match name {
+            None => self.reread_all.store(true, Ordering::Relaxed),
+            Some(name) => {
+                self.reread.write().expect("store lock").insert(name.to_owned());
+            }
+        }
+    }
+
+    /// Whether the source of `name` re-reads its files when asked (asked only after a 401/403).
+    pub fn rereads(&self, name: &str) -> bool {
+        self.reread_all.load(Ordering::Relaxed) || self.reread.read().expect("store lock").contains(name)
     }
 
     /// The renewal requests, for the credential source.

@@ -1,11 +1,15 @@
 //! Standalone mode (no cluster): McpCredential YAML plus local secret files, with core's credential
 //! sources run in-process, one task per credential that renews it on core's schedule and publishes
 //! each new credential to the store exactly as the operator would write it into a Secret.
+//! An API key is read again the moment its file changes (an inotify watch on the secrets directory)
+//! and whenever its upstream answers 401/403, so a rotated key is in use at once.
 
 use std::{
     collections::BTreeMap,
+    io::Write,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
@@ -17,13 +21,16 @@ use mcp_credentials_core::{
     timing,
 };
 use serde::Deserialize;
-use tokio::task::JoinHandle;
+use tokio::{
+    sync::{broadcast::error::RecvError, watch as changes},
+    task::JoinHandle,
+};
 
-use super::Store;
+use super::{Store, dirwatch};
 use crate::credential::Credential;
 
-/// A credential that does not expire (an API key) is re-read this often, so editing its file takes
-/// effect within seconds, as a Secret update does in a cluster; reading one small file costs nothing.
+/// A credential that does not expire (an API key) is re-read this often as well as on every change
+/// the directory watch reports (the fallback when it cannot run); reading one small file costs nothing.
 const NON_EXPIRING_RECHECK: Duration = Duration::from_secs(5);
 /// A token issued without an expiry is renewed this often anyway: servers that omit `expires_in`
 /// still revoke tokens eventually, and one token request an hour is no load on anyone.
@@ -33,6 +40,9 @@ const TERMINAL_RECHECK: Duration = Duration::from_secs(30);
 /// An upstream's rejection renews the credential at once, but at most this often: an upstream that
 /// rejects every token must not turn into a loop of token requests.
 const MIN_FORCED_RENEWAL_INTERVAL: Duration = Duration::from_secs(5);
+/// A rotated refresh token that could not be written is written again this often (it is kept in
+/// memory meanwhile, and used for the next refresh).
+const PERSIST_RETRY: Duration = Duration::from_secs(5);
 /// Token requests give up after this long: a hanging token endpoint is a transient failure.
 const TOKEN_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -78,10 +88,15 @@ pub async fn start(
     // One context for every credential: the discovery cache is shared.
     let sources =
         Arc::new(SourceContext::new(TOKEN_REQUEST_TIMEOUT, policy).map_err(StandaloneError::HttpClient)?);
-    let secrets = Arc::new(SecretFiles(secrets_dir.to_path_buf()));
+    let secrets = Arc::new(SecretFiles::new(secrets_dir.to_path_buf()));
+    // One watch for every credential; each API key's task reads its file again on any change.
+    let watch = dirwatch::DirWatch::new(secrets_dir);
     let mut tasks = tokio::task::JoinSet::new();
     for credential in credentials {
         let name = credential.name_any();
+        if credential.spec.source.api_key.is_some() {
+            store.set_rereads(Some(&name));
+        }
         tracing::info!(credential = %name, source = source::kind(&credential.spec), upstream = %credential.spec.upstream, "standalone credential");
         tasks.spawn(keep_fresh(
             store.clone(),
@@ -89,11 +104,14 @@ pub async fn start(
             credential.spec,
             secrets.clone(),
             sources.clone(),
+            watch.receiver(),
         ));
     }
-    Ok(tokio::spawn(
-        async move { while tasks.join_next().await.is_some() {} },
-    ))
+    Ok(tokio::spawn(async move {
+        // The watch lives as long as the tasks.
+        let _watch = watch;
+        while tasks.join_next().await.is_some() {}
+    }))
 }
 
 /// The McpCredential documents of a multi-document YAML file (empty documents skipped).
@@ -126,12 +144,99 @@ pub fn load(path: &Path) -> Result<Vec<McpCredential>, StandaloneError> {
 
 /// Secrets as files: `<dir>/<secret-name>/<key>`, the layout of a mounted Secret. Service-account
 /// tokens cannot be had without a cluster: the trait's default says to use a stored subject token.
-struct SecretFiles(PathBuf);
+/// A rotated refresh token that could not be written yet is kept here and read in place of its file,
+/// so the next refresh redeems the newest token whatever the disk did.
+struct SecretFiles {
+    dir: PathBuf,
+    unsaved: Mutex<BTreeMap<PathBuf, SecretString>>,
+}
 
 impl SecretFiles {
-    fn path(&self, r: &SecretKeyRef) -> PathBuf {
-        self.0.join(&r.name).join(&r.key)
+    fn new(dir: PathBuf) -> Self {
+        SecretFiles {
+            dir,
+            unsaved: Mutex::default(),
+        }
     }
+
+    fn path(&self, r: &SecretKeyRef) -> PathBuf {
+        self.dir.join(&r.name).join(&r.key)
+    }
+
+    /// Keeps `value` as the content of `path` and writes it there; on an error it stays in memory
+    /// (and is what [`SecretResolver::get`] returns) until [`SecretFiles::save`] succeeds.
+    async fn store(&self, path: PathBuf, value: SecretString) -> Result<(), SaveError> {
+        self.unsaved.lock().expect("unsaved secrets").insert(path, value);
+        self.save().await
+    }
+
+    /// Writes every value kept in memory to its file; the first failure is returned.
+    async fn save(&self) -> Result<(), SaveError> {
+        let unsaved: Vec<(PathBuf, SecretString)> = self
+            .unsaved
+            .lock()
+            .expect("unsaved secrets")
+            .iter()
+            .map(|(p, v)| (p.clone(), v.clone()))
+            .collect();
+        for (path, value) in unsaved {
+            let (p, v) = (path.clone(), value.clone());
+            let written = tokio::task::spawn_blocking(move || write_private_file(&p, v.expose().as_bytes()))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            match written {
+                Ok(()) => {
+                    let mut unsaved = self.unsaved.lock().expect("unsaved secrets");
+                    // A newer value that arrived meanwhile stays to be written.
+                    if unsaved.get(&path) == Some(&value) {
+                        unsaved.remove(&path);
+                    }
+                }
+                Err(source) => return Err(SaveError { path, source }),
+            }
+        }
+        Ok(())
+    }
+
+    fn has_unsaved(&self) -> bool {
+        !self.unsaved.lock().expect("unsaved secrets").is_empty()
+    }
+}
+
+/// A secret file that could not be written (the message names the file, never its content).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write {}", path.display())]
+struct SaveError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Replaces `path` with `content`, readable by its owner only (0600), durably: a temporary file in
+/// the same directory, written and synced, renamed over `path`, then the directory synced, so a
+/// crash leaves the old file or the new one, never a torn or lost one.
+fn write_private_file(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.rotating"));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        // `mode` applies only to a file it creates: a leftover temporary file is narrowed too.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        file.write_all(content)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Standalone `jwt` credentials sign with keys the user keeps beside the secrets:
@@ -169,7 +274,11 @@ impl SecretResolver for SecretFiles {
     }
 
     async fn get(&self, r: &SecretKeyRef) -> Result<SecretString, ResolveError> {
-        match tokio::fs::read_to_string(self.path(r)).await {
+        let path = self.path(r);
+        if let Some(unsaved) = self.unsaved.lock().expect("unsaved secrets").get(&path) {
+            return Ok(unsaved.clone());
+        }
+        match tokio::fs::read_to_string(path).await {
             // A trailing newline from an editor is never part of a secret.
             Ok(s) => Ok(SecretString::new(s.trim_end_matches(['\n', '\r']))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ResolveError::NotFound {
@@ -192,7 +301,11 @@ async fn keep_fresh(
     spec: McpCredentialSpec,
     secrets: Arc<SecretFiles>,
     sources: Arc<SourceContext>,
+    mut files: changes::Receiver<u64>,
 ) {
+    // An API key is one file: it is read again on every change to the secrets directory and on
+    // every upstream rejection, with no rate limit (reading a small file costs nothing).
+    let api_key = spec.source.api_key.is_some();
     let mut failures = 0u32;
     let mut published: Option<(String, Option<SystemTime>)> = None;
     let mut version = 0u64;
@@ -204,15 +317,17 @@ async fn keep_fresh(
     let mut served: Option<Credential> = None;
     let mut session_dead = false;
     let mut next_check = None;
+    // When to write an unsaved rotated refresh token again.
+    let mut save_at = None;
     loop {
         let attempted = tokio::time::Instant::now();
         let wait = match source::obtain(&name, &spec, &*secrets, &sources).await {
             Ok(issued) => {
                 failures = 0;
-                if let Err(e) = persist_rotated_refresh_token(&spec, &secrets, &issued).await {
-                    // Without the rotated token the next refresh fails; say so, but use this token now.
-                    store.fail(&name, format!("cannot save the rotated refresh token: {e}"));
-                }
+                // Kept in memory at once (the next refresh redeems it), on disk before it is used.
+                let unsaved = persist_rotated_refresh_token(&spec, &secrets, &issued)
+                    .await
+                    .err();
                 let (header, value) = source::header(&spec, &issued);
                 let fingerprint = (format!("{header}\n{}", value.expose()), issued.expires_at);
                 if published.as_ref() != Some(&fingerprint) {
@@ -225,6 +340,11 @@ async fn keep_fresh(
                         Err(e) => store.fail(&name, e.to_string()),
                     }
                     published = Some(fingerprint);
+                }
+                if let Some(e) = unsaved {
+                    // After publishing, which clears the last failure: the credential says so until saved.
+                    store.fail(&name, unsaved_message(&e));
+                    save_at = Some(tokio::time::Instant::now() + PERSIST_RETRY);
                 }
                 next_renewal(&name, &spec, &issued)
             }
@@ -253,6 +373,24 @@ async fn keep_fresh(
             };
             tokio::select! {
                 () = &mut deadline => break,
+                () = dirwatch::changed(&mut files), if api_key => break,
+                () = sleep_until(save_at) => {
+                    match secrets.save().await {
+                        Ok(()) if !secrets.has_unsaved() => {
+                            tracing::info!(credential = %name, "the rotated refresh token is saved");
+                            save_at = None;
+                            // The same version again: the store keeps it and forgets the failure.
+                            if let Some(served) = &served {
+                                store.set(&name, served.clone());
+                            }
+                        }
+                        Ok(()) => save_at = Some(tokio::time::Instant::now() + PERSIST_RETRY),
+                        Err(e) => {
+                            store.fail(&name, unsaved_message(&e));
+                            save_at = Some(tokio::time::Instant::now() + PERSIST_RETRY);
+                        }
+                    }
+                }
                 () = sleep_until(check_at) => {
                     next_check = None;
                     if let (Some(check), Some(served)) = (&check, &served)
@@ -263,11 +401,17 @@ async fn keep_fresh(
                     }
                 }
                 request = renewal_requests.recv() => match request {
+                    Ok(r) if r.name == name && api_key => {
+                        tracing::debug!(credential = %name, "the upstream rejected the key: reading its file again");
+                        break;
+                    }
                     Ok(r) if r.name == name && attempted.elapsed() >= MIN_FORCED_RENEWAL_INTERVAL => {
                         tracing::info!(credential = %name, "the upstream rejected the credential: renewing now");
                         break;
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                    // Requests were lost; one of them may have been this key's.
+                    Err(RecvError::Lagged(_)) if api_key => break,
+                    Err(RecvError::Closed) => {
                         (&mut deadline).await;
                         break;
                     }
@@ -367,22 +511,31 @@ fn secret_data(
     data
 }
 
-/// Writes a rotated refresh token back to its file (atomically) before the new token is used.
+/// Writes a rotated refresh token back to its file (atomically, durably, mode 0600) before the new
+/// token is used. On an error the token is kept in memory (the next refresh redeems it) and written
+/// again every [`PERSIST_RETRY`].
 async fn persist_rotated_refresh_token(
     spec: &McpCredentialSpec,
     secrets: &SecretFiles,
     issued: &Issued,
-) -> std::io::Result<()> {
+) -> Result<(), SaveError> {
     let (Some(token), Some(r)) = (
         &issued.rotated_refresh_token,
         spec.source.oauth2.as_ref().and_then(|o| o.refresh_token.as_ref()),
     ) else {
         return Ok(());
     };
-    let path = secrets.path(r);
-    let tmp = path.with_extension("rotating");
-    tokio::fs::write(&tmp, token.expose()).await?;
-    tokio::fs::rename(&tmp, &path).await
+    secrets.store(secrets.path(r), token.clone()).await
+}
+
+/// The credential's last failure while a rotated refresh token is not on disk.
+fn unsaved_message(e: &SaveError) -> String {
+    let cause = e.source.to_string();
+    format!(
+        "{e} ({cause}): the rotated refresh token is kept in memory and written again every {}s; \
+         make the file writable, or the token is lost when the sidecar stops",
+        PERSIST_RETRY.as_secs()
+    )
 }
 
 #[cfg(test)]
@@ -598,7 +751,7 @@ mod tests {
             "https://laptop.example\n",
         )
         .unwrap();
-        let files = SecretFiles(dir.clone());
+        let files = SecretFiles::new(dir.clone());
         let key = files.signing_key(JwtAlgorithm::ES256).await.unwrap();
         assert_eq!(
             (key.kid.as_str(), key.issuer.as_str()),
