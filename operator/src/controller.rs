@@ -6,6 +6,14 @@
 //! the status holds `failedAttempts`. A restarted operator therefore re-issues nothing that is
 //! still valid. Only the "invalid_grant for these inputs" marker and the next retry time live in
 //! memory (a restart costs at most one more attempt for a credential in ReauthRequired).
+//!
+//! One more thing lives in memory, briefly: a rotated refresh token that is not written back yet
+//! ([`PendingRefreshToken`]). It is kept from the moment the token answer is read until the
+//! write-back succeeds, retried with backoff across reconciles (no token request meanwhile: the
+//! one in the Secret is already revoked), and written on shutdown or loss of the Lease within a
+//! grace period ([`flush_pending_refresh_tokens`]). The write-back only replaces the token we
+//! redeemed (a resourceVersion precondition, re-read on conflict): a Secret that meanwhile holds
+//! another refresh token (a new sign-in, or another credential sharing the key) is left alone.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -123,6 +131,31 @@ struct Memory {
     next_retry: Option<SystemTime>,
 }
 
+/// A rotated refresh token not written back yet. Kept across reconciles (apart from [`Memory`],
+/// which a failure or a success replaces) until it is in the Secret.
+#[derive(Clone)]
+struct PendingRefreshToken {
+    /// Where it goes: the credential's `oauth2.refreshToken`.
+    secret: SecretKeyRef,
+    /// The token we redeemed: the write-back replaces only this one.
+    redeemed: SecretString,
+    /// The new token.
+    token: SecretString,
+    /// Failed write-backs so far (for the backoff).
+    attempts: u32,
+}
+
+/// What a write-back found.
+enum WriteBack {
+    /// The Secret holds the new token now (written by us, now or earlier).
+    Written(Secret),
+    /// The Secret holds neither the token we redeemed nor the new one: someone stored another
+    /// refresh token since, which is newer than ours. Left alone.
+    Superseded(Secret),
+    /// The Secret is gone.
+    Gone,
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     client: Client,
@@ -139,6 +172,8 @@ pub struct Context {
     keys: Option<Arc<Keys>>,
     /// When each session credential's liveness was last checked (a restart checks again at once).
     checks: Mutex<HashMap<String, SystemTime>>,
+    /// Rotated refresh tokens not yet written back, by credential (`namespace/name`).
+    pending: Mutex<HashMap<String, PendingRefreshToken>>,
 }
 
 impl Context {
@@ -157,6 +192,7 @@ impl Context {
             written: Mutex::default(),
             keys: None,
             checks: Mutex::default(),
+            pending: Mutex::default(),
         }
     }
 
@@ -311,6 +347,13 @@ impl Inputs {
 
 impl SecretResolver for Inputs {
     async fn get(&self, r: &SecretKeyRef) -> Result<SecretString, ResolveError> {
+        self.value(r)
+    }
+}
+
+impl Inputs {
+    /// The value of `r` in the Secrets read.
+    fn value(&self, r: &SecretKeyRef) -> Result<SecretString, ResolveError> {
         let not_found = || ResolveError::NotFound {
             name: r.name.clone(),
             key: r.key.clone(),
@@ -350,6 +393,9 @@ impl SecretResolver for Inputs {
 struct Resolver<'a> {
     /// The credential's namespace, which minted `jwt` tokens are bound to.
     namespace: &'a str,
+    /// The credential (`namespace/name`), whose rotated refresh token is kept in `pending`.
+    key: &'a str,
+    pending: &'a Mutex<HashMap<String, PendingRefreshToken>>,
     inputs: &'a Inputs,
     service_accounts: Api<ServiceAccount>,
     keys: Option<&'a Keys>,
@@ -362,6 +408,23 @@ impl SecretResolver for Resolver<'_> {
 
     fn namespace(&self) -> Option<&str> {
         Some(self.namespace)
+    }
+
+    /// Keeps the new refresh token at once, before the answer is checked and before anything can
+    /// cancel this reconcile: from here on it is written back whatever happens.
+    fn refresh_token_rotated(&self, r: &SecretKeyRef, token: &SecretString) {
+        let Ok(redeemed) = self.inputs.value(r) else {
+            return;
+        };
+        self.pending.lock().unwrap().insert(
+            self.key.to_owned(),
+            PendingRefreshToken {
+                secret: r.clone(),
+                redeemed,
+                token: token.clone(),
+                attempts: 0,
+            },
+        );
     }
 
     /// A TokenRequest for the service account, if its annotation allows `audience`: otherwise
@@ -493,6 +556,27 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
             });
         }
     };
+    // Step 2b: a rotated refresh token not written back yet goes first; until it is, no token
+    // request (the one in the Secret is revoked) and nothing else is written.
+    let pending = ctx.pending.lock().unwrap().get(&key).cloned();
+    if let Some(p) = pending {
+        match write_back_refresh_token(
+            &secrets,
+            &p,
+            &key,
+            inputs.0.get(&p.secret.name).cloned().flatten(),
+        )
+        .await
+        {
+            Ok(outcome) => {
+                ctx.pending.lock().unwrap().remove(&key);
+                if let WriteBack::Written(s) | WriteBack::Superseded(s) = outcome {
+                    inputs.0.insert(p.secret.name.clone(), Some(s));
+                }
+            }
+            Err(e) => return Ok(write_back_failed(&ctx, &key, &p.secret, &e)),
+        }
+    }
     let fingerprint = inputs.fingerprint(&cred);
     let requested = cred.annotations().get(REFRESH_REQUESTED_ANNOTATION).cloned();
     let forced = requested.is_some() && requested != current.as_ref().and_then(|c| c.handled_request.clone());
@@ -552,6 +636,8 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     let cached = ctx.sources.discovered(&cred.spec);
     let resolver = Resolver {
         namespace: &ns,
+        key: &key,
+        pending: &ctx.pending,
         inputs: &inputs,
         service_accounts: Api::namespaced(ctx.client.clone(), &ns),
         keys: ctx.keys.as_deref(),
@@ -589,6 +675,24 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     let issued = match result {
         Ok(issued) => issued,
         Err(e) => {
+            // The access token was refused, but a rotated refresh token in the same answer is the
+            // only valid one now: write it back before anything else.
+            let pending = ctx.pending.lock().unwrap().get(&key).cloned();
+            if let Some(p) = pending {
+                match write_back_refresh_token(
+                    &secrets,
+                    &p,
+                    &key,
+                    inputs.0.get(&p.secret.name).cloned().flatten(),
+                )
+                .await
+                {
+                    Ok(_) => {
+                        ctx.pending.lock().unwrap().remove(&key);
+                    }
+                    Err(e) => return Ok(write_back_failed(&ctx, &key, &p.secret, &e)),
+                }
+            }
             return failed(
                 &cred,
                 &ctx,
@@ -605,25 +709,33 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         }
     };
 
-    // Step 5: a rotated refresh token is persisted before the new access token is published.
+    // Step 5: a rotated refresh token is persisted before the new access token is published. It
+    // has been kept since the answer was read (`Resolver::refresh_token_rotated`); a failed
+    // write-back leaves it kept, and the next reconcile tries again before anything else.
     let mut fingerprint = fingerprint;
-    if let (Some(rotated), Some(r)) = (
-        &issued.rotated_refresh_token,
-        cred.spec
-            .source
-            .oauth2
-            .as_ref()
-            .and_then(|o| o.refresh_token.as_ref()),
-    ) {
-        let updated = persist_refresh_token(&secrets, r, rotated)
-            .await
-            .map_err(|source| Error::PersistRefreshToken {
-                namespace: ns.clone(),
-                name: r.name.clone(),
-                source,
-            })?;
-        inputs.0.insert(r.name.clone(), Some(updated));
-        fingerprint = inputs.fingerprint(&cred);
+    let pending = ctx.pending.lock().unwrap().get(&key).cloned();
+    if let Some(p) = pending {
+        match write_back_refresh_token(
+            &secrets,
+            &p,
+            &key,
+            inputs.0.get(&p.secret.name).cloned().flatten(),
+        )
+        .await
+        {
+            Ok(WriteBack::Written(updated)) => {
+                ctx.pending.lock().unwrap().remove(&key);
+                inputs.0.insert(p.secret.name.clone(), Some(updated));
+                fingerprint = inputs.fingerprint(&cred);
+            }
+            // Someone stored another refresh token since we read ours: publish nothing made from
+            // ours; the next reconcile starts over from theirs (the inputs changed).
+            Ok(WriteBack::Superseded(_) | WriteBack::Gone) => {
+                ctx.pending.lock().unwrap().remove(&key);
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+            Err(e) => return Ok(write_back_failed(&ctx, &key, &p.secret, &e)),
+        }
     }
 
     // Step 6: apply the Secret (one write), then the status (one write).
@@ -905,30 +1017,154 @@ fn owned_by(s: &Secret, cred: &McpCredential) -> bool {
         .any(|o| o.controller == Some(true) && Some(&o.uid) == uid.as_ref())
 }
 
-async fn persist_refresh_token(
+/// The longest wait between two write-backs of a rotated refresh token.
+const WRITE_BACK_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Writes `p.token` into its Secret, over `p.redeemed` only: the patch carries the resourceVersion
+/// it was decided on, and a conflict is decided again on a fresh read. A few quick tries (an API
+/// server restart is short); the caller keeps `p` on `Err` and tries again later.
+async fn write_back_refresh_token(
     api: &Api<Secret>,
-    r: &SecretKeyRef,
-    token: &SecretString,
-) -> Result<Secret, kube::Error> {
+    p: &PendingRefreshToken,
+    credential: &str,
+    mut known: Option<Secret>,
+) -> Result<WriteBack, kube::Error> {
     use base64::Engine;
-    let value = base64::engine::general_purpose::STANDARD.encode(token.expose());
-    let patch = serde_json::json!({ "data": { r.key.clone(): value } });
+    let value = base64::engine::general_purpose::STANDARD.encode(p.token.expose());
     let mut last = None;
-    // The old refresh token may already be revoked: try hard before giving up.
-    for attempt in 0..3 {
+    for attempt in 0..3u32 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+        }
+        // The Secret as this reconcile read it, first; after a failure or a conflict, afresh.
+        let read = match known.take() {
+            Some(s) => Ok(Some(s)),
+            None => api.get_opt(&p.secret.name).await,
+        };
+        let secret = match read {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                warn!(credential, secret = %p.secret.name, "the Secret of the rotated refresh token is gone; the new token is lost");
+                return Ok(WriteBack::Gone);
+            }
+            Err(e) => {
+                last = Some(e);
+                continue;
+            }
+        };
+        let held = Inputs(BTreeMap::from([(p.secret.name.clone(), Some(secret.clone()))])).value(&p.secret);
+        match held {
+            Ok(t) if t == p.token => return Ok(WriteBack::Written(secret)),
+            Ok(t) if t == p.redeemed => {}
+            _ => {
+                warn!(
+                    credential,
+                    secret = %p.secret.name,
+                    key = %p.secret.key,
+                    "the Secret holds another refresh token than the one redeemed (a new sign-in, or another \
+                     McpCredential sharing the key): keeping it, not writing the rotated one over it"
+                );
+                return Ok(WriteBack::Superseded(secret));
+            }
+        }
+        // A resourceVersion in a merge patch is a precondition: 409 if the Secret changed since.
+        let patch = serde_json::json!({
+            "metadata": { "resourceVersion": secret.resource_version() },
+            "data": { p.secret.key.clone(): value },
+        });
         match api
-            .patch(&r.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(&p.secret.name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(s) => return Ok(s),
+            Ok(s) => {
+                info!(credential, secret = %p.secret.name, "wrote the rotated refresh token back");
+                return Ok(WriteBack::Written(s));
+            }
             Err(e) => {
-                warn!(secret = %r.name, attempt, error = %e, "persisting the rotated refresh token failed");
+                warn!(credential, secret = %p.secret.name, attempt, error = %e, "writing the rotated refresh token back failed");
                 last = Some(e);
-                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
             }
         }
     }
     Err(last.expect("at least one attempt"))
+}
+
+/// A write-back failed: the token stays kept; try again after a backoff (1 s doubling to
+/// [`WRITE_BACK_MAX_BACKOFF`]), for as long as it takes.
+fn write_back_failed(ctx: &Context, key: &str, secret: &SecretKeyRef, e: &kube::Error) -> Action {
+    let attempts = ctx
+        .pending
+        .lock()
+        .unwrap()
+        .get_mut(key)
+        .map(|p| {
+            p.attempts = p.attempts.saturating_add(1);
+            p.attempts
+        })
+        .unwrap_or(1);
+    let wait = Duration::from_secs(1u64 << attempts.min(5)).min(WRITE_BACK_MAX_BACKOFF);
+    let error = Error::PersistRefreshToken {
+        namespace: key.split('/').next().unwrap_or_default().to_owned(),
+        name: secret.name.clone(),
+        source: clone_error(e),
+    };
+    warn!(
+        credential = %key,
+        attempts,
+        retry_in_seconds = wait.as_secs(),
+        error = %ErrorChain(&error),
+        "the rotated refresh token is kept in memory until it is written back"
+    );
+    Action::requeue(wait)
+}
+
+/// kube::Error is not Clone: enough of it for a log line.
+fn clone_error(e: &kube::Error) -> kube::Error {
+    match e {
+        kube::Error::Api(s) => kube::Error::Api(s.clone()),
+        other => kube::Error::Service(other.to_string().into()),
+    }
+}
+
+/// Writes every kept rotated refresh token back, retrying until each is written (or found
+/// superseded): on shutdown and on loss of the Lease, bounded by the caller's grace period.
+/// Safe after the Lease is lost: a write-back only replaces the token this process redeemed,
+/// so it never overwrites what a new leader stored. Returns how many are still not written.
+pub async fn flush_pending_refresh_tokens(ctx: &Context) -> usize {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        let pending: Vec<(String, PendingRefreshToken)> = ctx
+            .pending
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect();
+        if pending.is_empty() {
+            return 0;
+        }
+        info!(
+            count = pending.len(),
+            "writing kept rotated refresh tokens back before stopping"
+        );
+        for (key, p) in pending {
+            let ns = key.split('/').next().unwrap_or_default();
+            let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+            if write_back_refresh_token(&api, &p, &key, None).await.is_ok() {
+                ctx.pending.lock().unwrap().remove(&key);
+            }
+        }
+        if ctx.pending.lock().unwrap().is_empty() {
+            return 0;
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// How many rotated refresh tokens are kept, not yet written back.
+pub fn pending_refresh_tokens(ctx: &Context) -> usize {
+    ctx.pending.lock().unwrap().len()
 }
 
 fn desired_secret(

@@ -1,8 +1,16 @@
 //! Lease-based leader election (coordination.k8s.io/v1), so that of several operator processes
 //! only one refreshes credentials. A holder renews every `renew_every`; a Lease not renewed for
-//! `lease_duration` may be taken over. Losing the Lease ends the process's leadership at once.
+//! `lease_duration` may be taken over.
+//!
+//! Two rules keep it to one leader, whatever the network or the clocks do (as client-go does):
+//! - The leader stops leading once its last successful renewal is `renew_deadline` old (two
+//!   thirds of the Lease), and every API call has a deadline, so a hung connection cannot keep it
+//!   leading: it has stopped a third of the Lease before any standby may take over.
+//! - A standby judges the holder's Lease expired by its own monotonic clock: `lease_duration`
+//!   after it last saw the Lease change (holder or resourceVersion), never by comparing the
+//!   holder's `renewTime` with the local wall clock (clock skew between nodes is not expiry).
 
-use std::time::Duration;
+use std::{sync::Mutex, time::Duration};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -12,6 +20,7 @@ use kube::{
     Api,
     api::{ObjectMeta, PostParams},
 };
+use tokio::time::{Instant, timeout};
 use tracing::{info, warn};
 
 /// One candidate for the leader Lease.
@@ -21,6 +30,19 @@ pub struct LeaderElection {
     identity: String,
     lease_duration: Duration,
     renew_every: Duration,
+    /// A leader that has not renewed for this long stops leading.
+    renew_deadline: Duration,
+    /// The Lease as last seen held by another process: (holder, resourceVersion, when we saw it change).
+    observed: Mutex<Option<(String, String, Instant)>>,
+}
+
+/// Why [`LeaderElection::hold`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lost {
+    /// Another process holds the Lease now.
+    TakenOver,
+    /// No renewal succeeded within the renew deadline (the API server is unreachable or hangs).
+    RenewDeadline,
 }
 
 fn now() -> MicroTime {
@@ -36,49 +58,80 @@ impl LeaderElection {
             identity: identity.to_owned(),
             lease_duration,
             renew_every: lease_duration / 3,
+            renew_deadline: lease_duration * 2 / 3,
+            observed: Mutex::new(None),
         }
     }
 
-    /// Waits until this process holds the Lease.
-    pub async fn acquire(&self) {
+    /// How long after the last successful renewal the leader stops leading.
+    pub fn renew_deadline(&self) -> Duration {
+        self.renew_deadline
+    }
+
+    /// Waits until this process holds the Lease. Returns when it became the leader: the instant its
+    /// winning attempt started, from which [`LeaderElection::hold`] counts the renew deadline.
+    pub async fn acquire(&self) -> Instant {
+        let retry = self.renew_every.min(Duration::from_secs(2));
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => {
+            let started = Instant::now();
+            // A hung request must not hold up the next attempt (kube's client sets no read timeout).
+            match timeout(self.renew_every, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => {
                     info!(identity = %self.identity, lease = %self.name, "became the leader");
-                    return;
+                    return started;
                 }
-                Ok(false) => {}
-                Err(e) => warn!(error = %e, "reading the leader Lease failed"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => warn!(error = %e, "reading the leader Lease failed"),
+                Err(_) => warn!(
+                    timeout_seconds = self.renew_every.as_secs_f64(),
+                    "reading the leader Lease timed out"
+                ),
             }
-            tokio::time::sleep(self.renew_every.min(Duration::from_secs(2))).await;
+            tokio::time::sleep(retry).await;
         }
     }
 
-    /// Renews the Lease until leadership is lost; then returns.
-    pub async fn hold(&self) {
-        let mut last_renewal = tokio::time::Instant::now();
+    /// Renews the Lease until leadership is lost; then returns why. `since`: when the last
+    /// successful renewal (or the acquisition) started. Returns no later than the renew deadline
+    /// after the last success, so a standby (which waits the whole Lease) never leads alongside.
+    pub async fn hold(&self, since: Instant) -> Lost {
+        let mut last_renewal = since;
+        let retry = self.renew_every.min(Duration::from_secs(2));
+        let mut wait = self.renew_every;
         loop {
-            tokio::time::sleep(self.renew_every).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => {
+            let deadline = last_renewal + self.renew_deadline;
+            tokio::time::sleep_until((Instant::now() + wait).min(deadline)).await;
+            let started = Instant::now();
+            if started >= deadline {
+                warn!(
+                    identity = %self.identity,
+                    renew_deadline_seconds = self.renew_deadline.as_secs_f64(),
+                    "no renewal of the leader Lease succeeded within the renew deadline; stopping leading"
+                );
+                return Lost::RenewDeadline;
+            }
+            // Measured from the start of the attempt: the renewal happened no earlier than that.
+            match timeout(deadline - started, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => {
+                    last_renewal = started;
+                    wait = self.renew_every;
+                }
+                Ok(Ok(false)) => {
                     warn!(identity = %self.identity, "another process took the leader Lease");
-                    return;
+                    return Lost::TakenOver;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     warn!(error = %e, "renewing the leader Lease failed");
-                    // Stop before another process may legitimately take over.
-                    if last_renewal.elapsed() + self.renew_every >= self.lease_duration {
-                        return;
-                    }
+                    wait = retry;
                 }
+                Err(_) => wait = retry, // the deadline: reported at the top of the loop
             }
         }
     }
 
     /// Gives the Lease up so that a standby takes over at once (on graceful shutdown).
     pub async fn release(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
+        let Ok(Ok(Some(mut lease))) = timeout(self.renew_every, self.api.get_opt(&self.name)).await else {
             return;
         };
         let spec = lease.spec.get_or_insert_with(Default::default);
@@ -88,8 +141,15 @@ impl LeaderElection {
         spec.holder_identity = None;
         spec.renew_time = None;
         spec.acquire_time = None;
-        if let Err(e) = self.api.replace(&self.name, &PostParams::default(), &lease).await {
-            warn!(error = %e, "releasing the leader Lease failed");
+        match timeout(
+            self.renew_every,
+            self.api.replace(&self.name, &PostParams::default(), &lease),
+        )
+        .await
+        {
+            Ok(Ok(_)) => info!(identity = %self.identity, "released the leader Lease"),
+            Ok(Err(e)) => warn!(error = %e, "releasing the leader Lease failed"),
+            Err(_) => warn!("releasing the leader Lease timed out"),
         }
     }
 
@@ -113,16 +173,18 @@ impl LeaderElection {
             };
             return conflict_is_false(self.api.create(&PostParams::default(), &lease).await);
         };
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let spec = lease.spec.get_or_insert_with(Default::default);
         let mine = spec.holder_identity.as_deref() == Some(&self.identity);
-        let held = spec.holder_identity.as_deref().is_some_and(|h| !h.is_empty());
-        let duration =
-            jiff::SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(secs)));
-        let expired = spec
-            .renew_time
-            .as_ref()
-            .is_none_or(|t| t.0 + duration < jiff::Timestamp::now());
-        if !mine && held && !expired {
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        let duration = Duration::from_secs(
+            u64::try_from(spec.lease_duration_seconds.unwrap_or(secs))
+                .unwrap_or(self.lease_duration.as_secs()),
+        );
+        if let Some(holder) = holder.as_ref().filter(|_| !mine)
+            && spec.renew_time.is_some()
+            && !self.expired(holder, &version, duration)
+        {
             return Ok(false);
         }
         if !mine {
@@ -134,6 +196,21 @@ impl LeaderElection {
         spec.lease_duration_seconds = Some(secs);
         // `replace` carries the resourceVersion we read: two candidates cannot both win.
         conflict_is_false(self.api.replace(&self.name, &PostParams::default(), &lease).await)
+    }
+}
+
+impl LeaderElection {
+    /// True once the Lease held by `holder` at `version` has not changed for `duration` of our own
+    /// clock. A Lease seen for the first time (or changed) starts the count anew.
+    fn expired(&self, holder: &str, version: &str, duration: Duration) -> bool {
+        let mut observed = self.observed.lock().unwrap();
+        match observed.as_ref() {
+            Some((h, v, at)) if h == holder && v == version => at.elapsed() >= duration,
+            _ => {
+                *observed = Some((holder.to_owned(), version.to_owned(), Instant::now()));
+                false
+            }
+        }
     }
 }
 

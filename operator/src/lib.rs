@@ -297,17 +297,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let policy = mcp_credentials_core::source::OutboundPolicy {
         allow_loopback: config.discovery_allow_loopback,
     };
-    let mut sources =
-        mcp_credentials_core::source::SourceContext::new(Duration::from_secs(config.token_timeout), policy)
-            .context("building the HTTP clients")?;
-    if let Some(policy) = jwt_policy(&config)? {
-        sources = sources.with_jwt_policy(policy);
-    }
-    let mut ctx = controller::Context::new(client.clone(), sources, metrics.clone(), &identity);
-    if let Some(k) = &keys {
-        ctx = ctx.with_keys(k.clone());
-    }
-    let ctx = Arc::new(ctx);
+    let jwt_policy = jwt_policy(&config)?;
+    // The HTTP clients and discovery cache of one term of leadership.
+    let sources = || -> anyhow::Result<_> {
+        let mut sources = mcp_credentials_core::source::SourceContext::new(
+            Duration::from_secs(config.token_timeout),
+            policy,
+        )
+        .context("building the HTTP clients")?;
+        if let Some(policy) = &jwt_policy {
+            sources = sources.with_jwt_policy(policy.clone());
+        }
+        Ok(sources)
+    };
+    sources()?; // a bad setting stops the operator at start, not at its first term
     let election = config.leader_election.then(|| {
         leader::LeaderElection::new(
             Api::namespaced(client.clone(), &lease_ns),
@@ -318,57 +321,110 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     });
 
     tokio::pin!(shutdown);
-    if let Some(e) = &election {
-        ready.store(true, Ordering::Relaxed); // a standby is healthy and ready to take over
-        tokio::select! {
-            _ = e.acquire() => {}
-            _ = &mut shutdown => return Ok(()),
+    // Each term of leadership runs a fresh controller; losing the Lease ends the term (the
+    // process stays a standby), shutdown ends the process.
+    loop {
+        let since = match &election {
+            Some(e) => {
+                ready.store(true, Ordering::Relaxed); // a standby is healthy and ready to take over
+                tokio::select! {
+                    since = e.acquire() => since,
+                    _ = &mut shutdown => return Ok(()),
+                }
+            }
+            None => tokio::time::Instant::now(),
+        };
+        let mut ctx = controller::Context::new(client.clone(), sources()?, metrics.clone(), &identity);
+        if let Some(k) = &keys {
+            ctx = ctx.with_keys(k.clone());
         }
-    }
-    metrics.leader.with_label_values(&[&identity]).set(1);
-    leading.store(true, Ordering::Relaxed);
-    if let Some(k) = &keys {
-        // Create (or rotate) the keys before the first jwt credential needs one.
-        let policy =
-            mcp_credentials_core::keyring::Policy::every(Duration::from_secs(config.jwt_key_rotation));
-        if let Err(e) = k
-            .reload(
-                &Api::namespaced(client.clone(), &lease_ns),
-                &policy,
-                true,
-                &metrics,
+        let ctx = Arc::new(ctx);
+        metrics.leader.with_label_values(&[&identity]).set(1);
+        leading.store(true, Ordering::Relaxed);
+        let hold = async {
+            match &election {
+                Some(e) => e.hold(since).await,
+                None => std::future::pending().await,
+            }
+        };
+        let lead = async {
+            if let Some(k) = &keys {
+                // Create (or rotate) the keys before the first jwt credential needs one.
+                let policy = mcp_credentials_core::keyring::Policy::every(Duration::from_secs(
+                    config.jwt_key_rotation,
+                ));
+                if let Err(e) = k
+                    .reload(
+                        &Api::namespaced(client.clone(), &lease_ns),
+                        &policy,
+                        true,
+                        &metrics,
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, "creating the JWT signing keys failed; retrying in the background");
+                }
+            }
+            ready.store(true, Ordering::Relaxed);
+            futures::future::join3(
+                controller::run(ctx.clone(), config.namespace.as_deref(), config.concurrency),
+                access::run(client.clone(), config.namespace.as_deref()),
+                webhook_certificates(&config, &client, &lease_ns),
             )
             .await
-        {
-            tracing::warn!(error = %e, "creating the JWT signing keys failed; retrying in the background");
-        }
+        };
+        let lost = tokio::select! {
+            _ = lead => None,
+            lost = hold => Some(lost),
+            _ = &mut shutdown => {
+                info!("shutting down");
+                None
+            }
+        };
+        // Leading has stopped: the controller and its requests are dropped. A standby may lead
+        // only after the whole Lease; until then, write back the rotated refresh tokens that
+        // were read but not yet written (they replace only what this process redeemed).
+        metrics.leader.with_label_values(&[&identity]).set(0);
+        leading.store(false, Ordering::Relaxed);
+        drain(&ctx).await;
+        let Some(lost) = lost else {
+            if let Some(e) = &election {
+                e.release().await;
+            }
+            return Ok(());
+        };
+        let reason = match lost {
+            leader::Lost::TakenOver => "taken_over",
+            leader::Lost::RenewDeadline => "renew_deadline",
+        };
+        metrics.leadership_lost.with_label_values(&[reason]).inc();
+        tracing::warn!(
+            identity = %identity,
+            lease = %format!("{lease_ns}/{}", config.lease_name),
+            reason,
+            "stopped leading: the controller is stopped; waiting as a standby"
+        );
     }
-    ready.store(true, Ordering::Relaxed);
-    let hold = async {
-        match &election {
-            Some(e) => e.hold().await,
-            None => std::future::pending().await,
-        }
-    };
-    let result = tokio::select! {
-        _ = futures::future::join3(
-            controller::run(ctx, config.namespace.as_deref(), config.concurrency),
-            access::run(client.clone(), config.namespace.as_deref()),
-            webhook_certificates(&config, &client, &lease_ns),
-        ) => Ok(()),
-        _ = hold => Err(anyhow::anyhow!("lost the leader Lease {lease_ns}/{}; exiting", config.lease_name)),
-        _ = &mut shutdown => {
-            info!("shutting down");
-            Ok(())
-        }
-    };
-    metrics.leader.with_label_values(&[&identity]).set(0);
-    if let Some(e) = &election
-        && result.is_ok()
-    {
-        e.release().await;
+}
+
+/// How long stopping (shutdown or loss of the Lease) may spend writing back rotated refresh
+/// tokens: well within Kubernetes' default 30 s termination grace period.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Writes back the rotated refresh tokens the stopped controller still kept, within [`DRAIN_GRACE`].
+async fn drain(ctx: &controller::Context) {
+    if controller::pending_refresh_tokens(ctx) == 0 {
+        return;
     }
-    result
+    match tokio::time::timeout(DRAIN_GRACE, controller::flush_pending_refresh_tokens(ctx)).await {
+        Ok(_) => info!("every rotated refresh token is written back"),
+        Err(_) => tracing::error!(
+            not_written = controller::pending_refresh_tokens(ctx),
+            grace_seconds = DRAIN_GRACE.as_secs(),
+            "stopping with rotated refresh tokens not written back (the API server did not accept them in time); \
+             the credentials concerned may need a new sign-in"
+        ),
+    }
 }
 
 /// Serves the JWKS on `addr` and keeps the signing keys current (rotated while `leading`).

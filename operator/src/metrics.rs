@@ -24,6 +24,9 @@ pub struct Metrics {
     pub api_requests: IntCounterVec,
     /// 1 while this process holds the leader Lease.
     pub leader: IntGaugeVec,
+    /// Times this process stopped leading without shutting down, by reason: `taken_over`,
+    /// `renew_deadline` (no renewal within the deadline).
+    pub leadership_lost: IntCounterVec,
     /// Sidecar reports (`POST /v1/report`) by result: `refresh_requested`, `already_newer`,
     /// `rate_limited`, `unauthenticated`, `forbidden`, `not_found`, `bad_request`, `error`.
     pub reports: IntCounterVec,
@@ -88,6 +91,13 @@ impl Metrics {
             Opts::new(p("leader"), "1 while this process is the leader"),
             &["identity"],
         )?;
+        let leadership_lost = IntCounterVec::new(
+            Opts::new(
+                p("leadership_lost_total"),
+                "Times this process stopped leading without shutting down, by reason",
+            ),
+            &["reason"],
+        )?;
         let reports = IntCounterVec::new(
             Opts::new(
                 p("reports_total"),
@@ -118,6 +128,7 @@ impl Metrics {
             Box::new(token_requests.clone()),
             Box::new(api_requests.clone()),
             Box::new(leader.clone()),
+            Box::new(leadership_lost.clone()),
             Box::new(reports.clone()),
             Box::new(session_checks.clone()),
             Box::new(jwt_keys.clone()),
@@ -134,6 +145,7 @@ impl Metrics {
             token_requests,
             api_requests,
             leader,
+            leadership_lost,
             reports,
             session_checks,
             jwt_keys,

@@ -173,6 +173,11 @@ callback = async (req, res) => {
     if (url.pathname === '/test/refresh-token') {
       const token = await mintRefreshToken(url.searchParams.get('resource'));
       res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ refresh_token: token }));
+    } else if (url.pathname === '/test/refresh-token-status') {
+      // Whether a refresh token is the live one of its chain: found, and not consumed by a rotation.
+      const token = await provider.RefreshToken.find(url.searchParams.get('token') ?? '');
+      res.writeHead(200, { 'content-type': 'application/json' })
+        .end(JSON.stringify({ found: Boolean(token), consumed: Boolean(token?.consumed) }));
     } else if (url.pathname === '/test/stats') {
       res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ token_requests: tokenRequests }));
     } else {

@@ -146,3 +146,6 @@ impl ControlPlane {
         kube::Client::try_from(config).expect("kube client")
     }
 }
+
+/// A TCP fault proxy (reset or blackhole all traffic on command) for fault-injection tests.
+pub mod fault_proxy;

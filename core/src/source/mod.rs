@@ -100,6 +100,15 @@ pub trait SecretResolver: Send + Sync {
         None
     }
 
+    /// The authorization server answered the refresh of `r` with a new refresh token: called as
+    /// soon as the answer is read, before the access token is checked, and also when the access
+    /// token is then refused (audience, expiry, a bad `expires_in`): a server that rotates has
+    /// already revoked the old one, so the new one must be kept until it is written back.
+    /// Default: nothing (the caller persists [`Issued::rotated_refresh_token`]).
+    fn refresh_token_rotated(&self, r: &SecretKeyRef, token: &SecretString) {
+        let _ = (r, token);
+    }
+
     /// The current key for minting `jwt` tokens with `alg`. Default: none (this process does not mint).
     fn signing_key(
         &self,

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use super::{
     Issued, SecretResolver, SourceContext, SourceError, TokenEndpoint,
     outbound::{self, ReadError},
-    token_response::{TokenResponse, jwt_claims, parse_token_response},
+    token_response::{TokenResponse, jwt_claims, parse_token_response, refresh_token_in},
 };
 use crate::{ClientAuth, McpCredentialSpec, OAuth2Grant, OAuth2Source, ProviderQuirks, SecretString, timing};
 
@@ -126,15 +126,22 @@ pub async fn obtain(
         .collect();
     form.append(&mut extra);
 
-    let token = post_token(
+    let (token, refresh_token) = post_token_keeping_refresh_token(
         ctx,
         spec,
         &endpoint,
         &form,
         basic.as_ref().map(|(id, s)| (id.as_str(), s)),
     )
-    .await?;
-    issued(token, resource, o.quirks.as_ref(), current_refresh_token)
+    .await;
+    // Hand a rotated refresh token over before anything can refuse the answer: the server has
+    // already revoked the one we sent.
+    if let (Some(r), Some(old), Some(new)) = (&o.refresh_token, &current_refresh_token, &refresh_token)
+        && old != new
+    {
+        secrets.refresh_token_rotated(r, new);
+    }
+    issued(token?, resource, o.quirks.as_ref(), current_refresh_token)
 }
 
 /// Sends one token request (a form, with HTTP Basic client authentication when `basic` is set)
@@ -146,19 +153,39 @@ pub(crate) async fn post_token(
     form: &[(&str, String)],
     basic: Option<(&str, &SecretString)>,
 ) -> Result<TokenResponse, SourceError> {
-    let result = send_form(ctx.client(endpoint), &endpoint.url, form, basic).await;
+    post_token_keeping_refresh_token(ctx, spec, endpoint, form, basic)
+        .await
+        .0
+}
+
+/// [`post_token`], and the answer's `refresh_token` even when the rest of the answer is refused.
+async fn post_token_keeping_refresh_token(
+    ctx: &SourceContext,
+    spec: &McpCredentialSpec,
+    endpoint: &TokenEndpoint,
+    form: &[(&str, String)],
+    basic: Option<(&str, &SecretString)>,
+) -> (Result<TokenResponse, SourceError>, Option<SecretString>) {
+    let (result, refresh_token) = match send_form(ctx.client(endpoint), &endpoint.url, form, basic).await {
+        Ok((status, bytes)) => (
+            parse_token_response(status, &bytes),
+            refresh_token_in(status, &bytes),
+        ),
+        Err(e) => (Err(e), None),
+    };
     if let Err(e) = &result {
         ctx.token_request_failed(spec, endpoint, e);
     }
-    result
+    (result, refresh_token)
 }
 
+/// Sends the form; the answer's status and body (at most [`MAX_RESPONSE_BYTES`]).
 async fn send_form(
     http: &reqwest::Client,
     token_url: &str,
     form: &[(&str, String)],
     basic: Option<(&str, &SecretString)>,
-) -> Result<TokenResponse, SourceError> {
+) -> Result<(u16, Vec<u8>), SourceError> {
     let body = form
         .iter()
         .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
@@ -175,8 +202,7 @@ async fn send_form(
     }
     let endpoint = endpoint_label(token_url);
     let resp = send(req, &endpoint).await?;
-    let (status, bytes) = read_body(resp, &endpoint).await?;
-    parse_token_response(status, &bytes)
+    read_body(resp, &endpoint).await
 }
 
 /// The credential a token response gives: expiry from `expires_in` or the JWT's `exp` (the

@@ -96,6 +96,19 @@ pub fn parse_token_response(status: u16, body: &[u8]) -> Result<TokenResponse, S
     })
 }
 
+/// The `refresh_token` of a successful (2xx) token answer, read on its own: when the rest of the
+/// answer is refused (an unusual `expires_in`, say), a server that rotates has still revoked the
+/// refresh token we sent, and the new one must be kept.
+pub fn refresh_token_in(status: u16, body: &[u8]) -> Option<SecretString> {
+    if !(200..300).contains(&status) {
+        return None;
+    }
+    match serde_json::from_slice::<Value>(body).ok()?.get("refresh_token")? {
+        Value::String(s) if !s.is_empty() => Some(SecretString::new(s.clone())),
+        _ => None,
+    }
+}
+
 /// The claims of a JWT that matter for timing and audience, read without verifying the signature
 /// (the token is the server's to verify; we only schedule by it). `None` for opaque tokens.
 #[derive(Debug, Default, Clone, PartialEq)]

@@ -139,6 +139,18 @@ pub struct Operator {
 impl Operator {
     /// Starts an operator for `ns` with leader election in `ns`, as `identity`.
     pub fn start(cp: &ControlPlane, ns: &str, identity: &str, extra: &[&str]) -> Self {
+        Self::start_with_kubeconfig(cp, ns, identity, extra, &token_kubeconfig(cp))
+    }
+
+    /// Like [`Operator::start`], reaching the API server as `kubeconfig` says (through a fault proxy, say).
+    pub fn start_with_kubeconfig(
+        cp: &ControlPlane,
+        ns: &str,
+        identity: &str,
+        extra: &[&str],
+        kubeconfig: &Path,
+    ) -> Self {
+        let _ = cp;
         let port = free_port();
         let log = std::env::temp_dir().join(format!("mcp-operator-{ns}-{identity}.log"));
         let file = std::fs::File::create(&log).unwrap();
@@ -158,7 +170,7 @@ impl Operator {
             // A short Lease for takeover tests, unless the test sets its own.
             .args(if extra.contains(&"--lease-duration") { &[][..] } else { &["--lease-duration", "12"][..] })
             .args(extra)
-            .env("KUBECONFIG", token_kubeconfig(cp))
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info,kube_runtime=warn")
             .stdout(Stdio::null())
             .stderr(file)
@@ -297,6 +309,17 @@ impl OAuthServer {
     /// The issuer (as its discovery metadata says).
     pub fn issuer(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// True when `token` is the live refresh token of its chain (issued, not consumed by a rotation).
+    pub async fn refresh_token_is_live(&self, token: &str) -> bool {
+        // oidc-provider's tokens are base64url: nothing to escape.
+        let url = format!(
+            "http://127.0.0.1:{}/test/refresh-token-status?token={token}",
+            self.port
+        );
+        let v: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        v["found"] == true && v["consumed"] == false
     }
 
     /// Token requests the server has received.

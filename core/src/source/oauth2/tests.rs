@@ -307,3 +307,92 @@ fn the_default_header_is_bearer_and_api_keys_in_custom_headers_are_bare() {
     let (name, value) = crate::source::header(&s, &issued);
     assert_eq!((name.as_str(), value.expose()), ("X-API-Key", "tok"));
 }
+
+/// A resolver that records the rotated refresh tokens it is handed.
+struct Recording(MapResolver, std::sync::Mutex<Vec<(String, String)>>);
+
+impl SecretResolver for Recording {
+    async fn get(&self, r: &SecretKeyRef) -> Result<SecretString, crate::source::ResolveError> {
+        self.0.get(r).await
+    }
+
+    fn refresh_token_rotated(&self, r: &SecretKeyRef, token: &SecretString) {
+        self.1
+            .lock()
+            .unwrap()
+            .push((format!("{}/{}", r.name, r.key), token.expose().to_owned()));
+    }
+}
+
+/// A refresh answered with `body`: the result and the rotated tokens the resolver was handed.
+async fn refresh_answered(body: String) -> (Result<Issued, SourceError>, Vec<(String, String)>) {
+    let (url, _) = server(Answer::Json(200, body)).await;
+    let spec = spec(&url, |o| {
+        o.grant = OAuth2Grant::RefreshToken;
+        o.refresh_token = Some(SecretKeyRef {
+            name: "idp".into(),
+            key: "refresh-token".into(),
+        });
+    });
+    let resolver = Recording(secrets(), Default::default());
+    let r = crate::source::obtain("test", &spec, &resolver, &context()).await;
+    (r, resolver.1.into_inner().unwrap())
+}
+
+#[tokio::test]
+async fn a_rotated_refresh_token_is_kept_when_its_access_token_is_refused() {
+    let now = timing::unix_seconds(SystemTime::now());
+    let wrong_audience = jwt(&format!(
+        r#"{{"exp":{},"aud":"https://elsewhere.example.com"}}"#,
+        now + 120
+    ));
+    let expired = jwt(&format!(
+        r#"{{"exp":{},"aud":"https://mcp.example.com/mcp"}}"#,
+        now - 30
+    ));
+    let answers = [
+        (
+            format!(r#"{{"access_token":"{wrong_audience}","refresh_token":"rt-2"}}"#),
+            "AudienceMismatch",
+        ),
+        (
+            format!(r#"{{"access_token":"{expired}","refresh_token":"rt-2"}}"#),
+            "BadTokenResponse",
+        ),
+        (
+            r#"{"access_token":"at","expires_in":0,"refresh_token":"rt-2"}"#.to_owned(),
+            "BadTokenResponse",
+        ),
+        (
+            r#"{"access_token":"at","expires_in":"soon","refresh_token":"rt-2"}"#.to_owned(),
+            "BadTokenResponse",
+        ),
+        (
+            r#"{"access_token":"","refresh_token":"rt-2"}"#.to_owned(),
+            "BadTokenResponse",
+        ),
+    ];
+    for (body, reason) in answers {
+        let (r, rotated) = refresh_answered(body.clone()).await;
+        let e = r.unwrap_err();
+        assert_eq!(e.reason(), reason, "{body}");
+        assert!(!e.to_string().contains("rt-2"), "{e}");
+        assert_eq!(
+            rotated,
+            [("idp/refresh-token".to_owned(), "rt-2".to_owned())],
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_accepted_answer_hands_over_a_rotated_refresh_token_once_and_an_unchanged_one_never() {
+    let (r, rotated) =
+        refresh_answered(r#"{"access_token":"at","expires_in":60,"refresh_token":"rt-2"}"#.into()).await;
+    assert_eq!(r.unwrap().rotated_refresh_token.unwrap().expose(), "rt-2");
+    assert_eq!(rotated.len(), 1);
+    let (r, rotated) =
+        refresh_answered(r#"{"access_token":"at","expires_in":60,"refresh_token":"rt-1"}"#.into()).await;
+    assert!(r.unwrap().rotated_refresh_token.is_none());
+    assert!(rotated.is_empty());
+}

@@ -1,0 +1,310 @@
+//! Faults between the operator and the API server, injected by a TCP fault proxy
+//! (`mcp_credentials_e2e::fault_proxy`) in front of the real kube-apiserver, with the real OAuth
+//! server (oidc-provider, which rotates the refresh token on every use and revokes the grant when
+//! a used one comes back):
+//! - every API connection fails for 10 s right after the token answer: the rotated refresh token
+//!   is still written back, and the next refresh works;
+//! - the leader's connections are blackholed without being reset: it stops leading before the
+//!   standby takes over, and only the standby writes afterwards.
+//!
+//! Outcomes are asserted (what the Secret holds, which process wrote), never durations.
+
+mod operator_support;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
+use mcp_credentials_core::McpCredential;
+use mcp_credentials_e2e::{
+    ControlPlane,
+    fault_proxy::{Fault, FaultProxy, contains},
+};
+use operator_support::*;
+
+/// The API server's address, from the token kubeconfig.
+fn apiserver(kubeconfig: &std::path::Path) -> (String, SocketAddr) {
+    let text = std::fs::read_to_string(kubeconfig).unwrap();
+    let server = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server:").map(|v| v.trim().to_owned()))
+        .expect("a server in the kubeconfig");
+    let addr = server
+        .strip_prefix("https://")
+        .expect("an https server")
+        .trim_end_matches('/')
+        .parse()
+        .expect("an IP:port server");
+    (server, addr)
+}
+
+/// A proxy in front of the API server, and a kubeconfig (named after `who`) that goes through it.
+/// The proxy listens on 127.0.0.1 as the API server does, so its certificate still matches.
+async fn api_proxy(cp: &ControlPlane, who: &str) -> (FaultProxy, PathBuf) {
+    let direct = token_kubeconfig(cp);
+    let (server, addr) = apiserver(&direct);
+    let proxy = FaultProxy::start(addr).await;
+    let text = std::fs::read_to_string(&direct)
+        .unwrap()
+        .replace(&server, &format!("https://{}", proxy.addr()));
+    let path = std::env::temp_dir().join(format!("mcp-e2e-{}-{who}-proxied.kubeconfig", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    (proxy, path)
+}
+
+fn force(v: &str) -> serde_json::Value {
+    serde_json::json!({"metadata": {"annotations": {"mcpcredentials.dev/refresh-requested-at": v}}})
+}
+
+/// The refresh request the credential's Secret was last made for.
+fn handled(s: &Secret) -> Option<String> {
+    s.metadata
+        .annotations
+        .as_ref()?
+        .get("mcpcredentials.dev/refresh-requested-at")
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotated_refresh_token_survives_ten_seconds_of_failed_api_writes() {
+    let (cp, ns) = setup("fault-rt");
+    let oauth = OAuthServer::start(0, 300);
+    // The operator reaches the token endpoint through a proxy too: it sees the token answer pass.
+    let oauth_proxy = FaultProxy::start(([127, 0, 0, 1], oauth.port).into()).await;
+    let (api, kubeconfig) = api_proxy(cp, "fault-rt").await;
+    let upstream = "http://127.0.0.1:7005/mcp";
+    let rt0 = oauth.mint_refresh_token(upstream).await;
+    create_secret(
+        cp,
+        &ns,
+        "login",
+        &[("client-secret", "rt-client-secret"), ("refresh-token", &rt0)],
+    );
+    apply(
+        cp,
+        &ns,
+        &format!(
+            r#"apiVersion: mcpcredentials.dev/v1alpha1
+kind: McpCredential
+metadata: {{ name: rotating }}
+spec:
+  upstream: {upstream}
+  source:
+    oauth2:
+      grant: refreshToken
+      tokenUrl: http://{}/token
+      clientId: rt-client
+      clientSecret: {{ name: login, key: client-secret }}
+      refreshToken: {{ name: login, key: refresh-token }}
+"#,
+            oauth_proxy.addr()
+        ),
+    );
+    let op = Operator::start_with_kubeconfig(cp, &ns, "a", &["--leader-election", "false"], &kubeconfig);
+    let client = client(cp).await;
+    let creds: Api<McpCredential> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client, &ns);
+    wait_condition(&creds, "rotating", "Ready", "True", None).await;
+    let rt1 = data(&secrets.get("login").await.unwrap(), "refresh-token").unwrap();
+    assert_ne!(rt1, rt0);
+
+    // The next token answer that carries a refresh token starts 10 s of reset API connections
+    // before the operator reads it: the write-back of the rotated token meets a dead API server.
+    let armed = Arc::new(AtomicBool::new(true));
+    let control = api.control();
+    let trigger = armed.clone();
+    oauth_proxy.on_upstream_bytes(move |chunk| {
+        if contains(chunk, b"\"refresh_token\"") && trigger.swap(false, Ordering::SeqCst) {
+            control.fault_for(Fault::Reset, Duration::from_secs(10));
+        }
+    });
+    creds
+        .patch("rotating", &PatchParams::default(), &Patch::Merge(&force("1")))
+        .await
+        .unwrap();
+    let control = api.control();
+    wait_for("the fault started and ended", || async {
+        (control.faults_started() == 1 && control.current() == Fault::None).then_some(())
+    })
+    .await;
+    assert!(!armed.load(Ordering::SeqCst));
+    assert!(control.connections_reset() > 0, "the fault reset API connections");
+
+    // The forced refresh completes, or the credential needs a new sign-in (the old code's end).
+    let outcome = |v: &'static str| {
+        let (creds, secrets) = (creds.clone(), secrets.clone());
+        async move {
+            wait_for(&format!("refresh {v} done, or ReauthRequired"), || async {
+                let c = creds.get("rotating").await.ok()?;
+                if condition(&c, "ReauthRequired").is_some_and(|(s, _, _)| s == "True") {
+                    return Some(Err(condition(&c, "ReauthRequired").unwrap().2));
+                }
+                let s = secrets.get("rotating-mcp-credential").await.ok()?;
+                let ready = condition(&c, "Ready").is_some_and(|(s, _, _)| s == "True");
+                (handled(&s).as_deref() == Some(v) && ready).then_some(Ok(()))
+            })
+            .await
+        }
+    };
+    if let Err(message) = outcome("1").await {
+        panic!("the rotated refresh token was lost: {message}\n{}", op.log_text());
+    }
+    let rt2 = data(&secrets.get("login").await.unwrap(), "refresh-token").unwrap();
+    assert_ne!(rt2, rt1, "a newer refresh token was written back");
+    assert!(
+        oauth.refresh_token_is_live(&rt2).await,
+        "the Secret holds the newest refresh token of the chain\n{}",
+        op.log_text()
+    );
+
+    // And the one after it works: the chain is intact.
+    creds
+        .patch("rotating", &PatchParams::default(), &Patch::Merge(&force("2")))
+        .await
+        .unwrap();
+    if let Err(message) = outcome("2").await {
+        panic!("the next refresh failed: {message}\n{}", op.log_text());
+    }
+    let rt3 = data(&secrets.get("login").await.unwrap(), "refresh-token").unwrap();
+    assert!(oauth.refresh_token_is_live(&rt3).await);
+    let c = creds.get("rotating").await.unwrap();
+    assert_ne!(
+        condition(&c, "ReauthRequired").map(|(s, _, _)| s),
+        Some("True".into())
+    );
+    let log = op.log_text();
+    for token in [&rt0, &rt1, &rt2, &rt3] {
+        assert!(!log.contains(token.as_str()), "no refresh token in the log");
+    }
+    eprintln!(
+        "API connections reset during the fault: {}",
+        control.connections_reset()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blackholed_leader_stops_leading_before_the_standby_takes_over() {
+    let (cp, ns) = setup("fault-ha");
+    let oauth = OAuthServer::start(0, 3600);
+    create_secret(cp, &ns, "idp", &[("secret", "cc-basic-secret")]);
+    apply(
+        cp,
+        &ns,
+        &format!(
+            r#"apiVersion: mcpcredentials.dev/v1alpha1
+kind: McpCredential
+metadata: {{ name: github }}
+spec:
+  upstream: http://127.0.0.1:7100/github
+  source:
+    oauth2:
+      grant: clientCredentials
+      tokenUrl: {}
+      clientId: cc-basic
+      clientSecret: {{ name: idp, key: secret }}
+"#,
+            oauth.token_url()
+        ),
+    );
+    let client = client(cp).await;
+    let creds: Api<McpCredential> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client, &ns);
+    // a reaches the API server through the proxy, b directly.
+    let (api, kubeconfig) = api_proxy(cp, "fault-ha-a").await;
+    let a = Operator::start_with_kubeconfig(cp, &ns, "a", &[], &kubeconfig);
+    let leader = |op: &Operator, id: &str| {
+        let series = format!(r#"mcp_credentials_leader{{identity="{id}"}}"#);
+        let port = op.port;
+        async move {
+            let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            Some(metric_value(&text, &series))
+        }
+    };
+    wait_for("a leads", || async {
+        (leader(&a, "a").await? == 1.0).then_some(())
+    })
+    .await;
+    wait_condition(&creds, "github", "Ready", "True", None).await;
+    let b = Operator::start(cp, &ns, "b", &[]);
+    wait_for("b serves metrics", || async {
+        (leader(&b, "b").await? == 0.0).then_some(())
+    })
+    .await;
+
+    // Partition a from the API server: its sockets stay open, nothing flows.
+    api.control().set(Fault::Blackhole);
+    wait_for("b leads", || async {
+        (leader(&b, "b").await? == 1.0).then_some(())
+    })
+    .await;
+    // The property itself: by the time b may lead, a has stopped.
+    assert_eq!(
+        leader(&a, "a").await,
+        Some(0.0),
+        "a still leads while b leads\n{}",
+        a.log_text()
+    );
+    assert!(
+        a.log_text().contains("stopped leading"),
+        "a says it stopped leading\n{}",
+        a.log_text()
+    );
+    let secret_writes = r#"mcp_credentials_kube_api_requests_total{method="PATCH",resource="secrets"}"#;
+    let a_writes = a.metric(secret_writes).await;
+
+    // b refreshes while a is partitioned, and again once a is back.
+    let version = |s: &Secret| data(s, "version");
+    let mut before = version(&secrets.get("github-mcp-credential").await.unwrap());
+    for (i, restore) in [("1", false), ("2", true)] {
+        if restore {
+            api.control().set(Fault::None);
+            // a is back: it reads the Lease again (as a standby).
+            let leases = r#"mcp_credentials_kube_api_requests_total{method="GET",resource="leases"}"#;
+            let seen = a.metric(leases).await;
+            wait_for("a reads the Lease again", || async {
+                (a.metric(leases).await > seen).then_some(())
+            })
+            .await;
+        }
+        creds
+            .patch("github", &PatchParams::default(), &Patch::Merge(&force(i)))
+            .await
+            .unwrap();
+        before = wait_for(&format!("forced refresh {i}"), || async {
+            let v = version(&secrets.get("github-mcp-credential").await.ok()?);
+            (v != before).then_some(v)
+        })
+        .await;
+    }
+    wait_condition(&creds, "github", "Ready", "True", None).await;
+    assert_eq!(
+        a.metric(secret_writes).await,
+        a_writes,
+        "a wrote no Secret after it stopped leading\n{}",
+        a.log_text()
+    );
+    assert!(b.metric(secret_writes).await >= 2.0, "b wrote both refreshes");
+    assert_eq!(leader(&a, "a").await, Some(0.0), "a stays a standby");
+    assert_eq!(leader(&b, "b").await, Some(1.0));
+    assert_eq!(
+        a.metric(r#"mcp_credentials_leadership_lost_total{reason="renew_deadline"}"#)
+            .await,
+        1.0
+    );
+}
