@@ -702,6 +702,13 @@ pub struct McpCredentialStatus {
     /// What discovery found when no token URL is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discovery: Option<DiscoveryStatus>,
+
+    /// A fingerprint (no secret values) of the inputs the authorization server answered
+    /// `invalid_grant` for: the spec, the referenced Secrets' versions and the refresh request. The
+    /// operator does not try them again, also after a restart, until one of them changes. Absent
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid_grant_inputs: Option<String>,
 }
 
 /// The result of OAuth discovery.

@@ -6,6 +6,9 @@
 //! - [`renewal_time`]: at 2/3 of the real lifetime by default, or `refresh.renewBefore` /
 //!   `refresh.renewBeforePercentage`, minus a deterministic per-object jitter (at most 10% of the
 //!   renewal window) so that many credentials issued together do not all renew in the same second.
+//! - [`scheduled_renewal`]: the renewal time, but never sooner than [`MIN_RENEWAL_INTERVAL`] after
+//!   issue, even when that is after expiry: a server that issues 1-second tokens gets a token
+//!   request every 10 s, not every second.
 //! - [`backoff`]: exponential from 1 s, with jitter, capped at 5 minutes, and never more than a
 //!   quarter of the remaining lifetime: patient when far from expiry, eager near it.
 
@@ -19,6 +22,13 @@ pub const DEFAULT_RENEW_BEFORE_PERCENTAGE: u64 = 33;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// The first wait after a failure.
 pub const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The shortest time between a credential's issue and its renewal. A lifetime this short is a
+/// server misconfiguration (real tokens live minutes to hours): renewing every second would cost a
+/// token request per second per credential and keep a reconcile slot busy for nothing, so such a
+/// credential is renewed every 10 s (and is expired part of the time, which the status says).
+/// Tokens living 15 s or more are never affected by default (2/3 of 15 s is 10 s).
+pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Truncates a time to whole seconds since the epoch.
 pub fn truncate(t: SystemTime) -> SystemTime {
@@ -115,6 +125,30 @@ pub fn renewal_time(
     let jitter = (before as f64 / 10.0 * jitter_fraction(jitter_key)) as u64;
     let at = end.saturating_sub(before).saturating_sub(jitter).max(start + 1);
     UNIX_EPOCH + Duration::from_secs(at.min(end))
+}
+
+/// When the operator renews a credential: [`renewal_time`], but never sooner than
+/// [`MIN_RENEWAL_INTERVAL`] after `not_before` (even after `expires_at`). Whole seconds.
+pub fn scheduled_renewal(
+    not_before: SystemTime,
+    expires_at: SystemTime,
+    refresh: Option<&Refresh>,
+    jitter_key: &str,
+) -> SystemTime {
+    let floor = UNIX_EPOCH + Duration::from_secs(unix_seconds(not_before)) + MIN_RENEWAL_INTERVAL;
+    renewal_time(not_before, expires_at, refresh, jitter_key).max(floor)
+}
+
+/// True when [`MIN_RENEWAL_INTERVAL`] moved the renewal: the credential lives too short for its
+/// renewal point (what the status reports as `ShortLifetime`).
+pub fn renewal_floored(
+    not_before: SystemTime,
+    expires_at: SystemTime,
+    refresh: Option<&Refresh>,
+    jitter_key: &str,
+) -> bool {
+    scheduled_renewal(not_before, expires_at, refresh, jitter_key)
+        != renewal_time(not_before, expires_at, refresh, jitter_key)
 }
 
 /// How long to wait before attempt number `failed_attempts + 1` after `failed_attempts`
@@ -215,6 +249,42 @@ mod tests {
         assert_eq!(unix_seconds(renewal_time(at(10), at(12), None, "k")), 11);
         let r = refresh(None, Some(99));
         assert_eq!(unix_seconds(renewal_time(at(0), at(100), Some(&r), "k")), 1);
+    }
+
+    #[test]
+    fn a_one_or_two_second_token_is_renewed_ten_seconds_after_issue_not_every_second() {
+        for lifetime in [0, 1, 2, 5, 9] {
+            let t = scheduled_renewal(at(1000), at(1000 + lifetime), None, "ns/a");
+            assert_eq!(unix_seconds(t), 1010, "lifetime {lifetime}");
+            assert!(renewal_floored(at(1000), at(1000 + lifetime), None, "ns/a"));
+        }
+        // Sub-second issue times count from the whole second.
+        let nb = UNIX_EPOCH + Duration::from_millis(1_000_900);
+        assert_eq!(unix_seconds(scheduled_renewal(nb, at(1001), None, "k")), 1010);
+    }
+
+    #[test]
+    fn the_renewal_floor_leaves_tokens_of_fifteen_seconds_and_more_alone() {
+        for lifetime in [15, 20, 30, 60, 3600] {
+            for i in 0..50 {
+                let key = format!("ns/c{i}");
+                let (nb, exp) = (at(5000), at(5000 + lifetime));
+                assert_eq!(
+                    scheduled_renewal(nb, exp, None, &key),
+                    renewal_time(nb, exp, None, &key),
+                    "lifetime {lifetime}, {key}"
+                );
+                assert!(!renewal_floored(nb, exp, None, &key));
+            }
+        }
+    }
+
+    #[test]
+    fn the_renewal_floor_also_bounds_an_aggressive_renew_before() {
+        // renewBeforePercentage 99 of 100 s would renew 1 s after issue.
+        let r = refresh(None, Some(99));
+        assert_eq!(unix_seconds(scheduled_renewal(at(0), at(100), Some(&r), "k")), 10);
+        assert!(renewal_floored(at(0), at(100), Some(&r), "k"));
     }
 
     #[test]

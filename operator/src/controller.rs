@@ -4,8 +4,16 @@
 //! All state survives a restart in the API: the Secret holds `expires-at`, `version` and
 //! annotations (issue time, a fingerprint of the inputs, the last handled refresh request), and
 //! the status holds `failedAttempts`. A restarted operator therefore re-issues nothing that is
-//! still valid. Only the "invalid_grant for these inputs" marker and the next retry time live in
-//! memory (a restart costs at most one more attempt for a credential in ReauthRequired).
+//! still valid. The "invalid_grant for these inputs" marker is in the status too
+//! (`invalidGrantInputs`), so a restarted operator does not redeem a dead refresh token again. Only
+//! the next retry time lives in memory, keyed by the object's UID: a credential deleted and created
+//! again under the same name starts clean, and what deleted credentials leave (memory, metrics) is
+//! forgotten every [`FORGET_INTERVAL`].
+//!
+//! Fairness: one refresh takes at most `--refresh-timeout`, and when the operator watches every
+//! namespace, at most `--namespace-concurrency` refreshes of one namespace run at once; a
+//! credential whose namespace has no free slot tries again shortly, without holding a worker. So a
+//! namespace whose servers never answer cannot delay another namespace's renewals.
 //!
 //! One more thing lives in memory, briefly: a rotated refresh token that is not written back yet
 //! ([`PendingRefreshToken`]). It is kept from the moment the token answer is read until the
@@ -16,7 +24,7 @@
 //! another refresh token (a new sign-in, or another credential sharing the key) is left alone.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -54,7 +62,8 @@ use mcp_credentials_core::{
     },
     timing,
 };
-use tracing::{info, warn};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
 
 use crate::{keys::Keys, metrics::Metrics};
 
@@ -68,6 +77,12 @@ pub const ISSUED_AT_ANNOTATION: &str = "mcpcredentials.dev/issued-at";
 pub const INPUTS_ANNOTATION: &str = "mcpcredentials.dev/inputs";
 /// How long to wait after an API error before trying again.
 const API_ERROR_REQUEUE: Duration = Duration::from_secs(5);
+/// How often what deleted credentials leave behind (memory, metric series) is forgotten. Well under
+/// the one minute `McpCredentialExpiringWithoutRenewal` waits before it fires.
+pub const FORGET_INTERVAL: Duration = Duration::from_secs(10);
+/// A credential whose namespace has no free refresh slot tries again after this, plus up to as much
+/// jitter: short, since a slot frees as soon as one refresh ends, and it holds no worker meanwhile.
+const NAMESPACE_BUSY_REQUEUE: Duration = Duration::from_secs(2);
 
 /// Why a reconcile failed (API errors only: source failures are reported in status, not here).
 #[derive(Debug, thiserror::Error)]
@@ -174,6 +189,35 @@ pub struct Context {
     checks: Mutex<HashMap<String, SystemTime>>,
     /// Rotated refresh tokens not yet written back, by credential (`namespace/name`).
     pending: Mutex<HashMap<String, PendingRefreshToken>>,
+    /// The longest one refresh (discovery and token request) may take.
+    refresh_timeout: Duration,
+    /// At most this many refreshes of one namespace at once (`None`: no per-namespace limit).
+    namespace_concurrency: Option<usize>,
+    /// The refresh slots of each namespace.
+    namespaces: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// The default of `--refresh-timeout`: well under any real token's lifetime, and long enough for
+/// discovery plus one token request on a slow network.
+pub const DEFAULT_REFRESH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The key of what a reconcile remembers about `cred`: namespace, name and UID, so that a
+/// credential created again under the same name inherits nothing.
+fn memory_key(cred: &McpCredential) -> String {
+    format!(
+        "{}/{}/{}",
+        cred.namespace().unwrap_or_default(),
+        cred.name_any(),
+        cred.uid().unwrap_or_default()
+    )
+}
+
+/// What `invalidGrantInputs` holds for these inputs and this refresh request.
+fn reauth_marker(fingerprint: &str, requested: Option<&str>) -> String {
+    match requested {
+        None => fingerprint.to_owned(),
+        Some(r) => format!("{fingerprint}-{:016x}", fnv1a(r.as_bytes())),
+    }
 }
 
 impl Context {
@@ -193,6 +237,56 @@ impl Context {
             keys: None,
             checks: Mutex::default(),
             pending: Mutex::default(),
+            refresh_timeout: DEFAULT_REFRESH_TIMEOUT,
+            namespace_concurrency: None,
+            namespaces: Mutex::default(),
+        }
+    }
+
+    /// Gives up a refresh after `refresh_timeout`, and runs at most `namespace_concurrency`
+    /// refreshes of one namespace at once (`None`: no per-namespace limit).
+    pub fn with_limits(mut self, refresh_timeout: Duration, namespace_concurrency: Option<usize>) -> Self {
+        self.refresh_timeout = refresh_timeout;
+        self.namespace_concurrency = namespace_concurrency.map(|n| n.max(1));
+        self
+    }
+
+    /// A refresh slot of `namespace`: `Some` (holding a permit while there is a limit), or `None`
+    /// when every slot of the namespace is taken.
+    fn namespace_slot(&self, namespace: &str) -> Option<Option<OwnedSemaphorePermit>> {
+        let Some(limit) = self.namespace_concurrency else {
+            return Some(None);
+        };
+        let semaphore = self
+            .namespaces
+            .lock()
+            .unwrap()
+            .entry(namespace.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(limit)))
+            .clone();
+        semaphore.try_acquire_owned().ok().map(Some)
+    }
+
+    /// Forgets what credentials not in `store` left: memory, last written status, session check
+    /// times, metric series, idle namespace slots.
+    fn forget_deleted(&self, store: &Store<McpCredential>) {
+        let state = store.state();
+        let keys: HashSet<String> = state.iter().map(|c| memory_key(c)).collect();
+        let names: HashSet<(String, String)> = state
+            .iter()
+            .map(|c| (c.namespace().unwrap_or_default(), c.name_any()))
+            .collect();
+        let namespaces: HashSet<&str> = names.iter().map(|(ns, _)| ns.as_str()).collect();
+        self.memory.lock().unwrap().retain(|k, _| keys.contains(k));
+        self.written.lock().unwrap().retain(|k, _| keys.contains(k));
+        self.checks.lock().unwrap().retain(|k, _| keys.contains(k));
+        self.namespaces
+            .lock()
+            .unwrap()
+            .retain(|ns, s| namespaces.contains(ns.as_str()) || Arc::strong_count(s) > 1);
+        let forgotten = self.metrics.forget_all_but(&names);
+        if forgotten > 0 {
+            debug!(forgotten, "forgot the metric series of deleted credentials");
         }
     }
 
@@ -218,7 +312,20 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16) {
     let controller = Controller::new(creds, watcher::Config::default())
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
     let store = controller.store();
-    controller
+    // Deleted credentials are never reconciled again: forget what they left, from the watch's view.
+    let sweep = {
+        let (ctx, store) = (ctx.clone(), store.clone());
+        async move {
+            if store.wait_until_ready().await.is_err() {
+                return std::future::pending().await;
+            }
+            loop {
+                tokio::time::sleep(FORGET_INTERVAL).await;
+                ctx.forget_deleted(&store);
+            }
+        }
+    };
+    let controller = controller
         // One watch on Secrets covers both the Secrets we write (a foreign or edited one) and the
         // Secrets a credential references (a new API key, a replaced refresh token).
         .watches(secrets, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
@@ -229,8 +336,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16) {
             if let Err(e) = r {
                 warn!(error = %ErrorChain(&e), "reconcile failed");
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        _ = controller => {}
+        _ = sweep => {}
+    }
 }
 
 /// Prints an error with its causes on one line.
@@ -506,6 +616,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     let ns = cred.namespace().unwrap_or_default();
     let name = cred.name_any();
     let key = format!("{ns}/{name}");
+    let mkey = memory_key(&cred);
     let secret_name = secret_name(&name, cred.spec.secret_name.as_deref());
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let creds: Api<McpCredential> = Api::namespaced(ctx.client.clone(), &ns);
@@ -518,7 +629,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         }
     };
     let now = SystemTime::now();
-    let last_written = ctx.written.lock().unwrap().get(&key).cloned();
+    let last_written = ctx.written.lock().unwrap().get(&mkey).cloned();
     let mut status = StatusBuilder::new(&cred, &secret_name, last_written);
 
     // Step 1: the Secret we write must be ours.
@@ -581,12 +692,15 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     let requested = cred.annotations().get(REFRESH_REQUESTED_ANNOTATION).cloned();
     let forced = requested.is_some() && requested != current.as_ref().and_then(|c| c.handled_request.clone());
     let inputs_changed = current.as_ref().is_some_and(|c| c.inputs != fingerprint);
-    let memory = ctx.memory.lock().unwrap().get(&key).cloned().unwrap_or_default();
+    let memory = ctx.memory.lock().unwrap().get(&mkey).cloned().unwrap_or_default();
 
     // Step 3: decide whether a token request is due.
     // Our own status writes wake us up too: only new inputs or a new request skip the wait.
     let same_as_failure = memory.failed_inputs == fingerprint && memory.failed_request == requested;
-    if memory.reauth && same_as_failure {
+    // The marker in the status outlives a restart: the refresh token it names is dead.
+    let marked = status.previous.invalid_grant_inputs.as_deref()
+        == Some(reauth_marker(&fingerprint, requested.as_deref()).as_str());
+    if (memory.reauth && same_as_failure) || marked {
         // invalid_grant for exactly these inputs: wait for the referenced Secret (or spec) to change.
         status.keep_failure_conditions();
         status.apply(&creds, &ctx).await?;
@@ -602,7 +716,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         && c.valid_at(now)
         && !inputs_changed
         && !forced
-        && ctx.check_due(&key, check, now)
+        && ctx.check_due(&mkey, check, now)
         && let Some(alive) = check_session(&ctx, &cred, &mut status, &key, check, &header, &value, now).await
     {
         session_dead = !alive;
@@ -621,7 +735,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
             status.session_expired_not_ready();
         }
         status.apply(&creds, &ctx).await?;
-        return Ok(wake(renewal, ctx.next_check(&key, check), now));
+        return Ok(wake(renewal, ctx.next_check(&mkey, check), now));
     }
     if let Some(retry) = memory.next_retry
         && retry > now
@@ -631,7 +745,12 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     }
 
     // Step 4: obtain the credential (at most one token request, after discovery when no token
-    // URL is configured and none is cached).
+    // URL is configured and none is cached), in one of the namespace's slots, within the deadline.
+    let Some(_slot) = ctx.namespace_slot(&ns) else {
+        let jitter = timing::jitter_fraction(&format!("{key}#{}", timing::unix_seconds(now)));
+        debug!(credential = %key, "every refresh slot of the namespace is taken; trying again shortly");
+        return Ok(Action::requeue(NAMESPACE_BUSY_REQUEUE.mul_f64(1.0 + jitter)));
+    };
     let kind = source::kind(&cred.spec);
     let cached = ctx.sources.discovered(&cred.spec);
     let resolver = Resolver {
@@ -643,7 +762,14 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         keys: ctx.keys.as_deref(),
     };
     let timer = ctx.metrics.refresh_duration.start_timer();
-    let result = source::obtain(&name, &cred.spec, &resolver, &ctx.sources).await;
+    let result = tokio::time::timeout(
+        ctx.refresh_timeout,
+        source::obtain(&name, &cred.spec, &resolver, &ctx.sources),
+    )
+    .await
+    .unwrap_or(Err(SourceError::RefreshTimedOut {
+        seconds: ctx.refresh_timeout.as_secs(),
+    }));
     timer.observe_duration();
     let discovered = ctx.sources.discovered(&cred.spec);
     // The endpoint used: configured, discovered now, or (when a failure dropped it) cached before;
@@ -755,7 +881,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         })?;
     ctx.metrics.refreshes.with_label_values(&["success"]).inc();
     let after_failure = status.previous.failed_attempts.unwrap_or(0) > 0;
-    ctx.memory.lock().unwrap().remove(&key);
+    ctx.memory.lock().unwrap().remove(&mkey);
     let new_current = Current {
         not_before: issued.not_before,
         expires_at: issued.expires_at,
@@ -773,8 +899,14 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
             status.session_expired_not_ready();
         }
     }
+    let newly_short = status.short_lifetime && status.previous_reason("Ready") != Some(SHORT_LIFETIME);
     status.apply(&creds, &ctx).await?;
     info!(credential = %key, source = kind, expires_at = ?issued.expires_at.map(rfc3339), "refreshed");
+    if newly_short {
+        let msg = short_lifetime_message(&new_current);
+        warn!(credential = %key, "{msg}");
+        publish(&ctx, &cred, EventType::Warning, SHORT_LIFETIME, "Refresh", &msg).await;
+    }
     if after_failure {
         publish(
             &ctx,
@@ -788,9 +920,25 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     }
     Ok(wake(
         status.renewal,
-        ctx.next_check(&key, check),
+        ctx.next_check(&mkey, check),
         SystemTime::now(),
     ))
+}
+
+/// The Ready reason (and event reason) of a credential that lives shorter than the renewal floor.
+const SHORT_LIFETIME: &str = "ShortLifetime";
+
+fn short_lifetime_message(c: &Current) -> String {
+    let lifetime = c
+        .expires_at
+        .map(|e| timing::unix_seconds(e).saturating_sub(timing::unix_seconds(c.not_before)))
+        .unwrap_or_default();
+    format!(
+        "the server issued a credential that lives only {lifetime}s: it is renewed {}s after issue at the \
+         earliest (the operator's minimum renewal interval), so it is expired part of the time; configure the \
+         server to issue longer-lived tokens",
+        timing::MIN_RENEWAL_INTERVAL.as_secs()
+    )
 }
 
 /// Wakes up at the renewal or the next session check, whichever comes first.
@@ -842,7 +990,7 @@ async fn check_session(
     value: &SecretString,
     now: SystemTime,
 ) -> Option<bool> {
-    ctx.checks.lock().unwrap().insert(key.to_owned(), now);
+    ctx.checks.lock().unwrap().insert(memory_key(cred), now);
     let result = source::session::check(check, header, value, ctx.sources.http()).await;
     let label = match &result {
         Ok(()) => "alive",
@@ -912,6 +1060,7 @@ async fn failed(
     warn!(credential = %key, reason = e.reason(), category, attempts, error = %message, "refresh failed");
     let expires_at = current.and_then(|c| c.expires_at);
     let reauth = category == "invalid_grant";
+    status.next.invalid_grant_inputs = reauth.then(|| reauth_marker(fingerprint, requested));
     let (action, next_retry) = if reauth {
         status.condition(
             "ReauthRequired",
@@ -959,7 +1108,7 @@ async fn failed(
         status.session_expired_not_ready();
     }
     ctx.memory.lock().unwrap().insert(
-        key.to_owned(),
+        memory_key(cred),
         Memory {
             failed_inputs: fingerprint.to_owned(),
             failed_request: requested.map(str::to_owned),
@@ -1263,8 +1412,12 @@ struct StatusBuilder {
     next: McpCredentialStatus,
     generation: Option<i64>,
     renewal: Option<SystemTime>,
+    /// The current credential lives shorter than the renewal floor.
+    short_lifetime: bool,
     namespace: String,
     name: String,
+    /// [`memory_key`] of the credential.
+    memory_key: String,
 }
 
 impl StatusBuilder {
@@ -1279,8 +1432,10 @@ impl StatusBuilder {
             next,
             generation: cred.metadata.generation,
             renewal: None,
+            short_lifetime: false,
             namespace: cred.namespace().unwrap_or_default(),
             name: cred.name_any(),
+            memory_key: memory_key(cred),
         }
     }
 
@@ -1318,11 +1473,15 @@ impl StatusBuilder {
     ) {
         let Some(c) = current else {
             self.renewal = None;
+            self.short_lifetime = false;
             return;
         };
         self.renewal = c
             .expires_at
-            .map(|e| timing::renewal_time(c.not_before, e, refresh, key));
+            .map(|e| timing::scheduled_renewal(c.not_before, e, refresh, key));
+        self.short_lifetime = c
+            .expires_at
+            .is_some_and(|e| timing::renewal_floored(c.not_before, e, refresh, key));
         self.next.not_before = Some(to_time(c.not_before));
         self.next.not_after = c.expires_at.map(to_time);
         self.next.renewal_time = self.renewal.map(to_time);
@@ -1367,7 +1526,12 @@ impl StatusBuilder {
                     Some(e) => format!("the credential is valid until {}", rfc3339(e)),
                     None => "the credential does not expire".to_owned(),
                 };
-                self.condition("Ready", true, "CredentialValid", &msg);
+                if self.short_lifetime {
+                    let msg = format!("{msg}; {}", short_lifetime_message(c));
+                    self.condition("Ready", true, SHORT_LIFETIME, &msg);
+                } else {
+                    self.condition("Ready", true, "CredentialValid", &msg);
+                }
             }
             Some(_) => self.condition("Ready", false, "Expired", "the credential expired"),
             None => self.condition("Ready", false, "Pending", "no credential obtained yet"),
@@ -1379,6 +1543,7 @@ impl StatusBuilder {
         self.next.failed_attempts = None;
         self.next.last_failure_time = None;
         self.next.last_failure_message = None;
+        self.next.invalid_grant_inputs = None;
         self.condition(
             "Refreshing",
             false,
@@ -1441,8 +1606,10 @@ impl StatusBuilder {
             name: self.name.clone(),
             source,
         })?;
-        let key = format!("{}/{}", self.namespace, self.name);
-        ctx.written.lock().unwrap().insert(key, self.next.clone());
+        ctx.written
+            .lock()
+            .unwrap()
+            .insert(self.memory_key.clone(), self.next.clone());
         Ok(())
     }
 }

@@ -93,6 +93,20 @@ pub struct Config {
     #[arg(long, env = "MCP_CREDENTIALS_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub concurrency: u16,
 
+    /// Seconds one refresh (discovery and the token request) may take before it is given up as a
+    /// transient failure (`RefreshTimedOut`, retried with backoff). Must be longer than
+    /// --token-timeout: discovery gets what is left, so a token request is never cut short.
+    /// Default: 60, well under any real token's lifetime.
+    #[arg(long, env = "MCP_CREDENTIALS_REFRESH_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub refresh_timeout: u64,
+
+    /// How many refreshes of one namespace run at the same time when every namespace is watched,
+    /// so that one namespace's slow or unanswering servers cannot take every --concurrency slot;
+    /// the others wait a few seconds without holding a slot. At most --concurrency. Default: a
+    /// quarter of --concurrency (4 of 16), at least 1. Ignored with --namespace (one namespace).
+    #[arg(long, env = "MCP_CREDENTIALS_NAMESPACE_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub namespace_concurrency: Option<u16>,
+
     /// Serve the sidecar-injection admission webhook over HTTPS on this address (every replica
     /// serves it; the Helm chart points the MutatingWebhookConfiguration here). Default: off.
     #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_LISTEN", requires_all = ["webhook_cert_file", "webhook_key_file"])]
@@ -297,6 +311,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let policy = mcp_credentials_core::source::OutboundPolicy {
         allow_loopback: config.discovery_allow_loopback,
     };
+    anyhow::ensure!(
+        config.refresh_timeout > config.token_timeout,
+        "--refresh-timeout {} must be longer than --token-timeout {}: a refresh is discovery plus one token request",
+        config.refresh_timeout,
+        config.token_timeout
+    );
+    let namespace_concurrency = namespace_concurrency(&config)?;
     let jwt_policy = jwt_policy(&config)?;
     // The HTTP clients and discovery cache of one term of leadership.
     let sources = || -> anyhow::Result<_> {
@@ -304,7 +325,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             Duration::from_secs(config.token_timeout),
             policy,
         )
-        .context("building the HTTP clients")?;
+        .context("building the HTTP clients")?
+        .with_discovery_budget(Duration::from_secs(config.refresh_timeout - config.token_timeout));
         if let Some(policy) = &jwt_policy {
             sources = sources.with_jwt_policy(policy.clone());
         }
@@ -334,7 +356,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }
             None => tokio::time::Instant::now(),
         };
-        let mut ctx = controller::Context::new(client.clone(), sources()?, metrics.clone(), &identity);
+        let mut ctx = controller::Context::new(client.clone(), sources()?, metrics.clone(), &identity)
+            .with_limits(Duration::from_secs(config.refresh_timeout), namespace_concurrency);
         if let Some(k) = &keys {
             ctx = ctx.with_keys(k.clone());
         }
@@ -425,6 +448,24 @@ async fn drain(ctx: &controller::Context) {
              the credentials concerned may need a new sign-in"
         ),
     }
+}
+
+/// The per-namespace refresh limit: `None` with --namespace (a single namespace has no one to be
+/// fair to), else --namespace-concurrency or a quarter of --concurrency.
+fn namespace_concurrency(config: &Config) -> anyhow::Result<Option<usize>> {
+    if config.namespace.is_some() {
+        return Ok(None);
+    }
+    let n = config
+        .namespace_concurrency
+        .unwrap_or((config.concurrency / 4).max(1));
+    anyhow::ensure!(
+        n <= config.concurrency,
+        "--namespace-concurrency {n} is more than --concurrency {}: lower it (or raise --concurrency), so that \
+         one namespace cannot take every slot",
+        config.concurrency
+    );
+    Ok(Some(usize::from(n)))
 }
 
 /// Serves the JWKS on `addr` and keeps the signing keys current (rotated while `leading`).

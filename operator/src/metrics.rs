@@ -164,8 +164,44 @@ impl Metrics {
         let _ = self.expiration.remove_label_values(&[namespace, name]);
         let _ = self.renewal.remove_label_values(&[namespace, name]);
         let _ = self.ready.remove_label_values(&[namespace, name]);
+        for result in SESSION_CHECK_RESULTS {
+            let _ = self.session_checks.remove_label_values(&[namespace, name, result]);
+        }
+    }
+
+    /// Forgets the series of every credential not in `live` (`(namespace, name)`): the deleted
+    /// ones, whose expiry would otherwise fire `McpCredentialExpiringWithoutRenewal` forever.
+    /// Returns how many credentials were forgotten.
+    pub fn forget_all_but(&self, live: &std::collections::HashSet<(String, String)>) -> usize {
+        use prometheus::core::Collector;
+        let mut seen = std::collections::HashSet::new();
+        let families = [
+            self.expiration.collect(),
+            self.renewal.collect(),
+            self.ready.collect(),
+            self.session_checks.collect(),
+        ];
+        for m in families.iter().flatten().flat_map(|f| f.get_metric()) {
+            let label = |n: &str| {
+                m.get_label()
+                    .iter()
+                    .find(|l| l.get_name() == n)
+                    .map(|l| l.get_value().to_owned())
+            };
+            if let (Some(ns), Some(name)) = (label("namespace"), label("name")) {
+                seen.insert((ns, name));
+            }
+        }
+        let gone: Vec<_> = seen.difference(live).collect();
+        for (ns, name) in &gone {
+            self.forget(ns, name);
+        }
+        gone.len()
     }
 }
+
+/// The `result` label values of `session_checks_total`.
+const SESSION_CHECK_RESULTS: [&str; 3] = ["alive", "expired", "error"];
 
 /// The resource an API path addresses, for the `resource` label: `secrets`, `mcpcredentials/status`,
 /// `serviceaccounts` (reads and TokenRequests for tokenExchange subjects), ...
@@ -210,5 +246,22 @@ mod tests {
             "serviceaccounts"
         );
         assert_eq!(api_resource("/version"), "other");
+    }
+
+    #[test]
+    fn the_series_of_credentials_that_are_gone_are_forgotten() {
+        let m = Metrics::register().unwrap();
+        for name in ["kept", "gone"] {
+            m.ready.with_label_values(&["ns", name]).set(1);
+            m.expiration.with_label_values(&["ns", name]).set(1e9);
+            m.renewal.with_label_values(&["ns", name]).set(1e9);
+        }
+        m.session_checks.with_label_values(&["ns", "gone", "alive"]).inc();
+        let live = std::collections::HashSet::from([("ns".to_owned(), "kept".to_owned())]);
+        assert_eq!(m.forget_all_but(&live), 1);
+        let text = m.render();
+        assert!(!text.contains(r#"name="gone""#), "{text}");
+        assert_eq!(text.matches(r#"name="kept""#).count(), 3, "{text}");
+        assert_eq!(m.forget_all_but(&live), 0);
     }
 }

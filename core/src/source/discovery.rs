@@ -6,6 +6,10 @@
 //!
 //! Every URL learned on the way goes through [`super::outbound`]'s checks and guarded client.
 //! Results are cached per upstream for [`CACHE_TTL`] and dropped when the token endpoint fails.
+//!
+//! Bounded, so that one credential cannot hold a refresh for long: at most
+//! [`MAX_AUTHORIZATION_SERVERS`] of a document's authorization servers are tried, and the whole
+//! walk stops when the caller's time budget ([`Clients::budget`]) runs out.
 
 use std::{
     collections::HashMap,
@@ -20,6 +24,11 @@ use super::outbound::{self, OutboundPolicy, ReadError, check_url, label};
 /// How long a discovered token endpoint is used before discovery runs again. An hour: metadata
 /// changes rarely, and a failing token endpoint drops the entry at once anyway.
 pub const CACHE_TTL: Duration = Duration::from_secs(3600);
+/// How many of a protected resource's `authorization_servers` are tried, in the document's order.
+/// Real documents name one, sometimes two (a primary and a fallback). Each one tried costs up to
+/// three metadata requests of up to the request timeout, and a 256 KiB document can name thousands:
+/// unbounded, one credential could hold a refresh for hours. The rest are named in the failure.
+pub const MAX_AUTHORIZATION_SERVERS: usize = 3;
 /// The largest metadata document read. Real ones are a few KiB.
 const MAX_METADATA_BYTES: usize = 256 * 1024;
 /// What the probe sends: the JSON-RPC request an MCP client sends first. Without a token, a
@@ -91,6 +100,8 @@ pub(crate) struct Clients<'a> {
     pub direct: &'a reqwest::Client,
     pub guarded: &'a reqwest::Client,
     pub policy: OutboundPolicy,
+    /// The longest the whole discovery may take (`None`: each request's own timeout only).
+    pub budget: Option<Duration>,
 }
 
 /// The cached token endpoint for `upstream`, or discovers (and caches) it.
@@ -116,7 +127,10 @@ pub(crate) async fn token_endpoint(
 
 /// Runs discovery for `upstream` (no cache).
 pub(crate) async fn discover(upstream: &str, clients: &Clients<'_>) -> Result<Discovered, Failure> {
-    let mut log = Log::default();
+    let mut log = Log {
+        budget: clients.budget.map(|b| (b, tokio::time::Instant::now() + b)),
+        ..Log::default()
+    };
     let up = match reqwest::Url::parse(upstream) {
         Ok(u) => u,
         Err(_) => {
@@ -163,14 +177,25 @@ pub(crate) async fn discover(upstream: &str, clients: &Clients<'_>) -> Result<Di
             }
         };
         // 2. Each authorization server it names, in order, until one gives a token endpoint.
-        for issuer in servers {
-            if let Some((issuer, token_endpoint)) = authorization_server(&issuer, clients, &mut log).await {
+        let skipped = servers.len().saturating_sub(MAX_AUTHORIZATION_SERVERS);
+        for issuer in servers.iter().take(MAX_AUTHORIZATION_SERVERS) {
+            if let Some((issuer, token_endpoint)) = authorization_server(issuer, clients, &mut log).await {
                 return Ok(Discovered {
                     resource_metadata: label_str(&url),
                     issuer,
                     token_endpoint,
                 });
             }
+        }
+        if skipped > 0 && !log.ran_out {
+            log.fail(
+                format!("the other authorization servers of {}", labelled("GET", &url)),
+                format!(
+                    "{skipped} not tried (from {}): at most the first {MAX_AUTHORIZATION_SERVERS} are",
+                    shorten(&servers[MAX_AUTHORIZATION_SERVERS])
+                ),
+                false,
+            );
         }
         // The metadata that answered is the one that counts: the next candidates are fallbacks
         // for a server without metadata, not for one whose authorization server is broken.
@@ -182,14 +207,13 @@ pub(crate) async fn discover(upstream: &str, clients: &Clients<'_>) -> Result<Di
 /// Sends the unauthenticated request and returns the challenge's `resource_metadata`, if any.
 async fn probe(up: &reqwest::Url, client: &reqwest::Client, log: &mut Log) -> Option<String> {
     let what = labelled("POST", up.as_str());
-    let resp = client
+    let send = client
         .post(up.clone())
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
         .body(PROBE_BODY)
-        .send()
-        .await;
-    let resp = match resp {
+        .send();
+    let resp = match log.within(what.clone(), send).await? {
         Ok(r) => r,
         Err(e) => {
             log.fail(what, outbound::describe(&e), true);
@@ -222,38 +246,36 @@ async fn probe(up: &reqwest::Url, client: &reqwest::Client, log: &mut Log) -> Op
 /// GETs a JSON document, recording why when it is not one.
 async fn fetch_json(client: &reqwest::Client, url: &str, log: &mut Log) -> Option<Value> {
     let what = labelled("GET", url);
-    let resp = match client
+    match log.within(what.clone(), get_json(client, url)).await? {
+        Ok(v) => Some(v),
+        Err((why, transient)) => {
+            log.fail(what, why, transient);
+            None
+        }
+    }
+}
+
+/// GETs a JSON object: the document, or why not and whether that may pass.
+async fn get_json(client: &reqwest::Client, url: &str) -> Result<Value, (String, bool)> {
+    let resp = client
         .get(url)
         .header(reqwest::header::ACCEPT, "application/json")
         .send()
         .await
-    {
-        Ok(r) => r,
-        Err(e) => {
+        .map_err(|e| {
             let transient = !outbound::refused(&e) && !e.is_builder();
-            log.fail(what, outbound::describe(&e), transient);
-            return None;
-        }
-    };
+            (outbound::describe(&e), transient)
+        })?;
     let status = resp.status().as_u16();
     if !(200..300).contains(&status) {
-        log.fail(what, format!("HTTP {status}"), status >= 500 || status == 429);
-        return None;
+        return Err((format!("HTTP {status}"), status >= 500 || status == 429));
     }
-    let bytes = match outbound::read_limited(resp, MAX_METADATA_BYTES).await {
-        Ok(b) => b,
-        Err(e) => {
-            let transient = matches!(e, ReadError::Failed(_));
-            log.fail(what, e.to_string(), transient);
-            return None;
-        }
-    };
+    let bytes = outbound::read_limited(resp, MAX_METADATA_BYTES)
+        .await
+        .map_err(|e| (e.to_string(), matches!(e, ReadError::Failed(_))))?;
     match serde_json::from_slice::<Value>(&bytes) {
-        Ok(v) if v.is_object() => Some(v),
-        _ => {
-            log.fail(what, "the answer is not a JSON object", false);
-            None
-        }
+        Ok(v) if v.is_object() => Ok(v),
+        _ => Err(("the answer is not a JSON object".into(), false)),
     }
 }
 
@@ -488,14 +510,43 @@ impl Parser<'_> {
     }
 }
 
-/// The attempts so far.
+/// The attempts so far, and the time budget left.
 #[derive(Default)]
 struct Log {
     tried: Vec<(String, String)>,
     transient: bool,
+    /// The whole budget and when it runs out.
+    budget: Option<(Duration, tokio::time::Instant)>,
+    /// The budget ran out: nothing more is tried.
+    ran_out: bool,
 }
 
 impl Log {
+    /// Runs one request `what` within the budget left: `None` once the budget has run out (recorded
+    /// once, as a transient failure: the servers may only be slow).
+    async fn within<T>(&mut self, what: String, request: impl Future<Output = T>) -> Option<T> {
+        let Some((budget, deadline)) = self.budget else {
+            return Some(request.await);
+        };
+        if !self.ran_out
+            && let Ok(v) = tokio::time::timeout_at(deadline, request).await
+        {
+            return Some(v);
+        }
+        if !self.ran_out {
+            self.ran_out = true;
+            self.fail(
+                what,
+                format!(
+                    "discovery's time budget of {}s ran out here; nothing further was tried",
+                    budget.as_secs()
+                ),
+                true,
+            );
+        }
+        None
+    }
+
     fn fail(&mut self, what: String, why: impl Into<String>, transient: bool) {
         self.tried.push((what, why.into()));
         self.transient |= transient;

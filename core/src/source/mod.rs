@@ -275,6 +275,16 @@ pub enum SourceError {
         /// The patterns the policy allows this namespace.
         allowed: Vec<String>,
     },
+    /// Obtaining the credential took longer than the operator's refresh deadline and was given up
+    /// (transient: the next attempt backs off like any other).
+    #[error(
+        "the refresh did not finish within {seconds}s and was given up; the servers it talks to are too slow \
+         or do not answer (the operator's --refresh-timeout)"
+    )]
+    RefreshTimedOut {
+        /// The deadline, in seconds.
+        seconds: u64,
+    },
     /// The issued token is a JWT whose `aud` is not the requested resource.
     #[error(
         "the issued token's audience {actual:?} does not include the requested resource {expected:?} (set quirks.acceptAudiences to allow it)"
@@ -304,7 +314,7 @@ impl SourceError {
     pub fn category(&self) -> &'static str {
         match self {
             Self::InvalidGrant(_) => "invalid_grant",
-            Self::FetchToken { .. } | Self::BadResponse(_) => "transient_error",
+            Self::FetchToken { .. } | Self::BadResponse(_) | Self::RefreshTimedOut { .. } => "transient_error",
             Self::HttpStatus(s) | Self::OAuthError { status: s, .. } if *s >= 500 || *s == 429 => {
                 "transient_error"
             }
@@ -346,6 +356,7 @@ impl SourceError {
             Self::SignJwt { .. } => "SigningFailed",
             Self::Rejected { reason, .. } => reason,
             Self::FetchToken { .. } => "TokenEndpointUnreachable",
+            Self::RefreshTimedOut { .. } => "RefreshTimedOut",
             Self::InvalidGrant(_) => "InvalidGrant",
             Self::OAuthError { .. } => "TokenEndpointRejected",
             Self::HttpStatus(_) => "TokenEndpointError",
@@ -524,6 +535,8 @@ pub struct SourceContext {
     guarded_token: reqwest::Client,
     policy: OutboundPolicy,
     discovery: discovery::Cache,
+    /// The longest one discovery may take (`None`: bounded by each request's timeout only).
+    discovery_budget: Option<Duration>,
     /// The administrator's rules for minted `jwt` tokens (`None`: any audience, every `sub` prefixed).
     jwt_policy: Option<jwt::MintPolicy>,
 }
@@ -545,6 +558,7 @@ impl SourceContext {
             guarded_token: outbound::guarded_client(timeout, policy, false)?,
             policy,
             discovery: discovery::Cache::default(),
+            discovery_budget: None,
             jwt_policy: None,
         })
     }
@@ -552,6 +566,13 @@ impl SourceContext {
     /// Holds minted `jwt` tokens to `policy` (the operator's `--jwt-policy-file`).
     pub fn with_jwt_policy(mut self, policy: jwt::MintPolicy) -> Self {
         self.jwt_policy = Some(policy);
+        self
+    }
+
+    /// Stops each discovery after `budget` (the operator: its refresh deadline minus the token
+    /// request timeout, so that a refresh deadline never cuts a token request short).
+    pub fn with_discovery_budget(mut self, budget: Duration) -> Self {
+        self.discovery_budget = Some(budget);
         self
     }
 
@@ -591,6 +612,7 @@ impl SourceContext {
             direct: &self.http,
             guarded: &self.guarded,
             policy: self.policy,
+            budget: self.discovery_budget,
         };
         match discovery::token_endpoint(&self.discovery, &spec.upstream, &clients).await {
             Ok(d) => Ok(TokenEndpoint {

@@ -454,3 +454,59 @@ async fn a_discovered_token_endpoint_that_redirects_is_not_followed() {
         paths(&log)
     );
 }
+
+#[tokio::test]
+async fn at_most_three_authorization_servers_are_tried_and_the_others_are_named() {
+    let servers: Vec<String> = (0..10).map(|i| format!("\"{{base}}/as{i}\"")).collect();
+    let prm = format!(
+        r#"{{"resource":"{{base}}/mcp","authorization_servers":[{}]}}"#,
+        servers.join(",")
+    );
+    let world = World {
+        prm: Box::leak(prm.into_boxed_str()),
+        as_paths: vec![],
+        ..World::default()
+    };
+    let (_, log, r) = discover_in(world, &context()).await;
+    let e = r.unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("7 not tried"), "{msg}");
+    assert!(msg.contains("/as3"), "the first one skipped is named: {msg}");
+    let tried: Vec<String> = paths(&log)
+        .into_iter()
+        .filter(|p| p.contains("/as"))
+        .collect();
+    assert!(tried.iter().any(|p| p.ends_with("/as2")), "{tried:?}");
+    assert!(
+        !tried.iter().any(|p| p.contains("/as3")),
+        "a fourth server was tried: {tried:?}"
+    );
+}
+
+#[tokio::test]
+async fn discovery_stops_when_its_time_budget_runs_out_and_says_so() {
+    let world = World {
+        special: Some(("/.well-known/oauth-authorization-server/tenant", Answer::Hang)),
+        ..World::default()
+    };
+    // Each request may take 30 s; the whole discovery only 1 s.
+    let ctx = SourceContext::new(
+        Duration::from_secs(30),
+        OutboundPolicy {
+            allow_loopback: true,
+        },
+    )
+    .unwrap()
+    .with_discovery_budget(Duration::from_secs(1));
+    let (_, log, r) = discover_in(world, &ctx).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.category(), "transient_error", "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("time budget of 1s ran out"), "{msg}");
+    // Nothing after the request that hung: not the OpenID document, not the token endpoint.
+    assert!(
+        !paths(&log).iter().any(|p| p.contains("openid-configuration") || p.ends_with("/token")),
+        "{:?}",
+        paths(&log)
+    );
+}
