@@ -25,7 +25,8 @@ pub struct Metrics {
     /// 1 while this process holds the leader Lease.
     pub leader: IntGaugeVec,
     /// Sidecar reports (`POST /v1/report`) by result: `refresh_requested`, `already_newer`,
-    /// `rate_limited`, `unauthenticated`, `forbidden`, `not_found`, `bad_request`, `error`.
+    /// `rate_limited`, `throttled` (too many reports, before any TokenReview), `unauthenticated`,
+    /// `forbidden`, `not_found`, `bad_request`, `error`.
     pub reports: IntCounterVec,
     /// Session liveness checks by credential and result: `alive`, `expired`, `error`.
     pub session_checks: IntCounterVec,
