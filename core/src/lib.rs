@@ -5,6 +5,8 @@
 pub mod crd;
 /// The signing keys of minted JWTs: rotation with overlap, and the JWKS.
 pub mod keyring;
+/// Serving a listener with bounded connections, header and handshake deadlines, and idle limits.
+pub mod listen;
 /// Credential material that never prints.
 pub mod redact;
 /// What the operator writes into a credential's Secret and the sidecar reads back.

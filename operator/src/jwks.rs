@@ -1,7 +1,7 @@
 //! The HTTP endpoints validators of minted JWTs read: `/.well-known/openid-configuration` and
 //! `/.well-known/jwks.json`. Public keys only; served by every replica.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
@@ -37,9 +37,16 @@ fn cached(body: impl IntoResponse) -> impl IntoResponse {
     )
 }
 
+/// What the JWKS listener accepts: validators fetch two small documents and cache them, so a few
+/// hundred connections serve many validators, and each request arrives at once.
+const LIMITS: mcp_credentials_core::listen::Limits = mcp_credentials_core::listen::Limits {
+    max_connections: 256,
+    header_read_timeout: Duration::from_secs(10),
+    handshake_timeout: Duration::from_secs(10),
+    idle_timeout: Duration::from_secs(60),
+};
+
 /// Serves [`app`] on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, keys: Arc<Keys>) {
-    if let Err(e) = axum::serve(listener, app(keys)).await {
-        tracing::error!(error = %e, "the JWKS server stopped");
-    }
+    crate::serve_plain(listener, LIMITS, app(keys)).await;
 }

@@ -576,9 +576,27 @@ async fn serve(listener: tokio::net::TcpListener, metrics: metrics::Metrics, rea
                 })
             }),
         );
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "the metrics server stopped");
-    }
+    serve_plain(listener, METRICS_LIMITS, app).await;
+}
+
+/// What the metrics listener accepts: Prometheus and the kubelet's probes use a handful of
+/// connections and send each request at once.
+const METRICS_LIMITS: mcp_credentials_core::listen::Limits = mcp_credentials_core::listen::Limits {
+    max_connections: 64,
+    header_read_timeout: Duration::from_secs(10),
+    handshake_timeout: Duration::from_secs(10),
+    idle_timeout: Duration::from_secs(60),
+};
+
+/// Serves `app` over plain HTTP on `listener` within `limits` until the process ends.
+pub(crate) async fn serve_plain(
+    listener: tokio::net::TcpListener,
+    limits: mcp_credentials_core::listen::Limits,
+    app: axum::Router,
+) {
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let plain = |tcp| std::future::ready(Some(tcp));
+    mcp_credentials_core::listen::serve(listener, limits, plain, service, std::future::pending()).await;
 }
 
 fn hostname() -> String {

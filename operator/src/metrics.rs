@@ -28,7 +28,8 @@ pub struct Metrics {
     /// `renew_deadline` (no renewal within the deadline).
     pub leadership_lost: IntCounterVec,
     /// Sidecar reports (`POST /v1/report`) by result: `refresh_requested`, `already_newer`,
-    /// `rate_limited`, `unauthenticated`, `forbidden`, `not_found`, `bad_request`, `error`.
+    /// `rate_limited`, `throttled` (too many reports, before any TokenReview), `unauthenticated`,
+    /// `forbidden`, `not_found`, `bad_request`, `error`.
     pub reports: IntCounterVec,
     /// Session liveness checks by credential and result: `alive`, `expired`, `error`.
     pub session_checks: IntCounterVec,

@@ -201,6 +201,9 @@ pub enum Answer {
     NotFound(String),
     /// 429: a refresh was forced less than the window ago; retry after this many seconds.
     RateLimited(u64),
+    /// 429: too many reports from this sender or from everyone, before any token is checked; retry
+    /// after this many seconds.
+    Throttled(u64),
     /// 500: the API server could not be asked (retry later).
     Unavailable,
 }
@@ -216,6 +219,7 @@ impl Answer {
             Answer::Forbidden(_) => "forbidden",
             Answer::NotFound(_) => "not_found",
             Answer::RateLimited(_) => "rate_limited",
+            Answer::Throttled(_) => "throttled",
             Answer::Unavailable => "error",
         }
     }
@@ -227,7 +231,7 @@ impl Answer {
             Answer::Unauthenticated => StatusCode::UNAUTHORIZED,
             Answer::Forbidden(_) => StatusCode::FORBIDDEN,
             Answer::NotFound(_) => StatusCode::NOT_FOUND,
-            Answer::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Answer::RateLimited(_) | Answer::Throttled(_) => StatusCode::TOO_MANY_REQUESTS,
             Answer::Unavailable => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -243,6 +247,7 @@ impl Answer {
             Answer::RateLimited(s) => {
                 format!("a refresh of this credential was just requested; retry in {s} s")
             }
+            Answer::Throttled(s) => format!("too many reports; retry in {s} s"),
             Answer::Unavailable => "cannot check the report now; retry later".into(),
         }
     }
@@ -252,7 +257,7 @@ impl IntoResponse for Answer {
     fn into_response(self) -> Response {
         let body = Json(serde_json::json!({"result": self.result(), "message": self.message()}));
         let mut response = (self.status(), body).into_response();
-        if let Answer::RateLimited(s) = self {
+        if let Answer::RateLimited(s) | Answer::Throttled(s) = self {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s.max(1)));
@@ -331,6 +336,109 @@ pub struct ReportApp {
     /// The last refresh each credential (`namespace/name`) was forced by a report on this replica.
     /// The annotation carries it across replicas; this closes the gap until the watch shows it.
     forced: Mutex<HashMap<String, Timestamp>>,
+    /// Reports let through to a TokenReview, by sender and in all.
+    limiter: Mutex<Limiter>,
+}
+
+/// A token bucket's refill rate and size.
+#[derive(Clone, Copy, Debug)]
+struct Rate {
+    per_second: f64,
+    burst: f64,
+}
+
+/// Reports from all senders that may cost a TokenReview: a sidecar reports only when an upstream
+/// rejects a credential, so even a cluster-wide revocation reaching a thousand pods is answered
+/// within a minute, while a flood of forged tokens costs the API server at most this much.
+const ALL_REPORTS: Rate = Rate {
+    per_second: 20.0,
+    burst: 100.0,
+};
+/// Reports from one address (one pod): a pod with a few credentials rejected at once fits the
+/// burst, and its sidecar retries later anyway.
+const PEER_REPORTS: Rate = Rate {
+    per_second: 1.0,
+    burst: 10.0,
+};
+/// Senders remembered; past this, the ones whose bucket is full again are forgotten.
+const MAX_PEERS: usize = 4096;
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    fn full(rate: Rate, now: std::time::Instant) -> Self {
+        Bucket {
+            tokens: rate.burst,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, rate: Rate, now: std::time::Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate.per_second).min(rate.burst);
+        self.at = now;
+    }
+
+    /// Seconds until a token is available (0: one is).
+    fn wait(&self, rate: Rate) -> u64 {
+        if self.tokens >= 1.0 {
+            0
+        } else {
+            ((1.0 - self.tokens) / rate.per_second).ceil().max(1.0) as u64
+        }
+    }
+}
+
+/// A global token bucket and one per sender, checked before any TokenReview.
+#[derive(Debug)]
+struct Limiter {
+    all: Bucket,
+    peers: HashMap<std::net::IpAddr, Bucket>,
+}
+
+impl Limiter {
+    fn new(now: std::time::Instant) -> Self {
+        Limiter {
+            all: Bucket::full(ALL_REPORTS, now),
+            peers: HashMap::new(),
+        }
+    }
+
+    /// Takes a token from both buckets, or says how many seconds to wait.
+    fn take(&mut self, peer: Option<std::net::IpAddr>, now: std::time::Instant) -> Result<(), u64> {
+        self.all.refill(ALL_REPORTS, now);
+        let mut wait = self.all.wait(ALL_REPORTS);
+        if let Some(ip) = peer {
+            if self.peers.len() >= MAX_PEERS && !self.peers.contains_key(&ip) {
+                self.peers.retain(|_, b| {
+                    b.refill(PEER_REPORTS, now);
+                    b.tokens < PEER_REPORTS.burst
+                });
+                if self.peers.len() >= MAX_PEERS {
+                    // Still full: every sender is busy; the global bucket alone decides.
+                    self.peers.clear();
+                }
+            }
+            let bucket = self
+                .peers
+                .entry(ip)
+                .or_insert_with(|| Bucket::full(PEER_REPORTS, now));
+            bucket.refill(PEER_REPORTS, now);
+            wait = wait.max(bucket.wait(PEER_REPORTS));
+            if wait == 0 {
+                bucket.tokens -= 1.0;
+            }
+        }
+        if wait > 0 {
+            return Err(wait);
+        }
+        self.all.tokens -= 1.0;
+        Ok(())
+    }
 }
 
 impl ReportApp {
@@ -347,6 +455,7 @@ impl ReportApp {
             metrics,
             window,
             forced: Mutex::default(),
+            limiter: Mutex::new(Limiter::new(std::time::Instant::now())),
         })
     }
 }
@@ -361,26 +470,43 @@ pub fn router(app: Arc<ReportApp>) -> Router {
 
 /// The handler: gathers the facts [`decide`] needs, in an order that asks the API server only what
 /// the previous answer allows, then acts on the decision.
-pub async fn handle(State(app): State<Arc<ReportApp>>, headers: HeaderMap, body: Bytes) -> Response {
-    let answer = answer(&app, &headers, &body).await;
+pub async fn handle(
+    State(app): State<Arc<ReportApp>>,
+    peer: Option<axum::Extension<mcp_credentials_core::listen::Peer>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let peer = peer.map(|axum::Extension(p)| p.0.ip());
+    let answer = answer(&app, peer, &headers, &body).await;
     app.metrics.reports.with_label_values(&[answer.result()]).inc();
     answer.into_response()
 }
 
-async fn answer(app: &ReportApp, headers: &HeaderMap, body: &[u8]) -> Answer {
+async fn answer(app: &ReportApp, peer: Option<std::net::IpAddr>, headers: &HeaderMap, body: &[u8]) -> Answer {
     let report = match Report::parse(body) {
         Ok(r) => r,
         Err(m) => return Answer::BadRequest(m),
     };
     let identity = match bearer(headers) {
         None => Identity::Unauthenticated,
-        Some(token) => match review(&app.client, token).await {
-            Ok(identity) => identity,
-            Err(e) => {
-                warn!(error = %e, "TokenReview failed");
-                return Answer::Unavailable;
+        Some(token) => {
+            // Anyone can send a token: a TokenReview is paid for only within the rate limits.
+            let allowed = app
+                .limiter
+                .lock()
+                .expect("limiter lock")
+                .take(peer, std::time::Instant::now());
+            if let Err(wait) = allowed {
+                return Answer::Throttled(wait);
             }
-        },
+            match review(&app.client, token).await {
+                Ok(identity) => identity,
+                Err(e) => {
+                    warn!(error = %e, "TokenReview failed");
+                    return Answer::Unavailable;
+                }
+            }
+        }
     };
     let same_namespace =
         matches!(&identity, Identity::ServiceAccount { namespace, .. } if *namespace == report.namespace);
@@ -710,6 +836,31 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(Identity::from_review(&rejected), Identity::Unauthenticated);
+    }
+
+    #[test]
+    fn reports_past_the_burst_wait_for_the_refill_per_sender_and_in_all() {
+        let t0 = std::time::Instant::now();
+        let mut limiter = Limiter::new(t0);
+        let a: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..PEER_REPORTS.burst as usize {
+            assert_eq!(limiter.take(Some(a), t0), Ok(()));
+        }
+        assert_eq!(limiter.take(Some(a), t0), Err(1));
+        // Another sender is not held back by the first one.
+        assert_eq!(limiter.take(Some("10.0.0.2".parse().unwrap()), t0), Ok(()));
+        assert_eq!(limiter.take(Some(a), t0 + Duration::from_secs(1)), Ok(()));
+        // Everyone together: the global bucket.
+        let mut limiter = Limiter::new(t0);
+        let mut allowed = 0;
+        for i in 0..1000u32 {
+            let ip = std::net::IpAddr::from(i.to_be_bytes());
+            allowed += usize::from(limiter.take(Some(ip), t0).is_ok());
+        }
+        assert_eq!(allowed, ALL_REPORTS.burst as usize);
+        let answer = Answer::Throttled(1).into_response();
+        assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(answer.headers()[header::RETRY_AFTER], "1");
     }
 
     #[test]

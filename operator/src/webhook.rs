@@ -4,7 +4,12 @@
 //! It runs on every replica (admission must not wait for a leader). The same listener serves
 //! sidecar reports ([`crate::report`]), so sidecars trust the certificate the API server already trusts.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::SystemTime};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context as _;
 use axum::{Json, Router, extract::State, routing::post};
@@ -94,32 +99,37 @@ impl Webhook {
         })
     }
 
-    /// Serves until the process ends.
-    pub async fn run(mut self) {
-        loop {
-            let (tcp, _) = match self.listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    warn!(error = %e, "accepting a webhook connection failed");
-                    continue;
-                }
-            };
-            let Some(acceptor) = self.tls.acceptor() else {
-                continue;
-            };
-            let router = self.router.clone();
-            tokio::spawn(async move {
-                let Ok(stream) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = hyper_util::service::TowerToHyperService::new(router);
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+    /// Serves until the process ends, within [`LIMITS`]: anyone on the pod network reaches this
+    /// port, and the API server cannot admit labelled pods while it is unavailable.
+    pub async fn run(self) {
+        let tls = std::sync::Mutex::new(self.tls);
+        let handshake = |tcp: tokio::net::TcpStream| {
+            let acceptor = tls.lock().expect("certificate lock").acceptor();
+            async move { acceptor?.accept(tcp).await.ok() }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(self.router);
+        mcp_credentials_core::listen::serve(
+            self.listener,
+            LIMITS,
+            handshake,
+            service,
+            std::future::pending(),
+        )
+        .await;
     }
 }
+
+/// What the webhook's listener accepts. The API server multiplexes its admission calls over a few
+/// HTTP/2 connections and sidecars send a report now and then, so 512 connections leave a wide
+/// margin while a flood of idle TLS connections (tens of KiB each) stays far below the operator's
+/// memory limit. Both clients send at once what they send: 10 s for a handshake or a request head
+/// is plenty, and the API server's own idle connections (90 s in Go) are closed after 60 s idle.
+pub const LIMITS: mcp_credentials_core::listen::Limits = mcp_credentials_core::listen::Limits {
+    max_connections: 512,
+    header_read_timeout: Duration::from_secs(10),
+    handshake_timeout: Duration::from_secs(10),
+    idle_timeout: Duration::from_secs(60),
+};
 
 /// Native sidecars (init containers with `restartPolicy: Always`) are on by default from 1.29.
 fn supports_native_sidecars(major: &str, minor: &str) -> bool {

@@ -42,6 +42,21 @@ pub const MAX_HEADER_BYTES: (&str, &str) = ("MCP_SIDECAR_MAX_HEADER_BYTES", "655
 /// agent on loopback sends a head at once, so only a stuck or hostile client ever waits this long.
 /// It also closes keep-alive connections idle this long, as nginx's `keepalive_timeout` does.
 pub const HEADER_READ_TIMEOUT: (&str, &str) = ("MCP_SIDECAR_HEADER_READ_TIMEOUT", "60s");
+/// Connections the admin listener and the probe listener each serve at once. They face the pod
+/// network when exposed (the probes always are): a flood of idle connections must not run a 64 MiB
+/// sidecar out of memory. Prometheus and the kubelet use one or two connections each; at the cap, a
+/// new connection closes the oldest idle one, so a probe still gets through during a flood.
+pub const ADMIN_MAX_CONNECTIONS: (&str, &str) = ("MCP_SIDECAR_ADMIN_MAX_CONNECTIONS", "64");
+/// How long the admin and probe listeners wait for a request head, and keep an idle connection:
+/// the kubelet and Prometheus send a request at once, and 10 s is the kubelet's probe timeout
+/// ceiling many clusters use.
+pub const ADMIN_HEADER_READ_TIMEOUT: (&str, &str) = ("MCP_SIDECAR_ADMIN_HEADER_READ_TIMEOUT", "10s");
+/// The largest single SSE event the sidecar holds while it re-frames a stream (GET event streams,
+/// where legacy `endpoint` events are rewritten). MCP messages are JSON-RPC objects of a few KiB; a
+/// tool result of hundreds of KiB still fits in 1 MiB, and a handful of streams at this size fit in a
+/// 64 MiB sidecar. An upstream that sends a larger event gets its stream ended: the agent receives an
+/// SSE comment saying so and a clean end of stream, never a cut event.
+pub const MAX_SSE_EVENT_BYTES: (&str, &str) = ("MCP_SIDECAR_MAX_SSE_EVENT_BYTES", "1048576");
 /// Threads serving agent connections, each a single-threaded event loop that keeps the connections
 /// dealt to it (like nginx's `worker_processes`). One agent is the only client, and one core proxies
 /// tens of thousands of requests a second; a sidecar's CPU limit is usually one core or less.
@@ -151,6 +166,12 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Whether HTTP/1.1 requests to plain-http upstreams take the fast path.
     pub http1_fast_path: bool,
+    /// Connections served at once by the admin listener, and by the probe listener.
+    pub admin_max_connections: usize,
+    /// How long the admin and probe listeners wait for a request head or keep an idle connection.
+    pub admin_header_read_timeout: Duration,
+    /// The largest SSE event held while re-framing a stream.
+    pub max_sse_event_bytes: usize,
     /// Threads serving agent connections.
     pub worker_threads: usize,
     /// Directory re-read interval.
@@ -258,6 +279,18 @@ impl Config {
             max_header_bytes: parse(get(MAX_HEADER_BYTES), "a number of bytes like 65536")?,
             header_read_timeout: nonzero(HEADER_READ_TIMEOUT, duration(get(HEADER_READ_TIMEOUT))?)?,
             http1_fast_path: parse(get(HTTP1_FAST_PATH), "true or false")?,
+            admin_max_connections: at_least_one(
+                ADMIN_MAX_CONNECTIONS.0,
+                parse(get(ADMIN_MAX_CONNECTIONS), "a number of connections like 64")?,
+            )?,
+            admin_header_read_timeout: nonzero(
+                ADMIN_HEADER_READ_TIMEOUT,
+                duration(get(ADMIN_HEADER_READ_TIMEOUT))?,
+            )?,
+            max_sse_event_bytes: at_least_one(
+                MAX_SSE_EVENT_BYTES.0,
+                parse(get(MAX_SSE_EVENT_BYTES), "a number of bytes like 1048576")?,
+            )?,
             worker_threads: parse(get(WORKER_THREADS), "a number of threads like 1").and_then(
                 |n: usize| {
                     if n == 0 {
@@ -290,6 +323,14 @@ fn parse<T: FromStr>(
     value.trim().parse().map_err(|_| invalid(name, &value, expected))
 }
 
+/// A zero count would refuse everything: refused.
+fn at_least_one(name: &'static str, n: usize) -> Result<usize, ConfigError> {
+    if n == 0 {
+        return Err(invalid(name, "0", "at least 1"));
+    }
+    Ok(n)
+}
+
 /// A zero timeout would close every connection at once: refused.
 fn nonzero(name: (&'static str, &'static str), d: Duration) -> Result<Duration, ConfigError> {
     if d.is_zero() {
@@ -320,6 +361,18 @@ mod tests {
         assert_eq!(c.file_poll_interval, Duration::from_millis(250));
         assert_eq!(c.header_read_timeout, Duration::from_secs(60));
         assert!(c.http1_fast_path);
+        assert_eq!(c.admin_max_connections, 64);
+        assert_eq!(c.admin_header_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_sse_event_bytes, 1 << 20);
+        let e = Config::load_from(&[], |n| {
+            (n == "MCP_SIDECAR_MAX_SSE_EVENT_BYTES").then(|| "0".into())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("MCP_SIDECAR_MAX_SSE_EVENT_BYTES") && e.contains("at least 1"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::{future::Future, net::SocketAddr};
 
-use axum::{Router, serve::ListenerExt};
+use axum::Router;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{
@@ -138,9 +138,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // This thread serves its share of agent connections; each further worker is a thread with its
     // own event loop that serves the connections dealt to it, like nginx's worker processes.
     let workers = (1..config.worker_threads).map(|_| worker()).collect();
+    proxy::set_max_sse_event(config.max_sse_event_bytes);
+    let limits = mcp_credentials_core::listen::Limits {
+        max_connections: config.admin_max_connections,
+        header_read_timeout: config.admin_header_read_timeout,
+        handshake_timeout: config.admin_header_read_timeout,
+        idle_timeout: config.admin_header_read_timeout,
+    };
     let probes = async {
         if let Some(listener) = probe_listener {
-            serve_admin(listener, admin::probes(store.clone()), stopped.clone()).await;
+            serve_admin(listener, admin::probes(store.clone()), limits, stopped.clone()).await;
         }
     };
     let servers = futures_util::future::join3(
@@ -148,6 +155,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         serve_admin(
             admin_listener,
             admin::app(store.clone(), metrics),
+            limits,
             stopped.clone(),
         ),
         probes,
@@ -376,17 +384,21 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
 }
 
-/// Serves the admin `app` on `listener` until `stop` turns true, then waits for open connections.
-async fn serve_admin(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) {
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
+/// Serves the admin `app` on `listener` within `limits` until `stop` turns true, then waits for
+/// open connections.
+async fn serve_admin(
+    listener: TcpListener,
+    app: Router,
+    limits: mcp_credentials_core::listen::Limits,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tower::ServiceExt as _;
+    let service = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+        app.clone().oneshot(request)
     });
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
-    if let Err(e) = result {
-        tracing::error!(error = %e, "listener failed");
-    }
+    let plain = |tcp| std::future::ready(Some(tcp));
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    mcp_credentials_core::listen::serve(listener, limits, plain, service, stopped).await;
 }

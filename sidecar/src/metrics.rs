@@ -37,6 +37,9 @@ pub struct Metrics {
     /// `credential_unavailable` (not loaded or expired),
     /// `request_header`, `connection_header`, `content_length`, `headers_too_large`, `large_body`).
     pub http1_handoffs: IntCounterVec,
+    /// `mcp_credentials_sidecar_sse_events_too_large_total{credential}`: event streams ended because
+    /// one event was over `MCP_SIDECAR_MAX_SSE_EVENT_BYTES`.
+    pub sse_events_too_large: IntCounterVec,
 }
 
 impl Metrics {
@@ -110,8 +113,17 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let sse_events_too_large = IntCounterVec::new(
+            Opts::new(
+                "sse_events_too_large_total",
+                "Event streams ended because one event was over MCP_SIDECAR_MAX_SSE_EVENT_BYTES",
+            ),
+            &["credential"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(sse_events_too_large.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(upstream_rejections.clone()),
             Box::new(expired_refusals.clone()),
@@ -132,6 +144,7 @@ impl Metrics {
             credential_expiration,
             reports,
             http1_handoffs,
+            sse_events_too_large,
         }
     }
 

@@ -1455,3 +1455,79 @@ on_both_paths!(
     a_legacy_endpoint_event_that_leads_out_of_the_credentials_routes_is_dropped,
     a_replay_goes_to_the_newer_credentials_upstream_and_never_to_the_old_one,
 );
+
+/// A 50 MB event, far over the 1 MiB default limit, ends the stream: the agent gets every event
+/// before it unchanged, a comment saying why, and a clean end of the chunked body (the connection
+/// stays usable); none of the big event's bytes reach it, and the metric counts it.
+async fn an_sse_event_over_the_limit_ends_the_stream_cleanly_after_the_small_events(fast_path: bool) {
+    const SMALL: usize = 500;
+    let small: String = (0..SMALL)
+        .map(|i| format!("id: {i}\ndata: {{\"n\":{i}}}\n\n"))
+        .collect();
+    let (listener, url) = listen().await;
+    let events = small.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        tokio::spawn(async move {
+            let mut stream = Wire::new(tcp);
+            let _ = stream.request().await.unwrap();
+            let head =
+                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+            let _ = stream.0.get_mut().write_all(head.as_bytes()).await;
+            // The small events one chunk each, then one event of 50 MB in 64 KiB chunks.
+            for event in events.split_inclusive("\n\n") {
+                let _ = stream.0.get_mut().write_all(chunk(event).as_bytes()).await;
+            }
+            let big = chunk(&"x".repeat(64 << 10));
+            let _ = stream.0.get_mut().write_all(chunk("data: ").as_bytes()).await;
+            for _ in 0..(50_000_000 / (64 << 10)) {
+                // The sidecar stops reading and closes this connection once the event is over the limit.
+                if stream.0.get_mut().write_all(big.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // Later requests: answered with their target.
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut wire = Wire::new(tcp);
+                while let Some((head, _)) = wire.request().await {
+                    let _ = wire.0.get_mut().write_all(ok(head.target()).as_bytes()).await;
+                }
+            });
+        }
+    });
+    let sidecar = sidecar(&url, fast_path).await;
+    let mut agent = Wire::connect(&sidecar.url).await;
+    agent
+        .send(format!(
+            "GET /demo/sse HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+            host(&sidecar)
+        ))
+        .await;
+    let head = agent.head().await.expect("a response");
+    assert_eq!(head.status(), 200);
+    let body = agent.body(Framing::of_response(&head, "GET")).await;
+    let text = String::from_utf8_lossy(&body);
+    let comment = ": mcp-credentials: an event over 1048576 bytes was dropped and the stream ended \
+                   (MCP_SIDECAR_MAX_SSE_EVENT_BYTES)\n\n";
+    assert!(
+        text.len() < 2 * small.len(),
+        "the big event leaked: {} bytes",
+        text.len()
+    );
+    assert_eq!(text, format!("{small}{comment}"));
+    // The chunked body ended cleanly: the agent connection carries the next request.
+    get_works(&mut agent, &sidecar, "/after").await;
+    let rendered = sidecar.metrics.render(&sidecar.store);
+    assert!(
+        rendered.contains("mcp_credentials_sidecar_sse_events_too_large_total{credential=\"demo\"} 1"),
+        "{rendered}"
+    );
+}
+
+mod sse_limit {
+    use super::*;
+
+    on_both_paths!(an_sse_event_over_the_limit_ends_the_stream_cleanly_after_the_small_events);
+}

@@ -355,12 +355,10 @@ pub(super) async fn forward(
         Some(uri) => {
             // Rewriting changes the length (the fast path re-frames the stream as chunked too).
             parts.headers.remove(header::CONTENT_LENGTH);
-            Body::new(EndpointRewrite::new(
-                body,
-                &name,
-                used.upstream.clone(),
-                uri.path().to_owned(),
-            ))
+            Body::new(
+                EndpointRewrite::new(body, &name, used.upstream.clone(), uri.path().to_owned())
+                    .counting(proxy.metrics.sse_events_too_large.with_label_values(&[&name])),
+            )
         }
         None => Body::new(body),
     };

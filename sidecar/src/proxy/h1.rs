@@ -251,11 +251,14 @@ impl Conn<'_> {
         // A GET's event stream is re-framed as chunks of whole events (legacy endpoints rewritten),
         // like the hyper path's `EndpointRewrite`; everything else passes as it is.
         let events = match (&sent.sse_path, answer.reframed) {
-            (Some(path), true) => Some(sse::Endpoints::new(
-                &handles.name,
-                sent.credential.upstream.clone(),
-                path.clone(),
-            )),
+            (Some(path), true) => Some(
+                sse::Endpoints::new(&handles.name, sent.credential.upstream.clone(), path.clone()).counting(
+                    proxy
+                        .metrics
+                        .sse_events_too_large
+                        .with_label_values(&[&handles.name]),
+                ),
+            ),
             _ => None,
         };
         let until_close = matches!(answer.framing, Framing::UntilClose) && events.is_none();
@@ -412,6 +415,13 @@ impl Conn<'_> {
                         .flatten()
                     {
                         push_chunk(&mut self.out, &complete);
+                    }
+                    if events.is_over() {
+                        // An event over the limit: the agent's stream ends cleanly after the
+                        // comment saying so; the upstream connection, mid-answer, is dropped.
+                        self.out.extend_from_slice(b"0\r\n\r\n");
+                        self.agent.write_all(&self.out).await.map_err(|_| End::Closed)?;
+                        return Ok(false);
                     }
                     if ended {
                         if let Some(rest) = events.finish() {

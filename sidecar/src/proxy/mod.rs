@@ -41,6 +41,7 @@ mod strip;
 pub use forward::{ClientError, ClientSettings, UpstreamClient, UpstreamError, upstream_client};
 pub use replay::set_wait as set_replay_wait;
 use route::Routed;
+pub use sse::set_max_event as set_max_sse_event;
 
 /// What every request shares.
 pub struct Proxy {

@@ -1,10 +1,12 @@
 //! The legacy HTTP+SSE transport (2024-11-05) announces where to POST with an `endpoint` event. This
 //! body wrapper rewrites that URI to `/<credential>/...` so follow-up POSTs come back through the
 //! sidecar. Every other byte passes unchanged, and each complete event is forwarded as soon as it
-//! arrives: only an incomplete trailing event is held.
+//! arrives: only an incomplete trailing event is held, up to the event size limit
+//! (`MCP_SIDECAR_MAX_SSE_EVENT_BYTES`); an event over it ends the stream.
 
 use std::{
     pin::Pin,
+    sync::OnceLock,
     task::{Context, Poll, ready},
 };
 
@@ -13,6 +15,21 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::{guard::is_loopback_authority, route};
 use crate::credential::Upstream;
+
+/// The default largest event held ([`crate::config::MAX_SSE_EVENT_BYTES`]).
+pub const MAX_EVENT: usize = 1 << 20;
+
+static MAX_EVENT_SETTING: OnceLock<usize> = OnceLock::new();
+
+/// Sets the event size limit for this process (`MCP_SIDECAR_MAX_SSE_EVENT_BYTES`), once, at
+/// start-up; default [`MAX_EVENT`].
+pub fn set_max_event(bytes: usize) {
+    let _ = MAX_EVENT_SETTING.set(bytes);
+}
+
+fn max_event() -> usize {
+    MAX_EVENT_SETTING.get().copied().unwrap_or(MAX_EVENT)
+}
 
 /// A response body whose legacy `endpoint` events point back through the sidecar.
 pub struct EndpointRewrite<B> {
@@ -28,12 +45,24 @@ impl<B> EndpointRewrite<B> {
             events: Endpoints::new(name, upstream, request_path),
         }
     }
+
+    /// Counts a stream ended for an event over the limit in `counter`.
+    pub fn counting(mut self, counter: prometheus::IntCounter) -> Self {
+        self.events.too_large = Some(counter);
+        self
+    }
 }
 
 /// The rewriting itself, without I/O: bytes of the stream in, complete events (rewritten) out. The
 /// hyper path's body wrapper and the HTTP/1.1 fast path both use it.
 pub struct Endpoints {
     pending: BytesMut,
+    /// How much of `pending` holds no event end (only bytes after it are scanned again).
+    scanned: usize,
+    max_event: usize,
+    /// Set once an event went over `max_event`: the stream is over.
+    over: bool,
+    too_large: Option<prometheus::IntCounter>,
     prefix: String,
     upstream: Upstream,
     request_path: String,
@@ -44,27 +73,82 @@ impl Endpoints {
     pub fn new(name: &str, upstream: Upstream, request_path: String) -> Self {
         Endpoints {
             pending: BytesMut::new(),
+            scanned: 0,
+            max_event: max_event(),
+            over: false,
+            too_large: None,
             prefix: format!("/{name}"),
             upstream,
             request_path,
         }
     }
 
+    /// Counts a stream ended for an event over the limit in `counter`.
+    pub fn counting(mut self, counter: prometheus::IntCounter) -> Self {
+        self.too_large = Some(counter);
+        self
+    }
+
     /// Takes the next bytes of the stream; returns the events they complete, rewritten. Only an
-    /// incomplete trailing event is held back.
+    /// incomplete trailing event is held back. When that event grows over the limit, what is held
+    /// is dropped and an SSE comment saying so comes back instead: the stream is then
+    /// [over](Self::is_over), and the caller ends it there.
     pub fn push(&mut self, data: Bytes) -> Option<Bytes> {
+        if self.over {
+            return None;
+        }
         // The common case: whole events and no endpoint event, forwarded without a copy.
-        if self.pending.is_empty() && last_event_end(&data) == Some(data.len()) {
+        if self.pending.is_empty()
+            && data.last().is_some_and(|b| matches!(b, b'\n' | b'\r'))
+            && last_event_end(&data, 0) == Some(data.len())
+        {
             return Some(self.rewrite(data));
         }
         self.pending.extend_from_slice(&data);
-        let end = last_event_end(&self.pending)?;
+        let Some(end) = last_event_end(&self.pending, self.scanned) else {
+            self.scanned = self.pending.len();
+            return self.check_size();
+        };
         let complete = self.pending.split_to(end).freeze();
-        Some(self.rewrite(complete))
+        self.scanned = self.pending.len();
+        let events = self.rewrite(complete);
+        match self.check_size() {
+            None => Some(events),
+            Some(comment) => Some([events, comment].concat().into()),
+        }
+    }
+
+    /// Ends the stream when the event held is over the limit: drops it, counts it, and returns the
+    /// comment the agent gets instead (SSE clients ignore comments).
+    fn check_size(&mut self) -> Option<Bytes> {
+        if self.pending.len() <= self.max_event {
+            return None;
+        }
+        self.over = true;
+        self.pending = BytesMut::new();
+        self.scanned = 0;
+        if let Some(counter) = &self.too_large {
+            counter.inc();
+        }
+        tracing::warn!(
+            credential = %&self.prefix[1..],
+            max_bytes = self.max_event,
+            "an SSE event from the upstream is over MCP_SIDECAR_MAX_SSE_EVENT_BYTES; the stream is ended"
+        );
+        Some(Bytes::from(format!(
+            ": mcp-credentials: an event over {} bytes was dropped and the stream ended (MCP_SIDECAR_MAX_SSE_EVENT_BYTES)\n\n",
+            self.max_event
+        )))
+    }
+
+    /// Whether an event over the limit ended the stream.
+    pub fn is_over(&self) -> bool {
+        self.over
     }
 
     /// The stream ended: what is left of an incomplete event, unchanged.
     pub fn finish(&mut self) -> Option<Bytes> {
+        self.scanned = 0;
         (!self.pending.is_empty()).then(|| self.pending.split().freeze())
     }
 
@@ -201,10 +285,11 @@ fn memchr(needle: &[u8], haystack: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-/// The end of the last complete event in `buf` (just after its blank line), if any. Lines end with
-/// CRLF, LF or CR (the SSE grammar), so a blank line is a line terminator right after another one.
-fn last_event_end(buf: &[u8]) -> Option<usize> {
-    (0..buf.len()).rev().find_map(|i| {
+/// The end of the last complete event in `buf` (just after its blank line) that ends at or after
+/// `from` (the bytes before it were scanned already), if any. Lines end with CRLF, LF or CR (the SSE
+/// grammar), so a blank line is a line terminator right after another one.
+fn last_event_end(buf: &[u8], from: usize) -> Option<usize> {
+    (from..buf.len()).rev().find_map(|i| {
         let start = match buf[i] {
             b'\n' if i > 0 && buf[i - 1] == b'\r' => i - 1,
             b'\n' | b'\r' => i,
@@ -227,6 +312,10 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         loop {
             let this = &mut *self;
+            if this.events.is_over() {
+                // An event over the limit ended the stream: the upstream's body is not read further.
+                return Poll::Ready(None);
+            }
             let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
@@ -244,7 +333,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.events.pending.is_empty() && self.inner.is_end_stream()
+        self.events.is_over() || (self.events.pending.is_empty() && self.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -347,11 +436,47 @@ mod tests {
 
     #[test]
     fn events_end_at_a_blank_line_whatever_the_line_endings() {
-        assert_eq!(last_event_end(b"data: x\n\n"), Some(9));
-        assert_eq!(last_event_end(b"data: x\r\n\r\ndata: y"), Some(11));
-        assert_eq!(last_event_end(b"data: x\r\rdata"), Some(9));
-        assert_eq!(last_event_end(b"data: x\r\ndata: y\r\n"), None);
-        assert_eq!(last_event_end(b"data: x\n"), None);
+        assert_eq!(last_event_end(b"data: x\n\n", 0), Some(9));
+        assert_eq!(last_event_end(b"data: x\r\n\r\ndata: y", 0), Some(11));
+        assert_eq!(last_event_end(b"data: x\r\rdata", 0), Some(9));
+        assert_eq!(last_event_end(b"data: x\r\ndata: y\r\n", 0), None);
+        assert_eq!(last_event_end(b"data: x\n", 0), None);
+        // Only ends at or after `from` are looked for, but a blank line may start before it.
+        assert_eq!(last_event_end(b"data: x\n\n", 9), None);
+        assert_eq!(last_event_end(b"data: x\n\n", 8), Some(9));
+        assert_eq!(last_event_end(b"data: x\r\n\r\n", 10), Some(11));
+    }
+
+    #[test]
+    fn an_event_over_the_limit_ends_the_stream_with_a_comment_and_nothing_of_it() {
+        let mut r = rewriter("http://127.0.0.1:9000", "/sse");
+        r.max_event = 64;
+        let counter = prometheus::IntCounter::new("t", "t").unwrap();
+        let mut r = r.counting(counter.clone());
+        assert_eq!(
+            r.push(Bytes::from_static(b"data: 1\n\ndata: ")).unwrap(),
+            "data: 1\n\n"
+        );
+        // Small pieces of one event: held, and only the new bytes are scanned.
+        for _ in 0..5 {
+            assert_eq!(r.push(Bytes::from_static(b"0123456789")), None);
+        }
+        let end = r.push(Bytes::from_static(b"0123456789012345")).unwrap();
+        assert!(
+            end.starts_with(b": mcp-credentials: an event over 64 bytes"),
+            "{end:?}"
+        );
+        assert!(end.ends_with(b"\n\n") && !end.windows(4).any(|w| w == b"0123"));
+        assert!(r.is_over() && r.pending.is_empty() && r.pending.capacity() == 0);
+        assert_eq!(r.push(Bytes::from_static(b"\n\ndata: 2\n\n")), None);
+        assert_eq!(r.finish(), None);
+        assert_eq!(counter.get(), 1);
+        // Events up to the limit pass.
+        let mut r = rewriter("http://127.0.0.1:9000", "/sse");
+        r.max_event = 64;
+        let event = format!("data: {}\n\n", "x".repeat(56));
+        assert_eq!(r.push(Bytes::from(event[..40].to_owned())), None);
+        assert_eq!(r.push(Bytes::from(event[40..].to_owned())).unwrap(), event);
     }
 
     #[test]

@@ -193,6 +193,11 @@ impl Operator {
         metric_value(&self.metrics().await, series)
     }
 
+    /// The process id (to read its `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// True once the process has exited on its own (as it does when it loses the Lease).
     pub fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
