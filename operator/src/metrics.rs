@@ -166,7 +166,9 @@ impl Metrics {
         let _ = self.renewal.remove_label_values(&[namespace, name]);
         let _ = self.ready.remove_label_values(&[namespace, name]);
         for result in SESSION_CHECK_RESULTS {
-            let _ = self.session_checks.remove_label_values(&[namespace, name, result]);
+            let _ = self
+                .session_checks
+                .remove_label_values(&[namespace, name, result]);
         }
     }
 
@@ -186,8 +188,8 @@ impl Metrics {
             let label = |n: &str| {
                 m.get_label()
                     .iter()
-                    .find(|l| l.get_name() == n)
-                    .map(|l| l.get_value().to_owned())
+                    .find(|l| l.name() == n)
+                    .map(|l| l.value().to_owned())
             };
             if let (Some(ns), Some(name)) = (label("namespace"), label("name")) {
                 seen.insert((ns, name));

@@ -86,7 +86,10 @@ async fn start(tag: &str, upstream: &str, env: &[(&str, &str)]) -> Sidecar {
             .unwrap(),
     );
     for _ in 0..600 {
-        if get(probe, "/readyz").await.is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        if get(probe, "/readyz")
+            .await
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        {
             return Sidecar {
                 process,
                 proxy,
@@ -110,7 +113,10 @@ async fn get(port: u16, path: &str) -> Option<String> {
         tcp.read_to_end(&mut answer).await.ok()?;
         Some(String::from_utf8_lossy(&answer).into_owned())
     };
-    tokio::time::timeout(Duration::from_secs(30), request).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(30), request)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Opens `n` connections to `port`: every other one sends half a request head, the rest nothing.
@@ -119,7 +125,9 @@ async fn flood(port: u16, n: usize) -> Vec<TcpStream> {
     for i in 0..n {
         let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         if i % 2 == 1 {
-            let _ = tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ").await;
+            let _ = tcp
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                .await;
         }
         conns.push(tcp);
     }
@@ -138,7 +146,9 @@ async fn closed_by_server(tcp: &mut TcpStream) -> bool {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(120), wait).await.unwrap_or(false)
+    tokio::time::timeout(Duration::from_secs(120), wait)
+        .await
+        .unwrap_or(false)
 }
 
 #[tokio::test]
@@ -152,9 +162,13 @@ async fn thousands_of_idle_and_half_sent_connections_leave_probes_working_and_me
     let mut conns = flood(sidecar.admin, 2500).await;
     conns.extend(flood(sidecar.probe, 2500).await);
     // While all of them are open, a normal request on each listener is answered.
-    let ready = get(sidecar.probe, "/readyz").await.expect("the probe listener answers");
+    let ready = get(sidecar.probe, "/readyz")
+        .await
+        .expect("the probe listener answers");
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
-    let metrics = get(sidecar.admin, "/metrics").await.expect("the admin listener answers");
+    let metrics = get(sidecar.admin, "/metrics")
+        .await
+        .expect("the admin listener answers");
     assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     // Every flood connection is closed by the sidecar: at the cap, or after the header timeout.
     let mut open = 0;
@@ -167,7 +181,9 @@ async fn thousands_of_idle_and_half_sent_connections_leave_probes_working_and_me
     let peak = sidecar.process.peak_rss();
     eprintln!("peak RSS after 5,000 idle connections: {} KiB", peak >> 10);
     assert!(peak < MEMORY_LIMIT, "peak RSS {peak} bytes");
-    let ready = get(sidecar.probe, "/readyz").await.expect("the probe listener answers");
+    let ready = get(sidecar.probe, "/readyz")
+        .await
+        .expect("the probe listener answers");
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
 }
 
@@ -221,15 +237,23 @@ async fn stream(port: u16) -> String {
     tcp.write_all(head.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(120), tcp.read_to_end(&mut raw)).await;
-    read.expect("the stream ends").expect("the stream ends without an error");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head") + 4;
+    read.expect("the stream ends")
+        .expect("the stream ends without an error");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
     let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("transfer-encoding: chunked"), "{head}");
     // Chunked decoding; the terminating chunk must be there (a clean end, not a cut connection).
     let (mut body, mut rest) = (Vec::new(), &raw[split..]);
     loop {
-        let line = rest.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
+        let line = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("a chunk size line");
         let size = usize::from_str_radix(std::str::from_utf8(&rest[..line]).unwrap().trim(), 16).unwrap();
         rest = &rest[line + 2..];
         if size == 0 {
@@ -242,7 +266,9 @@ async fn stream(port: u16) -> String {
 }
 
 async fn a_50_mb_event_ends_the_stream_cleanly_within_the_memory_limit(fast_path: &str) {
-    let small: String = (0..200).map(|i| format!("id: {i}\ndata: {{\"n\":{i}}}\n\n")).collect();
+    let small: String = (0..200)
+        .map(|i| format!("id: {i}\ndata: {{\"n\":{i}}}\n\n"))
+        .collect();
     let upstream = sse_upstream(200, 50_000_000).await;
     let sidecar = start(
         &format!("sse-{fast_path}"),
@@ -251,7 +277,11 @@ async fn a_50_mb_event_ends_the_stream_cleanly_within_the_memory_limit(fast_path
     )
     .await;
     let body = stream(sidecar.proxy).await;
-    assert!(body.len() < 1 << 20, "the big event reached the agent: {} bytes", body.len());
+    assert!(
+        body.len() < 1 << 20,
+        "the big event reached the agent: {} bytes",
+        body.len()
+    );
     assert!(body.starts_with(&small), "the small events changed");
     assert!(
         body.ends_with("(MCP_SIDECAR_MAX_SSE_EVENT_BYTES)\n\n"),
@@ -259,7 +289,10 @@ async fn a_50_mb_event_ends_the_stream_cleanly_within_the_memory_limit(fast_path
         &body[small.len().min(body.len())..]
     );
     let peak = sidecar.process.peak_rss();
-    eprintln!("peak RSS after a 50 MB event (fast path {fast_path}): {} KiB", peak >> 10);
+    eprintln!(
+        "peak RSS after a 50 MB event (fast path {fast_path}): {} KiB",
+        peak >> 10
+    );
     assert!(peak < MEMORY_LIMIT, "peak RSS {peak} bytes");
     let metrics = get(sidecar.admin, "/metrics").await.unwrap();
     assert!(

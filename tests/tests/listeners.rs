@@ -53,7 +53,9 @@ async fn closed_by_server(tcp: &mut TcpStream) -> bool {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(120), wait).await.unwrap_or(false)
+    tokio::time::timeout(Duration::from_secs(120), wait)
+        .await
+        .unwrap_or(false)
 }
 
 fn operator_client(ca_pem: &str) -> reqwest::Client {
@@ -97,13 +99,21 @@ async fn idle_and_half_sent_connections_to_every_listener_are_closed_and_request
 
     // While they are open, each listener still answers.
     let report = format!("https://{}/v1/report", op.listen);
-    let answer = client.post(&report).body("{}").send().await.expect("the webhook listener answers");
+    let answer = client
+        .post(&report)
+        .body("{}")
+        .send()
+        .await
+        .expect("the webhook listener answers");
     assert_eq!(answer.status(), 400);
     let answer = reqwest::get(format!("http://{jwks}/.well-known/jwks.json"))
         .await
         .expect("the JWKS listener answers");
     assert_eq!(answer.status(), 200);
-    assert!(!op.operator.metrics().await.is_empty(), "the metrics listener answers");
+    assert!(
+        !op.operator.metrics().await.is_empty(),
+        "the metrics listener answers"
+    );
 
     // Every flood connection is closed by the operator: to make room, or at its deadline.
     let mut open = 0;
@@ -114,7 +124,10 @@ async fn idle_and_half_sent_connections_to_every_listener_are_closed_and_request
     }
     assert_eq!(open, 0, "connections the operator never closed");
     let peak = peak_rss(op.operator.pid());
-    eprintln!("operator peak RSS after 5,000 idle connections: {} KiB", peak >> 10);
+    eprintln!(
+        "operator peak RSS after 5,000 idle connections: {} KiB",
+        peak >> 10
+    );
     assert!(peak < MEMORY_LIMIT, "peak RSS {peak} bytes");
 }
 
@@ -145,7 +158,11 @@ async fn a_flood_of_reports_with_forged_tokens_costs_few_token_reviews_and_gets_
             .expect("an answer");
         match answer.status().as_u16() {
             429 => {
-                assert!(answer.headers().contains_key("retry-after"), "{:?}", answer.headers());
+                assert!(
+                    answer.headers().contains_key("retry-after"),
+                    "{:?}",
+                    answer.headers()
+                );
                 throttled += 1;
             }
             401 => unauthenticated += 1,
@@ -157,8 +174,14 @@ async fn a_flood_of_reports_with_forged_tokens_costs_few_token_reviews_and_gets_
     eprintln!(
         "{REQUESTS} forged reports: {throttled} got 429, {unauthenticated} got 401, {reviews} TokenReviews"
     );
-    assert_eq!(reviews as usize, unauthenticated, "one TokenReview per report let through");
-    assert!(reviews * 3.0 < REQUESTS as f64, "{reviews} TokenReviews for {REQUESTS} reports");
+    assert_eq!(
+        reviews as usize, unauthenticated,
+        "one TokenReview per report let through"
+    );
+    assert!(
+        reviews * 3.0 < REQUESTS as f64,
+        "{reviews} TokenReviews for {REQUESTS} reports"
+    );
     assert!(throttled > REQUESTS / 2, "{throttled} answered 429");
     assert_eq!(
         metric_value(&text, r#"mcp_credentials_reports_total{result="throttled"}"#) as usize,

@@ -314,7 +314,9 @@ impl SourceError {
     pub fn category(&self) -> &'static str {
         match self {
             Self::InvalidGrant(_) => "invalid_grant",
-            Self::FetchToken { .. } | Self::BadResponse(_) | Self::RefreshTimedOut { .. } => "transient_error",
+            Self::FetchToken { .. } | Self::BadResponse(_) | Self::RefreshTimedOut { .. } => {
+                "transient_error"
+            }
             Self::HttpStatus(s) | Self::OAuthError { status: s, .. } if *s >= 500 || *s == 429 => {
                 "transient_error"
             }

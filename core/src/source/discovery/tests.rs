@@ -472,10 +472,7 @@ async fn at_most_three_authorization_servers_are_tried_and_the_others_are_named(
     let msg = e.to_string();
     assert!(msg.contains("7 not tried"), "{msg}");
     assert!(msg.contains("/as3"), "the first one skipped is named: {msg}");
-    let tried: Vec<String> = paths(&log)
-        .into_iter()
-        .filter(|p| p.contains("/as"))
-        .collect();
+    let tried: Vec<String> = paths(&log).into_iter().filter(|p| p.contains("/as")).collect();
     assert!(tried.iter().any(|p| p.ends_with("/as2")), "{tried:?}");
     assert!(
         !tried.iter().any(|p| p.contains("/as3")),
@@ -490,14 +487,9 @@ async fn discovery_stops_when_its_time_budget_runs_out_and_says_so() {
         ..World::default()
     };
     // Each request may take 30 s; the whole discovery only 1 s.
-    let ctx = SourceContext::new(
-        Duration::from_secs(30),
-        OutboundPolicy {
-            allow_loopback: true,
-        },
-    )
-    .unwrap()
-    .with_discovery_budget(Duration::from_secs(1));
+    let ctx = SourceContext::new(Duration::from_secs(30), OutboundPolicy { allow_loopback: true })
+        .unwrap()
+        .with_discovery_budget(Duration::from_secs(1));
     let (_, log, r) = discover_in(world, &ctx).await;
     let e = r.unwrap_err();
     assert_eq!(e.category(), "transient_error", "{e}");
@@ -505,7 +497,9 @@ async fn discovery_stops_when_its_time_budget_runs_out_and_says_so() {
     assert!(msg.contains("time budget of 1s ran out"), "{msg}");
     // Nothing after the request that hung: not the OpenID document, not the token endpoint.
     assert!(
-        !paths(&log).iter().any(|p| p.contains("openid-configuration") || p.ends_with("/token")),
+        !paths(&log)
+            .iter()
+            .any(|p| p.contains("openid-configuration") || p.ends_with("/token")),
         "{:?}",
         paths(&log)
     );
