@@ -202,7 +202,7 @@ const RESYNC: Duration = Duration::from_secs(3600);
 const CONCURRENCY: u16 = 4;
 
 /// Keeps every McpCredential's Role and RoleBinding in step with its spec until the stream ends.
-pub async fn run(client: Client, namespace: Option<&str>) {
+pub async fn run(client: Client, namespace: Option<&str>, selector: Option<&str>) {
     let credentials = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -214,7 +214,7 @@ pub async fn run(client: Client, namespace: Option<&str>) {
         None => Api::all(client.clone()),
     };
     let managed = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
-    Controller::<McpCredential>::new(credentials, watcher::Config::default())
+    Controller::<McpCredential>::new(credentials, crate::credential_watch(selector))
         .owns(owned, watcher::Config::default().labels(&managed))
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .run(reconcile, error_policy, Arc::new(client))

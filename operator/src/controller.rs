@@ -297,8 +297,9 @@ impl Context {
     }
 }
 
-/// Runs the controller until `shutdown` resolves. `namespace`: watch only that namespace.
-pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16) {
+/// Runs the controller until `shutdown` resolves. `namespace`: watch only that namespace;
+/// `selector`: only the McpCredentials with these labels.
+pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16, selector: Option<&str>) {
     // Secrets are watched for their metadata only: the operator reacts to a change of a Secret it
     // writes or reads, and reads the data of those few itself, so it never holds the data of the
     // cluster's other Secrets (nor their memory).
@@ -309,7 +310,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16) {
         ),
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
-    let controller = Controller::new(creds, watcher::Config::default())
+    let controller = Controller::new(creds, crate::credential_watch(selector))
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
     let store = controller.store();
     // Deleted credentials are never reconciled again: forget what they left, from the watch's view.

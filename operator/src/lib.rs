@@ -107,6 +107,13 @@ pub struct Config {
     #[arg(long, env = "MCP_CREDENTIALS_NAMESPACE_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub namespace_concurrency: Option<u16>,
 
+    /// Reconcile only McpCredentials whose labels match this label selector (`tier=critical`,
+    /// `shard in (a,b)`), so that several operators can share a cluster on disjoint sets (and each
+    /// set has its own Lease: give each operator its own --lease-name). Default: every McpCredential
+    /// in scope.
+    #[arg(long, env = "MCP_CREDENTIALS_SELECTOR")]
+    pub selector: Option<String>,
+
     /// Serve the sidecar-injection admission webhook over HTTPS on this address (every replica
     /// serves it; the Helm chart points the MutatingWebhookConfiguration here). Default: off.
     #[arg(long, env = "MCP_CREDENTIALS_WEBHOOK_LISTEN", requires_all = ["webhook_cert_file", "webhook_key_file"])]
@@ -318,6 +325,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         config.token_timeout
     );
     let namespace_concurrency = namespace_concurrency(&config)?;
+    if let Some(selector) = &config.selector {
+        check_selector(&client, config.namespace.as_deref(), selector).await?;
+    }
     let jwt_policy = jwt_policy(&config)?;
     // The HTTP clients and discovery cache of one term of leadership.
     let sources = || -> anyhow::Result<_> {
@@ -390,8 +400,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             }
             ready.store(true, Ordering::Relaxed);
             futures::future::join3(
-                controller::run(ctx.clone(), config.namespace.as_deref(), config.concurrency),
-                access::run(client.clone(), config.namespace.as_deref()),
+                controller::run(
+                    ctx.clone(),
+                    config.namespace.as_deref(),
+                    config.concurrency,
+                    config.selector.as_deref(),
+                ),
+                access::run(
+                    client.clone(),
+                    config.namespace.as_deref(),
+                    config.selector.as_deref(),
+                ),
                 webhook_certificates(&config, &client, &lease_ns),
             )
             .await
@@ -447,6 +466,41 @@ async fn drain(ctx: &controller::Context) {
             "stopping with rotated refresh tokens not written back (the API server did not accept them in time); \
              the credentials concerned may need a new sign-in"
         ),
+    }
+}
+
+/// What the operator's McpCredential watches list: every credential in scope, or those matching
+/// `--selector`.
+pub(crate) fn credential_watch(selector: Option<&str>) -> kube::runtime::watcher::Config {
+    let watch = kube::runtime::watcher::Config::default();
+    match selector {
+        Some(s) => watch.labels(s),
+        None => watch,
+    }
+}
+
+/// Fails at start on a selector the API server does not accept (a watch would only log the
+/// refusal over and over).
+async fn check_selector(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    selector: &str,
+) -> anyhow::Result<()> {
+    let api: Api<mcp_credentials_core::McpCredential> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match api
+        .list_metadata(&kube::api::ListParams::default().labels(selector).limit(1))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 400 => anyhow::bail!(
+            "--selector {selector:?} is not a label selector the API server accepts ({}); write it as \
+             `key=value`, `key!=value`, `key in (a,b)` or `key`, comma-separated",
+            e.message
+        ),
+        Err(e) => Err(anyhow::Error::new(e).context("listing McpCredentials with --selector")),
     }
 }
 

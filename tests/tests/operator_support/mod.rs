@@ -151,20 +151,29 @@ impl Operator {
         kubeconfig: &Path,
     ) -> Self {
         let _ = cp;
+        Self::spawn(&["--namespace", ns], ns, identity, extra, kubeconfig)
+    }
+
+    /// Starts an operator that watches every namespace (with leader election in `lease_ns`): give
+    /// it a `--selector` so that it leaves other tests' credentials alone.
+    pub fn start_cluster_wide(cp: &ControlPlane, lease_ns: &str, identity: &str, extra: &[&str]) -> Self {
+        Self::spawn(&[], lease_ns, identity, extra, &token_kubeconfig(cp))
+    }
+
+    fn spawn(scope: &[&str], lease_ns: &str, identity: &str, extra: &[&str], kubeconfig: &Path) -> Self {
         let port = free_port();
-        let log = std::env::temp_dir().join(format!("mcp-operator-{ns}-{identity}.log"));
+        let log = std::env::temp_dir().join(format!("mcp-operator-{lease_ns}-{identity}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let listen = format!("127.0.0.1:{port}");
         let child = Command::new(operator_binary())
+            .args(scope)
             .args([
-                "--namespace",
-                ns,
                 "--listen",
                 &listen,
                 "--identity",
                 identity,
                 "--lease-namespace",
-                ns,
+                lease_ns,
             ])
             .args(["--token-timeout", "3"])
             // A short Lease for takeover tests, unless the test sets its own.

@@ -1,0 +1,193 @@
+//! Fairness between namespaces, with the operator as a real process watching every namespace: 16
+//! credentials in one namespace whose upstream's protected-resource metadata names 1,000
+//! authorization servers that accept a connection and never answer, and one ordinary credential
+//! (client credentials from the real OAuth server) in another namespace. The ordinary one must keep
+//! being renewed before it expires, and the slow ones must say why they fail.
+//!
+//! On the code before the fix, every reconcile slot was held by a slow credential walking its
+//! 1,000 servers (up to three metadata requests of `--token-timeout` each), so the ordinary
+//! credential's Secret expired. Outcomes are asserted (each renewal is issued before the previous
+//! credential expires; the failure message), never durations.
+
+mod operator_support;
+
+use axum::{
+    Router,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::IntoResponse,
+    routing::{any, get},
+};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use mcp_credentials_core::McpCredential;
+use operator_support::*;
+use tokio::net::TcpListener;
+
+/// Accepts connections and never answers (nor closes them).
+async fn blackhole() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    port
+}
+
+/// An MCP server that asks for OAuth (401 with `resource_metadata`), whose protected-resource
+/// metadata names `servers` authorization servers on `hole`.
+async fn slow_upstream(hole: u16, servers: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let document = serde_json::json!({
+        "resource": format!("{base}/mcp"),
+        "authorization_servers": (0..servers)
+            .map(|i| format!("http://127.0.0.1:{hole}/as{i}"))
+            .collect::<Vec<_>>(),
+    });
+    let challenge = format!(r#"Bearer resource_metadata="{base}/.well-known/oauth-protected-resource/mcp""#);
+    let app = Router::new()
+        .route(
+            "/.well-known/oauth-protected-resource/mcp",
+            get(move || {
+                let document = document.clone();
+                async move { axum::Json(document) }
+            }),
+        )
+        .route(
+            "/mcp",
+            any(move || {
+                let challenge = challenge.clone();
+                async move {
+                    let mut headers = HeaderMap::new();
+                    headers.insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_str(&challenge).unwrap(),
+                    );
+                    (StatusCode::UNAUTHORIZED, headers).into_response()
+                }
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("{base}/mcp")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sixteen_credentials_whose_servers_never_answer_do_not_delay_another_namespaces_renewals() {
+    let (cp, fast_ns) = setup("fair-fast");
+    let slow_ns = cp.namespace("fair-slow");
+    // Only this test's credentials: the operator watches every namespace, other tests' too.
+    let shard = format!("mcpcredentials.dev/test-shard={fast_ns}");
+    let label = format!("labels: {{ mcpcredentials.dev/test-shard: {fast_ns} }}");
+
+    let hole = blackhole().await;
+    let upstream = slow_upstream(hole, 1000).await;
+    create_secret(cp, &slow_ns, "idp", &[("secret", "unused")]);
+    for i in 0..16 {
+        apply(
+            cp,
+            &slow_ns,
+            &format!(
+                r#"apiVersion: mcpcredentials.dev/v1alpha1
+kind: McpCredential
+metadata: {{ name: slow-{i}, {label} }}
+spec:
+  upstream: {upstream}
+  source:
+    oauth2:
+      grant: clientCredentials
+      clientId: cc-basic
+      clientSecret: {{ name: idp, key: secret }}
+"#
+            ),
+        );
+    }
+    let oauth = OAuthServer::start(0, 30);
+    create_secret(cp, &fast_ns, "idp", &[("secret", "cc-basic-secret")]);
+    apply(
+        cp,
+        &fast_ns,
+        &format!(
+            r#"apiVersion: mcpcredentials.dev/v1alpha1
+kind: McpCredential
+metadata: {{ name: ordinary, {label} }}
+spec:
+  upstream: http://127.0.0.1:7001/mcp
+  source:
+    oauth2:
+      grant: clientCredentials
+      tokenUrl: {}
+      clientId: cc-basic
+      clientSecret: {{ name: idp, key: secret }}
+"#,
+            oauth.token_url()
+        ),
+    );
+    // The defaults that matter: 16 reconcile slots, so a quarter (4) per namespace; a refresh
+    // deadline of 60 s.
+    let op = Operator::start_cluster_wide(
+        cp,
+        &fast_ns,
+        "a",
+        &[
+            "--selector",
+            &shard,
+            "--discovery-allow-loopback",
+            "--concurrency",
+            "16",
+        ],
+    );
+    let client = client(cp).await;
+    let fast: Api<McpCredential> = Api::namespaced(client.clone(), &fast_ns);
+    let slow: Api<McpCredential> = Api::namespaced(client.clone(), &slow_ns);
+    let secrets: Api<Secret> = Api::namespaced(client, &fast_ns);
+
+    // The slow ones fail, and say that the rest of the 1,000 servers were not tried.
+    let failed = wait_for("a slow credential's failure", || async {
+        let c = slow.get("slow-0").await.ok()?;
+        c.status?.last_failure_message.filter(|m| m.contains("not tried"))
+    })
+    .await;
+    assert!(failed.contains("997 not tried"), "{failed}");
+
+    // Meanwhile the ordinary one is renewed again and again, each time before it expires.
+    wait_condition(&fast, "ordinary", "Ready", "True", Some("CredentialValid")).await;
+    let issued = |s: &Secret| -> Option<(String, i64, i64)> {
+        let annotations = s.metadata.annotations.as_ref()?;
+        let issued_at = annotations.get("mcpcredentials.dev/issued-at")?;
+        let issued_at = issued_at
+            .parse::<i64>()
+            .ok()
+            .or_else(|| issued_at.parse::<jiff::Timestamp>().ok().map(|t| t.as_second()))?;
+        let expires_at = data(s, "expires-at")?
+            .parse::<jiff::Timestamp>()
+            .ok()?
+            .as_second();
+        Some((data(s, "version")?, issued_at, expires_at))
+    };
+    let mut seen: Vec<(String, i64, i64)> = Vec::new();
+    for renewal in 0..3 {
+        let last = seen.last().cloned();
+        let next = wait_for(
+            &format!("renewal {renewal} of the ordinary credential"),
+            || async {
+                let s = secrets.get("ordinary-mcp-credential").await.ok()?;
+                let now = issued(&s)?;
+                (last.as_ref().map(|l| &l.0) != Some(&now.0)).then_some(now)
+            },
+        )
+        .await;
+        if let Some((version, _, expires_at)) = &last {
+            assert!(
+                next.1 <= *expires_at,
+                "version {} was issued at {}, after version {version} expired at {expires_at}",
+                next.0,
+                next.1
+            );
+        }
+        seen.push(next);
+    }
+    drop(op);
+}
