@@ -542,6 +542,76 @@ fn unsaved_message(e: &SaveError) -> String {
 mod tests {
     use super::*;
 
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mcp-standalone-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_rotated_refresh_token_replaces_its_file_whole_readable_by_its_owner_only() {
+        let dir = temp_dir("mode");
+        let path = dir.join("refresh-token");
+        std::fs::write(&path, "rt-old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // A temporary file left by a crash, world-readable: narrowed and replaced, not reused as is.
+        std::fs::write(dir.join(".refresh-token.rotating"), "stale").unwrap();
+        std::fs::set_permissions(
+            dir.join(".refresh-token.rotating"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+
+        write_private_file(&path, b"rt-new").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "rt-new");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "mode {mode:o}");
+        assert!(
+            !dir.join(".refresh-token.rotating").exists(),
+            "the temporary file is renamed away"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_refresh_token_that_cannot_be_written_is_kept_served_and_written_later() {
+        let dir = temp_dir("unsaved");
+        // `login` is a file, not a directory: `login/refresh-token` cannot be written (as root, too).
+        std::fs::write(dir.join("login"), "in the way").unwrap();
+        let files = SecretFiles::new(dir.clone());
+        let r = SecretKeyRef {
+            name: "login".into(),
+            key: "refresh-token".into(),
+        };
+        let failed = files
+            .store(files.path(&r), SecretString::new("rt-rotated"))
+            .await
+            .expect_err("the write fails");
+        let message = unsaved_message(&failed);
+        assert!(
+            message.contains("login/refresh-token") && message.contains("kept in memory"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("rt-rotated"),
+            "the message holds the token: {message}"
+        );
+        assert!(files.has_unsaved());
+        // The next refresh redeems the rotated token, not what is (or is not) on disk.
+        assert_eq!(files.get(&r).await.unwrap().expose(), "rt-rotated");
+
+        std::fs::remove_file(dir.join("login")).unwrap();
+        std::fs::create_dir(dir.join("login")).unwrap();
+        files.save().await.unwrap();
+        assert!(!files.has_unsaved());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("login/refresh-token")).unwrap(),
+            "rt-rotated"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[tokio::test]
     async fn an_api_key_file_becomes_a_credential_and_edits_are_picked_up() {
         let dir = std::env::temp_dir().join(format!("mcp-sidecar-standalone-{}", std::process::id()));
