@@ -239,6 +239,17 @@ impl Operator {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Like [`Operator::start_cluster_wide`], reaching the API server as `kubeconfig` says
+    /// (through a fault proxy, say).
+    pub fn start_cluster_wide_with_kubeconfig(
+        lease_ns: &str,
+        identity: &str,
+        extra: &[&str],
+        kubeconfig: &Path,
+    ) -> Self {
+        Self::spawn(&[], lease_ns, identity, extra, kubeconfig)
+    }
 }
 
 impl Drop for Operator {
