@@ -670,24 +670,8 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     };
     // Step 2b: a rotated refresh token not written back yet goes first; until it is, no token
     // request (the one in the Secret is revoked) and nothing else is written.
-    let pending = ctx.pending.lock().unwrap().get(&key).cloned();
-    if let Some(p) = pending {
-        match write_back_refresh_token(
-            &secrets,
-            &p,
-            &key,
-            inputs.0.get(&p.secret.name).cloned().flatten(),
-        )
-        .await
-        {
-            Ok(outcome) => {
-                ctx.pending.lock().unwrap().remove(&key);
-                if let WriteBack::Written(s) | WriteBack::Superseded(s) = outcome {
-                    inputs.0.insert(p.secret.name.clone(), Some(s));
-                }
-            }
-            Err(e) => return Ok(write_back_failed(&ctx, &key, &p.secret, &e)),
-        }
+    if let Err(retry) = write_back_pending(&ctx, &secrets, &key, &mut inputs).await {
+        return Ok(retry);
     }
     let fingerprint = inputs.fingerprint(&cred);
     let requested = cred.annotations().get(REFRESH_REQUESTED_ANNOTATION).cloned();
@@ -804,21 +788,8 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         Err(e) => {
             // The access token was refused, but a rotated refresh token in the same answer is the
             // only valid one now: write it back before anything else.
-            let pending = ctx.pending.lock().unwrap().get(&key).cloned();
-            if let Some(p) = pending {
-                match write_back_refresh_token(
-                    &secrets,
-                    &p,
-                    &key,
-                    inputs.0.get(&p.secret.name).cloned().flatten(),
-                )
-                .await
-                {
-                    Ok(_) => {
-                        ctx.pending.lock().unwrap().remove(&key);
-                    }
-                    Err(e) => return Ok(write_back_failed(&ctx, &key, &p.secret, &e)),
-                }
+            if let Err(retry) = write_back_pending(&ctx, &secrets, &key, &mut inputs).await {
+                return Ok(retry);
             }
             return failed(
                 &cred,
@@ -840,29 +811,15 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     // has been kept since the answer was read (`Resolver::refresh_token_rotated`); a failed
     // write-back leaves it kept, and the next reconcile tries again before anything else.
     let mut fingerprint = fingerprint;
-    let pending = ctx.pending.lock().unwrap().get(&key).cloned();
-    if let Some(p) = pending {
-        match write_back_refresh_token(
-            &secrets,
-            &p,
-            &key,
-            inputs.0.get(&p.secret.name).cloned().flatten(),
-        )
-        .await
-        {
-            Ok(WriteBack::Written(updated)) => {
-                ctx.pending.lock().unwrap().remove(&key);
-                inputs.0.insert(p.secret.name.clone(), Some(updated));
-                fingerprint = inputs.fingerprint(&cred);
-            }
-            // Someone stored another refresh token since we read ours: publish nothing made from
-            // ours; the next reconcile starts over from theirs (the inputs changed).
-            Ok(WriteBack::Superseded(_) | WriteBack::Gone) => {
-                ctx.pending.lock().unwrap().remove(&key);
-                return Ok(Action::requeue(Duration::from_secs(1)));
-            }
-            Err(e) => return Ok(write_back_failed(&ctx, &key, &p.secret, &e)),
+    match write_back_pending(&ctx, &secrets, &key, &mut inputs).await {
+        Ok(Some(WriteBack::Written(_))) => fingerprint = inputs.fingerprint(&cred),
+        // Someone stored another refresh token since we read ours: publish nothing made from
+        // ours; the next reconcile starts over from theirs (the inputs changed).
+        Ok(Some(WriteBack::Superseded(_) | WriteBack::Gone)) => {
+            return Ok(Action::requeue(Duration::from_secs(1)));
         }
+        Ok(None) => {}
+        Err(retry) => return Ok(retry),
     }
 
     // Step 6: apply the Secret (one write), then the status (one write).
@@ -1173,6 +1130,31 @@ const WRITE_BACK_MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Writes `p.token` into its Secret, over `p.redeemed` only: the patch carries the resourceVersion
 /// it was decided on, and a conflict is decided again on a fresh read. A few quick tries (an API
 /// server restart is short); the caller keeps `p` on `Err` and tries again later.
+/// Writes back the credential's rotated refresh token, if one is kept: `Ok(None)` when none is,
+/// `Ok(Some(outcome))` once it is written (or another token superseded it; `inputs` then holds the
+/// Secret as it is now), `Err(action)` when the write failed (kept, retried after `action`).
+async fn write_back_pending(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    key: &str,
+    inputs: &mut Inputs,
+) -> Result<Option<WriteBack>, Action> {
+    let Some(p) = ctx.pending.lock().unwrap().get(key).cloned() else {
+        return Ok(None);
+    };
+    let known = inputs.0.get(&p.secret.name).cloned().flatten();
+    match write_back_refresh_token(secrets, &p, key, known).await {
+        Ok(outcome) => {
+            ctx.pending.lock().unwrap().remove(key);
+            if let WriteBack::Written(s) | WriteBack::Superseded(s) = &outcome {
+                inputs.0.insert(p.secret.name.clone(), Some(s.clone()));
+            }
+            Ok(Some(outcome))
+        }
+        Err(e) => Err(write_back_failed(ctx, key, &p.secret, &e)),
+    }
+}
+
 async fn write_back_refresh_token(
     api: &Api<Secret>,
     p: &PendingRefreshToken,
