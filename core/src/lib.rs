@@ -9,6 +9,8 @@ pub mod keyring;
 pub mod listen;
 /// Credential material that never prints.
 pub mod redact;
+/// The report a sidecar sends the operator when an upstream rejects a credential.
+pub mod report;
 /// What the operator writes into a credential's Secret and the sidecar reads back.
 pub mod secret;
 /// Credential sources: how to obtain each kind of credential (shared with the sidecar's standalone mode).
@@ -23,6 +25,11 @@ pub use redact::SecretString;
 
 /// The API group of every resource this project defines.
 pub const GROUP: &str = "mcpcredentials.dev";
+
+/// Setting this annotation on an McpCredential (to any new value, e.g. a timestamp) forces a
+/// refresh: written by users, and by the operator for a sidecar's report; the Secret records the
+/// value it last handled under the same name.
+pub const REFRESH_REQUESTED_ANNOTATION: &str = "mcpcredentials.dev/refresh-requested-at";
 
 /// Every CRD this project defines, as the multi-document YAML committed in `crds/`.
 pub fn crds_yaml() -> String {

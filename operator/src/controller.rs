@@ -69,8 +69,7 @@ use crate::{keys::Keys, metrics::Metrics};
 
 /// The one field manager for every write.
 pub const FIELD_MANAGER: &str = "mcp-credentials-operator";
-/// Setting this annotation on an McpCredential (to any new value, e.g. a timestamp) forces a refresh.
-pub const REFRESH_REQUESTED_ANNOTATION: &str = "mcpcredentials.dev/refresh-requested-at";
+pub use mcp_credentials_core::REFRESH_REQUESTED_ANNOTATION;
 /// Secret annotation: when the credential was issued (RFC 3339).
 pub const ISSUED_AT_ANNOTATION: &str = "mcpcredentials.dev/issued-at";
 /// Secret annotation: fingerprint of the spec and the referenced Secrets' versions it was made from.

@@ -36,13 +36,12 @@ use mcp_credentials_core::{
     McpCredential,
     secret::{VERSION_KEY, secret_name},
 };
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::{controller::REFRESH_REQUESTED_ANNOTATION, metrics::Metrics};
 
-/// Where sidecars send reports, on the webhook's listener.
-pub const PATH: &str = "/v1/report";
+pub use mcp_credentials_core::report::{PATH, Reason, Report};
+
 /// The default of `--report-min-interval`: at most one refresh forced by reports per credential in
 /// this window. Enough for a token request and the new Secret to reach every sidecar, short enough
 /// that a credential revoked twice in a row is replaced again soon. Reports within the window get
@@ -50,72 +49,6 @@ pub const PATH: &str = "/v1/report";
 pub const DEFAULT_RATE_WINDOW: Duration = Duration::from_secs(10);
 /// The field manager of the refresh-request annotation written for a report.
 const FIELD_MANAGER: &str = "mcp-credentials-report";
-/// A report is a few names; anything larger is not one.
-const MAX_BODY: usize = 4096;
-
-/// Why the upstream rejected the credential (RFC 6750 §3.1 error codes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    /// 401: the token is expired, revoked or malformed.
-    InvalidToken,
-    /// 403: the token lacks a scope the request needs.
-    InsufficientScope,
-}
-
-impl Reason {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::InvalidToken => "invalid_token",
-            Reason::InsufficientScope => "insufficient_scope",
-        }
-    }
-}
-
-/// The body of a report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Report {
-    /// The credential's namespace (the sidecar's pod's).
-    pub namespace: String,
-    /// The McpCredential's name.
-    pub credential: String,
-    /// Why the upstream rejected it.
-    pub reason: Reason,
-    /// The Secret's `version` the sidecar sent when it was rejected.
-    pub version: String,
-}
-
-impl Report {
-    /// Parses and checks a report body; the error says what is wrong (never echoing a token).
-    pub fn parse(body: &[u8]) -> Result<Report, String> {
-        let report: Report =
-            serde_json::from_slice(body).map_err(|e| format!("not a report: {e}; expected {EXAMPLE}"))?;
-        if !is_name(&report.namespace) {
-            return Err("namespace is not a valid namespace name".into());
-        }
-        if !is_name(&report.credential) {
-            return Err("credential is not a valid McpCredential name".into());
-        }
-        if report.version.is_empty() || report.version.len() > 128 {
-            return Err("version must be 1 to 128 characters".into());
-        }
-        Ok(report)
-    }
-}
-
-const EXAMPLE: &str =
-    r#"{"namespace":"agents","credential":"github","reason":"invalid_token","version":"..."}"#;
-
-fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
-}
 
 /// Who sent the report, according to the TokenReview.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -464,7 +397,7 @@ impl ReportApp {
 pub fn router(app: Arc<ReportApp>) -> Router {
     Router::new()
         .route(PATH, post(handle))
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(DefaultBodyLimit::max(mcp_credentials_core::report::MAX_BODY))
         .with_state(app)
 }
 

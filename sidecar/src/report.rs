@@ -7,6 +7,8 @@ use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::{sync::broadcast::error::RecvError, time::Instant};
 
+use mcp_credentials_core::report::{Reason, Rejection, Report};
+
 use crate::{
     error::error_chain,
     metrics::Metrics,
@@ -43,15 +45,6 @@ pub enum ReportError {
     /// The HTTP client could not be built.
     #[error("cannot build the report client")]
     Client(#[source] reqwest::Error),
-}
-
-/// The body the operator expects.
-#[derive(serde::Serialize)]
-struct Body<'a> {
-    namespace: &'a str,
-    credential: &'a str,
-    reason: &'a str,
-    version: &'a str,
 }
 
 /// Sends reports for `store`'s refresh requests.
@@ -99,13 +92,13 @@ impl Reporter {
                 Err(RecvError::Lagged(_)) => continue,
                 Err(RecvError::Closed) => return,
             };
-            if !worth_reporting(&request, sent.get(&request.name), Instant::now()) {
+            let Some(reason) = worth_reporting(&request, sent.get(&request.name), Instant::now()) else {
                 continue;
-            }
+            };
             sent.insert(request.name.clone(), (request.version.clone(), Instant::now()));
             let reporter = self.clone();
             tokio::spawn(async move {
-                let result = reporter.send(&request).await;
+                let result = reporter.send(&request, reason).await;
                 reporter
                     .metrics
                     .reports
@@ -115,8 +108,8 @@ impl Reporter {
         }
     }
 
-    /// Sends one report; returns the metric label of its result.
-    pub async fn send(&self, request: &RefreshRequest) -> &'static str {
+    /// Sends one report of `request`'s rejection for `reason`; returns the metric label of its result.
+    pub async fn send(&self, request: &RefreshRequest, reason: Reason) -> &'static str {
         let token = match tokio::fs::read_to_string(&self.settings.token_file).await {
             Ok(t) if !t.trim().is_empty() => t,
             Ok(_) | Err(_) => {
@@ -128,11 +121,11 @@ impl Reporter {
                 return "no_token";
             }
         };
-        let body = Body {
-            namespace: &self.namespace,
-            credential: &request.name,
-            reason: request.reason,
-            version: &request.version,
+        let body = Report {
+            namespace: self.namespace.to_string(),
+            credential: request.name.clone(),
+            reason,
+            version: request.version.clone(),
         };
         let response = self
             .client
@@ -170,21 +163,27 @@ impl Reporter {
             })
             .unwrap_or_default();
         if matches!(result, "accepted" | "rate_limited") {
-            tracing::info!(credential = %request.name, reason = request.reason, result, message = %message, "reported the rejected credential");
+            tracing::info!(credential = %request.name, reason = reason.as_str(), result, message = %message, "reported the rejected credential");
         } else {
-            tracing::warn!(credential = %request.name, reason = request.reason, status, result, message = %message, "the operator refused the report");
+            tracing::warn!(credential = %request.name, reason = reason.as_str(), status, result, message = %message, "the operator refused the report");
         }
         result
     }
 }
 
-/// Whether to report `request`, given the last report for its credential (version, when): only
+/// What to report of `request`, given the last report for its credential (version, when): only
 /// the two rejections a refresh can cure, and one report per version in [`REPEAT_AFTER`].
-fn worth_reporting(request: &RefreshRequest, last: Option<&(String, Instant)>, now: Instant) -> bool {
-    matches!(request.reason, "invalid_token" | "insufficient_scope")
-        && !last.is_some_and(|(version, at)| {
-            *version == request.version && now.duration_since(*at) < REPEAT_AFTER
-        })
+fn worth_reporting(
+    request: &RefreshRequest,
+    last: Option<&(String, Instant)>,
+    now: Instant,
+) -> Option<Reason> {
+    let Rejection::Curable(reason) = request.reason else {
+        return None;
+    };
+    let repeated = last
+        .is_some_and(|(version, at)| *version == request.version && now.duration_since(*at) < REPEAT_AFTER);
+    (!repeated).then_some(reason)
 }
 
 #[cfg(test)]
@@ -205,10 +204,10 @@ mod tests {
         let reporter = Reporter::new(settings("/nonexistent/token"), "agents", Metrics::register()).unwrap();
         let request = RefreshRequest {
             name: "github".into(),
-            reason: "invalid_token",
+            reason: Rejection::Curable(Reason::InvalidToken),
             version: "1".into(),
         };
-        assert_eq!(reporter.send(&request).await, "no_token");
+        assert_eq!(reporter.send(&request, Reason::InvalidToken).await, "no_token");
     }
 
     #[test]
@@ -218,18 +217,24 @@ mod tests {
             reason,
             version: version.into(),
         };
+        let (invalid, scope) = (
+            Rejection::Curable(Reason::InvalidToken),
+            Rejection::Curable(Reason::InsufficientScope),
+        );
         let now = Instant::now();
-        assert!(worth_reporting(&request("invalid_token", "1"), None, now));
-        assert!(worth_reporting(&request("insufficient_scope", "1"), None, now));
-        assert!(!worth_reporting(&request("other", "1"), None, now));
+        assert_eq!(
+            worth_reporting(&request(invalid, "1"), None, now),
+            Some(Reason::InvalidToken)
+        );
+        assert_eq!(
+            worth_reporting(&request(scope, "1"), None, now),
+            Some(Reason::InsufficientScope)
+        );
+        assert!(worth_reporting(&request(Rejection::Other, "1"), None, now).is_none());
         let last = ("1".to_owned(), now);
-        assert!(!worth_reporting(&request("invalid_token", "1"), Some(&last), now));
-        assert!(worth_reporting(&request("invalid_token", "2"), Some(&last), now));
-        assert!(worth_reporting(
-            &request("invalid_token", "1"),
-            Some(&last),
-            now + REPEAT_AFTER
-        ));
+        assert!(worth_reporting(&request(invalid, "1"), Some(&last), now).is_none());
+        assert!(worth_reporting(&request(invalid, "2"), Some(&last), now).is_some());
+        assert!(worth_reporting(&request(invalid, "1"), Some(&last), now + REPEAT_AFTER).is_some());
     }
 
     #[test]

@@ -44,7 +44,7 @@ fn renew_on_request(sidecar: &common::Sidecar, upstream: &str) {
     let mut requests = store.refresh_requests();
     tokio::spawn(async move {
         while let Ok(request) = requests.recv().await {
-            assert_eq!(request.reason, "invalid_token");
+            assert_eq!(request.reason.as_str(), "invalid_token");
             store.set(&request.name, common::credential(&upstream, "key-2", "2", None));
         }
     });

@@ -21,6 +21,7 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
 };
+use mcp_credentials_core::report::Rejection;
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use tokio::time::Instant;
 use tower::ServiceExt;
@@ -305,13 +306,12 @@ pub(super) async fn forward(
         proxy
             .metrics
             .upstream_rejections
-            .with_label_values(&[&name, reason])
+            .with_label_values(&[&name, reason.as_str()])
             .inc();
     }
-    if let (true, Some((method, mut headers, bytes))) = (
-        reason.is_some() && replay::worth_replaying(&proxy.store, &name, reason),
-        again,
-    ) && let Some(newer) = Box::pin(replay::newer_credential(&proxy.store, &name, &used, reason)).await
+    if let (Some(reason), Some((method, mut headers, bytes))) = (reason, again)
+        && replay::worth_replaying(&proxy.store, &name, reason)
+        && let Some(newer) = Box::pin(replay::newer_credential(&proxy.store, &name, &used, reason)).await
     {
         // To the newer credential's upstream, which may have changed since the request was routed:
         // the first URI may name a host the newer credential was never meant for.
@@ -390,16 +390,6 @@ fn keep(
 pub(super) fn rejection_reason<'a, I: Iterator<Item = &'a [u8]>>(
     status: StatusCode,
     challenges: impl Fn() -> I,
-) -> Option<&'static str> {
-    if status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN {
-        return None;
-    }
-    let says = |what: &[u8]| challenges().any(|value| value.windows(what.len()).any(|w| w == what));
-    Some(if says(b"invalid_token") {
-        "invalid_token"
-    } else if says(b"insufficient_scope") {
-        "insufficient_scope"
-    } else {
-        "other"
-    })
+) -> Option<Rejection> {
+    Rejection::of(status.as_u16(), challenges)
 }

@@ -12,6 +12,7 @@
 use std::{mem::MaybeUninit, pin::Pin, sync::Arc, time::Duration};
 
 use http::{StatusCode, uri::Authority};
+use mcp_credentials_core::report::Rejection;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -215,14 +216,14 @@ impl Conn<'_> {
             proxy
                 .metrics
                 .upstream_rejections
-                .with_label_values(&[&handles.name, reason])
+                .with_label_values(&[&handles.name, reason.as_str()])
                 .inc();
-            if replay::worth_replaying(&proxy.store, &handles.name, Some(reason))
+            if replay::worth_replaying(&proxy.store, &handles.name, reason)
                 && let Some(newer) = Box::pin(replay::newer_credential(
                     &proxy.store,
                     &handles.name,
                     &planned.credential,
-                    Some(reason),
+                    reason,
                 ))
                 .await
             {
@@ -783,7 +784,7 @@ struct Answer {
     /// The upstream connection can carry another request after this answer.
     upstream_keeps_alive: bool,
     /// A 401/403's reason, from `WWW-Authenticate`.
-    rejection: Option<&'static str>,
+    rejection: Option<Rejection>,
     /// An event stream answering a GET: its head says `Transfer-Encoding: chunked` and its body is
     /// re-framed, event by event.
     reframed: bool,
@@ -1366,7 +1367,12 @@ mod tests {
         let Ok(Parsed::Final(answer)) = parse_answer(head, false, false, &mut out) else {
             panic!("not parsed");
         };
-        assert_eq!(answer.rejection, Some("invalid_token"));
+        assert_eq!(
+            answer.rejection,
+            Some(Rejection::Curable(
+                mcp_credentials_core::report::Reason::InvalidToken
+            ))
+        );
         assert!(matches!(answer.framing, Framing::Length(0)));
         assert!(answer.upstream_keeps_alive);
         for bad in [

@@ -16,6 +16,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use http_body::Body as _;
 use http_body_util::BodyExt;
+use mcp_credentials_core::report::Rejection;
 
 use crate::{
     credential::Credential,
@@ -57,14 +58,13 @@ pub async fn keep(body: Body) -> Result<(Body, Option<Bytes>), ProxyError> {
     }
 }
 
-/// Whether a new credential may answer the upstream's rejection (`reason`, `None` when the answer
-/// was no 401/403): its challenge says the credential is stale or too narrow, or any 401/403 of a
-/// credential whose source reads it from files again when asked. Only called after a 401/403.
-pub fn worth_replaying(store: &Store, name: &str, reason: Option<&str>) -> bool {
+/// Whether a new credential may answer the upstream's rejection: its challenge says the credential
+/// is stale or too narrow, or any 401/403 of a credential whose source reads it from files again
+/// when asked.
+pub fn worth_replaying(store: &Store, name: &str, reason: Rejection) -> bool {
     match reason {
-        Some("invalid_token" | "insufficient_scope") => true,
-        Some(_) => store.rereads(name),
-        None => false,
+        Rejection::Curable(_) => true,
+        Rejection::Other => store.rereads(name),
     }
 }
 
@@ -76,7 +76,7 @@ pub async fn newer_credential(
     store: &Store,
     name: &str,
     used: &Credential,
-    reason: Option<&'static str>,
+    reason: Rejection,
 ) -> Option<std::sync::Arc<Credential>> {
     let newer = || {
         store
@@ -87,7 +87,7 @@ pub async fn newer_credential(
     let mut changes = store.subscribe();
     store.request_refresh(RefreshRequest {
         name: name.to_owned(),
-        reason: reason.unwrap_or("other"),
+        reason,
         version: used.version.clone(),
     });
     if let Some(c) = newer() {

@@ -11,6 +11,7 @@ use std::{
 };
 
 use jiff::Timestamp;
+use mcp_credentials_core::report::Rejection;
 use tokio::sync::{broadcast, watch};
 
 use crate::credential::Credential;
@@ -34,9 +35,9 @@ pub struct Slot {
 pub struct RefreshRequest {
     /// The credential's name.
     pub name: String,
-    /// Why the upstream rejected it: `invalid_token`, `insufficient_scope`, or `other` (any other
-    /// 401/403, asked only of a credential whose source [`Store::rereads`]).
-    pub reason: &'static str,
+    /// Why the upstream rejected it (any 401/403 other than a curable Bearer error is asked only of
+    /// a credential whose source [`Store::rereads`]).
+    pub reason: Rejection,
     /// The version that was rejected (so a renewal that already happened is not asked for again).
     pub version: String,
 }
