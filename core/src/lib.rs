@@ -13,6 +13,8 @@ pub mod redact;
 pub mod report;
 /// What the operator writes into a credential's Secret and the sidecar reads back.
 pub mod secret;
+/// The sidecar's environment variables and ports, as the injector sets them.
+pub mod sidecar_env;
 /// Credential sources: how to obtain each kind of credential (shared with the sidecar's standalone mode).
 pub mod source;
 /// Renewal times and failure backoff.

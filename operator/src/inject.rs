@@ -29,13 +29,10 @@ const TOKEN_VOLUME: &str = "mcp-credentials-api-access";
 /// Where the sidecar reads the API token, the cluster CA and its namespace (the standard path,
 /// so kube's in-cluster configuration finds them).
 const TOKEN_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-/// The proxy's port on loopback, as the sidecar defaults to.
-pub const PROXY_PORT: u16 = 7007;
-/// The sidecar's admin port (metrics, and probes with details): on loopback, unless the pod opts in
-/// with [`EXPOSE_METRICS_ANNOTATION`].
-pub const ADMIN_PORT: u16 = 7008;
-/// The sidecar's probe port on the pod IP: `/healthz` and `/readyz`, a status and nothing else.
-pub const PROBE_PORT: u16 = 7009;
+use mcp_credentials_core::sidecar_env as sidecar;
+/// The sidecar's ports: the proxy on loopback; admin (metrics, and probes with details) on loopback
+/// unless the pod opts in with [`EXPOSE_METRICS_ANNOTATION`]; probes on the pod IP.
+pub use mcp_credentials_core::sidecar_env::{ADMIN_PORT, PROBE_PORT, PROXY_PORT};
 /// Set to `"true"` to serve the sidecar's `/metrics` on the pod IP (port 7008), for a Prometheus
 /// that scrapes pods. By default it listens on loopback only.
 pub const EXPOSE_METRICS_ANNOTATION: &str = "mcpcredentials.dev/expose-sidecar-metrics";
@@ -321,25 +318,19 @@ fn sidecar_container(
         restart_policy: config.native_sidecar.then(|| "Always".into()),
         env: Some(
             [
-                Some(env("MCP_SIDECAR_CREDENTIALS", wanted.join(","))),
-                Some(env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{PROXY_PORT}"))),
+                Some(env(sidecar::CREDENTIALS, wanted.join(","))),
+                Some(env(sidecar::LISTEN, format!("127.0.0.1:{PROXY_PORT}"))),
                 Some(env(
-                    "MCP_SIDECAR_ADMIN_LISTEN",
+                    sidecar::ADMIN_LISTEN,
                     format!(
                         "{}:{ADMIN_PORT}",
                         if expose_metrics { "0.0.0.0" } else { "127.0.0.1" }
                     ),
                 )),
-                Some(env("MCP_SIDECAR_PROBE_LISTEN", format!("0.0.0.0:{PROBE_PORT}"))),
+                Some(env(sidecar::PROBE_LISTEN, format!("0.0.0.0:{PROBE_PORT}"))),
                 // Reports authenticate with the token of the volume below (the sidecar's default path).
-                config
-                    .report_url
-                    .clone()
-                    .map(|url| env("MCP_SIDECAR_REPORT_URL", url)),
-                config
-                    .report_ca
-                    .clone()
-                    .map(|ca| env("MCP_SIDECAR_REPORT_CA", ca)),
+                config.report_url.clone().map(|url| env(sidecar::REPORT_URL, url)),
+                config.report_ca.clone().map(|ca| env(sidecar::REPORT_CA, ca)),
             ]
             .into_iter()
             .flatten()

@@ -3,23 +3,25 @@
 
 use std::{net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
+use mcp_credentials_core::sidecar_env;
+
 use crate::{proxy::ClientSettings, report::ReportSettings};
 
 /// Where the proxy listens. Loopback only: the agent in the same pod (or on the same laptop) is the
 /// only client, and nothing else on the network may use the credentials.
-pub const LISTEN: (&str, &str) = ("MCP_SIDECAR_LISTEN", "127.0.0.1:7007");
+pub const LISTEN: (&str, &str) = (sidecar_env::LISTEN, "127.0.0.1:7007");
 /// Where `/metrics`, `/healthz` and `/readyz` listen. Loopback: what the sidecar serves and how it
 /// is doing is nobody else's business. A pod that wants Prometheus to scrape it opts in (the
 /// injector sets `0.0.0.0:7008` for pods annotated `mcpcredentials.dev/expose-sidecar-metrics`).
-pub const ADMIN_LISTEN: (&str, &str) = ("MCP_SIDECAR_ADMIN_LISTEN", "127.0.0.1:7008");
+pub const ADMIN_LISTEN: (&str, &str) = (sidecar_env::ADMIN_LISTEN, "127.0.0.1:7008");
 /// Where only `/healthz` and `/readyz` listen, answering with a status and no names: the kubelet's
 /// probes reach the pod IP, never its loopback, so the injector sets `0.0.0.0:7009`. Empty: none.
-pub const PROBE_LISTEN: (&str, &str) = ("MCP_SIDECAR_PROBE_LISTEN", "");
+pub const PROBE_LISTEN: (&str, &str) = (sidecar_env::PROBE_LISTEN, "");
 /// Comma-separated credentials this pod needs, each `name` or `name=secret-name` (when the
 /// McpCredential sets `spec.secretName`); `/readyz` waits for all of them. Empty: every credential
 /// found is served (the Kubernetes store then watches every managed Secret of the namespace), and
 /// readiness waits for at least one.
-pub const CREDENTIALS: (&str, &str) = ("MCP_SIDECAR_CREDENTIALS", "");
+pub const CREDENTIALS: (&str, &str) = (sidecar_env::CREDENTIALS, "");
 /// A directory with one subdirectory per credential holding files named like the Secret's data keys
 /// (a projected Secret volume). When set, it replaces the Kubernetes watch.
 pub const CREDENTIALS_DIR: (&str, &str) = ("MCP_SIDECAR_CREDENTIALS_DIR", "");
@@ -68,11 +70,11 @@ pub const FILE_POLL_INTERVAL: (&str, &str) = ("MCP_SIDECAR_FILE_POLL_INTERVAL", 
 /// The operator's report endpoint: where an upstream's rejection of a credential is reported so the
 /// operator refreshes it now (Kubernetes mode only). Empty: no reports; a rejected request still
 /// waits for a newer credential. The injector sets it to the operator's Service.
-pub const REPORT_URL: (&str, &str) = ("MCP_SIDECAR_REPORT_URL", "");
+pub const REPORT_URL: (&str, &str) = (sidecar_env::REPORT_URL, "");
 /// PEM CA bundle (the certificates themselves, not a path) trusted for the report endpoint. The
 /// injector copies the operator's CA here, because the operator's certificate Secret is in another
 /// namespace. Empty: the system roots.
-pub const REPORT_CA: (&str, &str) = ("MCP_SIDECAR_REPORT_CA", "");
+pub const REPORT_CA: (&str, &str) = (sidecar_env::REPORT_CA, "");
 /// The service-account token reports authenticate with, re-read for each report (the kubelet
 /// rotates it). The default is where the injected token volume (and every pod's) puts it.
 pub const REPORT_TOKEN_FILE: (&str, &str) = (
@@ -351,6 +353,13 @@ fn duration((name, value): (&'static str, String)) -> Result<Duration, ConfigErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_ports_are_the_ones_the_injector_uses() {
+        let port = |(_, default): (&str, &str)| default.parse::<SocketAddr>().unwrap().port();
+        assert_eq!(port(LISTEN), sidecar_env::PROXY_PORT);
+        assert_eq!(port(ADMIN_LISTEN), sidecar_env::ADMIN_PORT);
+    }
 
     #[test]
     fn defaults_listen_on_loopback_and_watch_kubernetes() {
