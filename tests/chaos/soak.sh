@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# The chaos soak (tests/tests/chaos_soak.rs) for as long as you like: 15-second tokens, ten MCP
-# servers from the official Rust SDK, two operator replicas (each behind its own TCP fault proxy),
-# the sidecar, twenty MCP clients and a slow tenant (16 credentials whose 1,000 authorization servers
-# never answer), while every 108 s it restarts the OAuth server, floods the operators' metrics and
-# the sidecar's admin listeners with 2,000 idle and half-sent connections, kills the operator
-# leader, restarts kube-apiserver, deletes an output Secret by hand, stops the OAuth server for
-# 20 s, makes every API connection of the operators fail for 10 s right after a rotating refresh
-# token is answered, and blackholes the leader's API connections. Prints the client-visible failures
-# by cause and event, scans every log for token bytes, and exits non-zero when a goal is missed (see
-# the test's header). tests/run runs one 108-second round of the same test.
+# The chaos soak (tests/tests/chaos_soak.rs) for as long as you like: 20-second tokens, ten MCP
+# servers from the official Rust SDK and one taking an API key, two operator replicas (each behind
+# its own TCP fault proxy), the sidecar, twenty-two MCP clients and a slow tenant (16 credentials
+# whose 1,000 authorization servers never answer), while every 115 s it restarts the OAuth server,
+# floods the operators' metrics and the sidecar's admin listeners with 2,000 idle and half-sent
+# connections, kills the operator leader, restarts kube-apiserver, deletes an output Secret by hand,
+# stops the OAuth server for 25 s, makes every API connection of the operators fail for 10 s right
+# after a rotating refresh token is answered, blackholes the leader's API connections and rotates
+# the API key. Prints the client-visible failures by cause and event, scans every log for token
+# bytes, and exits non-zero when a goal is missed (see the test's header). tests/run runs one
+# 115-second round of the same test.
 #
-#   tests/chaos/soak.sh [seconds]     default 432 (four rounds)
+#   tests/chaos/soak.sh [seconds]     default 460 (four rounds)
 #
 # Keeps the run's logs and report (the test prints where). Starts the control plane if it is not running (and stops it again); uses CARGO_TARGET_DIR if set.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$repo"
-seconds=${1:-432}
+seconds=${1:-460}
 [[ $seconds =~ ^[0-9]+$ ]] || { echo "usage: tests/chaos/soak.sh [seconds]" >&2; exit 64; }
 
 started_here=false

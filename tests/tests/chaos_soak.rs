@@ -1,12 +1,13 @@
-//! The chaos soak: 15-second tokens, ten MCP servers (official Rust SDK) each demanding its own
-//! audience, two operator replicas with leader election (watching every namespace, each reaching the
+//! The chaos soak: 20-second tokens, ten MCP servers (official Rust SDK) each demanding its own
+//! audience and one taking an API key, two operator replicas with leader election (watching every namespace, each reaching the
 //! API server through its own TCP fault proxy, and all of them through one more), the sidecar, and
 //! concurrent MCP clients calling tools through it, while the test restarts the OAuth server, floods
 //! the operators' metrics listeners and the sidecar's admin listener with idle and half-sent
 //! connections, kills the operator leader, restarts kube-apiserver, deletes an output Secret by
 //! hand, takes the OAuth server away for longer than a token lives, makes every API connection of
-//! the operators fail for 10 s right after a rotating refresh token is answered, and blackholes the
-//! leader's API connections. Throughout, a slow tenant (16 credentials in another namespace whose
+//! the operators fail for 10 s right after a rotating refresh token is answered, blackholes the
+//! leader's API connections, and rotates an API key (the upstream takes both keys until the new one
+//! has reached the credential's Secret, then only the new one). Throughout, a slow tenant (16 credentials in another namespace whose
 //! upstream names 1,000 authorization servers that never answer) competes for the operators.
 //! Prints the client-visible failures by cause and by event, and fails when a goal is missed:
 //!
@@ -20,9 +21,11 @@
 //!    one of its chain after each round, and the credential never needs a new sign-in;
 //! 7. a standby takes over from the blackholed leader, which has stopped leading by then, and from
 //!    then to the end of the round exactly one replica (the new leader) writes Secrets;
-//! 8. no upstream 401 or 403 after any of the new events (flood, API writes, blackhole).
+//! 8. no upstream 401 or 403 after any of the new events (flood, API writes, blackhole, API-key
+//!    rotation);
+//! 9. the API-key credential (which never expires) sees no failure at all, rotations included.
 //!
-//! `MCP_SOAK_SECONDS` (default 108: one round of events, as `tests/run` runs it) sets the length;
+//! `MCP_SOAK_SECONDS` (default 115: one round of events, as `tests/run` runs it) sets the length;
 //! `tests/chaos/soak.sh <seconds>` runs longer soaks. Ends with the log scan for token bytes.
 
 mod e2e_support;
@@ -41,8 +44,10 @@ use std::{
 
 use axum::{
     Router,
+    extract::{Request, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
-    response::IntoResponse,
+    middleware::Next,
+    response::{IntoResponse, Response},
     routing::{any, get},
 };
 use e2e_support::*;
@@ -58,25 +63,34 @@ use mcp_credentials_e2e::{
     repo_root,
 };
 use operator_support::*;
+use rmcp::{
+    ServerHandler,
+    handler::server::{router::tool::ToolRouter, wrapper::Parameters},
+    model::{ServerCapabilities, ServerConfig},
+    schemars, tool, tool_handler, tool_router,
+    transport::streamable_http_server::{StreamableHttpService, session::local::LocalSessionManager},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 
-const TOKEN_TTL: u64 = 15;
+/// 20 s: the operator renews no sooner than 10 s after issue (`MIN_RENEWAL_INTERVAL`), so shorter
+/// tokens would have less than 10 s left at renewal (15-second ones: 5 s, less than a leader
+/// takeover and its first renewals take here).
+const TOKEN_TTL: u64 = 20;
 const UPSTREAMS: usize = 10;
 const CLIENTS_PER_UPSTREAM: usize = 2;
-/// Renew with 2/3 of the lifetime left (10 s of 15): a kube-apiserver restart takes about 8 s here,
-/// and no Secret can be written while it is down. The default (1/3 left, 5 s) is too little for
-/// 15-second tokens.
-const RENEW_BEFORE_PERCENTAGE: u32 = 66;
+/// Renew with half of the lifetime left (10 s of 20, at the minimum renewal interval): a
+/// kube-apiserver restart takes about 8 s here, and no Secret can be written while it is down.
+const RENEW_BEFORE_PERCENTAGE: u32 = 50;
 /// A lease this short lets a standby take over well within a token's remaining life.
 const LEASE_SECONDS: &str = "4";
 /// One round of events; the soak repeats rounds until its time is up.
-const ROUND: Duration = Duration::from_secs(108);
+const ROUND: Duration = Duration::from_secs(115);
 const SHORT_OUTAGE: Duration = Duration::from_secs(3);
 /// Longer than a token lives, so every credential expires during it.
-const LONG_OUTAGE: Duration = Duration::from_secs(20);
+const LONG_OUTAGE: Duration = Duration::from_secs(25);
 const RECOVERY: Duration = Duration::from_secs(5);
 /// How long every API connection of the operators fails after the rotating token's answer.
 const API_FAULT: Duration = Duration::from_secs(10);
@@ -94,6 +108,9 @@ const FLOOD_PER_OPERATOR: usize = 600;
 const FLOOD_SIDECAR: usize = 800;
 /// How long the flood's connections may stay open before the servers count as not closing them.
 const FLOOD_CLOSE_DEADLINE: Duration = Duration::from_secs(90);
+/// How long after the credential's Secret holds the new API key the upstream drops the old one: a
+/// moment for the sidecar's watch.
+const KEY_GAP: Duration = Duration::from_millis(300);
 const SECRET_WRITES: &str = r#"mcp_credentials_kube_api_requests_total{method="PATCH",resource="secrets"}"#;
 
 /// One thing the soak did, at an offset from the start.
@@ -109,10 +126,11 @@ enum Event {
     OAuthBack,
     ApiWritesFail,
     LeaderBlackholed,
+    ApiKeyRotated,
 }
 
 impl Event {
-    const ALL: [Event; 10] = [
+    const ALL: [Event; 11] = [
         Event::Steady,
         Event::OAuthRestart,
         Event::ListenerFlood,
@@ -123,6 +141,7 @@ impl Event {
         Event::OAuthBack,
         Event::ApiWritesFail,
         Event::LeaderBlackholed,
+        Event::ApiKeyRotated,
     ];
 
     fn label(self) -> &'static str {
@@ -133,10 +152,11 @@ impl Event {
             Event::LeaderKilled => "leader killed",
             Event::ApiServerRestart => "apiserver restart",
             Event::SecretDeleted => "secret deleted",
-            Event::LongOAuthOutage => "oauth down 20 s",
+            Event::LongOAuthOutage => "oauth down 25 s",
             Event::OAuthBack => "oauth back",
             Event::ApiWritesFail => "api writes fail 10 s",
             Event::LeaderBlackholed => "leader blackholed",
+            Event::ApiKeyRotated => "api key rotated",
         }
     }
 }
@@ -410,6 +430,98 @@ async fn flood(targets: Vec<(SocketAddr, usize, &'static [u8])>) -> Flooded {
     out
 }
 
+// ---- An upstream that takes exactly one API key (as in sidecar/tests/rotation.rs) ------------------
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+struct SumRequest {
+    a: i64,
+    b: i64,
+}
+
+#[derive(Clone)]
+struct Tools {
+    tool_router: ToolRouter<Self>,
+}
+
+#[tool_router]
+impl Tools {
+    #[tool(description = "Add two numbers")]
+    fn sum(&self, Parameters(SumRequest { a, b }): Parameters<SumRequest>) -> String {
+        (a + b).to_string()
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for Tools {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+}
+
+/// The keys an upstream accepts now.
+type Keys = Arc<Mutex<Vec<String>>>;
+
+/// An rmcp server at `url` that accepts only the current `X-API-Key`s (anything else: 401 with an
+/// API-key challenge, no Bearer `invalid_token`), and how many requests it refused.
+struct KeyUpstream {
+    url: String,
+    keys: Keys,
+    refused: Arc<AtomicU64>,
+}
+
+impl KeyUpstream {
+    async fn start(key: &str) -> Self {
+        let keys = Arc::new(Mutex::new(vec![key.to_owned()]));
+        let refused = Arc::new(AtomicU64::new(0));
+        let service: StreamableHttpService<Tools, LocalSessionManager> = StreamableHttpService::new(
+            || {
+                Ok(Tools {
+                    tool_router: Tools::tool_router(),
+                })
+            },
+            Default::default(),
+            Default::default(),
+        );
+        let app = Router::new()
+            .nest_service("/mcp", service)
+            .layer(axum::middleware::from_fn_with_state(
+                (keys.clone(), refused.clone()),
+                check_key,
+            ));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        KeyUpstream { url, keys, refused }
+    }
+
+    /// From now on `key` is accepted too.
+    fn also_accept(&self, key: &str) {
+        self.keys.lock().unwrap().push(key.to_owned());
+    }
+
+    /// From now on only `key` is accepted.
+    fn accept_only(&self, key: &str) {
+        *self.keys.lock().unwrap() = vec![key.to_owned()];
+    }
+}
+
+async fn check_key(
+    State((keys, refused)): State<(Keys, Arc<AtomicU64>)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let sent = request.headers().get("x-api-key").and_then(|v| v.to_str().ok());
+    if !sent.is_some_and(|sent| keys.lock().unwrap().iter().any(|k| k == sent)) {
+        refused.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::UNAUTHORIZED,
+            [("www-authenticate", r#"ApiKey realm="mcp", header="X-API-Key""#)],
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
 // ---- The rotating refresh token ---------------------------------------------------------------------
 
 /// The refresh-token credential's request to refresh now (`refresh-requested-at`).
@@ -573,12 +685,35 @@ spec:
         ),
     );
 
+    // An API-key credential served by the sidecar too, rotated twice a round.
+    let key_of = |round: u32, n: u32| format!("soak-api-key-{}-{round}-{n}", std::process::id());
+    let mut api_keys = vec![key_of(0, 0)];
+    let key_upstream = KeyUpstream::start(&api_keys[0]).await;
+    create_secret(cp, &ns, "keys", &[("api-key", &api_keys[0])]);
+    apply(
+        cp,
+        &ns,
+        &format!(
+            r#"apiVersion: mcpcredentials.dev/v1alpha1
+kind: McpCredential
+metadata: {{ name: apikey, labels: {{ mcpcredentials.dev/test-shard: {shard} }} }}
+spec:
+  upstream: {}
+  source: {{ apiKey: {{ secretKeyRef: {{ name: keys, key: api-key }} }} }}
+  inject: {{ header: X-API-Key, format: "{{token}}" }}
+"#,
+            key_upstream.url
+        ),
+    );
+    let mut served = names.clone();
+    served.push("apikey".to_owned());
+
     let mut operators = Operators::start(cp, &ns, &selector, 2).await;
     let kube = client(cp).await;
     let creds: Api<McpCredential> = Api::namespaced(kube.clone(), &ns);
     let slow: Api<McpCredential> = Api::namespaced(kube.clone(), &slow_ns);
     let secrets: Api<Secret> = Api::namespaced(kube, &ns);
-    for name in names.iter().chain(["rotating".to_owned()].iter()) {
+    for name in served.iter().chain(["rotating".to_owned()].iter()) {
         wait_condition(&creds, name, "Ready", "True", None).await;
     }
     // The next token answer with a refresh token, once armed, makes every API connection of the
@@ -593,7 +728,7 @@ spec:
             }
         });
     }
-    let sidecar = SidecarProcess::start(cp, &ns, &names, &dir);
+    let sidecar = SidecarProcess::start(cp, &ns, &served, &dir);
     wait_for("the sidecar is ready", || async {
         sidecar.ready().await.then_some(())
     })
@@ -606,10 +741,10 @@ spec:
     let calls = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(Mutex::new(Vec::<Failure>::new()));
     let mut clients = Vec::new();
-    for (i, name) in names
+    for (i, name) in served
         .iter()
         .cycle()
-        .take(UPSTREAMS * CLIENTS_PER_UPSTREAM)
+        .take(served.len() * CLIENTS_PER_UPSTREAM)
         .enumerate()
     {
         let url = format!("{}/{name}", sidecar.url);
@@ -723,7 +858,7 @@ spec:
 
         operators.supervise_until(start + at(46, round)).await;
         timeline.push((start.elapsed(), Event::LongOAuthOutage));
-        log("stopping the OAuth server for 20 s");
+        log("stopping the OAuth server for 25 s");
         oauth.stop();
         operators.supervise_until(Instant::now() + LONG_OUTAGE).await;
         oauth.resume();
@@ -734,7 +869,7 @@ spec:
 
         // API writes fail right after a token answer: force a refresh of the rotating credential;
         // its answer (a rotated refresh token) starts 10 s of reset API connections.
-        operators.supervise_until(start + at(72, round)).await;
+        operators.supervise_until(start + at(77, round)).await;
         let control = operators.api.control();
         let (faults, resets) = (control.faults_started(), control.connections_reset());
         timeline.push((start.elapsed(), Event::ApiWritesFail));
@@ -767,7 +902,7 @@ spec:
             outcome.connections_reset
         ));
         // The forced refresh completes, or the credential needs a new sign-in.
-        while start.elapsed() < at(87, round) {
+        while start.elapsed() < at(93, round) {
             let c = creds.get("rotating").await.ok();
             if c.as_ref()
                 .and_then(|c| condition(c, "ReauthRequired"))
@@ -797,7 +932,7 @@ spec:
         api_faults.push(outcome);
 
         // The leader blackholed: its API connections stay open and carry nothing.
-        operators.supervise_until(start + at(88, round)).await;
+        operators.supervise_until(start + at(95, round)).await;
         let ops = &operators;
         let old = wait_for("an operator leads", || async move { ops.leader(None).await }).await;
         let old_id = operators.running[old].id.clone();
@@ -831,6 +966,35 @@ spec:
         operators.supervise_until(holed + BLACKHOLE).await;
         hole_control.set(Fault::None);
         log(&format!("{old_id}'s API connections flow again"));
+
+        // The API key rotated as one is in a cluster: the upstream accepts the new key as well, the
+        // Secret gets it, and once the credential's Secret (which the sidecar watches) holds it, the
+        // upstream takes the new key only, a moment later. (Without the overlap, the sidecar in
+        // Kubernetes mode replays no API-key rejection: see README, "The chaos soak".)
+        operators.supervise_until(start + at(106, round)).await;
+        let key = key_of(round, 1);
+        api_keys.push(key.clone());
+        timeline.push((start.elapsed(), Event::ApiKeyRotated));
+        log("rotating the API key");
+        key_upstream.also_accept(&key);
+        let patch = serde_json::json!({"stringData": {"api-key": key}});
+        secrets
+            .patch("keys", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let s = secrets.get("apikey-mcp-credential").await.ok();
+            if s.and_then(|s| data(&s, "header.X-API-Key")).as_deref() == Some(key.as_str()) {
+                break;
+            }
+            operators
+                .supervise_until(Instant::now() + Duration::from_millis(100))
+                .await;
+        }
+        tokio::time::sleep(KEY_GAP).await;
+        key_upstream.accept_only(&key);
+        log("the upstream takes the new API key only");
 
         round += 1;
         operators.supervise_until(start + ROUND * round).await;
@@ -893,10 +1057,10 @@ spec:
     }
     let restarts = operators.restarts;
     let mut report = format!(
-        "\nsoak: {:.0} s, {round} round(s), {UPSTREAMS} upstreams, {} clients, {TOKEN_TTL}-second tokens: \
+        "\nsoak: {:.0} s, {round} round(s), {UPSTREAMS} OAuth upstreams and 1 API-key upstream, {} clients, {TOKEN_TTL}-second tokens: \
          {calls} tool calls succeeded, {} failed; operators that exited on their own (restarted): {restarts}\n\n{:<44}",
         elapsed.as_secs_f64(),
-        UPSTREAMS * CLIENTS_PER_UPSTREAM,
+        served.len() * CLIENTS_PER_UPSTREAM,
         failures.len(),
         "client-visible failures by cause / after event"
     );
@@ -974,7 +1138,7 @@ spec:
         recoveries.push(last.map(|l| l.saturating_sub(*back)).unwrap_or_default());
     }
     report.push_str(&format!(
-        "recovery after each 20 s OAuth outage (last failure after its return): {:?}\n",
+        "recovery after each 25 s OAuth outage (last failure after its return): {:?}\n",
         recoveries
             .iter()
             .map(|d| format!("{:.1} s", d.as_secs_f64()))
@@ -1018,6 +1182,12 @@ spec:
             b.writers
         ));
     }
+    let key_failures = failures.iter().filter(|f| f.credential == "apikey").count();
+    report.push_str(&format!(
+        "api key: {} rotations; the upstream refused {} requests; {key_failures} client failures\n",
+        api_keys.len() - 1,
+        key_upstream.refused.load(Ordering::Relaxed),
+    ));
 
     // The goals.
     let outage = |t: Duration| {
@@ -1110,6 +1280,7 @@ spec:
         Event::ListenerFlood,
         Event::ApiWritesFail,
         Event::LeaderBlackholed,
+        Event::ApiKeyRotated,
     ];
     let rejected = failures
         .iter()
@@ -1117,7 +1288,12 @@ spec:
         .count();
     if rejected > 0 {
         missed.push(format!(
-            "{rejected} upstream 401/403 after a listener flood, API write fault or blackhole"
+            "{rejected} upstream 401/403 after a listener flood, API write fault, blackhole or API-key rotation"
+        ));
+    }
+    if key_failures > 0 {
+        missed.push(format!(
+            "{key_failures} failures of the API-key credential (it never expires)"
         ));
     }
     report.push_str(&format!(
@@ -1152,6 +1328,7 @@ spec:
     drop(rt_oauth);
     let mut secrets_of_run = secrets_of_run(&dir.join("issued-tokens"));
     secrets_of_run.push(RT_CLIENT_SECRET.to_owned());
+    secrets_of_run.extend(api_keys);
     let mut logs = all_logs(&dir);
     logs.extend(operator_logs);
     assert_no_secrets_in_logs(&logs, &secrets_of_run);
