@@ -53,8 +53,7 @@ use kube::{
 use mcp_credentials_core::{
     McpCredential, McpCredentialStatus, SecretKeyRef, SecretString, SessionCheck,
     secret::{
-        CREDENTIAL_LABEL, EXPIRES_AT_KEY, HEADER_KEY_PREFIX, MANAGED_BY, MANAGED_BY_LABEL, SECRET_TYPE,
-        UPSTREAM_KEY, VERSION_KEY, secret_name,
+        CREDENTIAL_LABEL, CredentialData, MANAGED_BY, MANAGED_BY_LABEL, SECRET_TYPE, VERSION_KEY, secret_name,
     },
     source::{
         self, Issued, ResolveError, SecretResolver, SourceContext, SourceError, session::SESSION_EXPIRED,
@@ -390,14 +389,10 @@ struct Current {
 
 impl Current {
     fn from_secret(s: &Secret) -> Option<Self> {
-        let data = s.data.as_ref()?;
-        let text = |k: &str| data.get(k).and_then(|v| String::from_utf8(v.0.clone()).ok());
+        let data = read_data(s)?;
         let ann = s.metadata.annotations.as_ref();
-        let version = text(VERSION_KEY)?;
-        let expires_at = match text(EXPIRES_AT_KEY) {
-            Some(t) => Some(parse_time(&t)?),
-            None => None,
-        };
+        let version = data.version.to_owned();
+        let expires_at = data.expires_at;
         let not_before = ann
             .and_then(|a| a.get(ISSUED_AT_ANNOTATION))
             .and_then(|t| parse_time(t))?;
@@ -924,13 +919,19 @@ impl Context {
 
 /// The header the credential's Secret serves: (name, value).
 fn served_header(s: &Secret) -> Option<(String, SecretString)> {
-    s.data.as_ref()?.iter().find_map(|(k, v)| {
-        let name = k.strip_prefix(HEADER_KEY_PREFIX)?;
-        Some((
-            name.to_owned(),
-            SecretString::new(String::from_utf8(v.0.clone()).ok()?),
-        ))
-    })
+    let data = read_data(s)?;
+    let (name, value) = data.headers.first()?;
+    Some((
+        (*name).to_owned(),
+        SecretString::new(std::str::from_utf8(value).ok()?),
+    ))
+}
+
+/// The credential in a Secret the operator wrote, read as the sidecar reads it (`None` when it is
+/// not one).
+fn read_data(s: &Secret) -> Option<CredentialData<'_>> {
+    let data = s.data.as_ref()?;
+    CredentialData::from_entries(data.iter().map(|(k, v)| (k.as_str(), v.0.as_slice()))).ok()
 }
 
 /// Checks a session and records the result: the metric, the SessionExpired condition, and a
@@ -1306,22 +1307,22 @@ fn desired_secret(
     handled: Option<&str>,
 ) -> Secret {
     let (header, value) = source::header(&cred.spec, issued);
-    let mut data = BTreeMap::new();
-    let bytes = |s: &str| ByteString(s.as_bytes().to_vec());
-    data.insert(format!("{HEADER_KEY_PREFIX}{header}"), bytes(value.expose()));
-    data.insert(UPSTREAM_KEY.to_owned(), bytes(&cred.spec.upstream));
-    if let Some(exp) = issued.expires_at {
-        data.insert(EXPIRES_AT_KEY.to_owned(), bytes(&rfc3339(exp)));
-    }
     // A new value for every credential: issue time in milliseconds, then the object's generation.
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis();
-    data.insert(
-        VERSION_KEY.to_owned(),
-        bytes(&format!("{millis:x}-{}", cred.metadata.generation.unwrap_or(0))),
-    );
+    let version = format!("{millis:x}-{}", cred.metadata.generation.unwrap_or(0));
+    let data: BTreeMap<String, ByteString> = CredentialData {
+        upstream: &cred.spec.upstream,
+        headers: vec![(&header, value.expose().as_bytes())],
+        expires_at: issued.expires_at,
+        version: &version,
+    }
+    .to_data()
+    .into_iter()
+    .map(|(k, v)| (k, ByteString(v)))
+    .collect();
     let mut annotations = BTreeMap::from([
         (ISSUED_AT_ANNOTATION.to_owned(), rfc3339(issued.not_before)),
         (INPUTS_ANNOTATION.to_owned(), fingerprint.to_owned()),

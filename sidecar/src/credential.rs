@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt};
 
 use http::{HeaderName, HeaderValue, Uri, uri::Scheme};
 use jiff::Timestamp;
-use mcp_credentials_core::secret::{EXPIRES_AT_KEY, HEADER_KEY_PREFIX, UPSTREAM_KEY, VERSION_KEY};
+use mcp_credentials_core::secret::{CredentialData, DataError};
 
 /// The current credential for one upstream.
 #[derive(Clone)]
@@ -49,51 +49,45 @@ impl Credential {
         self.expires_at.is_some_and(|at| at <= Timestamp::now())
     }
 
-    /// Parses the data of a credential Secret (or the files of a projected volume).
+    /// Parses the data of a credential Secret (or the files of a projected volume): the contract's
+    /// reader in core, then what the proxy needs of it (valid header names and values, an upstream URL).
     pub fn from_data(data: &BTreeMap<String, Vec<u8>>) -> Result<Self, InvalidCredential> {
-        let text = |key: &'static str| -> Result<Option<&str>, InvalidCredential> {
-            data.get(key)
-                .map(|v| {
-                    std::str::from_utf8(v)
-                        .map(str::trim)
-                        .map_err(|_| InvalidCredential::NotUtf8(key))
-                })
-                .transpose()
-        };
-        let upstream = text(UPSTREAM_KEY)?.ok_or(InvalidCredential::Missing(UPSTREAM_KEY))?;
-        let upstream = Upstream::parse(upstream)?;
-        let expires_at = text(EXPIRES_AT_KEY)?
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse::<Timestamp>().map_err(|_| InvalidCredential::ExpiresAt))
+        let read = CredentialData::from_entries(data.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+        let upstream = Upstream::parse(read.upstream)?;
+        let expires_at = read
+            .expires_at
+            .map(|at| Timestamp::try_from(at).map_err(|_| InvalidCredential::ExpiresAt))
             .transpose()?;
-        let version = text(VERSION_KEY)?.unwrap_or_default().to_owned();
-        let mut headers = Vec::new();
-        for (key, value) in data {
-            let Some(name) = key.strip_prefix(HEADER_KEY_PREFIX) else {
-                continue;
-            };
+        let mut headers = Vec::with_capacity(read.headers.len());
+        for (name, value) in read.headers {
             let name =
                 HeaderName::try_from(name).map_err(|_| InvalidCredential::HeaderName(name.to_owned()))?;
             if is_hop_by_hop(&name) || name == http::header::HOST {
                 return Err(InvalidCredential::HeaderName(name.to_string()));
             }
-            // A trailing newline is common in files written by hand; it is never part of a header value.
-            let value = value.strip_suffix(b"\n").unwrap_or(value);
             let mut value = HeaderValue::from_bytes(value)
                 .map_err(|_| InvalidCredential::HeaderValue(name.to_string()))?;
             value.set_sensitive(true);
             headers.push((name, value));
         }
-        if headers.is_empty() {
-            return Err(InvalidCredential::NoHeader);
-        }
         Ok(Credential {
             upstream,
             headers,
             expires_at,
-            version,
+            version: read.version.to_owned(),
             loaded_at: Timestamp::now(),
         })
+    }
+}
+
+impl From<DataError> for InvalidCredential {
+    fn from(e: DataError) -> Self {
+        match e {
+            DataError::Missing(key) => InvalidCredential::Missing(key),
+            DataError::NotUtf8(key) => InvalidCredential::NotUtf8(key),
+            DataError::ExpiresAt => InvalidCredential::ExpiresAt,
+            DataError::NoHeader => InvalidCredential::NoHeader,
+        }
     }
 }
 
@@ -219,6 +213,8 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 #[cfg(test)]
 pub(crate) mod fixtures {
     //! Builders for credential data in tests.
+    use mcp_credentials_core::secret::{HEADER_KEY_PREFIX, UPSTREAM_KEY, VERSION_KEY};
+
     use super::*;
 
     /// Secret data for an upstream with one header.
@@ -233,6 +229,8 @@ pub(crate) mod fixtures {
 
 #[cfg(test)]
 mod tests {
+    use mcp_credentials_core::secret::EXPIRES_AT_KEY;
+
     use super::{fixtures::data, *};
 
     #[test]

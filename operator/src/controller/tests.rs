@@ -1,7 +1,7 @@
 //! Unit tests of the pieces of a reconcile that need no API server.
 
 use kube::api::ObjectMeta;
-use mcp_credentials_core::{ApiKeySource, CredentialSource, McpCredentialSpec};
+use mcp_credentials_core::{ApiKeySource, CredentialSource, McpCredentialSpec, secret::UPSTREAM_KEY};
 
 use super::*;
 

@@ -16,7 +16,7 @@ use std::{
 use kube::ResourceExt;
 use mcp_credentials_core::{
     McpCredential, McpCredentialSpec, SecretKeyRef, SecretString,
-    secret::{EXPIRES_AT_KEY, HEADER_KEY_PREFIX, UPSTREAM_KEY, VERSION_KEY},
+    secret::CredentialData,
     source::{self, Issued, OutboundPolicy, ResolveError, SecretResolver, SourceContext, SourceError},
     timing,
 };
@@ -497,18 +497,14 @@ fn secret_data(
     issued: &Issued,
     version: u64,
 ) -> BTreeMap<String, Vec<u8>> {
-    let mut data = BTreeMap::from([
-        (
-            format!("{HEADER_KEY_PREFIX}{header}"),
-            value.expose().as_bytes().to_vec(),
-        ),
-        (UPSTREAM_KEY.to_owned(), spec.upstream.as_bytes().to_vec()),
-        (VERSION_KEY.to_owned(), version.to_string().into_bytes()),
-    ]);
-    if let Some(at) = issued.expires_at.and_then(|t| jiff::Timestamp::try_from(t).ok()) {
-        data.insert(EXPIRES_AT_KEY.to_owned(), at.to_string().into_bytes());
+    let version = version.to_string();
+    CredentialData {
+        upstream: &spec.upstream,
+        headers: vec![(header, value.expose().as_bytes())],
+        expires_at: issued.expires_at,
+        version: &version,
     }
-    data
+    .to_data()
 }
 
 /// Writes a rotated refresh token back to its file (atomically, durably, mode 0600) before the new
