@@ -7,6 +7,8 @@ pub mod crd;
 pub mod keyring;
 /// Serving a listener with bounded connections, header and handshake deadlines, and idle limits.
 pub mod listen;
+/// What both binaries do as processes: signals, error chains, the TLS provider.
+pub mod process;
 /// Credential material that never prints.
 pub mod redact;
 /// The report a sidecar sends the operator when an upstream rejects a credential.

@@ -342,20 +342,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16, s
     }
 }
 
-/// Prints an error with its causes on one line.
-struct ErrorChain<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut e = self.0.source();
-        while let Some(cause) = e {
-            write!(f, ": {cause}")?;
-            e = cause.source();
-        }
-        Ok(())
-    }
-}
+use mcp_credentials_core::process::ErrorChain;
 
 /// The credentials in the Secret's namespace that write it or read it.
 fn affected(store: &Store<McpCredential>, s: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<McpCredential>> {

@@ -230,25 +230,11 @@ pub fn init_telemetry(format: &str) {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-}
+pub use mcp_credentials_core::process::shutdown_signal;
 
 /// Runs the operator until `shutdown` resolves (or leadership is lost, which is an error).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    // Several rustls crypto providers are compiled in (kube: ring, reqwest: its default); choose one.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    mcp_credentials_core::process::install_crypto_provider();
     let metrics = metrics::Metrics::register().context("registering metrics")?;
     let client = kube_client(&metrics).await?;
     let identity = config

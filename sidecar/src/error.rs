@@ -168,14 +168,4 @@ impl IntoResponse for ProxyError {
     }
 }
 
-/// An error and its causes on one line (`outer: inner: root`), for logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub use mcp_credentials_core::process::error_chain;

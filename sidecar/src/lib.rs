@@ -56,11 +56,7 @@ pub enum RunError {
     Report(#[from] report::ReportError),
 }
 
-/// Selects ring as rustls' process-wide provider. Dependencies enable both ring and aws-lc-rs, and
-/// then the kube client cannot pick one by itself. Idempotent.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+pub use mcp_credentials_core::process::install_crypto_provider;
 
 /// Serves the proxy and the admin listener until `shutdown` completes, then lets open requests and
 /// streams finish for the configured grace period.

@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use mcp_credentials_core::process::shutdown_signal;
 use mcp_credentials_sidecar::{config::Config, error::error_chain, run, telemetry};
 
 fn main() -> ExitCode {
@@ -28,17 +29,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// SIGTERM (Kubernetes) or Ctrl-C (a terminal).
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install the SIGTERM handler");
-        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
