@@ -193,6 +193,9 @@ pub struct Context {
     namespace_concurrency: Option<usize>,
     /// The refresh slots of each namespace.
     namespaces: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Until then, refresh-token credentials whose access token is still valid are not refreshed:
+    /// this term took the Lease over from a leader that may still write back a rotated token.
+    handover_until: Option<SystemTime>,
 }
 
 /// The default of `--refresh-timeout`: well under any real token's lifetime, and long enough for
@@ -238,7 +241,14 @@ impl Context {
             refresh_timeout: DEFAULT_REFRESH_TIMEOUT,
             namespace_concurrency: None,
             namespaces: Mutex::default(),
+            handover_until: None,
         }
+    }
+
+    /// Leaves refresh-token credentials whose access token outlives `until` alone until then.
+    pub fn with_handover(mut self, until: SystemTime) -> Self {
+        self.handover_until = Some(until);
+        self
     }
 
     /// Gives up a refresh after `refresh_timeout`, and runs at most `namespace_concurrency`
@@ -712,6 +722,21 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
 
     // Step 4: obtain the credential (at most one token request, after discovery when no token
     // URL is configured and none is cached), in one of the namespace's slots, within the deadline.
+    if let Some(until) = ctx.handover_until
+        && now < until
+        && cred
+            .spec
+            .source
+            .oauth2
+            .as_ref()
+            .is_some_and(|o| o.refresh_token.is_some())
+        && current
+            .as_ref()
+            .is_some_and(|c| c.expires_at.is_none_or(|e| e > until))
+    {
+        info!(credential = %key, "waiting for the previous leader's write-back before redeeming the refresh token");
+        return Ok(Action::requeue(until.duration_since(now).unwrap_or_default()));
+    }
     let Some(_slot) = ctx.namespace_slot(&ns) else {
         let jitter = timing::jitter_fraction(&format!("{key}#{}", timing::unix_seconds(now)));
         debug!(credential = %key, "every refresh slot of the namespace is taken; trying again shortly");
@@ -1250,7 +1275,7 @@ fn clone_error(e: &kube::Error) -> kube::Error {
 /// Safe after the Lease is lost: a write-back only replaces the token this process redeemed,
 /// so it never overwrites what a new leader stored. Returns how many are still not written.
 pub async fn flush_pending_refresh_tokens(ctx: &Context) -> usize {
-    let mut wait = Duration::from_millis(500);
+    let wait = Duration::from_millis(500);
     loop {
         let pending: Vec<(String, PendingRefreshToken)> = ctx
             .pending
@@ -1276,8 +1301,8 @@ pub async fn flush_pending_refresh_tokens(ctx: &Context) -> usize {
         if ctx.pending.lock().unwrap().is_empty() {
             return 0;
         }
+        // Often: the API server may be back any moment, and a new leader is waiting for this.
         tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(5));
     }
 }
 

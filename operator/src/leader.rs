@@ -34,6 +34,9 @@ pub struct LeaderElection {
     renew_deadline: Duration,
     /// The Lease as last seen held by another process: (holder, resourceVersion, when we saw it change).
     observed: Mutex<Option<(String, String, Instant)>>,
+    /// The last acquisition took the Lease over from another holder that had not released it (it
+    /// was killed, or cut off from the API server and may still be writing back what it redeemed).
+    took_over: std::sync::atomic::AtomicBool,
 }
 
 /// Why [`LeaderElection::hold`] returned.
@@ -60,6 +63,7 @@ impl LeaderElection {
             renew_every: lease_duration / 3,
             renew_deadline: lease_duration * 2 / 3,
             observed: Mutex::new(None),
+            took_over: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -89,6 +93,12 @@ impl LeaderElection {
             }
             tokio::time::sleep(retry).await;
         }
+    }
+
+    /// Whether the last [`LeaderElection::acquire`] took the Lease over from a holder that had not
+    /// released it.
+    pub fn took_over(&self) -> bool {
+        self.took_over.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Renews the Lease until leadership is lost; then returns why. `since`: when the last
@@ -188,6 +198,8 @@ impl LeaderElection {
             return Ok(false);
         }
         if !mine {
+            self.took_over
+                .store(holder.is_some(), std::sync::atomic::Ordering::Relaxed);
             spec.acquire_time = Some(now());
             spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
             spec.holder_identity = Some(self.identity.clone());

@@ -354,6 +354,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         };
         let mut ctx = controller::Context::new(client.clone(), sources()?, metrics.clone(), &identity)
             .with_limits(Duration::from_secs(config.refresh_timeout), namespace_concurrency);
+        if election.as_ref().is_some_and(|e| e.took_over()) {
+            // The previous leader did not hand over: it may still be writing back a rotated refresh
+            // token it redeemed. Redeeming the one in the Secret before that lands spends a token
+            // that is already spent (and IdPs that detect reuse revoke the whole grant).
+            ctx = ctx.with_handover(std::time::SystemTime::now() + HANDOVER_GRACE);
+        }
         if let Some(k) = &keys {
             ctx = ctx.with_keys(k.clone());
         }
@@ -414,7 +420,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         // were read but not yet written (they replace only what this process redeemed).
         metrics.leader.with_label_values(&[&identity]).set(0);
         leading.store(false, Ordering::Relaxed);
-        drain(&ctx).await;
+        drain(
+            &ctx,
+            if lost.is_some() {
+                LOST_LEASE_DRAIN
+            } else {
+                DRAIN_GRACE
+            },
+        )
+        .await;
         let Some(lost) = lost else {
             if let Some(e) = &election {
                 e.release().await;
@@ -435,20 +449,27 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
 }
 
-/// How long stopping (shutdown or loss of the Lease) may spend writing back rotated refresh
-/// tokens: well within Kubernetes' default 30 s termination grace period.
+/// How long shutting down may spend writing back rotated refresh tokens: well within Kubernetes'
+/// default 30 s termination grace period.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// How long a process that lost the Lease keeps writing back rotated refresh tokens before it
+/// waits as a standby: no kubelet is waiting, and the write only replaces the token it redeemed.
+const LOST_LEASE_DRAIN: Duration = Duration::from_secs(60);
+/// How long a leader that took the Lease over (the previous one did not release it) leaves
+/// refresh-token credentials whose access token is still valid alone: the time the previous
+/// leader's write-back gets to land first. Equal to [`DRAIN_GRACE`].
+const HANDOVER_GRACE: Duration = DRAIN_GRACE;
 
-/// Writes back the rotated refresh tokens the stopped controller still kept, within [`DRAIN_GRACE`].
-async fn drain(ctx: &controller::Context) {
+/// Writes back the rotated refresh tokens the stopped controller still kept, within `grace`.
+async fn drain(ctx: &controller::Context, grace: Duration) {
     if controller::pending_refresh_tokens(ctx) == 0 {
         return;
     }
-    match tokio::time::timeout(DRAIN_GRACE, controller::flush_pending_refresh_tokens(ctx)).await {
+    match tokio::time::timeout(grace, controller::flush_pending_refresh_tokens(ctx)).await {
         Ok(_) => info!("every rotated refresh token is written back"),
         Err(_) => tracing::error!(
             not_written = controller::pending_refresh_tokens(ctx),
-            grace_seconds = DRAIN_GRACE.as_secs(),
+            grace_seconds = grace.as_secs(),
             "stopping with rotated refresh tokens not written back (the API server did not accept them in time); \
              the credentials concerned may need a new sign-in"
         ),

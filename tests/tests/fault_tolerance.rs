@@ -78,11 +78,23 @@ fn handled(s: &Secret) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rotated_refresh_token_survives_ten_seconds_of_failed_api_writes() {
-    let (cp, ns) = setup("fault-rt");
+    rotated_refresh_token_survives_failed_api_writes(false).await;
+}
+
+/// The same with two replicas and a 4 s Lease, only the leader cut off (12 s): it loses the Lease
+/// during the fault, and the standby that takes over must not redeem the spent refresh token before
+/// the old leader's write-back lands (oidc-provider would then revoke the whole grant).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_that_loses_the_lease_mid_rotation_hands_over_the_rotated_refresh_token() {
+    rotated_refresh_token_survives_failed_api_writes(true).await;
+}
+
+async fn rotated_refresh_token_survives_failed_api_writes(two_replicas: bool) {
+    let (cp, ns) = setup(if two_replicas { "fault-rt-ha" } else { "fault-rt" });
     let oauth = OAuthServer::start(0, 300);
     // The operator reaches the token endpoint through a proxy too: it sees the token answer pass.
     let oauth_proxy = FaultProxy::start(([127, 0, 0, 1], oauth.port).into()).await;
-    let (api, kubeconfig) = api_proxy(cp, "fault-rt").await;
+    let (api, kubeconfig) = api_proxy(cp, &ns).await;
     let upstream = "http://127.0.0.1:7005/mcp";
     let rt0 = oauth.mint_refresh_token(upstream).await;
     create_secret(
@@ -111,14 +123,39 @@ spec:
             oauth_proxy.addr()
         ),
     );
-    let op = Operator::start_with_kubeconfig(cp, &ns, "a", &["--leader-election", "false"], &kubeconfig);
     let client = client(cp).await;
     let creds: Api<McpCredential> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client, &ns);
+    let (op, standby) = if two_replicas {
+        let ha = ["--lease-duration", "4"];
+        let a = Operator::start_with_kubeconfig(cp, &ns, "a", &ha, &kubeconfig);
+        wait_condition(&creds, "rotating", "Ready", "True", None).await;
+        // Only the leader is cut off: the standby reaches the API server directly, takes the
+        // Lease over while the leader still holds the rotated token, and must wait for it.
+        let direct = token_kubeconfig(cp);
+        (
+            a,
+            Some(Operator::start_with_kubeconfig(cp, &ns, "b", &ha, &direct)),
+        )
+    } else {
+        let a = Operator::start_with_kubeconfig(cp, &ns, "a", &["--leader-election", "false"], &kubeconfig);
+        (a, None)
+    };
+    let logs = || {
+        let mut text = op.log_text();
+        if let Some(b) = &standby {
+            text.push_str("\n--- replica b ---\n");
+            text.push_str(&b.log_text());
+        }
+        text
+    };
     wait_condition(&creds, "rotating", "Ready", "True", None).await;
     let rt1 = data(&secrets.get("login").await.unwrap(), "refresh-token").unwrap();
     assert_ne!(rt1, rt0);
 
+    // With two replicas, longer than the standby takes to lead (4 s Lease): it leads while the
+    // cut-off leader still holds the only copy of the rotated token.
+    let fault = Duration::from_secs(if two_replicas { 12 } else { 10 });
     // The next token answer that carries a refresh token starts 10 s of reset API connections
     // before the operator reads it: the write-back of the rotated token meets a dead API server.
     let armed = Arc::new(AtomicBool::new(true));
@@ -126,7 +163,7 @@ spec:
     let trigger = armed.clone();
     oauth_proxy.on_upstream_bytes(move |chunk| {
         if contains(chunk, b"\"refresh_token\"") && trigger.swap(false, Ordering::SeqCst) {
-            control.fault_for(Fault::Reset, Duration::from_secs(10));
+            control.fault_for(Fault::Reset, fault);
         }
     });
     creds
@@ -158,14 +195,14 @@ spec:
         }
     };
     if let Err(message) = outcome("1").await {
-        panic!("the rotated refresh token was lost: {message}\n{}", op.log_text());
+        panic!("the rotated refresh token was lost: {message}\n{}", logs());
     }
     let rt2 = data(&secrets.get("login").await.unwrap(), "refresh-token").unwrap();
     assert_ne!(rt2, rt1, "a newer refresh token was written back");
     assert!(
         oauth.refresh_token_is_live(&rt2).await,
         "the Secret holds the newest refresh token of the chain\n{}",
-        op.log_text()
+        logs()
     );
 
     // And the one after it works: the chain is intact.
@@ -174,7 +211,7 @@ spec:
         .await
         .unwrap();
     if let Err(message) = outcome("2").await {
-        panic!("the next refresh failed: {message}\n{}", op.log_text());
+        panic!("the next refresh failed: {message}\n{}", logs());
     }
     let rt3 = data(&secrets.get("login").await.unwrap(), "refresh-token").unwrap();
     assert!(oauth.refresh_token_is_live(&rt3).await);
@@ -183,7 +220,13 @@ spec:
         condition(&c, "ReauthRequired").map(|(s, _, _)| s),
         Some("True".into())
     );
-    let log = op.log_text();
+    let log = logs();
+    if two_replicas {
+        assert!(
+            log.contains("stopped leading"),
+            "the fault cost the leader its Lease\n{log}"
+        );
+    }
     for token in [&rt0, &rt1, &rt2, &rt3] {
         assert!(!log.contains(token.as_str()), "no refresh token in the log");
     }

@@ -280,3 +280,107 @@ mod api_budget {
         body.collect().await.unwrap().to_bytes().to_vec()
     }
 }
+
+/// The write-back of a rotated refresh token against a scripted API server: it replaces only the
+/// token that was redeemed, under a resourceVersion precondition.
+mod write_back {
+    use http::{Request, Response};
+    use kube::client::Body;
+
+    use super::*;
+
+    fn login(rv: &str, token: &str) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some("login".into()),
+                namespace: Some("agents".into()),
+                resource_version: Some(rv.into()),
+                ..Default::default()
+            },
+            data: Some(BTreeMap::from([(
+                "refresh-token".to_owned(),
+                ByteString(token.as_bytes().to_vec()),
+            )])),
+            ..Default::default()
+        }
+    }
+
+    fn pending() -> PendingRefreshToken {
+        PendingRefreshToken {
+            secret: SecretKeyRef {
+                name: "login".into(),
+                key: "refresh-token".into(),
+            },
+            redeemed: SecretString::new("rt-0"),
+            token: SecretString::new("rt-1"),
+            attempts: 0,
+        }
+    }
+
+    fn json(status: u16, v: serde_json::Value) -> Response<Body> {
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&v).unwrap()))
+            .unwrap()
+    }
+
+    /// Answers each request with the next of `answers`, recording `METHOD path body`.
+    fn script(answers: Vec<Response<Body>>) -> (Api<Secret>, tokio::task::JoinHandle<Vec<String>>) {
+        let (mock, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let api = Api::namespaced(Client::new(mock, "agents"), "agents");
+        let server = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut answers = answers.into_iter();
+            while let Some((req, send)) = handle.next_request().await {
+                let line = format!("{} {}", req.method(), req.uri().path());
+                let body = {
+                    use http_body_util::BodyExt;
+                    req.into_body().collect().await.unwrap().to_bytes().to_vec()
+                };
+                seen.push(format!("{line} {}", String::from_utf8_lossy(&body)));
+                send.send_response(answers.next().expect("no more answers scripted"));
+            }
+            seen
+        });
+        (api, server)
+    }
+
+    #[tokio::test]
+    async fn a_secret_holding_another_refresh_token_is_left_alone() {
+        let (api, server) = script(vec![]);
+        let outcome = write_back_refresh_token(&api, &pending(), "agents/a", Some(login("5", "rt-other")))
+            .await
+            .unwrap();
+        assert!(matches!(outcome, WriteBack::Superseded(_)));
+        drop(api);
+        assert_eq!(server.await.unwrap(), Vec::<String>::new(), "nothing written");
+    }
+
+    #[tokio::test]
+    async fn the_write_carries_the_resource_version_and_a_conflict_rereads_instead_of_overwriting() {
+        // Another credential sharing the key stored its own rotated token between our read and
+        // our write: the precondition fails (409), the Secret is read again and left alone.
+        let conflict = json(
+            409,
+            serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+        );
+        let now = json(200, serde_json::to_value(login("6", "rt-theirs")).unwrap());
+        let (api, server) = script(vec![conflict, now]);
+        let outcome = write_back_refresh_token(&api, &pending(), "agents/a", Some(login("5", "rt-0")))
+            .await
+            .unwrap();
+        assert!(matches!(outcome, WriteBack::Superseded(_)));
+        drop(api);
+        let seen = server.await.unwrap();
+        assert_eq!(seen.len(), 2, "{seen:#?}");
+        assert!(
+            seen[0].starts_with("PATCH /api/v1/namespaces/agents/secrets/login")
+                && seen[0].contains(r#""resourceVersion":"5""#),
+            "{seen:#?}"
+        );
+        assert!(
+            seen[1].starts_with("GET /api/v1/namespaces/agents/secrets/login"),
+            "{seen:#?}"
+        );
+    }
+}
