@@ -45,10 +45,9 @@ use std::{
 use axum::{
     Router,
     extract::{Request, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::StatusCode,
     middleware::Next,
     response::{IntoResponse, Response},
-    routing::{any, get},
 };
 use e2e_support::*;
 use k8s_openapi::api::core::v1::Secret;
@@ -63,13 +62,7 @@ use mcp_credentials_e2e::{
     repo_root,
 };
 use operator_support::*;
-use rmcp::{
-    ServerHandler,
-    handler::server::{router::tool::ToolRouter, wrapper::Parameters},
-    model::{ServerCapabilities, ServerConfig},
-    schemars, tool, tool_handler, tool_router,
-    transport::streamable_http_server::{StreamableHttpService, session::local::LocalSessionManager},
-};
+use rmcp::transport::streamable_http_server::{StreamableHttpService, session::local::LocalSessionManager};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -328,59 +321,6 @@ impl Drop for Operators {
     }
 }
 
-// ---- The slow tenant (as in fairness.rs) -----------------------------------------------------------
-
-/// Accepts connections and never answers (nor closes them).
-async fn blackhole() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((sock, _)) = listener.accept().await {
-            held.push(sock);
-        }
-    });
-    port
-}
-
-/// An MCP server that asks for OAuth (401 with `resource_metadata`), whose protected-resource
-/// metadata names `servers` authorization servers on `hole`.
-async fn slow_upstream(hole: u16, servers: usize) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-    let document = serde_json::json!({
-        "resource": format!("{base}/mcp"),
-        "authorization_servers": (0..servers)
-            .map(|i| format!("http://127.0.0.1:{hole}/as{i}"))
-            .collect::<Vec<_>>(),
-    });
-    let challenge = format!(r#"Bearer resource_metadata="{base}/.well-known/oauth-protected-resource/mcp""#);
-    let app = Router::new()
-        .route(
-            "/.well-known/oauth-protected-resource/mcp",
-            get(move || {
-                let document = document.clone();
-                async move { axum::Json(document) }
-            }),
-        )
-        .route(
-            "/mcp",
-            any(move || {
-                let challenge = challenge.clone();
-                async move {
-                    let mut headers = HeaderMap::new();
-                    headers.insert(
-                        header::WWW_AUTHENTICATE,
-                        HeaderValue::from_str(&challenge).unwrap(),
-                    );
-                    (StatusCode::UNAUTHORIZED, headers).into_response()
-                }
-            }),
-        );
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("{base}/mcp")
-}
-
 // ---- The listener flood (as in listeners.rs and sidecar/tests/abuse.rs) ----------------------------
 
 /// What one flood did: connections opened (and refused), and those the servers had not closed by
@@ -432,32 +372,6 @@ async fn flood(targets: Vec<(SocketAddr, usize, &'static [u8])>) -> Flooded {
 
 // ---- An upstream that takes exactly one API key (as in sidecar/tests/rotation.rs) ------------------
 
-#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
-struct SumRequest {
-    a: i64,
-    b: i64,
-}
-
-#[derive(Clone)]
-struct Tools {
-    tool_router: ToolRouter<Self>,
-}
-
-#[tool_router]
-impl Tools {
-    #[tool(description = "Add two numbers")]
-    fn sum(&self, Parameters(SumRequest { a, b }): Parameters<SumRequest>) -> String {
-        (a + b).to_string()
-    }
-}
-
-#[tool_handler(router = self.tool_router)]
-impl ServerHandler for Tools {
-    fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-    }
-}
-
 /// The keys an upstream accepts now.
 type Keys = Arc<Mutex<Vec<String>>>;
 
@@ -473,15 +387,8 @@ impl KeyUpstream {
     async fn start(key: &str) -> Self {
         let keys = Arc::new(Mutex::new(vec![key.to_owned()]));
         let refused = Arc::new(AtomicU64::new(0));
-        let service: StreamableHttpService<Tools, LocalSessionManager> = StreamableHttpService::new(
-            || {
-                Ok(Tools {
-                    tool_router: Tools::tool_router(),
-                })
-            },
-            Default::default(),
-            Default::default(),
-        );
+        let service: StreamableHttpService<Tools, LocalSessionManager> =
+            StreamableHttpService::new(|| Ok(Tools::default()), Default::default(), Default::default());
         let app = Router::new()
             .nest_service("/mcp", service)
             .layer(axum::middleware::from_fn_with_state(

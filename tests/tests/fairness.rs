@@ -11,68 +11,10 @@
 
 mod operator_support;
 
-use axum::{
-    Router,
-    http::{HeaderMap, HeaderValue, StatusCode, header},
-    response::IntoResponse,
-    routing::{any, get},
-};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use mcp_credentials_core::McpCredential;
 use operator_support::*;
-use tokio::net::TcpListener;
-
-/// Accepts connections and never answers (nor closes them).
-async fn blackhole() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((sock, _)) = listener.accept().await {
-            held.push(sock);
-        }
-    });
-    port
-}
-
-/// An MCP server that asks for OAuth (401 with `resource_metadata`), whose protected-resource
-/// metadata names `servers` authorization servers on `hole`.
-async fn slow_upstream(hole: u16, servers: usize) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-    let document = serde_json::json!({
-        "resource": format!("{base}/mcp"),
-        "authorization_servers": (0..servers)
-            .map(|i| format!("http://127.0.0.1:{hole}/as{i}"))
-            .collect::<Vec<_>>(),
-    });
-    let challenge = format!(r#"Bearer resource_metadata="{base}/.well-known/oauth-protected-resource/mcp""#);
-    let app = Router::new()
-        .route(
-            "/.well-known/oauth-protected-resource/mcp",
-            get(move || {
-                let document = document.clone();
-                async move { axum::Json(document) }
-            }),
-        )
-        .route(
-            "/mcp",
-            any(move || {
-                let challenge = challenge.clone();
-                async move {
-                    let mut headers = HeaderMap::new();
-                    headers.insert(
-                        header::WWW_AUTHENTICATE,
-                        HeaderValue::from_str(&challenge).unwrap(),
-                    );
-                    (StatusCode::UNAUTHORIZED, headers).into_response()
-                }
-            }),
-        );
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    format!("{base}/mcp")
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sixteen_credentials_whose_servers_never_answer_do_not_delay_another_namespaces_renewals() {
@@ -186,11 +128,9 @@ spec:
     // the queue chooses, so a given one may be in the last wave.
     let failed = wait_for("a slow credential's failure", || async {
         let list = slow.list(&Default::default()).await.ok()?;
-        list.items.into_iter().find_map(|c| {
-            c.status?
-                .last_failure_message
-                .filter(|m| m.contains("not tried"))
-        })
+        list.items
+            .into_iter()
+            .find_map(|c| c.status?.last_failure_message.filter(|m| m.contains("not tried")))
     })
     .await;
     assert!(failed.contains("997 not tried"), "{failed}");

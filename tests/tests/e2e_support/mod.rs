@@ -188,9 +188,18 @@ struct SumRequest {
     b: i64,
 }
 
+/// The tools every test MCP server offers: `sum`.
 #[derive(Clone)]
-struct Tools {
+pub struct Tools {
     tool_router: ToolRouter<Self>,
+}
+
+impl Default for Tools {
+    fn default() -> Self {
+        Self {
+            tool_router: Self::tool_router(),
+        }
+    }
 }
 
 #[tool_router]
@@ -373,9 +382,7 @@ impl McpServer {
             rejected: AtomicU64::new(0),
         });
         gate.fetch_keys().await.unwrap();
-        let tools = Tools {
-            tool_router: Tools::tool_router(),
-        };
+        let tools = Tools::default();
         let service: StreamableHttpService<Tools, LocalSessionManager> = StreamableHttpService::new(
             move || Ok(tools.clone()),
             Default::default(),

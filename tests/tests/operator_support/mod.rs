@@ -552,3 +552,61 @@ pub fn certificates(dir: &Path) -> String {
     ]);
     std::fs::read_to_string(dir.join("ca.crt")).unwrap()
 }
+
+// ---- A slow tenant: authorization servers that never answer (fairness, chaos soak) ---------------
+
+/// Accepts connections and never answers (nor closes them).
+pub async fn blackhole() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock);
+        }
+    });
+    port
+}
+
+/// An MCP server that asks for OAuth (401 with `resource_metadata`), whose protected-resource
+/// metadata names `servers` authorization servers on `hole`.
+pub async fn slow_upstream(hole: u16, servers: usize) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let document = serde_json::json!({
+        "resource": format!("{base}/mcp"),
+        "authorization_servers": (0..servers)
+            .map(|i| format!("http://127.0.0.1:{hole}/as{i}"))
+            .collect::<Vec<_>>(),
+    });
+    let challenge = format!(r#"Bearer resource_metadata="{base}/.well-known/oauth-protected-resource/mcp""#);
+    use axum::{
+        http::{HeaderMap, HeaderValue, StatusCode, header},
+        response::IntoResponse,
+        routing::{any, get},
+    };
+    let app = axum::Router::new()
+        .route(
+            "/.well-known/oauth-protected-resource/mcp",
+            get(move || {
+                let document = document.clone();
+                async move { axum::Json(document) }
+            }),
+        )
+        .route(
+            "/mcp",
+            any(move || {
+                let challenge = challenge.clone();
+                async move {
+                    let mut headers = HeaderMap::new();
+                    headers.insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_str(&challenge).unwrap(),
+                    );
+                    (StatusCode::UNAUTHORIZED, headers).into_response()
+                }
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("{base}/mcp")
+}
