@@ -56,7 +56,7 @@ impl Credential {
         let upstream = Upstream::parse(read.upstream)?;
         let expires_at = read
             .expires_at
-            .map(|at| Timestamp::try_from(at).map_err(|_| InvalidCredential::ExpiresAt))
+            .map(|at| Timestamp::try_from(at).map_err(|_| DataError::ExpiresAt))
             .transpose()?;
         let mut headers = Vec::with_capacity(read.headers.len());
         for (name, value) in read.headers {
@@ -80,32 +80,12 @@ impl Credential {
     }
 }
 
-impl From<DataError> for InvalidCredential {
-    fn from(e: DataError) -> Self {
-        match e {
-            DataError::Missing(key) => InvalidCredential::Missing(key),
-            DataError::NotUtf8(key) => InvalidCredential::NotUtf8(key),
-            DataError::ExpiresAt => InvalidCredential::ExpiresAt,
-            DataError::NoHeader => InvalidCredential::NoHeader,
-        }
-    }
-}
-
 /// Why credential data was rejected. Never carries a header value.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum InvalidCredential {
-    /// A required key is absent.
-    #[error("the key {0:?} is missing")]
-    Missing(&'static str),
-    /// A key that must be text is not UTF-8.
-    #[error("the key {0:?} is not UTF-8")]
-    NotUtf8(&'static str),
-    /// `expires-at` is not RFC 3339.
-    #[error("expires-at is not an RFC 3339 timestamp")]
-    ExpiresAt,
-    /// No `header.<Name>` key.
-    #[error("no header.<Name> key: nothing to attach")]
-    NoHeader,
+    /// The data does not follow the Secret contract (core's reader says how).
+    #[error(transparent)]
+    Data(#[from] DataError),
     /// A `header.<Name>` key names an invalid or connection-level header.
     #[error("header.{0} is not a header the sidecar may set")]
     HeaderName(String),
@@ -253,7 +233,10 @@ mod tests {
             d.insert(k.into(), v.as_bytes().to_vec());
             Credential::from_data(&d).unwrap_err()
         };
-        assert_eq!(bad("expires-at", "tomorrow"), InvalidCredential::ExpiresAt);
+        assert_eq!(
+            bad("expires-at", "tomorrow"),
+            InvalidCredential::Data(DataError::ExpiresAt)
+        );
         assert_eq!(bad("upstream", "ftp://x/"), InvalidCredential::Upstream);
         assert_eq!(bad("upstream", "https://u:p@x/"), InvalidCredential::Upstream);
         assert_eq!(
