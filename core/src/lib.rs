@@ -7,6 +7,8 @@ pub mod crd;
 pub mod keyring;
 /// Serving a listener with bounded connections, header and handshake deadlines, and idle limits.
 pub mod listen;
+/// The refresh policy: whether an attempt is due, and after one, what to do and when.
+pub mod policy;
 /// What both binaries do as processes: signals, error chains, the TLS provider.
 pub mod process;
 /// Credential material that never prints.

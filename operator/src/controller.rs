@@ -51,7 +51,8 @@ use kube::{
     },
 };
 use mcp_credentials_core::{
-    McpCredential, McpCredentialStatus, SecretKeyRef, SecretString, SessionCheck,
+    McpCredential, McpCredentialSpec, McpCredentialStatus, SecretKeyRef, SecretString, SessionCheck,
+    policy::{self, Next},
     secret::{
         CREDENTIAL_LABEL, CredentialData, MANAGED_BY, MANAGED_BY_LABEL, SECRET_TYPE, VERSION_KEY, secret_name,
     },
@@ -645,7 +646,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         return Ok(Action::await_change());
     }
     let current = existing.as_ref().and_then(Current::from_secret);
-    status.describe_current(current.as_ref(), cred.spec.refresh.as_ref(), &key);
+    status.describe_current(current.as_ref(), &cred.spec, &key);
 
     // Step 2: read the referenced Secrets and fingerprint the inputs.
     let refs = source::referenced_secrets(&cred.spec);
@@ -698,13 +699,15 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         session_dead = !alive;
     }
     let renewal = status.renewal;
-    let due = match &current {
-        None => true,
-        // A dead session behind a form login: log in again now.
-        Some(_) => {
-            inputs_changed || forced || renewal.is_some_and(|r| r <= now) || (session_dead && form_login)
-        }
-    };
+    let due = policy::Situation {
+        has_credential: current.is_some(),
+        inputs_changed,
+        requested: forced,
+        renewal,
+        session_dead,
+        form_login,
+    }
+    .due(now);
     if !due {
         status.ready_describe_current(current.as_ref(), now);
         if session_dead {
@@ -853,7 +856,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         inputs: fingerprint,
         handled_request: requested,
     };
-    status.describe_current(Some(&new_current), cred.spec.refresh.as_ref(), &key);
+    status.describe_current(Some(&new_current), &cred.spec, &key);
     status.succeeded(kind, now);
     status.ready_describe_current(Some(&new_current), now);
     if let Some(check) = check {
@@ -1029,9 +1032,19 @@ async fn failed(
     let message = e.to_string();
     warn!(credential = %key, reason = e.reason(), category, attempts, error = %message, "refresh failed");
     let expires_at = current.and_then(|c| c.expires_at);
-    let reauth = category == "invalid_grant";
+    let next = policy::after_failure(&e, u32::try_from(attempts).unwrap_or(1), now, expires_at, key);
+    let reauth = next == Next::AwaitNewInputs;
     status.next.invalid_grant_inputs = reauth.then(|| reauth_marker(fingerprint, requested));
-    let (action, next_retry) = if reauth {
+    let (action, next_retry) = if let Some(retry) = next.at() {
+        let wait = until(retry, now);
+        status.condition(
+            "Refreshing",
+            true,
+            e.reason(),
+            &format!("{message} ({category}); retrying in {}s", wait.as_secs()),
+        );
+        (Action::requeue(wait), Some(retry))
+    } else {
         status.condition(
             "ReauthRequired",
             true,
@@ -1047,15 +1060,6 @@ async fn failed(
             "waiting for a new refresh token",
         );
         (requeue_at_expiry(current, now), None)
-    } else {
-        let wait = timing::backoff(u32::try_from(attempts).unwrap_or(1), now, expires_at, key);
-        status.condition(
-            "Refreshing",
-            true,
-            e.reason(),
-            &format!("{message} ({category}); retrying in {}s", wait.as_secs()),
-        );
-        (Action::requeue(wait), Some(now + wait))
     };
     status.failed(attempts, now, &message);
     match current {
@@ -1087,11 +1091,7 @@ async fn failed(
         },
     );
     status.apply(creds, ctx).await?;
-    let reason = if category == "invalid_grant" {
-        "ReauthRequired"
-    } else {
-        "RefreshFailed"
-    };
+    let reason = if reauth { "ReauthRequired" } else { "RefreshFailed" };
     publish(ctx, cred, EventType::Warning, reason, "Refresh", &message).await;
     Ok(action)
 }
@@ -1460,23 +1460,14 @@ impl StatusBuilder {
             .map(|c| c.reason.as_str())
     }
 
-    fn describe_current(
-        &mut self,
-        current: Option<&Current>,
-        refresh: Option<&mcp_credentials_core::Refresh>,
-        key: &str,
-    ) {
+    fn describe_current(&mut self, current: Option<&Current>, spec: &McpCredentialSpec, key: &str) {
         let Some(c) = current else {
             self.renewal = None;
             self.short_lifetime = false;
             return;
         };
-        self.renewal = c
-            .expires_at
-            .map(|e| timing::scheduled_renewal(c.not_before, e, refresh, key));
-        self.short_lifetime = c
-            .expires_at
-            .is_some_and(|e| timing::renewal_floored(c.not_before, e, refresh, key));
+        self.renewal = policy::renewal(spec, c.not_before, c.expires_at, key);
+        self.short_lifetime = policy::short_lifetime(spec.refresh.as_ref(), c.not_before, c.expires_at, key);
         self.next.not_before = Some(to_time(c.not_before));
         self.next.not_after = c.expires_at.map(to_time);
         self.next.renewal_time = self.renewal.map(to_time);

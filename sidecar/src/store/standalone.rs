@@ -16,9 +16,9 @@ use std::{
 use kube::ResourceExt;
 use mcp_credentials_core::{
     McpCredential, McpCredentialSpec, SecretKeyRef, SecretString,
+    policy::{self, Next},
     secret::CredentialData,
-    source::{self, Issued, OutboundPolicy, ResolveError, SecretResolver, SourceContext, SourceError},
-    timing,
+    source::{self, Issued, OutboundPolicy, ResolveError, SecretResolver, SourceContext},
 };
 use serde::Deserialize;
 use tokio::{
@@ -29,14 +29,11 @@ use tokio::{
 use super::{Store, dirwatch};
 use crate::credential::Credential;
 
-/// A credential that does not expire (an API key) is re-read this often as well as on every change
-/// the directory watch reports (the fallback when it cannot run); reading one small file costs nothing.
-const NON_EXPIRING_RECHECK: Duration = Duration::from_secs(5);
-/// A token issued without an expiry is renewed this often anyway: servers that omit `expires_in`
-/// still revoke tokens eventually, and one token request an hour is no load on anyone.
-const UNKNOWN_EXPIRY_RENEWAL: Duration = Duration::from_secs(3600);
-/// After `invalid_grant`, retrying is pointless until someone changes the secret files; check this often.
-const TERMINAL_RECHECK: Duration = Duration::from_secs(30);
+/// With no attempt scheduled (a credential that does not expire, or a dead grant waiting for new
+/// inputs), the files it reads are compared this often as well as on every change the directory
+/// watch reports (the fallback when it cannot run); reading a few small files costs nothing, and
+/// no token request is made unless they changed.
+const INPUT_POLL: Duration = Duration::from_secs(5);
 /// An upstream's rejection renews the credential at once, but at most this often: an upstream that
 /// rejects every token must not turn into a loop of token requests.
 const MIN_FORCED_RENEWAL_INTERVAL: Duration = Duration::from_secs(5);
@@ -321,13 +318,23 @@ async fn keep_fresh(
     let mut save_at = None;
     loop {
         let attempted = tokio::time::Instant::now();
-        let wait = match source::obtain(&name, &spec, &*secrets, &sources).await {
+        // What this attempt reads: someone else's change to it afterwards is new inputs.
+        let mut inputs = read_inputs(&spec, &secrets).await;
+        let next = match source::obtain(&name, &spec, &*secrets, &sources).await {
             Ok(issued) => {
                 failures = 0;
                 // Kept in memory at once (the next refresh redeems it), on disk before it is used.
                 let unsaved = persist_rotated_refresh_token(&spec, &secrets, &issued)
                     .await
                     .err();
+                // Our own write-back is not a new input.
+                if let (Some(token), Some(r)) = (
+                    &issued.rotated_refresh_token,
+                    spec.source.oauth2.as_ref().and_then(|o| o.refresh_token.as_ref()),
+                ) && let Some(i) = source::referenced_secrets(&spec).iter().position(|x| *x == r)
+                {
+                    inputs[i] = digest(token.expose());
+                }
                 let (header, value) = source::header(&spec, &issued);
                 let fingerprint = (format!("{header}\n{}", value.expose()), issued.expires_at);
                 if published.as_ref() != Some(&fingerprint) {
@@ -346,23 +353,37 @@ async fn keep_fresh(
                     store.fail(&name, unsaved_message(&e));
                     save_at = Some(tokio::time::Instant::now() + PERSIST_RETRY);
                 }
-                next_renewal(&name, &spec, &issued)
+                policy::after_success(&spec, &issued, &name)
             }
             Err(e) => {
                 failures += 1;
-                store.fail(&name, format!("{} ({})", e, e.category()));
-                match e {
-                    SourceError::InvalidGrant(_) => TERMINAL_RECHECK,
-                    _ => timing::backoff(
-                        failures,
-                        SystemTime::now(),
-                        published.as_ref().and_then(|p| p.1),
-                        &name,
+                let next = policy::after_failure(
+                    &e,
+                    failures,
+                    SystemTime::now(),
+                    published.as_ref().and_then(|p| p.1),
+                    &name,
+                );
+                let message = match next {
+                    Next::AwaitNewInputs => format!(
+                        "{e} ({}); nothing is tried again until the files it reads change",
+                        e.category()
                     ),
-                }
+                    _ => format!("{e} ({})", e.category()),
+                };
+                store.fail(&name, message);
+                next
             }
         };
-        let deadline = tokio::time::sleep(wait);
+        let scheduled = next.at();
+        let wait = |scheduled: Option<SystemTime>| match scheduled {
+            Some(at) => at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .max(Duration::from_secs(1)),
+            None => INPUT_POLL,
+        };
+        let deadline = tokio::time::sleep(wait(scheduled));
         tokio::pin!(deadline);
         loop {
             let check_at = match (&check, &served) {
@@ -372,8 +393,17 @@ async fn keep_fresh(
                 _ => None,
             };
             tokio::select! {
-                () = &mut deadline => break,
-                () = dirwatch::changed(&mut files), if api_key => break,
+                () = &mut deadline => {
+                    if scheduled.is_some() || read_inputs(&spec, &secrets).await != inputs {
+                        break;
+                    }
+                    deadline.as_mut().reset(tokio::time::Instant::now() + INPUT_POLL);
+                }
+                () = dirwatch::changed(&mut files) => {
+                    if read_inputs(&spec, &secrets).await != inputs {
+                        break;
+                    }
+                }
                 () = sleep_until(save_at) => {
                     match secrets.save().await {
                         Ok(()) if !secrets.has_unsaved() => {
@@ -475,18 +505,25 @@ async fn check_session(
     }
 }
 
-/// How long until the credential should be renewed.
-fn next_renewal(name: &str, spec: &McpCredentialSpec, issued: &Issued) -> Duration {
-    match issued.expires_at {
-        Some(expires_at) => {
-            let at = timing::renewal_time(issued.not_before, expires_at, spec.refresh.as_ref(), name);
-            at.duration_since(SystemTime::now())
-                .unwrap_or_default()
-                .max(Duration::from_secs(1))
-        }
-        None if spec.source.api_key.is_some() => NON_EXPIRING_RECHECK,
-        None => UNKNOWN_EXPIRY_RENEWAL,
+/// What the credential's source reads: a digest of each referenced file's content (or of why it
+/// cannot be read), in the order of [`source::referenced_secrets`], to tell new inputs from none.
+/// In memory only, never shown.
+async fn read_inputs(spec: &McpCredentialSpec, secrets: &SecretFiles) -> Vec<u64> {
+    let mut out = Vec::new();
+    for r in source::referenced_secrets(spec) {
+        out.push(match secrets.get(r).await {
+            Ok(v) => digest(v.expose()),
+            Err(e) => digest(&e.to_string()),
+        });
     }
+    out
+}
+
+fn digest(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish()
 }
 
 /// What the operator would write into the credential's Secret.
@@ -641,6 +678,109 @@ mod tests {
             .wait_for(|_| store.get("demo").unwrap().current.unwrap().headers[0].1 == "key-two")
             .await
             .unwrap();
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A token endpoint for the refresh-token grant that accepts only `good` (answering access
+    /// tokens living `lifetime` seconds, without rotation) and answers `invalid_grant` to anything
+    /// else, and how many token requests it got.
+    async fn token_endpoint(
+        good: &'static str,
+        lifetime: u64,
+    ) -> (String, Arc<std::sync::atomic::AtomicU32>) {
+        use axum::{Json, http::StatusCode, response::IntoResponse, routing};
+        let requests = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = requests.clone();
+        let app = axum::Router::new().route(
+            "/token",
+            routing::post(move |form: String| async move {
+                let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                if form.split('&').any(|p| p == format!("refresh_token={good}")) {
+                    let body = serde_json::json!({"access_token": format!("at-{n}"), "token_type": "Bearer", "expires_in": lifetime});
+                    Json(body).into_response()
+                } else {
+                    (StatusCode::BAD_REQUEST, Json(serde_json::json!({"error": "invalid_grant"}))).into_response()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, requests)
+    }
+
+    /// Standalone mode on credential `api`, a refresh-token grant at `token_url` with the refresh
+    /// token in `dir/api-oauth/refresh-token`.
+    async fn start_refreshing(
+        dir: &Path,
+        token_url: &str,
+        refresh_token: &str,
+    ) -> (Arc<Store>, JoinHandle<()>) {
+        std::fs::create_dir_all(dir.join("api-oauth")).unwrap();
+        std::fs::write(dir.join("api-oauth/refresh-token"), refresh_token).unwrap();
+        let file = dir.join("creds.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: api}}\n\
+                 spec:\n  upstream: http://127.0.0.1:9/mcp\n  source:\n    oauth2:\n      grant: refreshToken\n      \
+                 tokenUrl: {token_url}\n      clientId: c\n      refreshToken: {{name: api-oauth, key: refresh-token}}\n"
+            ),
+        )
+        .unwrap();
+        let store = Store::new(["api".to_owned()]);
+        let policy = OutboundPolicy { allow_loopback: true };
+        let task = start(store.clone(), &file, dir, policy).await.unwrap();
+        (store, task)
+    }
+
+    #[tokio::test]
+    async fn after_invalid_grant_no_token_request_until_the_refresh_token_file_changes_then_at_once() {
+        let (url, requests) = token_endpoint("rt-new", 3600).await;
+        let dir = temp_dir("invalid-grant");
+        let (store, task) = start_refreshing(&dir, &url, "rt-dead").await;
+        let failure = || {
+            store
+                .get("api")
+                .and_then(|s| s.last_failure)
+                .map(|f| f.to_string())
+        };
+        until("the invalid_grant failure", || {
+            failure().is_some_and(|f| f.contains("invalid_grant"))
+        })
+        .await;
+        let message = failure().unwrap();
+        assert!(message.contains("until the files it reads change"), "{message}");
+        // An unrelated file changes: still no token request (the dead token is not redeemed again).
+        std::fs::write(dir.join("notes"), "unrelated").unwrap();
+        // A person stores a new refresh token: redeemed at once (the directory watch), once.
+        std::fs::write(dir.join("api-oauth/refresh-token"), "rt-new\n").unwrap();
+        until("the credential from the new refresh token", || {
+            store.get("api").and_then(|s| s.current).is_some()
+        })
+        .await;
+        assert_eq!(
+            requests.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "one dead attempt, one good"
+        );
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_one_second_token_is_renewed_no_sooner_than_ten_seconds_after_issue() {
+        let (url, requests) = token_endpoint("rt", 1).await;
+        let dir = temp_dir("short-lived");
+        let (store, task) = start_refreshing(&dir, &url, "rt").await;
+        until("the first token", || {
+            store.get("api").and_then(|s| s.current).is_some()
+        })
+        .await;
+        // Renewing at 2/3 of one second would be a token request a second; the floor is 10 s.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
         task.abort();
         std::fs::remove_dir_all(&dir).unwrap();
     }
