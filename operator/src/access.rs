@@ -214,7 +214,7 @@ pub async fn run(client: Client, namespace: Option<&str>, selector: Option<&str>
         None => Api::all(client.clone()),
     };
     let managed = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
-    Controller::<McpCredential>::new(credentials, crate::credential_watch(selector))
+    Controller::<McpCredential>::new(credentials, crate::server::credential_watch(selector))
         .owns(owned, watcher::Config::default().labels(&managed))
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .run(reconcile, error_policy, Arc::new(client))

@@ -63,7 +63,7 @@ use mcp_credentials_core::{
     timing,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::{keys::Keys, metrics::Metrics};
 
@@ -319,7 +319,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16, s
         ),
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
-    let controller = Controller::new(creds, crate::credential_watch(selector))
+    let controller = Controller::new(creds, crate::server::credential_watch(selector))
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
     let store = controller.store();
     // Deleted credentials are never reconciled again: forget what they left, from the watch's view.
@@ -341,7 +341,19 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16, s
         .watches(secrets, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
             affected(&store, &s)
         })
-        .run(reconcile, error_policy, ctx)
+        .run(
+            |cred, ctx| {
+                // One span per reconcile: every line it logs names the credential and its generation.
+                let span = tracing::info_span!(
+                    "reconcile",
+                    credential = %format!("{}/{}", cred.namespace().unwrap_or_default(), cred.name_any()),
+                    generation = cred.metadata.generation.unwrap_or_default(),
+                );
+                reconcile(cred, ctx).instrument(span)
+            },
+            error_policy,
+            ctx,
+        )
         .for_each(|r| async move {
             if let Err(e) = r {
                 warn!(error = %ErrorChain(&e), "reconcile failed");

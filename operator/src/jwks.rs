@@ -48,5 +48,5 @@ const LIMITS: mcp_credentials_core::listen::Limits = mcp_credentials_core::liste
 
 /// Serves [`app`] on `listener` until the process ends.
 pub async fn serve(listener: tokio::net::TcpListener, keys: Arc<Keys>) {
-    crate::serve_plain(listener, LIMITS, app(keys)).await;
+    crate::server::serve_plain(listener, LIMITS, app(keys)).await;
 }
