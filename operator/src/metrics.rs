@@ -35,6 +35,9 @@ pub struct Metrics {
     pub session_checks: IntCounterVec,
     /// JWT signing keys in the published JWKS, by algorithm (2 while a successor or a retired key overlaps).
     pub jwt_keys: IntGaugeVec,
+    /// Reconciles that failed on the Kubernetes API, by category: `forbidden`, `not_found`,
+    /// `conflict`, `unavailable` (429, 5xx, no answer), `other`.
+    pub reconcile_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -120,8 +123,16 @@ impl Metrics {
             ),
             &["algorithm"],
         )?;
+        let reconcile_errors = IntCounterVec::new(
+            Opts::new(
+                p("reconcile_errors_total"),
+                "Reconciles that failed on the Kubernetes API, by category",
+            ),
+            &["category"],
+        )?;
         for c in [
             Box::new(refreshes.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconcile_errors.clone()),
             Box::new(refresh_duration.clone()),
             Box::new(expiration.clone()),
             Box::new(renewal.clone()),
@@ -150,6 +161,7 @@ impl Metrics {
             reports,
             session_checks,
             jwt_keys,
+            reconcile_errors,
         })
     }
 

@@ -305,6 +305,35 @@ mod write_back {
         }
     }
 
+    #[tokio::test]
+    async fn api_failures_are_categorised_for_the_log_the_metric_and_the_wait() {
+        for (code, category) in [
+            (403, ErrorCategory::Forbidden),
+            (404, ErrorCategory::NotFound),
+            (409, ErrorCategory::Conflict),
+            (503, ErrorCategory::Unavailable),
+            (422, ErrorCategory::Other),
+        ] {
+            let status = serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "m", "reason": "r", "code": code,
+            });
+            let (api, _requests) = script(vec![json(code, status)]);
+            let source = api
+                .get("login")
+                .await
+                .expect_err("the scripted answer is a failure");
+            let e = Error::ReadSecret {
+                namespace: "agents".into(),
+                name: "login".into(),
+                source,
+            };
+            assert_eq!(e.category(), category, "HTTP {code}");
+        }
+        // RBAC does not fix itself: waited for longer than a lost race.
+        assert!(ErrorCategory::Forbidden.requeue() > ErrorCategory::Conflict.requeue());
+    }
+
     fn pending() -> PendingRefreshToken {
         PendingRefreshToken {
             secret: SecretKeyRef {
