@@ -10,8 +10,9 @@
 //! - A token issued without an expiry is renewed [`UNKNOWN_EXPIRY_RENEWAL`] after issue anyway;
 //!   what is read rather than issued (an API key, imported cookies, a form login's session without
 //!   an expiry) is renewed only when its inputs change or someone asks.
-//! - `invalid_grant` is terminal: no attempt until the inputs (the spec, the referenced Secrets or
-//!   files) change, or a new refresh is requested. Someone must sign in again or store a new token.
+//! - `invalid_grant` is terminal, and so is a credential that needs a sign-in: no attempt until the
+//!   inputs (the spec, the referenced Secrets or files, the sign-in's) change, or a new refresh is
+//!   requested. Someone must sign in (again) or store a new token.
 //! - After any other failure: [`timing::backoff`], never more than a quarter of the remaining
 //!   lifetime of the credential being served.
 //! - A dead session behind a form login logs in again at once; imported cookies wait for new ones.
@@ -109,7 +110,8 @@ pub fn after_failure(
     key: &str,
 ) -> Next {
     match error {
-        SourceError::InvalidGrant(_) => Next::AwaitNewInputs,
+        // A dead grant, or none yet: only a (new) sign-in or token changes anything.
+        SourceError::InvalidGrant(_) | SourceError::SignInRequired { .. } => Next::AwaitNewInputs,
         _ => Next::At(now + timing::backoff(failed_attempts.max(1), now, expires_at, key)),
     }
 }

@@ -16,7 +16,7 @@ pub(super) const REFUSED_INPUT_TYPES: [&str; 2] = [
 pub(super) struct Inputs(pub(super) BTreeMap<String, Option<Secret>>);
 
 impl Inputs {
-    pub(super) async fn fetch(api: &Api<Secret>, refs: &[&SecretKeyRef]) -> Result<Self, kube::Error> {
+    pub(super) async fn fetch(api: &Api<Secret>, refs: &[SecretKeyRef]) -> Result<Self, kube::Error> {
         let mut map = BTreeMap::new();
         for r in refs {
             if !map.contains_key(&r.name) {

@@ -387,7 +387,9 @@ fn affected(store: &Store<McpCredential>, s: &PartialObjectMeta<Secret>) -> Vec<
         .filter(|c| c.namespace() == ns)
         .filter(|c| {
             secret_name(&c.name_any(), c.spec.secret_name.as_deref()) == name
-                || source::referenced_secrets(&c.spec).iter().any(|r| r.name == name)
+                || source::referenced_secrets(&c.name_any(), &c.spec)
+                    .iter()
+                    .any(|r| r.name == name)
         })
         .map(|c| ObjectRef::from_obj(c.as_ref()))
         .collect()
@@ -560,7 +562,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     status.describe_current(current.as_ref(), &cred.spec, key);
 
     // Step 2: read the referenced Secrets and fingerprint the inputs.
-    let refs = source::referenced_secrets(&cred.spec);
+    let refs = source::referenced_secrets(name, &cred.spec);
     let mut inputs = match Inputs::fetch(secrets, &refs).await {
         Ok(i) => i,
         Err(source) => {

@@ -15,10 +15,10 @@ use std::{
 
 use kube::ResourceExt;
 use mcp_credentials_core::{
-    McpCredential, McpCredentialSpec, SecretKeyRef, SecretString,
+    McpCredential, McpCredentialSpec, OAuth2Grant, SecretKeyRef, SecretString,
     policy::{self, Next},
     secret::CredentialData,
-    source::{self, Issued, OutboundPolicy, ResolveError, SecretResolver, SourceContext},
+    source::{self, Issued, OutboundPolicy, ResolveError, SecretResolver, SourceContext, SourceError},
 };
 use serde::Deserialize;
 use tokio::{
@@ -85,7 +85,7 @@ pub async fn start(
     // One context for every credential: the discovery cache is shared.
     let sources =
         Arc::new(SourceContext::new(TOKEN_REQUEST_TIMEOUT, policy).map_err(StandaloneError::HttpClient)?);
-    let secrets = Arc::new(SecretFiles::new(secrets_dir.to_path_buf()));
+    let secrets = Arc::new(SecretFiles::new(secrets_dir.to_path_buf()).with_login(credentials_file));
     // One watch for every credential; each API key's task reads its file again on any change.
     let watch = dirwatch::DirWatch::new(secrets_dir);
     let mut tasks = tokio::task::JoinSet::new();
@@ -143,17 +143,25 @@ pub fn load(path: &Path) -> Result<Vec<McpCredential>, StandaloneError> {
 /// tokens cannot be had without a cluster: the trait's default says to use a stored subject token.
 /// A rotated refresh token that could not be written yet is kept here and read in place of its file,
 /// so the next refresh redeems the newest token whatever the disk did.
-struct SecretFiles {
+pub(crate) struct SecretFiles {
     dir: PathBuf,
     unsaved: Mutex<BTreeMap<PathBuf, SecretString>>,
+    /// The credentials file, for the sign-in command a credential's messages name.
+    credentials_file: Option<PathBuf>,
 }
 
 impl SecretFiles {
-    fn new(dir: PathBuf) -> Self {
+    pub(crate) fn new(dir: PathBuf) -> Self {
         SecretFiles {
             dir,
             unsaved: Mutex::default(),
+            credentials_file: None,
         }
+    }
+
+    fn with_login(mut self, credentials_file: &Path) -> Self {
+        self.credentials_file = Some(credentials_file.to_path_buf());
+        self
     }
 
     fn path(&self, r: &SecretKeyRef) -> PathBuf {
@@ -212,7 +220,7 @@ struct SaveError {
 /// Replaces `path` with `content`, readable by its owner only (0600), durably: a temporary file in
 /// the same directory, written and synced, renamed over `path`, then the directory synced, so a
 /// crash leaves the old file or the new one, never a torn or lost one.
-fn write_private_file(path: &Path, content: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private_file(path: &Path, content: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let file_name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.rotating"));
@@ -244,6 +252,11 @@ const SIGNING_KEY_DIR: &str = "jwt-signing-key";
 const DEFAULT_ISSUER: &str = "urn:mcp-credentials:standalone";
 
 impl SecretResolver for SecretFiles {
+    fn sign_in_command(&self, credential: &str) -> Option<String> {
+        let file = self.credentials_file.as_ref()?;
+        Some(crate::login::command(credential, file, &self.dir))
+    }
+
     async fn signing_key(
         &self,
         alg: mcp_credentials_core::JwtAlgorithm,
@@ -319,19 +332,17 @@ async fn keep_fresh(
     loop {
         let attempted = tokio::time::Instant::now();
         // What this attempt reads: someone else's change to it afterwards is new inputs.
-        let mut inputs = read_inputs(&spec, &secrets).await;
+        let mut inputs = read_inputs(&name, &spec, &secrets).await;
         let next = match source::obtain(&name, &spec, &*secrets, &sources).await {
             Ok(issued) => {
                 failures = 0;
                 // Kept in memory at once (the next refresh redeems it), on disk before it is used.
-                let unsaved = persist_rotated_refresh_token(&spec, &secrets, &issued)
+                let unsaved = persist_rotated_refresh_token(&name, &spec, &secrets, &issued)
                     .await
                     .err();
                 // Our own write-back is not a new input.
-                if let (Some(token), Some(r)) = (
-                    &issued.rotated_refresh_token,
-                    spec.source.oauth2.as_ref().and_then(|o| o.refresh_token.as_ref()),
-                ) && let Some(i) = source::referenced_secrets(&spec).iter().position(|x| *x == r)
+                if let (Some(token), Some(r)) = (&issued.rotated_refresh_token, rotated_refresh_token_ref(&name, &spec))
+                    && let Some(i) = source::referenced_secrets(&name, &spec).iter().position(|x| *x == r)
                 {
                     inputs[i] = digest(token.expose());
                 }
@@ -364,14 +375,20 @@ async fn keep_fresh(
                     published.as_ref().and_then(|p| p.1),
                     &name,
                 );
-                let message = match next {
-                    Next::AwaitNewInputs => format!(
-                        "{e} ({}); nothing is tried again until the files it reads change",
-                        e.category()
-                    ),
-                    _ => format!("{e} ({})", e.category()),
-                };
-                store.fail(&name, message);
+                if matches!(e, SourceError::SignInRequired { .. }) {
+                    // The message is the one to act on: it names the command. The credential
+                    // starts the moment `login` writes its files (they are among its inputs).
+                    store.needs_sign_in(&name, e.to_string(), secrets.sign_in_command(&name));
+                } else {
+                    let message = match next {
+                        Next::AwaitNewInputs => format!(
+                            "{e} ({}); nothing is tried again until the files it reads change",
+                            e.category()
+                        ),
+                        _ => format!("{e} ({})", e.category()),
+                    };
+                    store.fail(&name, message);
+                }
                 next
             }
         };
@@ -394,13 +411,13 @@ async fn keep_fresh(
             };
             tokio::select! {
                 () = &mut deadline => {
-                    if scheduled.is_some() || read_inputs(&spec, &secrets).await != inputs {
+                    if scheduled.is_some() || read_inputs(&name, &spec, &secrets).await != inputs {
                         break;
                     }
                     deadline.as_mut().reset(tokio::time::Instant::now() + INPUT_POLL);
                 }
                 () = dirwatch::changed(&mut files) => {
-                    if read_inputs(&spec, &secrets).await != inputs {
+                    if read_inputs(&name, &spec, &secrets).await != inputs {
                         break;
                     }
                 }
@@ -508,10 +525,10 @@ async fn check_session(
 /// What the credential's source reads: a digest of each referenced file's content (or of why it
 /// cannot be read), in the order of [`source::referenced_secrets`], to tell new inputs from none.
 /// In memory only, never shown.
-async fn read_inputs(spec: &McpCredentialSpec, secrets: &SecretFiles) -> Vec<u64> {
+async fn read_inputs(name: &str, spec: &McpCredentialSpec, secrets: &SecretFiles) -> Vec<u64> {
     let mut out = Vec::new();
-    for r in source::referenced_secrets(spec) {
-        out.push(match secrets.get(r).await {
+    for r in source::referenced_secrets(name, spec) {
+        out.push(match secrets.get(&r).await {
             Ok(v) => digest(v.expose()),
             Err(e) => digest(&e.to_string()),
         });
@@ -548,17 +565,25 @@ fn secret_data(
 /// token is used. On an error the token is kept in memory (the next refresh redeems it) and written
 /// again every [`PERSIST_RETRY`].
 async fn persist_rotated_refresh_token(
+    name: &str,
     spec: &McpCredentialSpec,
     secrets: &SecretFiles,
     issued: &Issued,
 ) -> Result<(), SaveError> {
-    let (Some(token), Some(r)) = (
-        &issued.rotated_refresh_token,
-        spec.source.oauth2.as_ref().and_then(|o| o.refresh_token.as_ref()),
-    ) else {
+    let (Some(token), Some(r)) = (&issued.rotated_refresh_token, rotated_refresh_token_ref(name, spec)) else {
         return Ok(());
     };
-    secrets.store(secrets.path(r), token.clone()).await
+    secrets.store(secrets.path(&r), token.clone()).await
+}
+
+/// Where a rotated refresh token goes: a sign-in credential's sign-in directory, else
+/// `oauth2.refreshToken`.
+fn rotated_refresh_token_ref(name: &str, spec: &McpCredentialSpec) -> Option<SecretKeyRef> {
+    let o = spec.source.oauth2.as_ref()?;
+    match o.grant {
+        OAuth2Grant::AuthorizationCode => Some(source::sign_in::refresh_token_ref(name, o)),
+        _ => o.refresh_token.clone(),
+    }
 }
 
 /// The credential's last failure while a rotated refresh token is not on disk.
