@@ -341,8 +341,12 @@ async fn keep_fresh(
                     .await
                     .err();
                 // Our own write-back is not a new input.
-                if let (Some(token), Some(r)) = (&issued.rotated_refresh_token, rotated_refresh_token_ref(&name, &spec))
-                    && let Some(i) = source::referenced_secrets(&name, &spec).iter().position(|x| *x == r)
+                if let (Some(token), Some(r)) = (
+                    &issued.rotated_refresh_token,
+                    rotated_refresh_token_ref(&name, &spec),
+                ) && let Some(i) = source::referenced_secrets(&name, &spec)
+                    .iter()
+                    .position(|x| *x == r)
                 {
                     inputs[i] = digest(token.expose());
                 }
@@ -570,7 +574,10 @@ async fn persist_rotated_refresh_token(
     secrets: &SecretFiles,
     issued: &Issued,
 ) -> Result<(), SaveError> {
-    let (Some(token), Some(r)) = (&issued.rotated_refresh_token, rotated_refresh_token_ref(name, spec)) else {
+    let (Some(token), Some(r)) = (
+        &issued.rotated_refresh_token,
+        rotated_refresh_token_ref(name, spec),
+    ) else {
         return Ok(());
     };
     secrets.store(secrets.path(&r), token.clone()).await
