@@ -514,6 +514,14 @@ impl SecretResolver for Resolver<'_> {
         Some(self.namespace)
     }
 
+    /// A person signs a credential in with the kubectl plugin, with their own kubeconfig.
+    fn sign_in_command(&self, credential: &str) -> Option<String> {
+        Some(format!(
+            "kubectl mcpcred login {credential} -n {}",
+            self.namespace
+        ))
+    }
+
     /// Keeps the new refresh token at once, before the answer is checked and before anything can
     /// cancel this reconcile: from here on it is written back whatever happens.
     fn refresh_token_rotated(&self, r: &SecretKeyRef, token: &SecretString) {
@@ -1033,20 +1041,30 @@ async fn failed(
     let expires_at = current.and_then(|c| c.expires_at);
     let reauth = category == "invalid_grant";
     status.next.invalid_grant_inputs = reauth.then(|| reauth_marker(fingerprint, requested));
+    let sign_in = matches!(e, SourceError::SignInRequired { .. });
     let (action, next_retry) = if reauth {
-        status.condition(
-            "ReauthRequired",
-            true,
-            "InvalidGrant",
-            &format!(
-                "{message}. Store a new refresh token (or subject token) in the referenced Secret to resume"
-            ),
-        );
+        if sign_in {
+            // The message names the command (`kubectl mcpcred login <name> -n <namespace>`).
+            status.condition("ReauthRequired", true, "SignInRequired", &message);
+        } else {
+            status.condition(
+                "ReauthRequired",
+                true,
+                "InvalidGrant",
+                &format!(
+                    "{message}. Store a new refresh token (or subject token) in the referenced Secret to resume"
+                ),
+            );
+        }
         status.condition(
             "Refreshing",
             false,
             "ReauthRequired",
-            "waiting for a new refresh token",
+            if sign_in {
+                "waiting for a person to sign in"
+            } else {
+                "waiting for a new refresh token"
+            },
         );
         (requeue_at_expiry(current, now), None)
     } else {
