@@ -17,7 +17,7 @@ use mcp_credentials_core::{
     McpCredential,
     source::{
         OutboundPolicy, SourceContext,
-        sign_in::{self, Options, Prompt, Registrations},
+        sign_in::{self, Options, Registrations},
     },
 };
 
@@ -172,7 +172,7 @@ async fn login(
     )
     .map_err(|e| format!("cannot build the HTTP clients: {e}"))?;
     let signed_in = sign_in::login(&ctx, &cred.spec, registrations, client_secret, options, |p| {
-        show(p, browser)
+        p.show(browser)
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -207,37 +207,6 @@ async fn login(
         signed_in.issuer
     );
     Ok(())
-}
-
-fn show(prompt: &Prompt, browser: Option<&str>) {
-    match prompt {
-        Prompt::Browser { url } => {
-            eprintln!("Open this URL in a browser to sign in (opening it now):\n\n  {url}\n");
-            let mut words: Vec<String> = browser
-                .unwrap_or("xdg-open")
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect();
-            words.push(url.clone());
-            if let Err(e) = std::process::Command::new(&words[0])
-                .args(&words[1..])
-                .stdin(std::process::Stdio::null())
-                .spawn()
-            {
-                eprintln!("(could not start {:?}: {e}; open the URL yourself)", words[0]);
-            }
-        }
-        Prompt::Device {
-            verification_uri,
-            verification_uri_complete,
-            user_code,
-        } => {
-            eprintln!("On any device, open {verification_uri} and enter the code {user_code}");
-            if let Some(u) = verification_uri_complete {
-                eprintln!("(or open {u})");
-            }
-        }
-    }
 }
 
 async fn status(client: Client, ns: &str) -> Result<(), String> {
