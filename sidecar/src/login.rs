@@ -11,7 +11,7 @@ use std::{
 use kube::ResourceExt;
 use mcp_credentials_core::source::{
     OutboundPolicy, SecretResolver, SourceContext,
-    sign_in::{self, Options, Prompt, Registrations, SignInError, SignedIn},
+    sign_in::{self, Options, Registrations, SignInError, SignedIn},
 };
 
 use crate::store::standalone::{self, write_private_file};
@@ -175,45 +175,11 @@ pub async fn run(args: &Args, policy: OutboundPolicy) -> Result<SignedIn, LoginE
     };
     let browser = args.browser_command.clone();
     let signed_in = sign_in::login(&ctx, &credential.spec, existing, client_secret, &options, |p| {
-        show(p, browser.as_deref())
+        p.show(browser.as_deref())
     })
     .await?;
     store(&dir, &signed_in)?;
     Ok(signed_in)
-}
-
-/// Shows the prompt and opens the browser (`xdg-open`, or the `--browser-command`).
-fn show(prompt: &Prompt, browser: Option<&str>) {
-    match prompt {
-        Prompt::Browser { url } => {
-            eprintln!("Open this URL in a browser to sign in (opening it now):\n\n  {url}\n");
-            let (program, mut argv) = match browser {
-                Some(cmd) => {
-                    let mut words = cmd.split_whitespace().map(str::to_owned);
-                    (words.next().unwrap_or_default(), words.collect::<Vec<_>>())
-                }
-                None => ("xdg-open".to_owned(), Vec::new()),
-            };
-            argv.push(url.clone());
-            if let Err(e) = std::process::Command::new(&program)
-                .args(&argv)
-                .stdin(std::process::Stdio::null())
-                .spawn()
-            {
-                eprintln!("(could not start {program:?}: {e}; open the URL yourself)");
-            }
-        }
-        Prompt::Device {
-            verification_uri,
-            verification_uri_complete,
-            user_code,
-        } => {
-            eprintln!("On any device, open {verification_uri} and enter the code {user_code}");
-            if let Some(u) = verification_uri_complete {
-                eprintln!("(or open {u})");
-            }
-        }
-    }
 }
 
 /// The registrations stored so far in the sign-in directory, if any.

@@ -17,6 +17,10 @@
 // signature, issuer, expiry and audience (this server's issuer) are verified; the access token
 // issued has the subject token's `sub`. Anything else is invalid_grant.
 //
+// Sign-in (OAUTH_SIGN_IN=1): oidc-provider's own login and consent pages (any login name and
+// password), RFC 7591 dynamic registration open to anyone, PKCE required, RFC 9207 `iss` in every
+// authorization response, and a rotating refresh token for every client allowed the grant.
+//
 // Test-only helpers: GET /test/refresh-token?resource=<url> mints a refresh token for rt-client
 // (standing in for a user's browser login); GET /test/stats counts token requests.
 // Prints one JSON line {"ready":true,...} on stdout when it listens.
@@ -36,6 +40,7 @@ const JWT_BEARER = 'urn:ietf:params:oauth:grant-type:jwt-bearer';
 const ACCESS_TOKEN_TYPE = 'urn:ietf:params:oauth:token-type:access_token';
 
 const ttl = Number(process.argv[3] || 60);
+const signIn = process.env.OAUTH_SIGN_IN === '1';
 const trustedIssuer = process.env.MCP_TEST_TRUSTED_ISSUER;
 const trustedKeys = process.env.MCP_TEST_TRUSTED_JWKS
   ? createLocalJWKSet(JSON.parse(process.env.MCP_TEST_TRUSTED_JWKS))
@@ -84,8 +89,11 @@ const provider = new Provider(issuer, {
   findAccount: (ctx, id) => ({ accountId: id, claims: () => ({ sub: id }) }),
   scopes: ['openid', 'offline_access', 'read', 'write'],
   rotateRefreshToken: true,
+  // A refresh token for every sign-in (what MCP clients need), not only for offline_access.
+  issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
   features: {
-    devInteractions: { enabled: false },
+    devInteractions: { enabled: signIn },
+    registration: { enabled: signIn },
     clientCredentials: { enabled: true },
     resourceIndicators: {
       enabled: true,

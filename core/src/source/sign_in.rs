@@ -371,6 +371,41 @@ pub enum Prompt {
     },
 }
 
+impl Prompt {
+    /// Tells the person on stderr, and opens the URL with `browser_command <url>` (default
+    /// `xdg-open`): what both `login` commands do with a prompt.
+    pub fn show(&self, browser_command: Option<&str>) {
+        match self {
+            Prompt::Browser { url } => {
+                eprintln!("Open this URL in a browser to sign in (opening it now):\n\n  {url}\n");
+                let mut words: Vec<String> = browser_command
+                    .unwrap_or("xdg-open")
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect();
+                words.push(url.clone());
+                if let Err(e) = std::process::Command::new(&words[0])
+                    .args(&words[1..])
+                    .stdin(std::process::Stdio::null())
+                    .spawn()
+                {
+                    eprintln!("(could not start {:?}: {e}; open the URL yourself)", words[0]);
+                }
+            }
+            Prompt::Device {
+                verification_uri,
+                verification_uri_complete,
+                user_code,
+            } => {
+                eprintln!("On any device, open {verification_uri} and enter the code {user_code}");
+                if let Some(u) = verification_uri_complete {
+                    eprintln!("(or open {u})");
+                }
+            }
+        }
+    }
+}
+
 /// How to sign in.
 #[derive(Debug, Clone, Default)]
 pub struct Options {

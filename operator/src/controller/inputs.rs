@@ -105,6 +105,14 @@ impl SecretResolver for Resolver<'_> {
         Some(self.namespace)
     }
 
+    /// A person signs a credential in with the kubectl plugin, with their own kubeconfig.
+    fn sign_in_command(&self, credential: &str) -> Option<String> {
+        Some(format!(
+            "kubectl mcpcred login {credential} -n {}",
+            self.namespace
+        ))
+    }
+
     /// Keeps the new refresh token at once, before the answer is checked and before anything can
     /// cancel this reconcile: from here on it is written back whatever happens.
     fn refresh_token_rotated(&self, r: &SecretKeyRef, token: &SecretString) {

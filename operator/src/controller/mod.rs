@@ -845,6 +845,16 @@ async fn failed(
             &format!("{message} ({category}); retrying in {}s", wait.as_secs()),
         );
         (Action::requeue(wait), Some(retry))
+    } else if matches!(e, SourceError::SignInRequired { .. }) {
+        // The message names the command (`kubectl mcpcred login <name> -n <namespace>`).
+        status.condition("ReauthRequired", true, "SignInRequired", &message);
+        status.condition(
+            "Refreshing",
+            false,
+            "ReauthRequired",
+            "waiting for a person to sign in",
+        );
+        (requeue_at_expiry(current, now), None)
     } else {
         status.condition(
             "ReauthRequired",

@@ -81,11 +81,22 @@ pub struct OAuth {
     pub port: u16,
     ttl: u64,
     dir: PathBuf,
+    /// Sign-in mode: login and consent pages, dynamic registration (tests/oauth-server/server.mjs).
+    sign_in: bool,
 }
 
 impl OAuth {
+    /// Starts the server in sign-in mode (its own login and consent pages, dynamic registration).
+    pub fn start_sign_in(dir: &Path, ttl: u64) -> Self {
+        Self::start_mode(dir, ttl, true)
+    }
+
     /// Starts the server issuing access tokens valid `ttl` seconds.
     pub fn start(dir: &Path, ttl: u64) -> Self {
+        Self::start_mode(dir, ttl, false)
+    }
+
+    fn start_mode(dir: &Path, ttl: u64, sign_in: bool) -> Self {
         static INSTALL: OnceLock<()> = OnceLock::new();
         INSTALL.get_or_init(|| {
             let ok = Command::new(repo_root().join("tests/oauth-server/install"))
@@ -99,6 +110,7 @@ impl OAuth {
             port: free_port(),
             ttl,
             dir: dir.to_owned(),
+            sign_in,
         };
         s.resume();
         s
@@ -112,6 +124,7 @@ impl OAuth {
             .args([self.port.to_string(), self.ttl.to_string()])
             .env("OAUTH_SIGNING_KEY_FILE", self.dir.join("oauth-signing-key.pem"))
             .env("OAUTH_ISSUED_FILE", self.issued_file())
+            .env("OAUTH_SIGN_IN", if self.sign_in { "1" } else { "0" })
             .stdout(Stdio::piped())
             .stderr(log_file(&self.dir, "oauth-server"))
             .spawn()
@@ -343,7 +356,10 @@ async fn require_token(State(gate): State<Arc<Gate>>, request: Request, next: Ne
                 http::StatusCode::UNAUTHORIZED,
                 [(
                     "www-authenticate",
-                    format!(r#"Bearer error="invalid_token", error_description="{reason}""#),
+                    format!(
+                        r#"Bearer error="invalid_token", error_description="{reason}", resource_metadata="{}""#,
+                        gate.audience.replace("/mcp", "/.well-known/oauth-protected-resource/mcp")
+                    ),
                 )],
             )
                 .into_response()
@@ -388,9 +404,17 @@ impl McpServer {
             Default::default(),
             StreamableHttpServerConfig::default(),
         );
+        // RFC 9728 metadata (outside the token check), for clients that discover and sign in.
+        let metadata = serde_json::json!({
+            "resource": url, "authorization_servers": [gate.issuer], "scopes_supported": ["read", "write"],
+        });
         let app = Router::new()
             .nest_service("/mcp", service)
-            .layer(axum::middleware::from_fn_with_state(gate.clone(), require_token));
+            .layer(axum::middleware::from_fn_with_state(gate.clone(), require_token))
+            .route(
+                "/.well-known/oauth-protected-resource/mcp",
+                axum::routing::get(move || async move { axum::Json(metadata) }),
+            );
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self { url, gate }
     }
