@@ -188,6 +188,11 @@ pub enum OAuth2Grant {
     ClientCredentials,
     /// The refresh token grant (RFC 6749 §6): redeems `refreshToken` for access tokens.
     RefreshToken,
+    /// A person signs in once in a browser (authorization code with PKCE, RFC 6749 §4.1 and RFC
+    /// 7636); the operator (or standalone mode) then keeps the grant alive with its refresh token.
+    /// Only `spec.upstream` is needed: endpoints are discovered and the client registers itself.
+    /// Sign in with `kubectl mcpcred login <name>` (or `mcp-credentials-sidecar login` standalone).
+    AuthorizationCode,
 }
 
 /// How the client authenticates to the token endpoint.
@@ -210,6 +215,12 @@ pub enum ClientAuth {
 #[x_kube(validation = Rule::new("self.grant != 'refreshToken' || has(self.refreshToken)").message(
     "oauth2.refreshToken is required when grant is refreshToken: name the Secret key holding the refresh token"
 ))]
+#[x_kube(validation = Rule::new("self.grant == 'authorizationCode' || has(self.clientId)").message(
+    "oauth2.clientId is required unless grant is authorizationCode (which registers a client itself)"
+))]
+#[x_kube(validation = Rule::new("self.grant == 'authorizationCode' || !has(self.signIn)").message(
+    "oauth2.signIn applies only to grant authorizationCode"
+))]
 #[x_kube(validation = Rule::new("!has(self.clientAuth) || self.clientAuth != 'privateKeyJwt' || has(self.privateKey)").message(
     "oauth2.privateKey is required when clientAuth is privateKeyJwt: name the Secret key holding the PEM private key"
 ))]
@@ -219,7 +230,7 @@ pub enum ClientAuth {
     "oauth2.clientSecret is required when clientAuth is clientSecretBasic or clientSecretPost"
 ))]
 pub struct OAuth2Source {
-    /// The grant: `clientCredentials` or `refreshToken`.
+    /// The grant: `clientCredentials`, `refreshToken` or `authorizationCode` (a person signs in once).
     pub grant: OAuth2Grant,
 
     /// The token endpoint. When omitted, it is discovered from the upstream's protected resource
@@ -229,7 +240,11 @@ pub struct OAuth2Source {
     #[x_kube(validation = https_url("oauth2.tokenUrl"))]
     pub token_url: Option<String>,
 
-    /// The OAuth client ID.
+    /// The OAuth client ID. Required for `clientCredentials` and `refreshToken`. For
+    /// `authorizationCode`, a client registered beforehand with the authorization server; default:
+    /// the client registers itself at sign-in (a Client ID Metadata Document when the server
+    /// supports one and `signIn.clientMetadataUrl` is set, else RFC 7591 Dynamic Client Registration).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     #[schemars(length(min = 1, max = 1024))]
     pub client_id: String,
 
@@ -271,6 +286,34 @@ pub struct OAuth2Source {
     /// Workarounds for identity providers that deviate from the specs. Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quirks: Option<ProviderQuirks>,
+
+    /// For `authorizationCode`: where the sign-in's result is kept and how the client identifies
+    /// itself. Default: the Secret `<metadata.name>-sign-in`, no client metadata document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sign_in: Option<SignIn>,
+}
+
+/// Where a sign-in's result is kept, and how the client identifies itself when it registers.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SignIn {
+    /// The Secret in this namespace that `kubectl mcpcred login` writes and the operator reads and
+    /// updates (its key `refresh-token`: the refresh token, rotated in place; `registration`: the
+    /// client registrations, JSON keyed by the authorization server's issuer). In standalone mode,
+    /// the directory `<secrets-dir>/<secretName>/`. Default: `<metadata.name>-sign-in`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = object_name("oauth2.signIn.secretName"))]
+    pub secret_name: Option<String>,
+
+    /// The HTTPS URL of this client's Client ID Metadata Document, used as the `client_id` when the
+    /// authorization server advertises `client_id_metadata_document_supported`. The document must
+    /// be served there, with `client_id` equal to this URL and the loopback `redirect_uris`
+    /// `http://127.0.0.1/callback`. Default: none (Dynamic Client Registration instead).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_URL_LENGTH))]
+    #[x_kube(validation = https_url("oauth2.signIn.clientMetadataUrl"))]
+    pub client_metadata_url: Option<String>,
 }
 
 /// Workarounds for identity providers that deviate from the MCP authorization rules.

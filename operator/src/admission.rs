@@ -104,10 +104,28 @@ pub fn needs(name: &str, spec: &McpCredentialSpec) -> Vec<Need> {
     for (field, r) in &labelled {
         read(field, r);
     }
+    // A sign-in credential's Secret: the operator reads it and writes the rotated refresh token
+    // back, so its author must be allowed to read it (`kubectl mcpcred login` writes it with the
+    // person's own rights).
+    let sign_in = spec
+        .source
+        .oauth2
+        .as_ref()
+        .filter(|_| source::sign_in::applies(spec))
+        .map(|o| source::sign_in::secret_name(name, o));
+    if let Some(secret) = &sign_in {
+        read(
+            "spec.source.oauth2.signIn.secretName",
+            &SecretKeyRef {
+                name: secret.clone(),
+                key: source::sign_in::REFRESH_TOKEN_KEY.into(),
+            },
+        );
+    }
     // A reference added to core but not labelled here is still checked, under a coarser name.
-    for r in source::referenced_secrets(spec) {
-        if !labelled.iter().any(|(_, l)| std::ptr::eq(*l, r)) {
-            read("spec.source", r);
+    for r in source::referenced_secrets(name, spec) {
+        if sign_in.as_ref() != Some(&r.name) && !labelled.iter().any(|(_, l)| **l == r) {
+            read("spec.source", &r);
         }
     }
     if let Some(sa) = spec
@@ -544,9 +562,9 @@ mod tests {
         }))
         .unwrap();
         let labelled = labelled_secrets(&full);
-        let core = source::referenced_secrets(&full);
+        let core = source::referenced_secrets("x", &full);
         assert_eq!(labelled.len(), core.len());
-        assert!(labelled.iter().zip(&core).all(|((_, l), c)| std::ptr::eq(*l, *c)));
+        assert!(labelled.iter().zip(&core).all(|((_, l), c)| *l == c));
         assert!(needs("x", &full).iter().all(|n| n.field != "spec.source"));
     }
 }

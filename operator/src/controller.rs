@@ -364,7 +364,9 @@ fn affected(store: &Store<McpCredential>, s: &PartialObjectMeta<Secret>) -> Vec<
         .filter(|c| c.namespace() == ns)
         .filter(|c| {
             secret_name(&c.name_any(), c.spec.secret_name.as_deref()) == name
-                || source::referenced_secrets(&c.spec).iter().any(|r| r.name == name)
+                || source::referenced_secrets(&c.name_any(), &c.spec)
+                    .iter()
+                    .any(|r| r.name == name)
         })
         .map(|c| ObjectRef::from_obj(c.as_ref()))
         .collect()
@@ -423,7 +425,7 @@ const REFUSED_INPUT_TYPES: [&str; 2] = [
 struct Inputs(BTreeMap<String, Option<Secret>>);
 
 impl Inputs {
-    async fn fetch(api: &Api<Secret>, refs: &[&SecretKeyRef]) -> Result<Self, kube::Error> {
+    async fn fetch(api: &Api<Secret>, refs: &[SecretKeyRef]) -> Result<Self, kube::Error> {
         let mut map = BTreeMap::new();
         for r in refs {
             if !map.contains_key(&r.name) {
@@ -648,7 +650,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     status.describe_current(current.as_ref(), cred.spec.refresh.as_ref(), &key);
 
     // Step 2: read the referenced Secrets and fingerprint the inputs.
-    let refs = source::referenced_secrets(&cred.spec);
+    let refs = source::referenced_secrets(&cred.name_any(), &cred.spec);
     let mut inputs = match Inputs::fetch(&secrets, &refs).await {
         Ok(i) => i,
         Err(source) => {

@@ -35,15 +35,47 @@ const MAX_METADATA_BYTES: usize = 256 * 1024;
 /// server that needs one answers 401 with its challenge before looking at the body.
 const PROBE_BODY: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"mcp-credentials","version":"0"}}}"#;
 
-/// What discovery found, as `status.discovery` shows it.
+/// What discovery found, as `status.discovery` shows it, and what a sign-in needs besides.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Discovered {
-    /// The protected resource metadata document used.
+    /// The protected resource metadata document used (or, for a server without one, what took
+    /// its place: `none (2025-03-26 fallback)`).
     pub resource_metadata: String,
     /// The authorization server's issuer.
     pub issuer: String,
     /// Its token endpoint.
     pub token_endpoint: String,
+    /// The rest of the authorization server's metadata.
+    pub server: ServerMetadata,
+    /// The `scope` of the upstream's 401 challenge, if it sent one.
+    pub challenge_scope: Option<String>,
+    /// The protected resource's `scopes_supported`.
+    pub resource_scopes: Vec<String>,
+}
+
+/// What an authorization server's metadata says besides its issuer and token endpoint (RFC 8414
+/// §2; RFC 8628, RFC 9207, Client ID Metadata Documents). Endpoints are checked URLs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerMetadata {
+    /// `authorization_endpoint`.
+    pub authorization_endpoint: Option<String>,
+    /// `registration_endpoint` (RFC 7591).
+    pub registration_endpoint: Option<String>,
+    /// `device_authorization_endpoint` (RFC 8628).
+    pub device_authorization_endpoint: Option<String>,
+    /// `code_challenge_methods_supported`; `None` when the document has none.
+    pub code_challenge_methods: Option<Vec<String>>,
+    /// `scopes_supported`.
+    pub scopes_supported: Vec<String>,
+    /// `token_endpoint_auth_methods_supported`.
+    pub token_endpoint_auth_methods: Vec<String>,
+    /// `client_id_metadata_document_supported`.
+    pub client_id_metadata_document_supported: bool,
+    /// `authorization_response_iss_parameter_supported` (RFC 9207).
+    pub iss_parameter_supported: bool,
+    /// No metadata document: the MCP 2025-03-26 default endpoints (`/authorize`, `/token`,
+    /// `/register` at the upstream's origin) are assumed.
+    pub default_endpoints: bool,
 }
 
 /// Why discovery failed: each URL tried, and why it did not give a token endpoint.
@@ -102,6 +134,10 @@ pub(crate) struct Clients<'a> {
     pub policy: OutboundPolicy,
     /// The longest the whole discovery may take (`None`: each request's own timeout only).
     pub budget: Option<Duration>,
+    /// When the upstream has no protected resource metadata at all, fall back to MCP 2025-03-26:
+    /// the authorization server's metadata at the upstream's origin, then its default endpoints.
+    /// For sign-in credentials (what the older servers they talk to offer).
+    pub fallback: bool,
 }
 
 /// The cached token endpoint for `upstream`, or discovers (and caches) it.
@@ -141,9 +177,12 @@ pub(crate) async fn discover(upstream: &str, clients: &Clients<'_>) -> Result<Di
 
     // 1. The resource_metadata of the upstream's challenge, then the two well-known URIs.
     let mut candidates: Vec<(String, bool)> = Vec::new();
-    if let Some(from_header) = probe(&up, clients.direct, &mut log).await {
+    let challenge = probe(&up, clients.direct, &mut log).await;
+    if let Some(from_header) = challenge.resource_metadata {
         candidates.push((from_header, true));
     }
+    let challenge_scope = challenge.scope;
+    let mut answered = false;
     let origin = up.origin().ascii_serialization();
     let path = up.path().trim_end_matches('/');
     if !path.is_empty() {
@@ -169,6 +208,7 @@ pub(crate) async fn discover(upstream: &str, clients: &Clients<'_>) -> Result<Di
         let Some(doc) = fetch_json(client, &url, &mut log).await else {
             continue;
         };
+        answered = true;
         let servers = match protected_resource(&doc, &up) {
             Ok(s) => s,
             Err(why) => {
@@ -179,11 +219,16 @@ pub(crate) async fn discover(upstream: &str, clients: &Clients<'_>) -> Result<Di
         // 2. Each authorization server it names, in order, until one gives a token endpoint.
         let skipped = servers.len().saturating_sub(MAX_AUTHORIZATION_SERVERS);
         for issuer in servers.iter().take(MAX_AUTHORIZATION_SERVERS) {
-            if let Some((issuer, token_endpoint)) = authorization_server(issuer, clients, &mut log).await {
+            if let Some((issuer, token_endpoint, server)) =
+                authorization_server(issuer, clients, &mut log).await
+            {
                 return Ok(Discovered {
                     resource_metadata: label_str(&url),
                     issuer,
                     token_endpoint,
+                    server,
+                    challenge_scope,
+                    resource_scopes: strings(&doc, "scopes_supported"),
                 });
             }
         }
@@ -201,11 +246,117 @@ pub(crate) async fn discover(upstream: &str, clients: &Clients<'_>) -> Result<Di
         // for a server without metadata, not for one whose authorization server is broken.
         return Err(log.done());
     }
+    // A document that answered but describes another resource is never worked around.
+    if clients.fallback && !answered && !log.ran_out {
+        return fallback_2025_03_26(&up, clients, challenge_scope, &mut log)
+            .await
+            .ok_or_else(|| log.done());
+    }
     Err(log.done())
 }
 
-/// Sends the unauthenticated request and returns the challenge's `resource_metadata`, if any.
-async fn probe(up: &reqwest::Url, client: &reqwest::Client, log: &mut Log) -> Option<String> {
+/// MCP 2025-03-26, for a server without protected resource metadata: the upstream's origin is the
+/// authorization server; its RFC 8414 metadata at the root, else the default endpoints
+/// `/authorize`, `/token` and `/register` (only when the metadata is not there at all: HTTP 404).
+async fn fallback_2025_03_26(
+    up: &reqwest::Url,
+    clients: &Clients<'_>,
+    challenge_scope: Option<String>,
+    log: &mut Log,
+) -> Option<Discovered> {
+    let origin = up.origin().ascii_serialization();
+    let url = format!("{origin}/.well-known/oauth-authorization-server");
+    let what = labelled("GET", &url);
+    match log.within(what.clone(), get_json(clients.direct, &url)).await? {
+        Ok(doc) => {
+            let issuer = doc.get("issuer").and_then(Value::as_str);
+            if issuer.map(|i| i.trim_end_matches('/')) != Some(origin.as_str()) {
+                log.fail(what, format!("its issuer is not {}", shorten(&origin)), false);
+                return None;
+            }
+            let issuer = issuer.unwrap_or_default().to_owned();
+            match server_metadata(&doc, clients.policy) {
+                Ok((token_endpoint, server)) => Some(Discovered {
+                    resource_metadata: "none (2025-03-26 fallback: metadata at the origin)".into(),
+                    issuer,
+                    token_endpoint,
+                    server,
+                    challenge_scope,
+                    resource_scopes: Vec::new(),
+                }),
+                Err(why) => {
+                    log.fail(what, why, false);
+                    None
+                }
+            }
+        }
+        Err((why, _)) if why == "HTTP 404" => Some(Discovered {
+            resource_metadata: "none (2025-03-26 fallback: default endpoints)".into(),
+            issuer: origin.clone(),
+            token_endpoint: format!("{origin}/token"),
+            server: ServerMetadata {
+                authorization_endpoint: Some(format!("{origin}/authorize")),
+                registration_endpoint: Some(format!("{origin}/register")),
+                default_endpoints: true,
+                ..ServerMetadata::default()
+            },
+            challenge_scope,
+            resource_scopes: Vec::new(),
+        }),
+        Err((why, transient)) => {
+            log.fail(what, why, transient);
+            None
+        }
+    }
+}
+
+/// The strings of a JSON array field (anything else in it skipped).
+fn strings(doc: &Value, field: &str) -> Vec<String> {
+    doc.get(field)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// The token endpoint and the rest of an authorization server's metadata, each endpoint checked.
+fn server_metadata(doc: &Value, policy: OutboundPolicy) -> Result<(String, ServerMetadata), String> {
+    let endpoint = |field: &str| -> Result<Option<String>, String> {
+        match doc.get(field).and_then(Value::as_str) {
+            None => Ok(None),
+            Some(u) => check_url(u, policy)
+                .map(|u| Some(u.to_string()))
+                .map_err(|e| format!("its {field} is refused: {e}")),
+        }
+    };
+    let token_endpoint = endpoint("token_endpoint")?.ok_or("the document has no token_endpoint")?;
+    let flag = |field: &str| doc.get(field).and_then(Value::as_bool).unwrap_or(false);
+    Ok((
+        token_endpoint,
+        ServerMetadata {
+            authorization_endpoint: endpoint("authorization_endpoint")?,
+            registration_endpoint: endpoint("registration_endpoint")?,
+            device_authorization_endpoint: endpoint("device_authorization_endpoint")?,
+            code_challenge_methods: doc
+                .get("code_challenge_methods_supported")
+                .map(|_| strings(doc, "code_challenge_methods_supported")),
+            scopes_supported: strings(doc, "scopes_supported"),
+            token_endpoint_auth_methods: strings(doc, "token_endpoint_auth_methods_supported"),
+            client_id_metadata_document_supported: flag("client_id_metadata_document_supported"),
+            iss_parameter_supported: flag("authorization_response_iss_parameter_supported"),
+            default_endpoints: false,
+        },
+    ))
+}
+
+/// What the upstream's 401 challenge names.
+#[derive(Default)]
+struct Probed {
+    resource_metadata: Option<String>,
+    scope: Option<String>,
+}
+
+/// Sends the unauthenticated request and returns the challenge's `resource_metadata` and `scope`.
+async fn probe(up: &reqwest::Url, client: &reqwest::Client, log: &mut Log) -> Probed {
     let what = labelled("POST", up.as_str());
     let send = client
         .post(up.clone())
@@ -213,11 +364,14 @@ async fn probe(up: &reqwest::Url, client: &reqwest::Client, log: &mut Log) -> Op
         .header(reqwest::header::ACCEPT, "application/json, text/event-stream")
         .body(PROBE_BODY)
         .send();
-    let resp = match log.within(what.clone(), send).await? {
+    let Some(sent) = log.within(what.clone(), send).await else {
+        return Probed::default();
+    };
+    let resp = match sent {
         Ok(r) => r,
         Err(e) => {
             log.fail(what, outbound::describe(&e), true);
-            return None;
+            return Probed::default();
         }
     };
     let status = resp.status().as_u16();
@@ -229,8 +383,12 @@ async fn probe(up: &reqwest::Url, client: &reqwest::Client, log: &mut Log) -> Op
         .collect();
     // The body is not read: a server that needs no token may answer with a stream that stays open.
     drop(resp);
+    let scope = bearer_param(challenges.iter().map(String::as_str), "scope");
     match resource_metadata(challenges.iter().map(String::as_str)) {
-        Some(url) => Some(url),
+        Some(url) => Probed {
+            resource_metadata: Some(url),
+            scope,
+        },
         None => {
             let why = if challenges.is_empty() {
                 format!("HTTP {status} without a WWW-Authenticate challenge")
@@ -238,7 +396,10 @@ async fn probe(up: &reqwest::Url, client: &reqwest::Client, log: &mut Log) -> Op
                 format!("HTTP {status} with a challenge that has no resource_metadata")
             };
             log.fail(what, why, false);
-            None
+            Probed {
+                resource_metadata: None,
+                scope,
+            }
         }
     }
 }
@@ -316,12 +477,13 @@ fn resource_matches(resource: &str, up: &reqwest::Url) -> bool {
     upath == rp || upath.starts_with(&format!("{rp}/"))
 }
 
-/// Tries an issuer's metadata URLs in the spec's order; the issuer and its token endpoint on success.
+/// Tries an issuer's metadata URLs in the spec's order; the issuer, its token endpoint and the
+/// rest of its metadata on success.
 async fn authorization_server(
     issuer: &str,
     clients: &Clients<'_>,
     log: &mut Log,
-) -> Option<(String, String)> {
+) -> Option<(String, String, ServerMetadata)> {
     let urls = match metadata_urls(issuer, clients.policy) {
         Ok(u) => u,
         Err(why) => {
@@ -350,13 +512,9 @@ async fn authorization_server(
                 continue;
             }
         }
-        let Some(endpoint) = doc.get("token_endpoint").and_then(Value::as_str) else {
-            log.fail(what, "the document has no token_endpoint", false);
-            continue;
-        };
-        match check_url(endpoint, clients.policy) {
-            Ok(u) => return Some((issuer.to_owned(), u.to_string())),
-            Err(e) => log.fail(what, format!("its token_endpoint is refused: {e}"), false),
+        match server_metadata(&doc, clients.policy) {
+            Ok((token_endpoint, server)) => return Some((issuer.to_owned(), token_endpoint, server)),
+            Err(why) => log.fail(what, why, false),
         }
     }
     None
@@ -388,13 +546,18 @@ fn metadata_urls(issuer: &str, policy: OutboundPolicy) -> Result<Vec<String>, St
 /// The `resource_metadata` parameter of the first Bearer challenge that has one, from any number
 /// of `WWW-Authenticate` header values.
 pub fn resource_metadata<'a>(headers: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    bearer_param(headers, "resource_metadata")
+}
+
+/// The parameter `name` of the first Bearer challenge that has one (`scope`, `error`, ...).
+pub fn bearer_param<'a>(headers: impl IntoIterator<Item = &'a str>, name: &str) -> Option<String> {
     headers.into_iter().flat_map(challenges).find_map(|c| {
         if !c.scheme.eq_ignore_ascii_case("bearer") {
             return None;
         }
         c.params
             .into_iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("resource_metadata"))
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
     })
 }

@@ -59,6 +59,9 @@ pub mod oauth2;
 pub mod outbound;
 /// The `session` source: cookies and their liveness check (parsers public for the property tests).
 pub mod session;
+/// Signing in (authorization code with PKCE, client registration, the device grant) and what a
+/// sign-in stores.
+pub mod sign_in;
 /// The `tokenExchange` source: RFC 8693 token exchange and the RFC 7523 JWT-bearer grant.
 pub mod token_exchange;
 /// Parsing token endpoint answers and JWT claims (public for the property tests).
@@ -107,6 +110,14 @@ pub trait SecretResolver: Send + Sync {
     /// Default: nothing (the caller persists [`Issued::rotated_refresh_token`]).
     fn refresh_token_rotated(&self, r: &SecretKeyRef, token: &SecretString) {
         let _ = (r, token);
+    }
+
+    /// The command a person runs to sign the McpCredential `credential` in (shown in the
+    /// messages of a credential that needs a sign-in). Default: none (the message says what is
+    /// missing, not how to run the command here).
+    fn sign_in_command(&self, credential: &str) -> Option<String> {
+        let _ = credential;
+        None
     }
 
     /// The current key for minting `jwt` tokens with `alg`. Default: none (this process does not mint).
@@ -224,6 +235,16 @@ pub enum SourceError {
         /// Why (timeout, connection refused...).
         reason: String,
     },
+    /// A sign-in credential has no usable grant: never signed in, the grant revoked
+    /// (`invalid_grant`), or the protected resource moved to another authorization server.
+    /// Terminal until the sign-in's Secret changes.
+    #[error("{why}; a person must sign in{}", command.as_deref().map(|c| format!(": run `{c}`")).unwrap_or_default())]
+    SignInRequired {
+        /// What is missing, without secret values.
+        why: String,
+        /// The command to run, when the process knows it.
+        command: Option<String>,
+    },
     /// The server rejected the refresh token (or other grant): the user must re-authorize.
     #[error("the authorization server rejected the grant (invalid_grant){}", describe(.0))]
     InvalidGrant(Option<String>),
@@ -313,7 +334,7 @@ impl SourceError {
     /// The metric label and status reason family: `transient_error`, `invalid_grant` or `config_error`.
     pub fn category(&self) -> &'static str {
         match self {
-            Self::InvalidGrant(_) => "invalid_grant",
+            Self::InvalidGrant(_) | Self::SignInRequired { .. } => "invalid_grant",
             Self::FetchToken { .. } | Self::BadResponse(_) | Self::RefreshTimedOut { .. } => {
                 "transient_error"
             }
@@ -360,6 +381,7 @@ impl SourceError {
             Self::FetchToken { .. } => "TokenEndpointUnreachable",
             Self::RefreshTimedOut { .. } => "RefreshTimedOut",
             Self::InvalidGrant(_) => "InvalidGrant",
+            Self::SignInRequired { .. } => "SignInRequired",
             Self::OAuthError { .. } => "TokenEndpointRejected",
             Self::HttpStatus(_) => "TokenEndpointError",
             Self::BadResponse(_) => "BadTokenResponse",
@@ -390,6 +412,7 @@ pub fn kind(spec: &McpCredentialSpec) -> &'static str {
         return match o.grant {
             crate::OAuth2Grant::ClientCredentials => "oauth2/clientCredentials",
             crate::OAuth2Grant::RefreshToken => "oauth2/refreshToken",
+            crate::OAuth2Grant::AuthorizationCode => "oauth2/authorizationCode",
         };
     }
     if let Some(t) = &s.token_exchange {
@@ -411,10 +434,12 @@ pub fn kind(spec: &McpCredentialSpec) -> &'static str {
     }
 }
 
-/// Every Secret key the source reads (to watch them, and to notice when they change).
-pub fn referenced_secrets(spec: &McpCredentialSpec) -> Vec<&SecretKeyRef> {
+/// Every Secret key the source of the McpCredential `name` reads (to watch them, and to notice
+/// when they change); a sign-in credential's include the keys its sign-in writes.
+pub fn referenced_secrets(name: &str, spec: &McpCredentialSpec) -> Vec<SecretKeyRef> {
     let s = &spec.source;
-    let mut out = Vec::new();
+    let mut out: Vec<&SecretKeyRef> = Vec::new();
+    let mut signed_in = Vec::new();
     if let Some(o) = &s.oauth2 {
         out.extend(
             o.client_secret
@@ -422,6 +447,12 @@ pub fn referenced_secrets(spec: &McpCredentialSpec) -> Vec<&SecretKeyRef> {
                 .chain(&o.private_key)
                 .chain(&o.refresh_token),
         );
+        if o.grant == crate::OAuth2Grant::AuthorizationCode {
+            signed_in = vec![
+                sign_in::refresh_token_ref(name, o),
+                sign_in::registration_ref(name, o),
+            ];
+        }
     }
     if let Some(a) = &s.api_key {
         out.push(&a.secret_key_ref);
@@ -441,7 +472,7 @@ pub fn referenced_secrets(spec: &McpCredentialSpec) -> Vec<&SecretKeyRef> {
             out.push(&f.password);
         }
     }
-    out
+    out.into_iter().cloned().chain(signed_in).collect()
 }
 
 /// Obtains a credential for the McpCredential `name` from its source: at most one token request
@@ -548,6 +579,8 @@ pub(crate) struct TokenEndpoint {
     pub url: String,
     /// Discovered: requests go through the guarded client, and a failure drops the cache entry.
     pub discovered: bool,
+    /// The authorization server's issuer, when discovered.
+    pub issuer: Option<String>,
 }
 
 impl SourceContext {
@@ -608,24 +641,46 @@ impl SourceContext {
             return Ok(TokenEndpoint {
                 url: url.to_owned(),
                 discovered: false,
+                issuer: None,
             });
         }
+        let d = self.discover(spec, true).await?;
+        Ok(TokenEndpoint {
+            url: d.token_endpoint,
+            discovered: true,
+            issuer: Some(d.issuer),
+        })
+    }
+
+    /// Discovery for `spec.upstream` (cached when `cached`), with the MCP 2025-03-26 fallbacks for
+    /// sign-in credentials.
+    pub(crate) async fn discover(
+        &self,
+        spec: &McpCredentialSpec,
+        cached: bool,
+    ) -> Result<discovery::Discovered, SourceError> {
         let clients = discovery::Clients {
             direct: &self.http,
             guarded: &self.guarded,
             policy: self.policy,
             budget: self.discovery_budget,
+            fallback: sign_in::applies(spec),
         };
-        match discovery::token_endpoint(&self.discovery, &spec.upstream, &clients).await {
-            Ok(d) => Ok(TokenEndpoint {
-                url: d.token_endpoint,
-                discovered: true,
-            }),
-            Err(failure) => Err(SourceError::Discovery {
-                upstream: oauth2::endpoint_label(&spec.upstream),
-                failure,
-            }),
-        }
+        let found = if cached {
+            discovery::token_endpoint(&self.discovery, &spec.upstream, &clients).await
+        } else {
+            discovery::discover(&spec.upstream, &clients).await
+        };
+        found.map_err(|failure| SourceError::Discovery {
+            upstream: oauth2::endpoint_label(&spec.upstream),
+            failure,
+        })
+    }
+
+    /// The guarded client (checked addresses, redirects followed and checked), for the sign-in's
+    /// registration requests to servers learned from metadata.
+    pub(crate) fn guarded_token(&self) -> &reqwest::Client {
+        &self.guarded_token
     }
 
     /// The client for token requests to `endpoint`.

@@ -9,7 +9,11 @@ use super::{
     outbound::{self, ReadError},
     token_response::{TokenResponse, jwt_claims, parse_token_response, refresh_token_in},
 };
-use crate::{ClientAuth, McpCredentialSpec, OAuth2Grant, OAuth2Source, ProviderQuirks, SecretString, timing};
+use super::{ResolveError, sign_in};
+use crate::{
+    ClientAuth, McpCredentialSpec, OAuth2Grant, OAuth2Source, ProviderQuirks, SecretKeyRef, SecretString,
+    timing,
+};
 
 /// The largest token response we read: far above any real one.
 const MAX_RESPONSE_BYTES: usize = 1 << 20;
@@ -42,7 +46,7 @@ pub fn endpoint_label(url: &str) -> String {
 
 /// One token request for `o`. See [`super::obtain`].
 pub async fn obtain(
-    _name: &str,
+    name: &str,
     spec: &McpCredentialSpec,
     o: &OAuth2Source,
     secrets: &impl SecretResolver,
@@ -52,16 +56,18 @@ pub async fn obtain(
     let token_url = endpoint.url.as_str();
 
     let mut form: Vec<(&str, String)> = Vec::new();
-    let current_refresh_token = match o.grant {
+    let mut basic = None;
+    // The refresh token's key, and the value redeemed.
+    let (refresh_ref, current_refresh_token) = match o.grant {
         OAuth2Grant::ClientCredentials => {
             form.push(("grant_type", "client_credentials".into()));
-            None
+            (None, None)
         }
         OAuth2Grant::RefreshToken => {
-            let r = o.refresh_token.as_ref().ok_or_else(|| {
+            let r = o.refresh_token.clone().ok_or_else(|| {
                 SourceError::Config("oauth2.refreshToken is required when grant is refreshToken".into())
             })?;
-            let rt = secrets.get(r).await?;
+            let rt = secrets.get(&r).await?;
             if rt.is_empty() {
                 return Err(SourceError::Config(format!(
                     "the refresh token in secret {:?} is empty",
@@ -70,10 +76,17 @@ pub async fn obtain(
             }
             form.push(("grant_type", "refresh_token".into()));
             form.push(("refresh_token", rt.expose().to_owned()));
-            Some(rt)
+            (Some(r), Some(rt))
+        }
+        OAuth2Grant::AuthorizationCode => {
+            let (r, rt, client) = signed_in(name, o, endpoint.issuer.as_deref(), secrets).await?;
+            form.push(("grant_type", "refresh_token".into()));
+            form.push(("refresh_token", rt.expose().to_owned()));
+            basic = client.authenticate(&mut form);
+            (Some(r), Some(rt))
         }
     };
-    if !o.scopes.is_empty() {
+    if !o.scopes.is_empty() && o.grant != OAuth2Grant::AuthorizationCode {
         form.push(("scope", o.scopes.join(" ")));
     }
     let resource = resource(spec, o);
@@ -84,8 +97,9 @@ pub async fn obtain(
         form.push(("audience", a.clone()));
     }
 
-    let mut basic = None;
     match client_auth(o) {
+        // A sign-in credential's client authenticated above (its registration's, or the pre-registered one's).
+        _ if o.grant == OAuth2Grant::AuthorizationCode => {}
         ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost => {
             let r = o.client_secret.as_ref().ok_or_else(|| {
                 SourceError::Config(
@@ -131,17 +145,89 @@ pub async fn obtain(
         spec,
         &endpoint,
         &form,
-        basic.as_ref().map(|(id, s)| (id.as_str(), s)),
+        basic
+            .as_ref()
+            .map(|(id, s): &(String, SecretString)| (id.as_str(), s)),
     )
     .await;
     // Hand a rotated refresh token over before anything can refuse the answer: the server has
     // already revoked the one we sent.
-    if let (Some(r), Some(old), Some(new)) = (&o.refresh_token, &current_refresh_token, &refresh_token)
+    if let (Some(r), Some(old), Some(new)) = (&refresh_ref, &current_refresh_token, &refresh_token)
         && old != new
     {
         secrets.refresh_token_rotated(r, new);
     }
-    issued(token?, resource, o.quirks.as_ref(), current_refresh_token)
+    let token = match token {
+        // A revoked sign-in: only a person can fix it.
+        Err(SourceError::InvalidGrant(d)) if o.grant == OAuth2Grant::AuthorizationCode => {
+            return Err(SourceError::SignInRequired {
+                why: format!(
+                    "the authorization server rejected the sign-in's refresh token (invalid_grant{})",
+                    d.map(|d| format!(": {d}")).unwrap_or_default()
+                ),
+                command: secrets.sign_in_command(name),
+            });
+        }
+        t => t?,
+    };
+    issued(token, resource, o.quirks.as_ref(), current_refresh_token)
+}
+
+/// A sign-in credential's refresh token (its key and value) and the client to redeem it with:
+/// the registration kept for the discovered `issuer` (never one made with another server), or
+/// the pre-registered `oauth2.clientId`. Anything missing asks for a sign-in.
+async fn signed_in(
+    name: &str,
+    o: &OAuth2Source,
+    issuer: Option<&str>,
+    secrets: &impl SecretResolver,
+) -> Result<(SecretKeyRef, SecretString, sign_in::Client), SourceError> {
+    let need = |why: String| SourceError::SignInRequired {
+        why,
+        command: secrets.sign_in_command(name),
+    };
+    let r = sign_in::refresh_token_ref(name, o);
+    let rt = match secrets.get(&r).await {
+        Ok(rt) if !rt.is_empty() => rt,
+        Ok(_) | Err(ResolveError::NotFound { .. }) => {
+            return Err(need(format!(
+                "not signed in yet (no {:?} in secret {:?})",
+                r.key, r.name
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let registrations = match secrets.get(&sign_in::registration_ref(name, o)).await {
+        Ok(text) => sign_in::Registrations::parse(text.expose()).map_err(need)?,
+        Err(ResolveError::NotFound { .. }) => sign_in::Registrations::default(),
+        Err(e) => return Err(e.into()),
+    };
+    let registration = match issuer {
+        Some(i) => registrations.0.get(i),
+        // A configured token URL: the one registration there is.
+        None => registrations.0.values().next(),
+    };
+    let secret = match &o.client_secret {
+        Some(r) => Some(secrets.get(r).await?),
+        None => None,
+    };
+    let client = match registration {
+        Some(reg) => {
+            let secret = secret.or_else(|| reg.client_secret.clone());
+            sign_in::Client::new(o, reg, secret)
+        }
+        None if !o.client_id.is_empty() => {
+            sign_in::Client::new(o, &sign_in::Registration::pre_registered(o), secret)
+        }
+        None => {
+            return Err(need(format!(
+                "no client is registered with the authorization server {} (the protected resource names it now; \
+                 registrations are never reused with another server)",
+                issuer.unwrap_or("configured in oauth2.tokenUrl")
+            )));
+        }
+    };
+    Ok((r, rt, client))
 }
 
 /// Sends one token request (a form, with HTTP Basic client authentication when `basic` is set)
@@ -180,7 +266,7 @@ async fn post_token_keeping_refresh_token(
 }
 
 /// Sends the form; the answer's status and body (at most [`MAX_RESPONSE_BYTES`]).
-async fn send_form(
+pub(crate) async fn send_form(
     http: &reqwest::Client,
     token_url: &str,
     form: &[(&str, String)],

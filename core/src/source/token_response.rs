@@ -27,11 +27,19 @@ pub struct TokenResponse {
 pub fn parse_token_response(status: u16, body: &[u8]) -> Result<TokenResponse, SourceError> {
     let json: Option<Value> = serde_json::from_slice(body).ok();
     if !(200..300).contains(&status) {
+        // An error code such as `authorization_pending` or `temporarily_unavailable` is kept as
+        // it is (a long run of token characters would be redacted); anything else is made safe.
         let error = json
             .as_ref()
             .and_then(|j| j.get("error"))
             .and_then(Value::as_str)
-            .map(safe_text);
+            .map(|e| {
+                if e.len() <= 64 && !e.is_empty() && e.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                    e.to_owned()
+                } else {
+                    safe_text(e)
+                }
+            });
         let description = json
             .as_ref()
             .and_then(|j| j.get("error_description"))

@@ -196,6 +196,7 @@ fn spec(upstream: &str) -> McpCredentialSpec {
             audience: None,
             extra_params: Default::default(),
             quirks: None,
+            sign_in: None,
         }),
         ..Default::default()
     });

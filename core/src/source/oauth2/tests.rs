@@ -36,6 +36,7 @@ fn spec(token_url: &str, o: impl FnOnce(&mut OAuth2Source)) -> McpCredentialSpec
         audience: None,
         extra_params: Default::default(),
         quirks: None,
+        sign_in: None,
     };
     o(&mut source);
     test_support::spec(CredentialSource {
