@@ -17,6 +17,8 @@ pub mod admin;
 pub mod config;
 pub mod credential;
 pub mod error;
+/// `login`: signing a person in for a standalone `authorizationCode` credential.
+pub mod login;
 pub mod metrics;
 pub mod proxy;
 pub mod report;

@@ -28,6 +28,8 @@ pub struct Slot {
     pub current: Option<Arc<Credential>>,
     /// Why the last load failed (never contains credential material).
     pub last_failure: Option<Arc<str>>,
+    /// The credential needs a person to sign in: the command to run (standalone mode).
+    pub sign_in: Option<Arc<str>>,
 }
 
 /// An upstream rejected a credential: the source should renew it now.
@@ -106,6 +108,7 @@ impl Store {
                 && old.expires_at == credential.expires_at
             {
                 slot.last_failure = None;
+                slot.sign_in = None;
                 return;
             }
             tracing::info!(
@@ -116,6 +119,7 @@ impl Store {
             );
             slot.current = Some(Arc::new(credential));
             slot.last_failure = None;
+            slot.sign_in = None;
         }
         self.generation.send_modify(|g| *g += 1);
     }
@@ -133,6 +137,14 @@ impl Store {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// Records that `name` waits for a person to sign in (`why` names `command`, the command to run).
+    pub fn needs_sign_in(&self, name: &str, why: impl Into<String>, command: Option<String>) {
+        self.fail(name, why);
+        if let Some(slot) = self.slots.write().expect("store lock").get_mut(name) {
+            slot.sign_in = Some(command.unwrap_or_default().into());
+        }
+    }
+
     /// Forgets the credential of `name` (its Secret or directory was deleted). A required name
     /// stays listed, with no credential.
     pub fn remove(&self, name: &str, why: &str) {
@@ -143,6 +155,7 @@ impl Store {
                 Slot {
                     current: None,
                     last_failure: Some(why.into()),
+                    sign_in: None,
                 },
             );
         } else {

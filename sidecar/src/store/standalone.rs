@@ -15,7 +15,7 @@ use std::{
 
 use kube::ResourceExt;
 use mcp_credentials_core::{
-    McpCredential, McpCredentialSpec, SecretKeyRef, SecretString,
+    McpCredential, McpCredentialSpec, OAuth2Grant, SecretKeyRef, SecretString,
     secret::CredentialData,
     source::{self, Issued, OutboundPolicy, ResolveError, SecretResolver, SourceContext, SourceError},
     timing,
@@ -88,7 +88,7 @@ pub async fn start(
     // One context for every credential: the discovery cache is shared.
     let sources =
         Arc::new(SourceContext::new(TOKEN_REQUEST_TIMEOUT, policy).map_err(StandaloneError::HttpClient)?);
-    let secrets = Arc::new(SecretFiles::new(secrets_dir.to_path_buf()));
+    let secrets = Arc::new(SecretFiles::new(secrets_dir.to_path_buf()).with_login(credentials_file));
     // One watch for every credential; each API key's task reads its file again on any change.
     let watch = dirwatch::DirWatch::new(secrets_dir);
     let mut tasks = tokio::task::JoinSet::new();
@@ -146,17 +146,25 @@ pub fn load(path: &Path) -> Result<Vec<McpCredential>, StandaloneError> {
 /// tokens cannot be had without a cluster: the trait's default says to use a stored subject token.
 /// A rotated refresh token that could not be written yet is kept here and read in place of its file,
 /// so the next refresh redeems the newest token whatever the disk did.
-struct SecretFiles {
+pub(crate) struct SecretFiles {
     dir: PathBuf,
     unsaved: Mutex<BTreeMap<PathBuf, SecretString>>,
+    /// The credentials file, for the sign-in command a credential's messages name.
+    credentials_file: Option<PathBuf>,
 }
 
 impl SecretFiles {
-    fn new(dir: PathBuf) -> Self {
+    pub(crate) fn new(dir: PathBuf) -> Self {
         SecretFiles {
             dir,
             unsaved: Mutex::default(),
+            credentials_file: None,
         }
+    }
+
+    fn with_login(mut self, credentials_file: &Path) -> Self {
+        self.credentials_file = Some(credentials_file.to_path_buf());
+        self
     }
 
     fn path(&self, r: &SecretKeyRef) -> PathBuf {
@@ -215,7 +223,7 @@ struct SaveError {
 /// Replaces `path` with `content`, readable by its owner only (0600), durably: a temporary file in
 /// the same directory, written and synced, renamed over `path`, then the directory synced, so a
 /// crash leaves the old file or the new one, never a torn or lost one.
-fn write_private_file(path: &Path, content: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private_file(path: &Path, content: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let file_name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.rotating"));
@@ -247,6 +255,11 @@ const SIGNING_KEY_DIR: &str = "jwt-signing-key";
 const DEFAULT_ISSUER: &str = "urn:mcp-credentials:standalone";
 
 impl SecretResolver for SecretFiles {
+    fn sign_in_command(&self, credential: &str) -> Option<String> {
+        let file = self.credentials_file.as_ref()?;
+        Some(crate::login::command(credential, file, &self.dir))
+    }
+
     async fn signing_key(
         &self,
         alg: mcp_credentials_core::JwtAlgorithm,
@@ -306,6 +319,8 @@ async fn keep_fresh(
     // An API key is one file: it is read again on every change to the secrets directory and on
     // every upstream rejection, with no rate limit (reading a small file costs nothing).
     let api_key = spec.source.api_key.is_some();
+    // A credential waiting for a sign-in starts the moment `login` writes its files.
+    let mut awaiting_sign_in;
     let mut failures = 0u32;
     let mut published: Option<(String, Option<SystemTime>)> = None;
     let mut version = 0u64;
@@ -324,8 +339,9 @@ async fn keep_fresh(
         let wait = match source::obtain(&name, &spec, &*secrets, &sources).await {
             Ok(issued) => {
                 failures = 0;
+                awaiting_sign_in = false;
                 // Kept in memory at once (the next refresh redeems it), on disk before it is used.
-                let unsaved = persist_rotated_refresh_token(&spec, &secrets, &issued)
+                let unsaved = persist_rotated_refresh_token(&name, &spec, &secrets, &issued)
                     .await
                     .err();
                 let (header, value) = source::header(&spec, &issued);
@@ -350,9 +366,15 @@ async fn keep_fresh(
             }
             Err(e) => {
                 failures += 1;
-                store.fail(&name, format!("{} ({})", e, e.category()));
+                awaiting_sign_in = matches!(e, SourceError::SignInRequired { .. });
+                if awaiting_sign_in {
+                    // The message is the one to act on: it names the command.
+                    store.needs_sign_in(&name, e.to_string(), secrets.sign_in_command(&name));
+                } else {
+                    store.fail(&name, format!("{} ({})", e, e.category()));
+                }
                 match e {
-                    SourceError::InvalidGrant(_) => TERMINAL_RECHECK,
+                    SourceError::InvalidGrant(_) | SourceError::SignInRequired { .. } => TERMINAL_RECHECK,
                     _ => timing::backoff(
                         failures,
                         SystemTime::now(),
@@ -373,7 +395,7 @@ async fn keep_fresh(
             };
             tokio::select! {
                 () = &mut deadline => break,
-                () = dirwatch::changed(&mut files), if api_key => break,
+                () = dirwatch::changed(&mut files), if api_key || awaiting_sign_in => break,
                 () = sleep_until(save_at) => {
                     match secrets.save().await {
                         Ok(()) if !secrets.has_unsaved() => {
@@ -511,17 +533,23 @@ fn secret_data(
 /// token is used. On an error the token is kept in memory (the next refresh redeems it) and written
 /// again every [`PERSIST_RETRY`].
 async fn persist_rotated_refresh_token(
+    name: &str,
     spec: &McpCredentialSpec,
     secrets: &SecretFiles,
     issued: &Issued,
 ) -> Result<(), SaveError> {
-    let (Some(token), Some(r)) = (
-        &issued.rotated_refresh_token,
-        spec.source.oauth2.as_ref().and_then(|o| o.refresh_token.as_ref()),
-    ) else {
+    let (Some(token), Some(o)) = (&issued.rotated_refresh_token, spec.source.oauth2.as_ref()) else {
         return Ok(());
     };
-    secrets.store(secrets.path(r), token.clone()).await
+    // A sign-in credential's refresh token is in its sign-in directory.
+    let r = match o.grant {
+        OAuth2Grant::AuthorizationCode => source::sign_in::refresh_token_ref(name, o),
+        _ => match &o.refresh_token {
+            Some(r) => r.clone(),
+            None => return Ok(()),
+        },
+    };
+    secrets.store(secrets.path(&r), token.clone()).await
 }
 
 /// The credential's last failure while a rotated refresh token is not on disk.
