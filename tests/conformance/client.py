@@ -85,7 +85,13 @@ def credential(scenario: str, ctx: dict, url: str, secrets: Path) -> tuple[dict,
         return {"upstream": url, "source": {"tokenExchange": exchange}}, False
     # Every other scenario is a person signing in with nothing but the server's URL, or with the
     # client the authorization server's operator registered for them (auth/pre-registration).
-    oauth2 = {"grant": "authorizationCode"}
+    # The Client ID Metadata Document URL the suite's reference client uses: its authorization
+    # servers accept it without fetching it; the sign-in uses it only where the server advertises
+    # client_id_metadata_document_supported, and registers dynamically elsewhere.
+    oauth2 = {
+        "grant": "authorizationCode",
+        "signIn": {"clientMetadataUrl": "https://conformance-test.local/client-metadata.json"},
+    }
     if "client_id" in ctx:
         oauth2["clientId"] = ctx["client_id"]
         if "client_secret" in ctx:
