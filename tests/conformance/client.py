@@ -40,7 +40,7 @@ READY_WAIT_SECONDS = 20
 
 
 def log(*parts: object) -> None:
-    print("client.py:", *parts, file=sys.stderr, flush=True)
+    print(time.strftime("%H:%M:%S"), "client.py:", *parts, file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
@@ -133,6 +133,7 @@ async def use(url: str) -> None:
 
 
 def main() -> int:
+    log("started")
     server_url = sys.argv[-1]
     scenario = os.environ.get("MCP_CONFORMANCE_SCENARIO", "")
     ctx = json.loads(os.environ.get("MCP_CONFORMANCE_CONTEXT") or "{}")
