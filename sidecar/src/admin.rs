@@ -105,9 +105,17 @@ pub fn status_lines(store: &Store, now: Timestamp) -> Vec<StatusLine> {
             StatusLine {
                 name,
                 state,
-                expires_at: slot.current.as_ref().and_then(|c| c.expires_at).map(|t| t.to_string()),
+                expires_at: slot
+                    .current
+                    .as_ref()
+                    .and_then(|c| c.expires_at)
+                    .map(|t| t.to_string()),
                 last_failure: slot.last_failure.as_deref().map(str::to_owned),
-                sign_in: slot.sign_in.as_deref().filter(|c| !c.is_empty()).map(str::to_owned),
+                sign_in: slot
+                    .sign_in
+                    .as_deref()
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_owned),
             }
         })
         .collect()

@@ -9,11 +9,9 @@ use std::{
 };
 
 use kube::ResourceExt;
-use mcp_credentials_core::{
-    source::{
-        OutboundPolicy, SecretResolver, SourceContext,
-        sign_in::{self, Options, Prompt, Registrations, SignInError, SignedIn},
-    },
+use mcp_credentials_core::source::{
+    OutboundPolicy, SecretResolver, SourceContext,
+    sign_in::{self, Options, Prompt, Registrations, SignInError, SignedIn},
 };
 
 use crate::store::standalone::{self, write_private_file};
@@ -149,7 +147,11 @@ pub async fn run(args: &Args, policy: OutboundPolicy) -> Result<SignedIn, LoginE
         .ok_or_else(|| LoginError::NoSuchCredential {
             file: args.credentials_file.display().to_string(),
             name: args.credential.clone(),
-            names: credentials.iter().map(ResourceExt::name_any).collect::<Vec<_>>().join(", "),
+            names: credentials
+                .iter()
+                .map(ResourceExt::name_any)
+                .collect::<Vec<_>>()
+                .join(", "),
         })?;
     let o = credential
         .spec
@@ -264,12 +266,28 @@ mod tests {
 
     #[test]
     fn the_command_line_takes_three_names_and_the_options_anywhere() {
-        let a = Args::parse(&args(&["notion", "c.yaml", "s", "--device", "--browser-command", "curl -L"])).unwrap();
+        let a = Args::parse(&args(&[
+            "notion",
+            "c.yaml",
+            "s",
+            "--device",
+            "--browser-command",
+            "curl -L",
+        ]))
+        .unwrap();
         assert_eq!(a.credential, "notion");
         assert!(a.device);
         assert_eq!(a.browser_command.as_deref(), Some("curl -L"));
-        assert!(Args::parse(&args(&["notion", "c.yaml"])).unwrap_err().starts_with("usage:"));
-        assert!(Args::parse(&args(&["a", "b", "c", "--nope"])).unwrap_err().contains("--nope"));
+        assert!(
+            Args::parse(&args(&["notion", "c.yaml"]))
+                .unwrap_err()
+                .starts_with("usage:")
+        );
+        assert!(
+            Args::parse(&args(&["a", "b", "c", "--nope"]))
+                .unwrap_err()
+                .contains("--nope")
+        );
         assert!(Args::parse(&args(&["a", "b", "c", "--browser-command"])).is_err());
     }
 }

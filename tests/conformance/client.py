@@ -19,6 +19,7 @@ suite keeps in its results directory.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -33,10 +34,10 @@ from mcp.client.streamable_http import streamable_http_client
 
 HERE = Path(__file__).resolve().parent
 NAME = "conformance"
-# How long the sidecar may take to hold a credential, and each MCP call to answer. The suite kills
-# the client after its own --timeout (tests/conformance/run sets it); these only keep a stuck
-# sidecar from outliving the suite's timeout.
-READY_WAIT_SECONDS = 20
+# How long the client waits for the sidecar to start, for `login`, for the credential, and for the
+# MCP calls: together under the suite's --timeout (90 s, tests/conformance/run), so the client
+# always stops its sidecar itself.
+READY_WAIT_SECONDS = 25
 
 
 def log(*parts: object) -> None:
@@ -121,6 +122,11 @@ def wait_for(url: str, want: int, sidecar: subprocess.Popen, seconds: float) -> 
 
 
 async def use(url: str) -> None:
+    with anyio.fail_after(READY_WAIT_SECONDS):
+        await calls(url)
+
+
+async def calls(url: str) -> None:
     async with streamable_http_client(url) as streams:
         async with ClientSession(streams[0], streams[1]) as session:
             await session.initialize()
@@ -134,6 +140,8 @@ async def use(url: str) -> None:
 
 def main() -> int:
     log("started")
+    # The suite ends a client that runs past its timeout with SIGTERM: stop the sidecar then too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     server_url = sys.argv[-1]
     scenario = os.environ.get("MCP_CONFORMANCE_SCENARIO", "")
     ctx = json.loads(os.environ.get("MCP_CONFORMANCE_CONTEXT") or "{}")
