@@ -126,7 +126,11 @@ pub async fn obtain(
             ));
             form.push((
                 "client_assertion",
-                client_assertion(&o.client_id, token_url, &pem)?,
+                client_assertion(
+                    &o.client_id,
+                    endpoint.issuer.as_deref().unwrap_or(token_url),
+                    &pem,
+                )?,
             ));
         }
         ClientAuth::None => form.push(("client_id", o.client_id.clone())),
@@ -367,13 +371,15 @@ pub(crate) async fn read_body(
     }
 }
 
-/// An RFC 7523 client assertion signed with `pem` (RSA: RS256, EC P-256: ES256).
-fn client_assertion(client_id: &str, token_url: &str, pem: &SecretString) -> Result<String, SourceError> {
+/// An RFC 7523 client assertion signed with `pem` (RSA: RS256, EC P-256: ES256), for `audience`:
+/// the authorization server's issuer when it was discovered (RFC 7523bis, and what the MCP
+/// conformance suite checks), else the configured token URL, since the issuer is not known then.
+fn client_assertion(client_id: &str, audience: &str, pem: &SecretString) -> Result<String, SourceError> {
     let now = timing::unix_seconds(SystemTime::now());
     let claims = serde_json::json!({
         "iss": client_id,
         "sub": client_id,
-        "aud": token_url,
+        "aud": audience,
         "iat": now,
         "exp": now + ASSERTION_TTL.as_secs(),
         "jti": super::jwt::jti(),

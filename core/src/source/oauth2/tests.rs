@@ -130,11 +130,72 @@ async fn private_key_jwt_sends_a_signed_assertion_for_the_token_endpoint() {
         .unwrap();
     assert!(String::from_utf8(header).unwrap().contains("ES256"));
     let claims = crate::source::token_response::jwt_claims(&assertion).unwrap();
-    assert!(claims.aud[0].ends_with("/token"));
+    // A configured token URL: the issuer is not known, the token URL is the audience.
+    let host = seen[0]
+        .head
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .unwrap();
+    let token_url = format!("http://{host}/token");
+    assert_eq!(claims.aud, [token_url]);
     assert_eq!(
         seen[0].param("client_assertion_type").as_deref(),
         Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
     );
+}
+
+#[tokio::test]
+async fn a_discovered_authorization_servers_assertion_is_for_its_issuer() {
+    // RFC 7523bis: the audience is the issuer, not its token endpoint (they differ here).
+    let base_cell: std::sync::Arc<std::sync::Mutex<String>> = Default::default();
+    let cell = base_cell.clone();
+    let (base, seen) = test_support::routed(move |req: &Seen| {
+        let base = cell.lock().unwrap().clone();
+        match req.path() {
+            "/mcp" => Answer::With(
+                401,
+                vec![(
+                    "www-authenticate".into(),
+                    format!(r#"Bearer resource_metadata="{base}/.well-known/oauth-protected-resource/mcp""#),
+                )],
+                "{}".into(),
+            ),
+            "/.well-known/oauth-protected-resource/mcp" => Answer::Json(
+                200,
+                format!(r#"{{"resource":"{base}/mcp","authorization_servers":["{base}/tenant"]}}"#),
+            ),
+            "/.well-known/oauth-authorization-server/tenant" => Answer::Json(
+                200,
+                format!(r#"{{"issuer":"{base}/tenant","token_endpoint":"{base}/tenant/oauth/token"}}"#),
+            ),
+            "/tenant/oauth/token" => ok_token(),
+            _ => Answer::Raw(404, "text/plain", "not found".into()),
+        }
+    })
+    .await;
+    *base_cell.lock().unwrap() = base.clone();
+    let mut spec = spec("unused", |o| {
+        o.token_url = None;
+        o.client_secret = None;
+        o.private_key = Some(SecretKeyRef {
+            name: "idp".into(),
+            key: "key.pem".into(),
+        });
+    });
+    spec.upstream = format!("{base}/mcp");
+    crate::source::obtain("test", &spec, &secrets(), &context())
+        .await
+        .unwrap();
+    let token_request = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|s| s.path() == "/tenant/oauth/token")
+        .cloned()
+        .unwrap();
+    let assertion = token_request.param("client_assertion").unwrap();
+    let claims = crate::source::token_response::jwt_claims(&assertion).unwrap();
+    assert_eq!(claims.aud, [format!("{base}/tenant")]);
 }
 
 #[tokio::test]
