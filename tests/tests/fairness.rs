@@ -186,11 +186,9 @@ spec:
     // the queue chooses, so a given one may be in the last wave.
     let failed = wait_for("a slow credential's failure", || async {
         let list = slow.list(&Default::default()).await.ok()?;
-        list.items.into_iter().find_map(|c| {
-            c.status?
-                .last_failure_message
-                .filter(|m| m.contains("not tried"))
-        })
+        list.items
+            .into_iter()
+            .find_map(|c| c.status?.last_failure_message.filter(|m| m.contains("not tried")))
     })
     .await;
     assert!(failed.contains("997 not tried"), "{failed}");

@@ -2,6 +2,7 @@
 # of the credential named by $1 from $MCP_<NAME>_URL (set by the injected sidecar's webhook), opens
 # a Streamable HTTP session and calls the `sum` tool once a second, printing one line per call:
 # `agent: call <n> ok` or `agent: call <n> failed: <why>` (a failed call opens a new session).
+# No wget -T: busybox-static 1.35 (Debian 12) wget segfaults with it.
 bb=/bin/busybox
 var=$1
 eval "url=\${$var:-}"
@@ -20,11 +21,11 @@ session=""
 # POSTs a JSON-RPC message; prints the server's headers (wget -S) and body.
 post() {
     if [ -n "$session" ]; then
-        $bb wget -q -S -O - -T 30 --header "Content-Type: application/json" \
+        $bb wget -q -S -O - --header "Content-Type: application/json" \
             --header "Accept: application/json, text/event-stream" \
             --header "Mcp-Session-Id: $session" --post-data "$1" "$url" 2>&1
     else
-        $bb wget -q -S -O - -T 30 --header "Content-Type: application/json" \
+        $bb wget -q -S -O - --header "Content-Type: application/json" \
             --header "Accept: application/json, text/event-stream" --post-data "$1" "$url" 2>&1
     fi
 }
