@@ -19,7 +19,7 @@ use std::{
     process::Command,
 };
 
-use e2e_support::{CLIENT_SECRET, McpServer, OAuth, run_dir};
+use e2e_support::{CLIENT_SECRET, McpServer, OAuth, credential_yaml, run_dir};
 use mcp_credentials_e2e::{ControlPlane, control_plane, repo_root};
 use operator_support::wait_for;
 
@@ -291,24 +291,10 @@ async fn the_chart_runs_real_pods_and_no_agent_call_fails() {
             &format!("--from-literal=secret={CLIENT_SECRET}"),
         ],
     );
+    // The scenario's client-credentials credential, usable by the agent's service account.
     let credential = format!(
-        r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: sum }}
-spec:
-  upstream: {upstream}
-  refresh: {{ renewBeforePercentage: 50 }}
-  source:
-    oauth2:
-      grant: clientCredentials
-      tokenUrl: {token_url}
-      clientId: cc-basic
-      clientSecret: {{ name: idp, key: secret }}
-  access:
-    serviceAccounts: [agent]
-"#,
-        upstream = mcp.url,
-        token_url = oauth.token_url(),
+        "{}  access:\n    serviceAccounts: [agent]\n",
+        credential_yaml("sum", &mcp.url, &oauth.token_url(), 50)
     );
     let out = cp.apply(AGENTS, &credential);
     assert!(out.success, "applying the McpCredential failed: {}", out.stderr);
