@@ -1,28 +1,26 @@
-# syntax=docker/dockerfile:1
-# Both images from one build: `docker build --target operator -t mcp-credentials/operator .` and
-# `docker build --target sidecar -t mcp-credentials/sidecar .`. Multi-stage: the toolchain stays in
-# the builder; the runtime is distroless (glibc, CA roots, no shell), non-root (uid 65532).
+# Both images from one Dockerfile, with no base image to pull: each is FROM scratch with one static
+# (musl) binary, the CA roots of the building host and a non-root user (uid 65532). The binaries are
+# built on the host first (a builder stage would need a registry's Rust image):
+#
+#   rustup target add x86_64-unknown-linux-musl      # once; Debian: apt-get install musl-tools
+#   cargo build --release --locked --target x86_64-unknown-linux-musl \
+#       -p mcp-credentials-operator -p mcp-credentials-sidecar
+#   cp /etc/ssl/certs/ca-certificates.crt target/ca-certificates.crt
+#   buildah bud --target operator -t mcp-credentials/operator:dev .   # or docker build / podman build
+#   buildah bud --target sidecar -t mcp-credentials/sidecar:dev .
+#
+# tests/images/build runs exactly these (and the e2e test's agent image). .dockerignore keeps the
+# context to the three files copied here.
 
-FROM rust:1.95-bookworm AS builder
-WORKDIR /src
-COPY Cargo.toml Cargo.lock rustfmt.toml clippy.toml ./
-COPY core core
-COPY operator operator
-COPY sidecar sidecar
-COPY tests tests
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p mcp-credentials-operator -p mcp-credentials-sidecar \
-    && mkdir -p /out \
-    && cp target/release/mcp-credentials-operator target/release/mcp-credentials-sidecar /out/
-
-FROM gcr.io/distroless/cc-debian12:nonroot AS operator
-COPY --from=builder /out/mcp-credentials-operator /usr/local/bin/mcp-credentials-operator
+FROM scratch AS operator
+COPY target/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+COPY target/x86_64-unknown-linux-musl/release/mcp-credentials-operator /usr/local/bin/mcp-credentials-operator
 USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/mcp-credentials-operator"]
 
-FROM gcr.io/distroless/cc-debian12:nonroot AS sidecar
-COPY --from=builder /out/mcp-credentials-sidecar /usr/local/bin/mcp-credentials-sidecar
+FROM scratch AS sidecar
+COPY target/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+COPY target/x86_64-unknown-linux-musl/release/mcp-credentials-sidecar /usr/local/bin/mcp-credentials-sidecar
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/mcp-credentials-sidecar"]

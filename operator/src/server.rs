@@ -47,7 +47,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .await
         .with_context(|| format!("--listen {}: cannot listen there", config.listen))?;
     info!(listen = %config.listen, identity = %identity, namespace = ?config.namespace, "starting");
-    tokio::spawn(serve(listener, metrics.clone(), ready.clone()));
+    // With the webhook, a replica is ready only once its certificate is mounted: before that it
+    // closes every connection, and the webhook Service must not send the API server's calls there.
+    let webhook_cert = config.webhook_listen.and(config.webhook_cert_file.clone());
+    tokio::spawn(serve(listener, metrics.clone(), ready.clone(), webhook_cert));
     let lease_ns = config
         .lease_namespace
         .clone()
@@ -422,7 +425,12 @@ async fn kube_client(metrics: &metrics::Metrics) -> anyhow::Result<Client> {
         .build())
 }
 
-async fn serve(listener: tokio::net::TcpListener, metrics: metrics::Metrics, ready: Arc<AtomicBool>) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: metrics::Metrics,
+    ready: Arc<AtomicBool>,
+    webhook_cert: Option<std::path::PathBuf>,
+) {
     use axum::{Router, http::StatusCode, routing::get};
     let app = Router::new()
         .route("/metrics", get(move || std::future::ready(metrics.render())))
@@ -430,12 +438,17 @@ async fn serve(listener: tokio::net::TcpListener, metrics: metrics::Metrics, rea
         .route(
             "/readyz",
             get(move || {
-                let ok = ready.load(Ordering::Relaxed);
-                std::future::ready(if ok {
-                    (StatusCode::OK, "ok")
-                } else {
+                let answer = if !ready.load(Ordering::Relaxed) {
                     (StatusCode::SERVICE_UNAVAILABLE, "starting")
-                })
+                } else if webhook_cert.as_ref().is_some_and(|f| !f.exists()) {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "waiting for the webhook certificate",
+                    )
+                } else {
+                    (StatusCode::OK, "ok")
+                };
+                std::future::ready(answer)
             }),
         );
     serve_plain(listener, METRICS_LIMITS, app).await;

@@ -29,7 +29,12 @@
 //                            tokens issued before a restart still verify after it, as with a real IdP
 //   OAUTH_ISSUED_FILE        append every issued access and refresh token here, one per line, so a
 //                            test can check that none of them reaches a log
+//   OAUTH_HOST               listen on this address instead of 127.0.0.1 (the issuer names it)
+//   OAUTH_TLS_CERT, OAUTH_TLS_KEY   serve HTTPS with this certificate and key (PEM files); the
+//                            issuer is then https://<host>:<port> (for clients in pods, which
+//                            accept plain http only to loopback)
 import { createServer } from 'node:http';
+import { createServer as createTlsServer } from 'node:https';
 import { appendFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { createPrivateKey, generateKeyPairSync, randomUUID } from 'node:crypto';
 import { createLocalJWKSet, jwtVerify } from 'jose';
@@ -48,10 +53,16 @@ const trustedKeys = process.env.MCP_TEST_TRUSTED_JWKS
 
 // Listen first, so the issuer carries the real port when the port argument is 0.
 let callback = (req, res) => res.writeHead(503).end();
-const server = createServer((req, res) => callback(req, res));
-await new Promise((resolve) => server.listen(Number(process.argv[2] || 0), '127.0.0.1', resolve));
+const host = process.env.OAUTH_HOST || '127.0.0.1';
+const tls = process.env.OAUTH_TLS_CERT
+  ? { cert: readFileSync(process.env.OAUTH_TLS_CERT), key: readFileSync(process.env.OAUTH_TLS_KEY) }
+  : undefined;
+const server = tls
+  ? createTlsServer(tls, (req, res) => callback(req, res))
+  : createServer((req, res) => callback(req, res));
+await new Promise((resolve) => server.listen(Number(process.argv[2] || 0), host, resolve));
 const { port } = server.address();
-const issuer = `http://127.0.0.1:${port}`;
+const issuer = `${tls ? 'https' : 'http'}://${host}:${port}`;
 
 const keyFile = process.env.OAUTH_SIGNING_KEY_FILE;
 const issuedFile = process.env.OAUTH_ISSUED_FILE;

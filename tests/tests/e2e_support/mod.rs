@@ -77,26 +77,35 @@ fn unix_now() -> u64 {
 /// every token it issues is appended to `<dir>/issued-tokens` (not a log: the scan's list of needles).
 pub struct OAuth {
     child: Option<Child>,
-    /// Its port on 127.0.0.1 (fixed, so the issuer stays the same across restarts).
+    /// Its port (fixed, so the issuer stays the same across restarts).
     pub port: u16,
     ttl: u64,
     dir: PathBuf,
     /// Sign-in mode: login and consent pages, dynamic registration (tests/oauth-server/server.mjs).
     sign_in: bool,
+    /// The address it listens on: 127.0.0.1, or one that pods reach.
+    host: String,
+    /// HTTPS with this certificate and key (PEM files), for clients that refuse plain http.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl OAuth {
     /// Starts the server in sign-in mode (its own login and consent pages, dynamic registration).
     pub fn start_sign_in(dir: &Path, ttl: u64) -> Self {
-        Self::start_mode(dir, ttl, true)
+        Self::start_mode(dir, ttl, "127.0.0.1", None, true)
     }
 
     /// Starts the server issuing access tokens valid `ttl` seconds.
     pub fn start(dir: &Path, ttl: u64) -> Self {
-        Self::start_mode(dir, ttl, false)
+        Self::start_on(dir, ttl, "127.0.0.1", None)
     }
 
-    fn start_mode(dir: &Path, ttl: u64, sign_in: bool) -> Self {
+    /// Starts the server on `host` (port chosen there), over HTTPS with `tls` (certificate, key).
+    pub fn start_on(dir: &Path, ttl: u64, host: &str, tls: Option<(PathBuf, PathBuf)>) -> Self {
+        Self::start_mode(dir, ttl, host, tls, false)
+    }
+
+    fn start_mode(dir: &Path, ttl: u64, host: &str, tls: Option<(PathBuf, PathBuf)>, sign_in: bool) -> Self {
         static INSTALL: OnceLock<()> = OnceLock::new();
         INSTALL.get_or_init(|| {
             let ok = Command::new(repo_root().join("tests/oauth-server/install"))
@@ -105,12 +114,18 @@ impl OAuth {
                 .expect("run tests/oauth-server/install");
             assert!(ok.success(), "tests/oauth-server/install failed");
         });
+        let port = std::net::TcpListener::bind((host, 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("no free port on {host}: {e}"));
         let mut s = Self {
             child: None,
-            port: free_port(),
+            port,
             ttl,
             dir: dir.to_owned(),
             sign_in,
+            host: host.to_owned(),
+            tls,
         };
         s.resume();
         s
@@ -119,9 +134,14 @@ impl OAuth {
     /// Starts the process again (after [`OAuth::stop`]).
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "the OAuth server is running");
-        let mut child = Command::new("node")
+        let mut command = Command::new("node");
+        if let Some((cert, key)) = &self.tls {
+            command.env("OAUTH_TLS_CERT", cert).env("OAUTH_TLS_KEY", key);
+        }
+        let mut child = command
             .arg(repo_root().join("tests/oauth-server/server.mjs"))
             .args([self.port.to_string(), self.ttl.to_string()])
+            .env("OAUTH_HOST", &self.host)
             .env("OAUTH_SIGNING_KEY_FILE", self.dir.join("oauth-signing-key.pem"))
             .env("OAUTH_ISSUED_FILE", self.issued_file())
             .env("OAUTH_SIGN_IN", if self.sign_in { "1" } else { "0" })
@@ -158,7 +178,8 @@ impl OAuth {
 
     /// The issuer (and base URL).
     pub fn issuer(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{}", self.host, self.port)
     }
 
     /// The token endpoint.
@@ -239,6 +260,12 @@ struct Gate {
     issuer: String,
     audience: String,
     jwks_uri: String,
+    /// Fetches the JWKS (trusting the test CA when the OAuth server serves HTTPS).
+    http: reqwest::Client,
+    /// Revoke the next token presented (see [`McpServer::revoke_next_token`]).
+    revoke_next: std::sync::atomic::AtomicBool,
+    /// Tokens revoked: refused with 401 `invalid_token` whatever their expiry.
+    revoked: Mutex<HashSet<String>>,
     keys: Mutex<HashMap<String, RsaKey>>,
     log: Mutex<File>,
     accepted: AtomicU64,
@@ -251,7 +278,10 @@ const EXP_LEEWAY_SECONDS: u64 = 2;
 
 impl Gate {
     async fn fetch_keys(&self) -> Result<(), String> {
-        let jwks: serde_json::Value = reqwest::get(&self.jwks_uri)
+        let jwks: serde_json::Value = self
+            .http
+            .get(&self.jwks_uri)
+            .send()
             .await
             .and_then(reqwest::Response::error_for_status)
             .map_err(|e| format!("fetching the JWKS: {e}"))?
@@ -278,6 +308,12 @@ impl Gate {
         let Some(token) = authorization.and_then(|v| v.strip_prefix("Bearer ")) else {
             return Some("no bearer token");
         };
+        if self.revoke_next.swap(false, Ordering::Relaxed) {
+            self.revoked.lock().unwrap().insert(token.to_owned());
+        }
+        if self.revoked.lock().unwrap().contains(token) {
+            return Some("revoked");
+        }
         let parts: Vec<&str> = token.split('.').collect();
         let [header, payload, signature] = parts[..] else {
             return Some("not a JWT");
@@ -379,19 +415,41 @@ impl McpServer {
     /// Starts a server trusting `oauth`'s keys (fetched from its discovery document), logging
     /// rejections into the run folder.
     pub async fn start(oauth: &OAuth, dir: &Path) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/mcp", listener.local_addr().unwrap());
-        let discovery: serde_json::Value =
-            reqwest::get(format!("{}/.well-known/openid-configuration", oauth.issuer()))
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+        Self::start_on(oauth, dir, "127.0.0.1", None).await
+    }
+
+    /// Starts a server on `host`; with `tls` (certificate, key and the CA that signed both servers'
+    /// certificates, PEM files) over HTTPS, trusting that CA for the OAuth server's JWKS.
+    pub async fn start_on(
+        oauth: &OAuth,
+        dir: &Path,
+        host: &str,
+        tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind((host, 0)).await.unwrap();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}/mcp", listener.local_addr().unwrap());
+        let mut http = reqwest::Client::builder();
+        if let Some((_, _, ca)) = &tls {
+            let pem = std::fs::read(ca).unwrap();
+            http = http.add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+        }
+        let http = http.build().unwrap();
+        let discovery: serde_json::Value = http
+            .get(format!("{}/.well-known/openid-configuration", oauth.issuer()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         let gate = Arc::new(Gate {
             issuer: discovery["issuer"].as_str().unwrap().to_owned(),
             audience: url.clone(),
             jwks_uri: discovery["jwks_uri"].as_str().unwrap().to_owned(),
+            http,
+            revoke_next: std::sync::atomic::AtomicBool::new(false),
+            revoked: Mutex::default(),
             keys: Mutex::default(),
             log: Mutex::new(log_file(dir, "mcp-servers")),
             accepted: AtomicU64::new(0),
@@ -399,11 +457,11 @@ impl McpServer {
         });
         gate.fetch_keys().await.unwrap();
         let tools = Tools::default();
-        let service: StreamableHttpService<Tools, LocalSessionManager> = StreamableHttpService::new(
-            move || Ok(tools.clone()),
-            Default::default(),
-            StreamableHttpServerConfig::default(),
-        );
+        // The SDK refuses Host headers other than loopback's (DNS rebinding): allow this one.
+        let config =
+            StreamableHttpServerConfig::default().with_allowed_hosts(["localhost", "127.0.0.1", host]);
+        let service: StreamableHttpService<Tools, LocalSessionManager> =
+            StreamableHttpService::new(move || Ok(tools.clone()), Default::default(), config);
         // RFC 9728 metadata (outside the token check), for clients that discover and sign in.
         let metadata = serde_json::json!({
             "resource": url, "authorization_servers": [gate.issuer], "scopes_supported": ["read", "write"],
@@ -415,8 +473,19 @@ impl McpServer {
                 "/.well-known/oauth-protected-resource/mcp",
                 axum::routing::get(move || async move { axum::Json(metadata) }),
             );
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        match tls {
+            None => {
+                tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            }
+            Some((cert, key, _)) => serve_tls(listener, app, &cert, &key),
+        }
         Self { url, gate }
+    }
+
+    /// Makes the server revoke the next bearer token it is sent: that request and every later one
+    /// with the same token get 401 `invalid_token`, as after an administrator revoked it.
+    pub fn revoke_next_token(&self) {
+        self.gate.revoke_next.store(true, Ordering::Relaxed);
     }
 
     /// Requests it accepted and refused.
@@ -426,6 +495,43 @@ impl McpServer {
             self.gate.rejected.load(Ordering::Relaxed),
         )
     }
+}
+
+/// Serves `app` over HTTPS (HTTP/1.1 and HTTP/2) with the PEM certificate chain and key.
+fn serve_tls(listener: tokio::net::TcpListener, app: Router, cert: &Path, key: &Path) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            let app = app.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
 }
 
 /// The YAML of a client-credentials McpCredential `name` for `upstream`.
