@@ -206,6 +206,18 @@ async fn login(
          (kubectl mcpcred status -n {ns}).",
         signed_in.issuer
     );
+    if let Some(h) = &signed_in.held {
+        println!(
+            "The authorization server issued no refresh token: its access token is served until{}, then this \
+                 credential asks for a new sign-in.",
+            h.expires_at
+                .map(|e| format!(
+                    " shortly before it expires at {}",
+                    mcp_credentials_core::secret::rfc3339_seconds(e)
+                ))
+                .unwrap_or_else(|| " an hour from now".into())
+        );
+    }
     Ok(())
 }
 

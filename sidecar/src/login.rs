@@ -129,6 +129,18 @@ pub async fn main(args: &[String], policy: OutboundPolicy) -> ExitCode {
                 args.credential,
                 args.secrets_dir.display()
             );
+            if let Some(h) = &signed_in.held {
+                println!(
+                    "The authorization server issued no refresh token: its access token is served until{}, then this \
+                         credential asks for a new sign-in.",
+                    h.expires_at
+                        .map(|e| format!(
+                            " shortly before it expires at {}",
+                            mcp_credentials_core::secret::rfc3339_seconds(e)
+                        ))
+                        .unwrap_or_else(|| " an hour from now".into())
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

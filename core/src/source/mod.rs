@@ -450,6 +450,7 @@ pub fn referenced_secrets(name: &str, spec: &McpCredentialSpec) -> Vec<SecretKey
         if o.grant == crate::OAuth2Grant::AuthorizationCode {
             signed_in = vec![
                 sign_in::refresh_token_ref(name, o),
+                sign_in::access_token_ref(name, o),
                 sign_in::registration_ref(name, o),
             ];
         }

@@ -12,7 +12,7 @@ use super::{
 use super::{ResolveError, sign_in};
 use crate::{
     ClientAuth, McpCredentialSpec, OAuth2Grant, OAuth2Source, ProviderQuirks, SecretKeyRef, SecretString,
-    timing,
+    policy, timing,
 };
 
 /// The largest token response we read: far above any real one.
@@ -79,7 +79,10 @@ pub async fn obtain(
             (Some(r), Some(rt))
         }
         OAuth2Grant::AuthorizationCode => {
-            let (r, rt, client) = signed_in(name, o, endpoint.issuer.as_deref(), secrets).await?;
+            let (r, rt, client) = match signed_in(name, spec, o, endpoint.issuer.as_deref(), secrets).await? {
+                SignedIn::Refresh(r, rt, client) => (r, rt, client),
+                SignedIn::Held(issued) => return Ok(issued),
+            };
             form.push(("grant_type", "refresh_token".into()));
             form.push(("refresh_token", rt.expose().to_owned()));
             basic = client.authenticate(&mut form);
@@ -177,15 +180,27 @@ pub async fn obtain(
     issued(token, resource, o.quirks.as_ref(), current_refresh_token)
 }
 
-/// A sign-in credential's refresh token (its key and value) and the client to redeem it with:
-/// the registration kept for the discovered `issuer` (never one made with another server), or
-/// the pre-registered `oauth2.clientId`. Anything missing asks for a sign-in.
+/// What a sign-in left to obtain the credential with.
+enum SignedIn {
+    /// The refresh token (its key and value) and the client to redeem it with.
+    Refresh(SecretKeyRef, SecretString, sign_in::Client),
+    /// The access token of a sign-in that gave no refresh token, still before its renewal time.
+    Held(Issued),
+}
+
+/// A sign-in credential's refresh token and the client to redeem it with: the registration kept
+/// for the discovered `issuer` (never one made with another server), or the pre-registered
+/// `oauth2.clientId`; else the access token of a sign-in without a refresh token, until its
+/// renewal time (the one the operator and standalone mode schedule: [`policy::renewal`]), from
+/// which a new sign-in is asked for while the token is still served. Anything missing asks for a
+/// sign-in.
 async fn signed_in(
     name: &str,
+    spec: &McpCredentialSpec,
     o: &OAuth2Source,
     issuer: Option<&str>,
     secrets: &impl SecretResolver,
-) -> Result<(SecretKeyRef, SecretString, sign_in::Client), SourceError> {
+) -> Result<SignedIn, SourceError> {
     let need = |why: String| SourceError::SignInRequired {
         why,
         command: secrets.sign_in_command(name),
@@ -194,10 +209,7 @@ async fn signed_in(
     let rt = match secrets.get(&r).await {
         Ok(rt) if !rt.is_empty() => rt,
         Ok(_) | Err(ResolveError::NotFound { .. }) => {
-            return Err(need(format!(
-                "not signed in yet (no {:?} in secret {:?})",
-                r.key, r.name
-            )));
+            return held(name, spec, o, secrets).await.map_err(need);
         }
         Err(e) => return Err(e.into()),
     };
@@ -231,7 +243,53 @@ async fn signed_in(
             )));
         }
     };
-    Ok((r, rt, client))
+    Ok(SignedIn::Refresh(r, rt, client))
+}
+
+/// The access token a sign-in without a refresh token stored, while it is before its renewal
+/// time; else why a sign-in is needed.
+async fn held(
+    name: &str,
+    spec: &McpCredentialSpec,
+    o: &OAuth2Source,
+    secrets: &impl SecretResolver,
+) -> Result<SignedIn, String> {
+    let r = sign_in::access_token_ref(name, o);
+    let refresh = sign_in::refresh_token_ref(name, o);
+    let not_yet = || {
+        format!(
+            "not signed in yet (no {:?} in secret {:?})",
+            refresh.key, refresh.name
+        )
+    };
+    let text = match secrets.get(&r).await {
+        Ok(t) if !t.is_empty() => t,
+        Ok(_) | Err(ResolveError::NotFound { .. }) => return Err(not_yet()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let h = sign_in::HeldToken::parse(text.expose())?;
+    // The same key, so the same jitter, as the operator's and standalone mode's schedules.
+    let key = match secrets.namespace() {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_owned(),
+    };
+    let renewal = policy::renewal(spec, h.issued_at, h.expires_at, &key);
+    let now = SystemTime::now();
+    if renewal.is_some_and(|at| at <= now) || h.expires_at.is_some_and(|e| e <= now) {
+        let until = h
+            .expires_at
+            .map(|e| format!(" (it expires at {})", crate::secret::rfc3339_seconds(e)))
+            .unwrap_or_default();
+        return Err(format!(
+            "the authorization server issued no refresh token at sign-in, so the access token cannot be renewed{until}"
+        ));
+    }
+    Ok(SignedIn::Held(Issued {
+        token: h.token,
+        not_before: h.issued_at,
+        expires_at: h.expires_at,
+        rotated_refresh_token: None,
+    }))
 }
 
 /// Sends one token request (a form, with HTTP Basic client authentication when `basic` is set)

@@ -10,13 +10,19 @@
 //! and the token request, the RFC 9207 `iss` checked before the code is redeemed; the redirect to a
 //! one-shot listener on 127.0.0.1 (RFC 8252), or the RFC 8628 device grant.
 //!
-//! What a sign-in stores ([`SignedIn`]): the refresh token (key [`REFRESH_TOKEN_KEY`]) and the
+//! What a sign-in stores ([`SignedIn`]): the refresh token (key [`REFRESH_TOKEN_KEY`]), or, when
+//! the server issues none, the access token itself with its expiry (key [`ACCESS_TOKEN_KEY`],
+//! [`HeldToken`]: served until its renewal time, then a new sign-in is asked for), and the
 //! client registrations keyed by issuer (key [`REGISTRATION_KEY`], [`Registrations`]), in the
 //! credential's sign-in Secret ([`secret_name`]) or the standalone secrets directory. Every writer
 //! (`mcp-credentials-sidecar login`, `kubectl mcpcred login`) and reader (the `authorizationCode`
 //! refresh in [`super::oauth2`]) uses these types.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -38,6 +44,9 @@ use crate::{ClientAuth, McpCredentialSpec, OAuth2Grant, OAuth2Source, SecretKeyR
 
 /// The sign-in Secret's key holding the refresh token (rotated in place by the single writer).
 pub const REFRESH_TOKEN_KEY: &str = "refresh-token";
+/// The sign-in Secret's key holding the access token of a sign-in that gave no refresh token, with
+/// when it was issued and expires ([`HeldToken`], JSON); empty when there is a refresh token.
+pub const ACCESS_TOKEN_KEY: &str = "access-token";
 /// The sign-in Secret's key holding the client registrations, JSON keyed by issuer.
 pub const REGISTRATION_KEY: &str = "registration";
 /// The path of the loopback redirect URI.
@@ -74,6 +83,14 @@ pub fn refresh_token_ref(credential: &str, o: &OAuth2Source) -> SecretKeyRef {
     SecretKeyRef {
         name: secret_name(credential, o),
         key: REFRESH_TOKEN_KEY.into(),
+    }
+}
+
+/// Where the access token of a sign-in without a refresh token is.
+pub fn access_token_ref(credential: &str, o: &OAuth2Source) -> SecretKeyRef {
+    SecretKeyRef {
+        name: secret_name(credential, o),
+        key: ACCESS_TOKEN_KEY.into(),
     }
 }
 
@@ -188,13 +205,16 @@ impl Registrations {
     }
 }
 
-/// The result of a sign-in: what is stored, both keys at once.
+/// The result of a sign-in: what is stored, every key at once.
 #[derive(Debug, Clone)]
 pub struct SignedIn {
     /// The authorization server signed in with.
     pub issuer: String,
-    /// The refresh token.
-    pub refresh_token: SecretString,
+    /// The refresh token, when the server issued one.
+    pub refresh_token: Option<SecretString>,
+    /// The access token, kept when the server issued no refresh token (it cannot be renewed: a
+    /// person signs in again before it expires).
+    pub held: Option<HeldToken>,
     /// Every registration, this sign-in's included.
     pub registrations: Registrations,
     /// When the access token issued with it expires, if it said.
@@ -202,12 +222,71 @@ pub struct SignedIn {
 }
 
 impl SignedIn {
-    /// The sign-in Secret's data (key, value): what `login` writes, in one write.
-    pub fn data(&self) -> [(&'static str, SecretString); 2] {
+    /// The sign-in Secret's data (key, value): what `login` writes, in one write. Every key is
+    /// written, the unused one empty, so that what an earlier sign-in left is never used.
+    pub fn data(&self) -> [(&'static str, SecretString); 3] {
+        let empty = || SecretString::new(String::new());
         [
-            (REFRESH_TOKEN_KEY, self.refresh_token.clone()),
+            (
+                REFRESH_TOKEN_KEY,
+                self.refresh_token.clone().unwrap_or_else(empty),
+            ),
+            (
+                ACCESS_TOKEN_KEY,
+                self.held.as_ref().map(HeldToken::to_json).unwrap_or_else(empty),
+            ),
             (REGISTRATION_KEY, self.registrations.to_json()),
         ]
+    }
+}
+
+/// The access token of a sign-in that gave no refresh token, as stored under [`ACCESS_TOKEN_KEY`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldToken {
+    /// The access token.
+    pub token: SecretString,
+    /// When it was issued.
+    pub issued_at: SystemTime,
+    /// When it expires, if the server or the token said.
+    pub expires_at: Option<SystemTime>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HeldTokenJson {
+    access_token: String,
+    issued_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_at: Option<u64>,
+}
+
+impl HeldToken {
+    /// The JSON stored: `{"accessToken": ..., "issuedAt": <unix seconds>, "expiresAt": ...}`.
+    pub fn to_json(&self) -> SecretString {
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let json = HeldTokenJson {
+            access_token: self.token.expose().to_owned(),
+            issued_at: secs(self.issued_at),
+            expires_at: self.expires_at.map(secs),
+        };
+        SecretString::new(serde_json::to_string(&json).expect("a held token serializes"))
+    }
+
+    /// Reads what [`HeldToken::to_json`] wrote; the error names the key and never holds the token.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let j: HeldTokenJson = serde_json::from_str(text).map_err(|e| {
+            format!(
+                "the sign-in's {ACCESS_TOKEN_KEY:?} is not what a sign-in writes (line {}, column {}): sign in again",
+                e.line(),
+                e.column()
+            )
+        })?;
+        let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        Ok(HeldToken {
+            token: SecretString::new(j.access_token),
+            issued_at: at(j.issued_at),
+            expires_at: j.expires_at.map(at),
+        })
     }
 }
 
@@ -329,17 +408,6 @@ pub enum SignInError {
     /// Redeeming the code (or polling the device grant) failed.
     #[error("redeeming the authorization code failed: {0}. Nothing was stored; run the command again")]
     Token(#[source] SourceError),
-    /// The server issued no refresh token.
-    #[error(
-        "the authorization server issued no refresh token, so the credential could not be kept fresh without \
-         signing in again each time the access token expires{}: nothing was stored. Ask the server's operator to \
-         issue refresh tokens to this client",
-        if *.offline_access_listed { "" } else { " (it does not list the offline_access scope)" }
-    )]
-    NoRefreshToken {
-        /// Whether the server lists `offline_access`.
-        offline_access_listed: bool,
-    },
     /// The stored registrations are unreadable.
     #[error("{0}")]
     Stored(String),
@@ -514,16 +582,37 @@ pub async fn login(
         let tokens = redeem(ctx, &d, &client, &code, &pending, resource.as_deref()).await?;
         (reg, tokens)
     };
-    let refresh_token = tokens.refresh_token.ok_or(SignInError::NoRefreshToken {
-        offline_access_listed: d.server.scopes_supported.iter().any(|s| s == "offline_access"),
-    })?;
+    // No refresh token: keep the access token itself (checked like any issued token), served
+    // until its renewal time, when a person is asked to sign in again.
+    let held = match &tokens.refresh_token {
+        Some(_) => None,
+        None => {
+            let issued = oauth2::issued(
+                super::token_response::TokenResponse {
+                    access_token: tokens.access_token,
+                    expires_in: tokens.expires_in,
+                    refresh_token: None,
+                },
+                resource.as_deref(),
+                o.quirks.as_ref(),
+                None,
+            )
+            .map_err(SignInError::Token)?;
+            Some(HeldToken {
+                token: issued.token,
+                issued_at: issued.not_before,
+                expires_at: issued.expires_at,
+            })
+        }
+    };
     let mut registration = registration;
     registration.scope = tokens.scope.or(scope);
     registration.signed_in_at = Some(jiff::Timestamp::now().to_string());
     registrations.0.insert(d.issuer.clone(), registration);
     Ok(SignedIn {
         issuer: d.issuer,
-        refresh_token,
+        refresh_token: tokens.refresh_token,
+        held,
         registrations,
         expires_in: tokens.expires_in,
     })
@@ -1022,6 +1111,7 @@ fn url_decode(s: &str) -> String {
 
 /// What a token answer at sign-in gave.
 pub(crate) struct Tokens {
+    access_token: SecretString,
     refresh_token: Option<SecretString>,
     scope: Option<String>,
     expires_in: Option<Duration>,
@@ -1048,6 +1138,7 @@ async fn token_request(
         .ok()
         .and_then(|j| j.get("scope").and_then(Value::as_str).map(safe));
     Ok(Tokens {
+        access_token: parsed.access_token,
         refresh_token: refresh_token_in(status, &bytes),
         scope,
         expires_in: parsed.expires_in,

@@ -41,6 +41,8 @@ struct World {
     pending: Arc<Mutex<u32>>,
     /// Refresh tokens issued so far (each refresh rotates).
     issued: Arc<Mutex<u32>>,
+    /// The token answers carry no refresh token, and say `expires_in` this.
+    no_refresh_token: Option<u64>,
 }
 
 impl Default for World {
@@ -61,6 +63,7 @@ impl Default for World {
             no_metadata: false,
             pending: Arc::default(),
             issued: Arc::default(),
+            no_refresh_token: None,
         }
     }
 }
@@ -169,6 +172,12 @@ async fn start(world: World) -> (String, Log) {
                 }
                 let mut n = w.issued.lock().unwrap();
                 *n += 1;
+                if let Some(ttl) = w.no_refresh_token {
+                    return Answer::Json(
+                        200,
+                        format!(r#"{{"access_token":"at-{n}","token_type":"Bearer","expires_in":{ttl}}}"#),
+                    );
+                }
                 Answer::Json(
                     200,
                     format!(
@@ -245,7 +254,7 @@ async fn a_sign_in_with_only_the_upstream_registers_and_redeems_the_code_with_pk
     let signed_in = r.unwrap();
     let issuer = format!("{base}/as");
     assert_eq!(signed_in.issuer, issuer);
-    assert_eq!(signed_in.refresh_token.expose(), "rt-1");
+    assert_eq!(signed_in.refresh_token.unwrap().expose(), "rt-1");
     let reg = &signed_in.registrations.0[&issuer];
     assert_eq!(reg.client_id, "dyn-1");
     assert_eq!(reg.method, RegistrationMethod::Dynamic);
@@ -589,7 +598,7 @@ async fn the_device_grant_polls_until_the_person_approves() {
     )
     .await
     .unwrap();
-    assert_eq!(s.refresh_token.expose(), "rt-1");
+    assert_eq!(s.refresh_token.as_ref().unwrap().expose(), "rt-1");
     match shown.lock().unwrap().clone().unwrap() {
         Prompt::Device { user_code, .. } => assert_eq!(user_code, "ABCD-EFGH"),
         p => panic!("{p:?}"),
@@ -710,11 +719,12 @@ async fn a_signed_in_credential_refreshes_rotates_and_asks_for_a_new_sign_in_on_
     let s = login(&context(), &spec, None, None, &Options::default(), browser)
         .await
         .unwrap();
-    let [(k1, rt), (k2, reg)] = s.data();
-    let secrets =
-        MapResolver::default()
-            .with("c-sign-in", k1, rt.expose())
-            .with("c-sign-in", k2, reg.expose());
+    let [(k1, rt), (k2, at), (k3, reg)] = s.data();
+    assert!(at.is_empty(), "no access token is kept beside a refresh token");
+    let secrets = MapResolver::default()
+        .with("c-sign-in", k1, rt.expose())
+        .with("c-sign-in", k2, at.expose())
+        .with("c-sign-in", k3, reg.expose());
     let ctx = context();
     let i = obtain("c", &spec, &secrets, &ctx).await.unwrap();
     assert_eq!(i.token.expose(), "at-2");
@@ -787,4 +797,79 @@ async fn a_registration_with_another_issuer_is_never_reused() {
     assert_eq!(e.reason(), "SignInRequired");
     assert!(e.to_string().contains("never reused with another server"), "{e}");
     assert!(requests(&log, "/as/token").is_empty());
+}
+
+/// A server that issues no refresh token (the conformance suite's, many hosted ones): the sign-in
+/// keeps the access token with its expiry, the credential serves it without any token request,
+/// and from its renewal time asks for a new sign-in (naming the command), with no token request
+/// either. What an earlier sign-in left (a refresh token) is overwritten with an empty value.
+#[tokio::test]
+async fn a_sign_in_without_a_refresh_token_serves_the_access_token_then_asks_for_a_new_sign_in() {
+    let world = World {
+        no_refresh_token: Some(3600),
+        ..World::default()
+    };
+    let (base, log) = start(world).await;
+    let spec = spec(&base, |_| {});
+    let s = login(&context(), &spec, None, None, &Options::default(), browser)
+        .await
+        .unwrap();
+    assert!(s.refresh_token.is_none());
+    let held = s.held.clone().expect("the access token is kept");
+    assert_eq!(held.token.expose(), "at-1");
+    let lifetime = held.expires_at.unwrap().duration_since(held.issued_at).unwrap();
+    assert_eq!(lifetime, Duration::from_secs(3600));
+    let data = s.data();
+    assert_eq!(
+        data.clone().map(|(k, _)| k),
+        [REFRESH_TOKEN_KEY, ACCESS_TOKEN_KEY, REGISTRATION_KEY]
+    );
+    assert!(
+        data[0].1.is_empty(),
+        "an empty refresh token replaces an earlier one"
+    );
+    assert!(!data[1].1.expose().contains("rt-"));
+    let store = |held: &HeldToken| {
+        MapResolver::default()
+            .with("c-sign-in", REFRESH_TOKEN_KEY, "")
+            .with("c-sign-in", ACCESS_TOKEN_KEY, held.to_json().expose())
+            .with("c-sign-in", REGISTRATION_KEY, data[2].1.expose())
+    };
+    let token_requests = || requests(&log, "/as/token").len();
+    assert_eq!(token_requests(), 1, "the code was redeemed once");
+
+    let i = obtain("c", &spec, &store(&held), &context()).await.unwrap();
+    assert_eq!(i.token.expose(), "at-1");
+    assert_eq!((i.not_before, i.expires_at), (held.issued_at, held.expires_at));
+    assert!(i.rotated_refresh_token.is_none());
+    assert_eq!(
+        token_requests(),
+        1,
+        "serving a held token asks nothing of the server"
+    );
+    assert_eq!(HeldToken::parse(held.to_json().expose()).unwrap(), held);
+
+    // An hour later the renewal time (2/3 of the lifetime) has passed: sign in again.
+    let old = HeldToken {
+        issued_at: held.issued_at - Duration::from_secs(3000),
+        expires_at: held.expires_at.map(|e| e - Duration::from_secs(3000)),
+        ..held.clone()
+    };
+    let e = obtain("c", &spec, &store(&old), &context()).await.unwrap_err();
+    assert_eq!(e.reason(), "SignInRequired");
+    let m = e.to_string();
+    assert!(
+        m.contains("issued no refresh token") && m.contains("expires at"),
+        "{m}"
+    );
+    assert!(!m.contains("at-1"), "{m}");
+    assert_eq!(token_requests(), 1, "no token request once a sign-in is needed");
+
+    // Unreadable: a sign-in is needed, and the message holds nothing of the value.
+    let bad = MapResolver::default().with("c-sign-in", ACCESS_TOKEN_KEY, "at-1 not json");
+    let m = obtain("c", &spec, &bad, &context())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(m.contains("sign in again") && !m.contains("at-1"), "{m}");
 }
