@@ -808,8 +808,12 @@ spec:
             if outcome.started { "ended" } else { "never started" },
             outcome.connections_reset
         ));
-        // The forced refresh completes, or the credential needs a new sign-in.
-        while start.elapsed() < at(93, round) {
+        // The forced refresh completes, or the credential needs a new sign-in: by the round's
+        // schedule, and at least 30 s after the fault ended (the operator's write-back and
+        // retries wait out their backoff; the next events start late then, which they allow).
+        let fault_over = Instant::now();
+        let refresh_deadline = (start + at(93, round)).max(fault_over + Duration::from_secs(30));
+        while Instant::now() < refresh_deadline {
             let c = creds.get("rotating").await.ok();
             if c.as_ref()
                 .and_then(|c| condition(c, "ReauthRequired"))
@@ -825,6 +829,10 @@ spec:
                 .is_some_and(|(s, _, _)| s == "True");
             if ready && s.as_ref().and_then(handled).as_deref() == Some(request.as_str()) {
                 outcome.refreshed = true;
+                log(&format!(
+                    "the forced refresh completed {:.1} s after the API fault ended",
+                    fault_over.elapsed().as_secs_f64()
+                ));
                 break;
             }
             operators
