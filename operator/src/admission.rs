@@ -178,6 +178,12 @@ fn labelled_secrets(spec: &McpCredentialSpec) -> Vec<(&'static str, &SecretKeyRe
                 .iter()
                 .map(|r| ("spec.source.tokenExchange.subject.secretKeyRef", r)),
         );
+        out.extend(
+            t.cross_app_access
+                .iter()
+                .filter_map(|x| x.client_secret.as_ref())
+                .map(|r| ("spec.source.tokenExchange.crossAppAccess.clientSecret", r)),
+        );
     }
     if let Some(g) = &s.github_app {
         out.push(("spec.source.githubApp.privateKey", &g.private_key));
