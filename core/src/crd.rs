@@ -344,6 +344,18 @@ pub enum ExchangeGrant {
 /// RFC 8693 token exchange or RFC 7523 JWT-bearer grant.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!has(self.crossAppAccess) || (has(self.grant) && self.grant == 'jwtBearer')"
+).message(
+    "tokenExchange.crossAppAccess needs grant: jwtBearer (the ID-JAG from the identity provider is redeemed with \
+     the JWT-bearer grant)"
+))]
+#[x_kube(validation = Rule::new(
+    "!has(self.crossAppAccess) || !has(self.tokenUrl) || has(self.crossAppAccess.audience)"
+).message(
+    "tokenExchange.crossAppAccess.audience is required when tokenExchange.tokenUrl is set: the issuer of the MCP \
+     server's authorization server (without tokenUrl it is discovered)"
+))]
 pub struct TokenExchangeSource {
     /// The grant. Default: `tokenExchange`.
     #[serde(default)]
@@ -386,6 +398,50 @@ pub struct TokenExchangeSource {
     /// Workarounds for identity providers that deviate from the specs. Default: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quirks: Option<ProviderQuirks>,
+
+    /// Cross-app access (MCP Enterprise-Managed Authorization; the IETF draft Identity Assertion
+    /// JWT Authorization Grant, ID-JAG), with `grant: jwtBearer`: on every renewal the subject
+    /// token (the person's ID token from the enterprise identity provider) is first exchanged at
+    /// the identity provider (RFC 8693, `requested_token_type`
+    /// `urn:ietf:params:oauth:token-type:id-jag`, with `audience` the MCP server's authorization
+    /// server and `resource`), and the ID-JAG it issues is the assertion of the JWT-bearer grant at
+    /// the MCP server's authorization server (which `clientId` and `clientSecret` authenticate to).
+    /// `scopes` are sent with both requests, `resource` with both (`quirks.omitResource` drops it
+    /// from the second only). Default: none (the subject token itself is the assertion).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_app_access: Option<CrossAppAccess>,
+}
+
+/// The identity provider's side of cross-app access: where the subject token is exchanged for an
+/// ID-JAG, and the client that asks.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.clientSecret) || has(self.clientId)").message(
+    "tokenExchange.crossAppAccess.clientId is required with tokenExchange.crossAppAccess.clientSecret"
+))]
+pub struct CrossAppAccess {
+    /// The identity provider's token endpoint (the `token_endpoint` of its OpenID Connect metadata),
+    /// for example `https://idp.example.com/oauth2/token`.
+    #[schemars(length(max = MAX_URL_LENGTH))]
+    #[x_kube(validation = https_url("tokenExchange.crossAppAccess.tokenUrl"))]
+    pub token_url: String,
+
+    /// This client's ID at the identity provider (the audience of the person's ID token; usually
+    /// not the client ID at the MCP server's authorization server). Default: none sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub client_id: Option<String>,
+
+    /// This client's secret at the identity provider, sent with HTTP Basic. Default: none (a public
+    /// client, identified by `clientId` in the form).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<SecretKeyRef>,
+
+    /// The ID-JAG's `audience`: the issuer of the MCP server's authorization server. Default: the
+    /// issuer discovery finds (required when `tokenExchange.tokenUrl` is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_URL_LENGTH))]
+    pub audience: Option<String>,
 }
 
 /// The subject token: exactly one of `serviceAccount` or `secretKeyRef`.
@@ -406,7 +462,8 @@ pub struct SubjectToken {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_key_ref: Option<SecretKeyRef>,
 
-    /// The `subject_token_type`. Default: `urn:ietf:params:oauth:token-type:jwt`.
+    /// The `subject_token_type`. Default: `urn:ietf:params:oauth:token-type:jwt`
+    /// (`urn:ietf:params:oauth:token-type:id_token` for a stored token with `crossAppAccess`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_type: Option<String>,
 }

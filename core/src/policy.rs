@@ -112,6 +112,8 @@ pub fn after_failure(
     match error {
         // A dead grant, or none yet: only a (new) sign-in or token changes anything.
         SourceError::InvalidGrant(_) | SourceError::SignInRequired { .. } => Next::AwaitNewInputs,
+        // The identity provider refused the stored subject token (cross-app access): the same.
+        SourceError::IdentityProvider(e) => after_failure(e, failed_attempts, now, expires_at, key),
         _ => Next::At(now + timing::backoff(failed_attempts.max(1), now, expires_at, key)),
     }
 }

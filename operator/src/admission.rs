@@ -178,6 +178,12 @@ fn labelled_secrets(spec: &McpCredentialSpec) -> Vec<(&'static str, &SecretKeyRe
                 .iter()
                 .map(|r| ("spec.source.tokenExchange.subject.secretKeyRef", r)),
         );
+        out.extend(
+            t.cross_app_access
+                .iter()
+                .filter_map(|x| x.client_secret.as_ref())
+                .map(|r| ("spec.source.tokenExchange.crossAppAccess.clientSecret", r)),
+        );
     }
     if let Some(g) = &s.github_app {
         out.push(("spec.source.githubApp.privateKey", &g.private_key));
@@ -553,7 +559,9 @@ mod tests {
                     "refreshToken": {"name": "c", "key": "k"}},
                 "apiKey": {"secretKeyRef": {"name": "d", "key": "k"}},
                 "tokenExchange": {"clientSecret": {"name": "e", "key": "k"},
-                    "subject": {"secretKeyRef": {"name": "f", "key": "k"}}},
+                    "subject": {"secretKeyRef": {"name": "f", "key": "k"}},
+                    "crossAppAccess": {"tokenUrl": "https://idp.example.com/token", "clientId": "i",
+                        "clientSecret": {"name": "l", "key": "k"}}},
                 "githubApp": {"appId": "1", "installationId": 1, "privateKey": {"name": "g", "key": "k"}},
                 "session": {"cookies": {"secretKeyRef": {"name": "h", "key": "k"}},
                     "formLogin": {"url": "https://x.example.com/login",

@@ -76,12 +76,18 @@ def credential(scenario: str, ctx: dict, url: str, secrets: Path) -> tuple[dict,
             "clientSecret": secret("client", "secret", ctx["client_secret"]),
         }
         return {"upstream": url, "source": {"oauth2": oauth2}}, False
-    if "idp_id_token" in ctx:  # auth/cross-app-access-complete-flow (see expected-failures.yaml)
+    if "idp_id_token" in ctx:  # auth/cross-app-access-complete-flow
+        # The person's ID token from the enterprise IdP, exchanged there for an ID-JAG, redeemed
+        # with the JWT-bearer grant at the MCP server's (discovered) authorization server.
         exchange = {
             "grant": "jwtBearer",
             "clientId": ctx["client_id"],
             "clientSecret": secret("client", "secret", ctx["client_secret"]),
             "subject": {"secretKeyRef": secret("idp", "id-token", ctx["idp_id_token"])},
+            "crossAppAccess": {
+                "tokenUrl": ctx["idp_token_endpoint"],
+                "clientId": ctx["idp_client_id"],
+            },
         }
         return {"upstream": url, "source": {"tokenExchange": exchange}}, False
     # Every other scenario is a person signing in with nothing but the server's URL, or with the

@@ -282,6 +282,68 @@ fn invalid_credentials_are_rejected_with_a_message_naming_the_fix() {
             "tokenExchange.subject must set exactly one of serviceAccount or secretKeyRef",
         ),
         (
+            "cross-app access with the token-exchange grant",
+            credential(
+                "xaa-token-exchange",
+                "
+                upstream: https://mcp.example.com/mcp
+                source:
+                  tokenExchange:
+                    subject: {secretKeyRef: {name: sso, key: id-token}}
+                    crossAppAccess: {tokenUrl: https://idp.example.com/token}
+                ",
+            ),
+            "tokenExchange.crossAppAccess needs grant: jwtBearer",
+        ),
+        (
+            "cross-app access with a configured token URL and no audience",
+            credential(
+                "xaa-no-audience",
+                "
+                upstream: https://mcp.example.com/mcp
+                source:
+                  tokenExchange:
+                    grant: jwtBearer
+                    tokenUrl: https://as.example.com/token
+                    subject: {secretKeyRef: {name: sso, key: id-token}}
+                    crossAppAccess: {tokenUrl: https://idp.example.com/token}
+                ",
+            ),
+            "tokenExchange.crossAppAccess.audience is required when tokenExchange.tokenUrl is set",
+        ),
+        (
+            "cross-app access with an IdP secret and no IdP client",
+            credential(
+                "xaa-secret-no-client",
+                "
+                upstream: https://mcp.example.com/mcp
+                source:
+                  tokenExchange:
+                    grant: jwtBearer
+                    subject: {secretKeyRef: {name: sso, key: id-token}}
+                    crossAppAccess:
+                      tokenUrl: https://idp.example.com/token
+                      clientSecret: {name: idp, key: secret}
+                ",
+            ),
+            "tokenExchange.crossAppAccess.clientId is required with tokenExchange.crossAppAccess.clientSecret",
+        ),
+        (
+            "cross-app access at a plain-http identity provider",
+            credential(
+                "xaa-http-idp",
+                "
+                upstream: https://mcp.example.com/mcp
+                source:
+                  tokenExchange:
+                    grant: jwtBearer
+                    subject: {secretKeyRef: {name: sso, key: id-token}}
+                    crossAppAccess: {tokenUrl: http://idp.example.com/token}
+                ",
+            ),
+            "tokenExchange.crossAppAccess.tokenUrl must be an absolute https:// URL",
+        ),
+        (
             "a minted JWT overriding aud",
             credential(
                 "jwt-reserved-claim",

@@ -2,7 +2,10 @@
 //! 2025-11-25 and later): the upstream's RFC 9728 protected resource metadata (the
 //! `resource_metadata` of its `WWW-Authenticate` challenge first, then the path-inserted
 //! well-known URI, then the root one), then its authorization server's RFC 8414 or OpenID Connect
-//! metadata in the spec's order, used only when its `issuer` is exactly the one asked for.
+//! metadata in the spec's order, used only when its `issuer` is exactly the one asked for. For
+//! sign-in credentials, the MCP 2025-03-26 fallbacks for a server without protected resource
+//! metadata: its authorization server metadata at its origin's root, used as it is (its issuer
+//! may have a path; it must be on the same origin), else the default endpoints.
 //!
 //! Every URL learned on the way goes through [`super::outbound`]'s checks and guarded client.
 //! Results are cached per upstream for [`CACHE_TTL`] and dropped when the token endpoint fails.
@@ -256,8 +259,9 @@ pub(crate) async fn discover(upstream: &str, clients: &Clients<'_>) -> Result<Di
 }
 
 /// MCP 2025-03-26, for a server without protected resource metadata: the upstream's origin is the
-/// authorization server; its RFC 8414 metadata at the root, else the default endpoints
-/// `/authorize`, `/token` and `/register` (only when the metadata is not there at all: HTTP 404).
+/// authorization server; its RFC 8414 metadata at the root (used as it is: see [`fallback_issuer`]),
+/// else the default endpoints `/authorize`, `/token` and `/register` (only when the metadata is not
+/// there at all: HTTP 404).
 async fn fallback_2025_03_26(
     up: &reqwest::Url,
     clients: &Clients<'_>,
@@ -269,12 +273,13 @@ async fn fallback_2025_03_26(
     let what = labelled("GET", &url);
     match log.within(what.clone(), get_json(clients.direct, &url)).await? {
         Ok(doc) => {
-            let issuer = doc.get("issuer").and_then(Value::as_str);
-            if issuer.map(|i| i.trim_end_matches('/')) != Some(origin.as_str()) {
-                log.fail(what, format!("its issuer is not {}", shorten(&origin)), false);
-                return None;
-            }
-            let issuer = issuer.unwrap_or_default().to_owned();
+            let issuer = match fallback_issuer(&doc, up) {
+                Ok(i) => i,
+                Err(why) => {
+                    log.fail(what, why, false);
+                    return None;
+                }
+            };
             match server_metadata(&doc, clients.policy) {
                 Ok((token_endpoint, server)) => Some(Discovered {
                     resource_metadata: "none (2025-03-26 fallback: metadata at the origin)".into(),
@@ -307,6 +312,30 @@ async fn fallback_2025_03_26(
             log.fail(what, why, transient);
             None
         }
+    }
+}
+
+/// The issuer of the metadata found at the upstream's origin in the 2025-03-26 fallback, used as
+/// the document says. RFC 8414 §3.3's check (the issuer is the one the URL was built from) does
+/// not apply: the URL came from the MCP server, not from an issuer, and 2025-03-26 servers often
+/// name an issuer with a path (`<origin>/oauth`) while serving the document at the root. What is
+/// required: an issuer, an absolute URL on the upstream's origin (the fallback's premise is that
+/// the MCP server's origin is its authorization server), without query or fragment.
+fn fallback_issuer(doc: &Value, up: &reqwest::Url) -> Result<String, String> {
+    let issuer = doc
+        .get("issuer")
+        .and_then(Value::as_str)
+        .ok_or("the document has no issuer")?;
+    match reqwest::Url::parse(issuer) {
+        Ok(u) if u.origin() == up.origin() && u.query().is_none() && u.fragment().is_none() => {
+            Ok(issuer.to_owned())
+        }
+        _ => Err(format!(
+            "its issuer {} is not a URL on the MCP server's origin {} (in the 2025-03-26 fallback \
+             the MCP server's origin is its authorization server)",
+            shorten(issuer),
+            shorten(&up.origin().ascii_serialization())
+        )),
     }
 }
 

@@ -36,7 +36,8 @@
 //!
 //! Sources implemented: `oauth2` (clientCredentials, refreshToken; client_secret_basic,
 //! client_secret_post, private_key_jwt, none), `tokenExchange` (RFC 8693 token exchange and the
-//! RFC 7523 JWT-bearer grant; the subject from a service account or a Secret), `apiKey`, `jwt`
+//! RFC 7523 JWT-bearer grant; the subject from a service account or a Secret; cross-app access:
+//! the subject exchanged for an ID-JAG at the identity provider first), `apiKey`, `jwt`
 //! (minted with [`SecretResolver::signing_key`]), `githubApp` and `session` (imported cookies, form
 //! login; its liveness check is [`session::check`]). Either token source discovers its token
 //! endpoint when none is configured.
@@ -306,6 +307,13 @@ pub enum SourceError {
         /// The deadline, in seconds.
         seconds: u64,
     },
+    /// Cross-app access: exchanging the subject token for an ID-JAG at the identity provider
+    /// failed; the cause is classified like any token request's failure.
+    #[error(
+        "exchanging the subject token for an ID-JAG at the identity provider (tokenExchange.crossAppAccess.tokenUrl) \
+         failed: {0}"
+    )]
+    IdentityProvider(Box<SourceError>),
     /// The issued token is a JWT whose `aud` is not the requested resource.
     #[error(
         "the issued token's audience {actual:?} does not include the requested resource {expected:?} (set quirks.acceptAudiences to allow it)"
@@ -334,6 +342,7 @@ impl SourceError {
     /// The metric label and status reason family: `transient_error`, `invalid_grant` or `config_error`.
     pub fn category(&self) -> &'static str {
         match self {
+            Self::IdentityProvider(e) => e.category(),
             Self::InvalidGrant(_) | Self::SignInRequired { .. } => "invalid_grant",
             Self::FetchToken { .. } | Self::BadResponse(_) | Self::RefreshTimedOut { .. } => {
                 "transient_error"
@@ -367,6 +376,7 @@ impl SourceError {
     /// A CamelCase reason for a status condition or an event.
     pub fn reason(&self) -> &'static str {
         match self {
+            Self::IdentityProvider(e) => e.reason(),
             Self::Unsupported(_) => "UnsupportedSource",
             Self::Config(_) => "InvalidConfiguration",
             Self::ResolveSecret(ResolveError::ServiceAccountToken { .. }) => "ServiceAccountTokenFailed",
@@ -392,6 +402,9 @@ impl SourceError {
 
     /// True when a token endpoint answered or was tried: the request counts as a token request.
     pub fn reached_token_endpoint(&self) -> bool {
+        if let Self::IdentityProvider(e) = self {
+            return e.reached_token_endpoint();
+        }
         matches!(
             self,
             Self::FetchToken { .. }
@@ -460,6 +473,7 @@ pub fn referenced_secrets(name: &str, spec: &McpCredentialSpec) -> Vec<SecretKey
     }
     if let Some(t) = &s.token_exchange {
         out.extend(t.client_secret.iter().chain(&t.subject.secret_key_ref));
+        out.extend(t.cross_app_access.iter().filter_map(|x| x.client_secret.as_ref()));
     }
     if let Some(g) = &s.github_app {
         out.push(&g.private_key);
@@ -477,7 +491,8 @@ pub fn referenced_secrets(name: &str, spec: &McpCredentialSpec) -> Vec<SecretKey
 }
 
 /// Obtains a credential for the McpCredential `name` from its source: at most one token request
-/// (plus discovery's metadata requests when no token URL is configured and none is cached).
+/// (two with `tokenExchange.crossAppAccess`: the identity provider's, then the authorization
+/// server's), plus discovery's metadata requests when no token URL is configured and none is cached.
 pub async fn obtain(
     name: &str,
     spec: &McpCredentialSpec,

@@ -4,6 +4,10 @@
 //! token in a Secret. The RFC 8707 `resource` is sent unless `quirks.omitResource`, and a JWT
 //! whose `aud` is neither the resource nor in `quirks.acceptAudiences` is refused, as for oauth2.
 //!
+//! With `crossAppAccess` (MCP Enterprise-Managed Authorization), the subject token is first
+//! exchanged at the identity provider for an ID-JAG ([`cross_app_access`]), which is then the
+//! JWT-bearer grant's assertion.
+//!
 //! The subject token's own lifetime bounds nothing: the issued token's expiry drives renewal, and
 //! every renewal requests a fresh subject token.
 
@@ -11,7 +15,10 @@ use super::{
     Issued, SecretResolver, SourceContext, SourceError,
     oauth2::{issued, post_token},
 };
-use crate::{ExchangeGrant, McpCredentialSpec, TokenExchangeSource};
+use crate::{ExchangeGrant, McpCredentialSpec, SecretString, TokenExchangeSource};
+
+/// Cross-app access: the ID-JAG from the identity provider.
+mod cross_app_access;
 
 /// `grant_type` of RFC 8693 token exchange.
 pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
@@ -36,35 +43,58 @@ pub fn resource<'a>(spec: &'a McpCredentialSpec, t: &'a TokenExchangeSource) -> 
     Some(t.resource.as_deref().unwrap_or(&spec.upstream))
 }
 
-/// One exchange for `t`. See [`super::obtain`].
+/// One exchange for `t` (two requests with `crossAppAccess`: the ID-JAG first). See
+/// [`super::obtain`].
 pub async fn obtain(
     spec: &McpCredentialSpec,
     t: &TokenExchangeSource,
     secrets: &impl SecretResolver,
     ctx: &SourceContext,
 ) -> Result<Issued, SourceError> {
+    if t.cross_app_access.is_some() && t.grant != ExchangeGrant::JwtBearer {
+        return Err(SourceError::Config(
+            "tokenExchange.crossAppAccess needs tokenExchange.grant: jwtBearer (the ID-JAG from the identity \
+             provider is redeemed with the JWT-bearer grant)"
+                .into(),
+        ));
+    }
     let endpoint = ctx.token_endpoint(spec, t.token_url.as_deref()).await?;
     let from_service_account = t.subject.service_account.is_some();
-    let subject = match (&t.subject.service_account, &t.subject.secret_key_ref) {
-        (Some(sa), None) => {
-            let ttl = sa.expiration_seconds.unwrap_or(DEFAULT_SUBJECT_TTL_SECONDS);
-            secrets.service_account_token(&sa.name, &sa.audience, ttl).await?
-        }
-        (None, Some(r)) => {
-            let token = secrets.get(r).await?;
-            if token.is_empty() {
-                return Err(SourceError::Config(format!(
-                    "tokenExchange: the subject token in key {:?} of secret {:?} is empty",
-                    r.key, r.name
-                )));
+    let subject = subject_token(t, secrets).await?;
+    let secret = match &t.client_secret {
+        Some(r) => {
+            if t.client_id.is_none() {
+                return Err(SourceError::Config(
+                    "tokenExchange.clientId is required with tokenExchange.clientSecret".into(),
+                ));
             }
-            token
+            Some(secrets.get(r).await?)
         }
-        _ => {
-            return Err(SourceError::Config(
-                "tokenExchange.subject must set exactly one of serviceAccount or secretKeyRef".into(),
-            ));
+        None => None,
+    };
+    // With cross-app access the assertion is a new ID-JAG, exchanged for the subject token.
+    let id_jag = match &t.cross_app_access {
+        Some(x) => {
+            let audience = x.audience.as_deref().or(endpoint.issuer.as_deref()).ok_or_else(|| {
+                SourceError::Config(
+                    "tokenExchange.crossAppAccess.audience is required when tokenExchange.tokenUrl is set: the \
+                     issuer of the MCP server's authorization server (without tokenUrl it is discovered)"
+                        .into(),
+                )
+            })?;
+            let resource = t.resource.as_deref().unwrap_or(&spec.upstream);
+            let jag = cross_app_access::id_jag(ctx, t, x, &subject, audience, resource, secrets)
+                .await
+                .map_err(|e| match e {
+                    SourceError::InvalidGrant(why) if from_service_account => {
+                        SourceError::IdentityProvider(Box::new(SourceError::SubjectRejected(why)))
+                    }
+                    e @ (SourceError::Config(_) | SourceError::ResolveSecret(_)) => e,
+                    e => SourceError::IdentityProvider(Box::new(e)),
+                })?;
+            Some(jag)
         }
+        None => None,
     };
 
     let mut form: Vec<(&str, String)> = Vec::new();
@@ -88,7 +118,8 @@ pub async fn obtain(
         }
         ExchangeGrant::JwtBearer => {
             form.push(("grant_type", JWT_BEARER_GRANT.into()));
-            form.push(("assertion", subject.expose().to_owned()));
+            let assertion = id_jag.as_ref().unwrap_or(&subject);
+            form.push(("assertion", assertion.expose().to_owned()));
         }
     }
     let resource = resource(spec, t);
@@ -101,36 +132,64 @@ pub async fn obtain(
     if !t.scopes.is_empty() {
         form.push(("scope", t.scopes.join(" ")));
     }
-    let secret = match &t.client_secret {
-        Some(r) => {
-            if t.client_id.is_none() {
-                return Err(SourceError::Config(
-                    "tokenExchange.clientId is required with tokenExchange.clientSecret".into(),
-                ));
-            }
-            Some(secrets.get(r).await?)
-        }
-        None => None,
-    };
-    let basic = match (&t.client_id, &secret) {
-        (Some(id), Some(secret)) => Some((id.as_str(), secret)),
-        (Some(id), None) => {
-            // A public client: identified, not authenticated; the subject token is the proof.
-            form.push(("client_id", id.clone()));
-            None
-        }
-        (None, _) => None,
-    };
+    let basic = client(&mut form, t.client_id.as_deref(), secret.as_ref());
 
     let token = match post_token(ctx, spec, &endpoint, &form, basic).await {
         // A service-account token is new on every attempt: its rejection is a trust problem
         // (issuer, audience) to report and retry with backoff, not a grant to re-authorize.
-        Err(SourceError::InvalidGrant(why)) if from_service_account => {
+        Err(SourceError::InvalidGrant(why)) if from_service_account && id_jag.is_none() => {
             return Err(SourceError::SubjectRejected(why));
+        }
+        // So is an ID-JAG: the identity provider has just issued it; the stored ID token is fine.
+        Err(SourceError::InvalidGrant(why)) if id_jag.is_some() => {
+            return Err(cross_app_access::rejected(why));
         }
         other => other?,
     };
     issued(token, resource, t.quirks.as_ref(), None)
+}
+
+/// The subject token: a new service-account token, or the one stored in the Secret.
+async fn subject_token(
+    t: &TokenExchangeSource,
+    secrets: &impl SecretResolver,
+) -> Result<SecretString, SourceError> {
+    match (&t.subject.service_account, &t.subject.secret_key_ref) {
+        (Some(sa), None) => {
+            let ttl = sa.expiration_seconds.unwrap_or(DEFAULT_SUBJECT_TTL_SECONDS);
+            Ok(secrets.service_account_token(&sa.name, &sa.audience, ttl).await?)
+        }
+        (None, Some(r)) => {
+            let token = secrets.get(r).await?;
+            if token.is_empty() {
+                return Err(SourceError::Config(format!(
+                    "tokenExchange: the subject token in key {:?} of secret {:?} is empty",
+                    r.key, r.name
+                )));
+            }
+            Ok(token)
+        }
+        _ => Err(SourceError::Config(
+            "tokenExchange.subject must set exactly one of serviceAccount or secretKeyRef".into(),
+        )),
+    }
+}
+
+/// Client identification for a token request: HTTP Basic with a secret (returned), else a public
+/// client's `client_id` in the form (identified, not authenticated: the token sent is the proof).
+fn client<'a>(
+    form: &mut Vec<(&str, String)>,
+    client_id: Option<&'a str>,
+    secret: Option<&'a SecretString>,
+) -> Option<(&'a str, &'a SecretString)> {
+    match (client_id, secret) {
+        (Some(id), Some(secret)) => Some((id, secret)),
+        (Some(id), None) => {
+            form.push(("client_id", id.to_owned()));
+            None
+        }
+        (None, _) => None,
+    }
 }
 
 #[cfg(test)]

@@ -162,7 +162,7 @@ pub fn jwt_claims(token: &str) -> Option<JwtClaims> {
 /// that looks like a token. Some servers echo the grant they rejected ("refresh token eyJ... is
 /// invalid"), and status, events and logs must never show one: every unbroken run of 16 or more
 /// token characters is replaced. Real error descriptions are words, so they survive.
-fn safe_text(s: &str) -> String {
+pub(crate) fn safe_text(s: &str) -> String {
     const TOKEN_RUN: usize = 16;
     let is_token_char = |c: char| c.is_ascii_alphanumeric() || "-._~+/=".contains(c);
     let printable: String = s.chars().filter(|c| !c.is_control()).collect();

@@ -505,3 +505,116 @@ async fn discovery_stops_when_its_time_budget_runs_out_and_says_so() {
         paths(&log)
     );
 }
+
+/// A sign-in credential's spec for `upstream` (the 2025-03-26 fallbacks apply to it).
+fn sign_in_spec(upstream: &str) -> McpCredentialSpec {
+    let mut s = spec(upstream);
+    s.source.oauth2.as_mut().unwrap().grant = OAuth2Grant::AuthorizationCode;
+    s
+}
+
+/// MCP 2025-03-26, no protected resource metadata: the server's root metadata names the issuer
+/// `<origin>/oauth` (what the conformance suite's auth/2025-03-26-oauth-metadata-backcompat
+/// serves).
+fn root_metadata_world(as_doc: &'static str) -> World {
+    World {
+        challenge: Some(r#"Bearer error="invalid_token""#),
+        prm_paths: vec![],
+        as_paths: vec!["/.well-known/oauth-authorization-server"],
+        as_doc,
+        ..World::default()
+    }
+}
+
+#[tokio::test]
+async fn the_2025_03_26_root_metadata_is_used_as_it_is_with_an_issuer_that_has_a_path() {
+    let world = root_metadata_world(
+        r#"{"issuer":"{base}/oauth","authorization_endpoint":"{base}/oauth/authorize",
+            "token_endpoint":"{base}/oauth/token","registration_endpoint":"{base}/oauth/register",
+            "code_challenge_methods_supported":["S256"]}"#,
+    );
+    let (base, log) = start(world).await;
+    let ctx = context();
+    let d = ctx
+        .discover(&sign_in_spec(&format!("{base}/mcp")), false)
+        .await
+        .unwrap();
+    assert_eq!(d.issuer, format!("{base}/oauth"));
+    assert_eq!(d.token_endpoint, format!("{base}/oauth/token"));
+    assert_eq!(
+        d.server.authorization_endpoint.as_deref(),
+        Some(format!("{base}/oauth/authorize").as_str())
+    );
+    assert_eq!(
+        d.server.registration_endpoint.as_deref(),
+        Some(format!("{base}/oauth/register").as_str())
+    );
+    assert!(!d.server.default_endpoints);
+    assert_eq!(
+        d.resource_metadata,
+        "none (2025-03-26 fallback: metadata at the origin)"
+    );
+    assert_eq!(
+        paths(&log),
+        [
+            "/mcp",
+            "/.well-known/oauth-protected-resource/mcp",
+            "/.well-known/oauth-protected-resource",
+            "/.well-known/oauth-authorization-server",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_2025_03_26_root_metadata_needs_an_issuer_on_the_servers_origin() {
+    for (doc, why) in [
+        (
+            r#"{"issuer":"https://evil.example.com/oauth","token_endpoint":"{base}/oauth/token"}"#,
+            "its issuer \"https://evil.example.com/oauth\" is not a URL on the MCP server's origin",
+        ),
+        (
+            r#"{"token_endpoint":"{base}/oauth/token"}"#,
+            "the document has no issuer",
+        ),
+    ] {
+        let (base, _) = start(root_metadata_world(doc)).await;
+        let e = context()
+            .discover(&sign_in_spec(&format!("{base}/mcp")), false)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why), "{e}");
+        assert!(!e.contains("default endpoints"), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn an_issuer_named_by_protected_resource_metadata_keeps_the_strict_issuer_check() {
+    // The same root document, but reached from the issuer the resource metadata names: RFC 8414
+    // §3.3 applies, even for a sign-in credential.
+    let world = World {
+        challenge: None,
+        prm_paths: vec!["/.well-known/oauth-protected-resource"],
+        prm: r#"{"resource":"{base}","authorization_servers":["{base}"]}"#,
+        as_paths: vec!["/.well-known/oauth-authorization-server"],
+        as_doc: r#"{"issuer":"{base}/oauth","token_endpoint":"{base}/oauth/token"}"#,
+        ..World::default()
+    };
+    let (base, log) = start(world).await;
+    let e = context()
+        .discover(&sign_in_spec(&format!("{base}/mcp")), false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!(
+            "GET {base}/.well-known/oauth-authorization-server: its issuer \"{base}/oauth\" is not \"{base}\""
+        )),
+        "{e}"
+    );
+    assert!(
+        !paths(&log).iter().any(|p| p.starts_with("/oauth")),
+        "{:?}",
+        paths(&log)
+    );
+}

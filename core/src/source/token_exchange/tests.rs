@@ -60,6 +60,7 @@ fn source(token_url: &str, t: impl FnOnce(&mut TokenExchangeSource)) -> McpCrede
         resource: None,
         requested_token_type: None,
         quirks: None,
+        cross_app_access: None,
     };
     t(&mut source);
     test_support::spec(CredentialSource {
@@ -296,4 +297,356 @@ async fn an_empty_stored_subject_or_a_secret_without_client_id_is_a_configuratio
     .await;
     assert!(r.unwrap_err().to_string().contains("clientId is required"));
     assert!(seen.is_empty());
+}
+
+/// The ID-JAG the test identity provider issues (opaque to the client: only forwarded).
+const ID_JAG: &str = "eyJ0eXAiOiJvYXV0aC1pZC1qYWcrand0In0.jag-payload.jag-signature";
+
+fn id_jag_answer() -> Answer {
+    Answer::Json(
+        200,
+        format!(
+            r#"{{"access_token":"{ID_JAG}","issued_token_type":"urn:ietf:params:oauth:token-type:id-jag","token_type":"N_A","expires_in":300}}"#
+        ),
+    )
+}
+
+/// An identity provider at `/idp/token` answering `idp`, and the MCP server's authorization
+/// server: its metadata (issuer `<base>/as`, for discovery) and `/as/token` answering `as_token`.
+/// The MCP server at `/mcp` answers 401 with its protected resource metadata.
+async fn enterprise(idp: Answer, as_token: Answer) -> (String, test_support::Log) {
+    test_support::routed(move |req: &Seen| {
+        let host = req
+            .head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("host:")
+                    .map(|h| h.trim().to_owned())
+            })
+            .unwrap_or_default();
+        let base = format!("http://{host}");
+        match req.path() {
+            "/idp/token" => idp.clone(),
+            "/as/token" => as_token.clone(),
+            "/mcp" => Answer::With(
+                401,
+                vec![(
+                    "www-authenticate".into(),
+                    format!(r#"Bearer resource_metadata="{base}/.well-known/oauth-protected-resource/mcp""#),
+                )],
+                r#"{"error":"invalid_token"}"#.into(),
+            ),
+            "/.well-known/oauth-protected-resource/mcp" => Answer::Json(
+                200,
+                format!(r#"{{"resource":"{base}/mcp","authorization_servers":["{base}/as"]}}"#),
+            ),
+            "/.well-known/oauth-authorization-server/as" => Answer::Json(
+                200,
+                format!(r#"{{"issuer":"{base}/as","token_endpoint":"{base}/as/token"}}"#),
+            ),
+            _ => Answer::Raw(404, "text/plain", "not found".into()),
+        }
+    })
+    .await
+}
+
+/// A cross-app access credential for `<base>/mcp`: the person's ID token stored, the client
+/// `exchanger` (secret `cs`) at the MCP server's authorization server, `idp-client` at the
+/// identity provider; the MCP token endpoint discovered.
+fn cross_app(base: &str, t: impl FnOnce(&mut TokenExchangeSource)) -> McpCredentialSpec {
+    let mut spec = source("unused", |t| {
+        t.grant = ExchangeGrant::JwtBearer;
+        stored_subject(t);
+        t.token_url = None;
+        t.audience = None;
+        t.scopes = vec!["mcp:read".into()];
+        t.client_secret = Some(SecretKeyRef {
+            name: "exchange-client".into(),
+            key: "secret".into(),
+        });
+        t.cross_app_access = Some(crate::CrossAppAccess {
+            token_url: format!("{base}/idp/token"),
+            client_id: Some("idp-client".into()),
+            client_secret: None,
+            audience: None,
+        });
+    });
+    spec.upstream = format!("{base}/mcp");
+    t(spec.source.token_exchange.as_mut().unwrap());
+    spec
+}
+
+async fn obtain_cross_app(
+    idp: Answer,
+    as_token: Answer,
+    resolver: &impl SecretResolver,
+    t: impl FnOnce(&mut TokenExchangeSource),
+) -> (Result<Issued, SourceError>, Vec<Seen>, String) {
+    let (base, seen) = enterprise(idp, as_token).await;
+    let r = crate::source::obtain("t", &cross_app(&base, t), resolver, &context()).await;
+    let seen = seen.lock().unwrap().clone();
+    (r, seen, base)
+}
+
+fn posted<'a>(seen: &'a [Seen], path: &str) -> Vec<&'a Seen> {
+    seen.iter().filter(|s| s.path() == path).collect()
+}
+
+#[tokio::test]
+async fn cross_app_access_exchanges_the_id_token_for_an_id_jag_at_the_idp_then_redeems_it() {
+    let (r, seen, base) = obtain_cross_app(id_jag_answer(), ok(), &cluster(), |_| {}).await;
+    let issued = r.unwrap();
+    assert_eq!(issued.token.expose(), "exchanged");
+
+    let idp = posted(&seen, "/idp/token");
+    assert_eq!(idp.len(), 1, "one exchange at the identity provider");
+    let mcp = format!("{base}/mcp");
+    let issuer = format!("{base}/as");
+    for (k, v) in [
+        ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+        ("requested_token_type", "urn:ietf:params:oauth:token-type:id-jag"),
+        ("subject_token", "stored-subject"),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:id_token"),
+        ("audience", issuer.as_str()),
+        ("resource", mcp.as_str()),
+        ("scope", "mcp:read"),
+        ("client_id", "idp-client"),
+    ] {
+        assert_eq!(idp[0].param(k).as_deref(), Some(v), "identity provider: {k}");
+    }
+    assert_eq!(idp[0].basic(), None, "a public client at the identity provider");
+
+    let at_as = posted(&seen, "/as/token");
+    assert_eq!(
+        at_as.len(),
+        1,
+        "one JWT-bearer grant at the MCP server's authorization server"
+    );
+    for (k, v) in [
+        ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+        ("assertion", ID_JAG),
+        ("resource", mcp.as_str()),
+        ("scope", "mcp:read"),
+    ] {
+        assert_eq!(at_as[0].param(k).as_deref(), Some(v), "authorization server: {k}");
+    }
+    assert_eq!(at_as[0].basic().as_deref(), Some("exchanger:cs"));
+    assert_eq!(at_as[0].param("subject_token"), None);
+    assert_eq!(at_as[0].param("client_id"), None, "Basic instead");
+    // The identity provider first, then the authorization server.
+    let order: Vec<&str> = seen
+        .iter()
+        .map(Seen::path)
+        .filter(|p| p.ends_with("/token"))
+        .collect();
+    assert_eq!(order, ["/idp/token", "/as/token"]);
+}
+
+#[tokio::test]
+async fn cross_app_access_sends_the_configured_idp_client_audience_subject_type_and_resource() {
+    let c = Cluster {
+        secrets: MapResolver::default()
+            .with("upstream-idp", "id-token", "stored-subject")
+            .with("exchange-client", "secret", "cs")
+            .with("idp-client", "secret", "idp-cs"),
+        ..Default::default()
+    };
+    let (r, seen, base) = obtain_cross_app(id_jag_answer(), ok(), &c, |t| {
+        let x = t.cross_app_access.as_mut().unwrap();
+        x.client_secret = Some(SecretKeyRef {
+            name: "idp-client".into(),
+            key: "secret".into(),
+        });
+        x.audience = Some("https://as.example.com".into());
+        t.subject.token_type = Some("urn:ietf:params:oauth:token-type:saml2".into());
+        t.resource = Some("https://mcp.example.com/other".into());
+    })
+    .await;
+    // The resource configured for the MCP server is not the test server's: the token is opaque,
+    // so no audience check refuses it.
+    r.unwrap();
+    let idp = posted(&seen, "/idp/token")[0];
+    assert_eq!(idp.basic().as_deref(), Some("idp-client:idp-cs"));
+    assert_eq!(idp.param("client_id"), None);
+    assert_eq!(idp.param("audience").as_deref(), Some("https://as.example.com"));
+    assert_eq!(
+        idp.param("subject_token_type").as_deref(),
+        Some("urn:ietf:params:oauth:token-type:saml2")
+    );
+    assert_eq!(
+        idp.param("resource").as_deref(),
+        Some("https://mcp.example.com/other")
+    );
+    let _ = base;
+
+    // omitResource drops the resource from the authorization server's request, not from the
+    // identity provider's (the ID-JAG names the MCP server).
+    let (r, seen, base) = obtain_cross_app(id_jag_answer(), ok(), &cluster(), |t| {
+        t.quirks = Some(ProviderQuirks {
+            omit_resource: true,
+            accept_audiences: vec![],
+        });
+    })
+    .await;
+    r.unwrap();
+    assert_eq!(
+        posted(&seen, "/idp/token")[0].param("resource"),
+        Some(format!("{base}/mcp"))
+    );
+    assert_eq!(posted(&seen, "/as/token")[0].param("resource"), None);
+
+    // The IdP client's secret is among the Secrets the credential reads (watched, and checked
+    // by the admission webhook).
+    let spec = cross_app(&base, |t| {
+        t.cross_app_access.as_mut().unwrap().client_secret = Some(SecretKeyRef {
+            name: "idp-client".into(),
+            key: "secret".into(),
+        });
+    });
+    assert!(
+        crate::source::referenced_secrets("t", &spec)
+            .iter()
+            .any(|r| r.name == "idp-client" && r.key == "secret")
+    );
+}
+
+#[tokio::test]
+async fn cross_app_access_misconfigured_says_which_field_and_sends_nothing() {
+    // A configured MCP token URL: the issuer is unknown, so the audience must be set.
+    let (r, seen, _) = obtain_cross_app(id_jag_answer(), ok(), &cluster(), |t| {
+        t.token_url = Some("http://127.0.0.1:9/token".into());
+    })
+    .await;
+    let e = r.unwrap_err();
+    assert_eq!(e.reason(), "InvalidConfiguration");
+    assert!(
+        e.to_string()
+            .contains("tokenExchange.crossAppAccess.audience is required"),
+        "{e}"
+    );
+    assert!(posted(&seen, "/idp/token").is_empty());
+
+    // The ID-JAG is redeemed with the JWT-bearer grant only.
+    let (r, seen, _) = obtain_cross_app(id_jag_answer(), ok(), &cluster(), |t| {
+        t.grant = ExchangeGrant::TokenExchange;
+    })
+    .await;
+    let e = r.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("tokenExchange.crossAppAccess needs tokenExchange.grant: jwtBearer"),
+        "{e}"
+    );
+    assert!(seen.is_empty(), "{seen:?}");
+
+    // An IdP client secret without the client ID.
+    let (r, seen, _) = obtain_cross_app(id_jag_answer(), ok(), &cluster(), |t| {
+        let x = t.cross_app_access.as_mut().unwrap();
+        x.client_id = None;
+        x.client_secret = Some(SecretKeyRef {
+            name: "exchange-client".into(),
+            key: "secret".into(),
+        });
+    })
+    .await;
+    let e = r.unwrap_err();
+    assert_eq!(e.reason(), "InvalidConfiguration");
+    assert!(
+        e.to_string().contains(
+            "tokenExchange.crossAppAccess.clientId is required with tokenExchange.crossAppAccess.clientSecret"
+        ),
+        "{e}"
+    );
+    assert!(posted(&seen, "/idp/token").is_empty());
+}
+
+#[tokio::test]
+async fn an_id_token_the_idp_refuses_waits_for_a_new_one_and_nothing_reaches_the_mcp_server() {
+    let refused = Answer::Json(
+        400,
+        r#"{"error":"invalid_grant","error_description":"Invalid ID token"}"#.into(),
+    );
+    let (r, seen, _) = obtain_cross_app(refused.clone(), ok(), &cluster(), |_| {}).await;
+    let e = r.unwrap_err();
+    assert_eq!((e.reason(), e.category()), ("InvalidGrant", "invalid_grant"));
+    let msg = e.to_string();
+    assert!(
+        msg.contains("ID-JAG at the identity provider (tokenExchange.crossAppAccess.tokenUrl)")
+            && msg.contains("Invalid ID token"),
+        "{msg}"
+    );
+    assert!(!msg.contains("stored-subject"), "{msg}");
+    assert!(e.reached_token_endpoint());
+    assert_eq!(
+        crate::policy::after_failure(&e, 1, std::time::SystemTime::now(), None, "t"),
+        crate::policy::Next::AwaitNewInputs,
+        "a stored ID token that is refused is not tried again until the Secret changes"
+    );
+    assert!(posted(&seen, "/as/token").is_empty());
+
+    // A service-account subject refused at the identity provider: a trust problem, retried.
+    let (r, _, _) = obtain_cross_app(refused, ok(), &cluster(), |t| {
+        t.subject.secret_key_ref = None;
+        t.subject.service_account = Some(ServiceAccountSubject {
+            name: "research-agent".into(),
+            audience: "https://idp.example.com".into(),
+            expiration_seconds: None,
+        });
+    })
+    .await;
+    let e = r.unwrap_err();
+    assert_eq!(
+        (e.reason(), e.category()),
+        ("SubjectTokenRejected", "config_error")
+    );
+
+    // Another answer than an ID-JAG is not forwarded.
+    let access_token = Answer::Json(
+        200,
+        r#"{"access_token":"not-a-jag","issued_token_type":"urn:ietf:params:oauth:token-type:access_token"}"#
+            .into(),
+    );
+    let (r, seen, _) = obtain_cross_app(access_token, ok(), &cluster(), |_| {}).await;
+    let e = r.unwrap_err();
+    assert_eq!(e.reason(), "BadTokenResponse");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("token-type:access_token, not the ID-JAG asked for") && !msg.contains("not-a-jag"),
+        "{msg}"
+    );
+    assert!(posted(&seen, "/as/token").is_empty());
+
+    // An identity provider that does not answer: transient, named.
+    let (r, _, _) = obtain_cross_app(
+        Answer::Raw(503, "text/plain", "down".into()),
+        ok(),
+        &cluster(),
+        |_| {},
+    )
+    .await;
+    let e = r.unwrap_err();
+    assert_eq!(e.category(), "transient_error");
+    assert!(
+        e.to_string().contains("tokenExchange.crossAppAccess.tokenUrl"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn an_id_jag_the_authorization_server_refuses_is_a_trust_problem_retried_with_backoff() {
+    let refused = Answer::Json(
+        400,
+        r#"{"error":"invalid_grant","error_description":"Invalid ID-JAG typ header"}"#.into(),
+    );
+    let (r, seen, _) = obtain_cross_app(id_jag_answer(), refused, &cluster(), |_| {}).await;
+    let e = r.unwrap_err();
+    assert_eq!((e.reason(), e.category()), ("IdJagRejected", "config_error"));
+    let msg = e.to_string();
+    assert!(
+        msg.contains("Invalid ID-JAG typ header") && msg.contains("tokenExchange.crossAppAccess.audience"),
+        "{msg}"
+    );
+    assert!(!msg.contains("jag-signature"), "{msg}");
+    assert_eq!(posted(&seen, "/as/token").len(), 1);
 }
