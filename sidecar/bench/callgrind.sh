@@ -3,9 +3,11 @@
 # unlike times): the upstream, then the target under valgrind, wrk for a warm-up, counters zeroed,
 # wrk -c$BENCH_CONNECTIONS for the measured part, counters dumped.
 #   sidecar/bench/callgrind.sh [sidecar|nginx] [sidecar binary]
+# BENCH_UPSTREAM=http|https|h2 picks the upstream as in run.sh.
 # Needs valgrind, nginx, wrk, curl; run after sidecar/bench/run.sh has built the release binaries.
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/nginx-conf.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/tls-upstream.sh"
 target=${1:-sidecar}
 bin="${CARGO_TARGET_DIR:-target}/release"
 sidecar_bin=${2:-$bin/mcp-credentials-sidecar}
@@ -15,12 +17,18 @@ work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-wait_http() { for _ in $(seq 1 600); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "$1 never answered" >&2; exit 1; }
+wait_http() { for _ in $(seq 1 600); do curl -sk -o /dev/null "$1" && return 0; sleep 0.1; done; echo "$1 never answered" >&2; exit 1; }
 
-"$bin/examples/bench-upstream" "127.0.0.1:$up_port" 2 & pids+=($!)
-wait_http "http://127.0.0.1:$up_port/"
+upstream_mode=${BENCH_UPSTREAM:-http} up_scheme=http up_args=()
+if [ "$upstream_mode" != http ]; then
+    tls_upstream_certs "$work/tls"
+    up_scheme=https up_args=(--tls "$work/tls/leaf.pem" "$work/tls/leaf.key" "${upstream_mode/https/h1}")
+    export NGINX_UPSTREAM_CA=$work/tls/ca.pem MCP_SIDECAR_EXTRA_CA_FILE=$work/tls/ca.pem
+fi
+"$bin/examples/bench-upstream" "127.0.0.1:$up_port" 2 "${up_args[@]}" & pids+=($!)
+wait_http "$up_scheme://127.0.0.1:$up_port/"
 mkdir -p "$work/credentials/bench" "$work/nginx"
-printf 'http://127.0.0.1:%s' "$up_port" > "$work/credentials/bench/upstream"
+printf '%s://127.0.0.1:%s' "$up_scheme" "$up_port" > "$work/credentials/bench/upstream"
 printf 'bench-key' > "$work/credentials/bench/header.X-API-Key"
 printf '1' > "$work/credentials/bench/version"
 out="$work/callgrind.out"
@@ -46,4 +54,4 @@ for f in "$out".*; do
     total=$((total + ${n:-0}))
 done
 [ -n "${CALLGRIND_KEEP:-}" ] && cp "$out".* "$CALLGRIND_KEEP"/
-echo "$target: $requests requests, $total instructions, $((total / requests)) per request"
+echo "$target ($upstream_mode upstream): $requests requests, $total instructions, $((total / requests)) per request"

@@ -7,17 +7,23 @@
 # turn, each round starting with the next one, so that load from other processes hits all of them alike
 # and no target always runs right after the same other; each cell is the median of the rounds, and the
 # spread column gives the lowest and highest req/s. Then an SSE stream of timestamped
-# events per target. Loopback only. Needs: cargo, nginx, wrk, curl (`apt-get install -y nginx wrk curl`).
+# events per target. Loopback only. Needs: cargo, nginx, wrk, curl, openssl (`apt-get install -y nginx wrk curl`).
+# BENCH_UPSTREAM picks the upstream: `http` (default), `https` (TLS 1.3 from a local CA, HTTP/1.1 by
+# ALPN) or `h2` (the same, HTTP/2 offered first: the sidecar takes it, nginx speaks HTTP/1.1 to
+# upstreams). Over TLS, "none" is wrk talking TLS to the upstream itself.
 #
 #   sidecar/bench/run.sh            prints a Markdown report (also written to $BENCH_OUT if set)
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/nginx-conf.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/tls-upstream.sh"
 cd "$(dirname "$0")/../.."
 duration=${BENCH_DURATION:-3s}
 conns=${BENCH_CONNECTIONS:-"1 16 64"}
 workers=${BENCH_WORKERS:-"1 2"}
 sse_events=${BENCH_SSE_EVENTS:-200}
 repeat=${BENCH_REPEAT:-3}
+upstream_mode=${BENCH_UPSTREAM:-http}
+case $upstream_mode in http | https | h2) ;; *) echo "bench: BENCH_UPSTREAM is http, https or h2, not $upstream_mode" >&2; exit 1 ;; esac
 up_port=18080 nginx_port=18081 sidecar_port=18082 admin_port=18083
 
 for tool in nginx wrk curl cargo; do
@@ -31,7 +37,7 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-wait_http() { for _ in $(seq 1 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done; echo "bench: $1 never answered" >&2; exit 1; }
+wait_http() { for _ in $(seq 1 100); do curl -s "${curl_tls[@]}" -o /dev/null "$1" && return 0; sleep 0.1; done; echo "bench: $1 never answered" >&2; exit 1; }
 # Resident memory in KiB (VmRSS, or VmHWM = peak) of a process and its children (nginx workers).
 mem() { local f=$2 total=0 p; for p in $1 $(pgrep -P "$1" || true); do total=$((total + $(awk -v f="$f:" '$1==f{print $2}' /proc/$p/status))); done; echo $total; }
 # CPU time in clock ticks (user + system) of a process and its children.
@@ -43,12 +49,19 @@ spread() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {
 # wrk's "50%  12.34us" to microseconds.
 us() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print n }'; }
 
-"$bin/examples/bench-upstream" "127.0.0.1:$up_port" 2 & pids+=($!)
-wait_http "http://127.0.0.1:$up_port/"
+up_scheme=http up_args=() curl_tls=()
+if [ "$upstream_mode" != http ]; then
+    tls_upstream_certs "$work/tls"
+    up_scheme=https up_args=(--tls "$work/tls/leaf.pem" "$work/tls/leaf.key" "${upstream_mode/https/h1}")
+    curl_tls=(--cacert "$work/tls/ca.pem")
+    export NGINX_UPSTREAM_CA=$work/tls/ca.pem MCP_SIDECAR_EXTRA_CA_FILE=$work/tls/ca.pem BENCH_CA=$work/tls/ca.pem
+fi
+"$bin/examples/bench-upstream" "127.0.0.1:$up_port" 2 "${up_args[@]}" & pids+=($!)
+wait_http "$up_scheme://127.0.0.1:$up_port/"
 
 # The sidecar's credential, as a projected Secret volume would lay it out.
 mkdir -p "$work/credentials/bench"
-printf 'http://127.0.0.1:%s' "$up_port" > "$work/credentials/bench/upstream"
+printf '%s://127.0.0.1:%s' "$up_scheme" "$up_port" > "$work/credentials/bench/upstream"
 printf 'bench-key' > "$work/credentials/bench/header.X-API-Key"
 printf '1' > "$work/credentials/bench/version"
 
@@ -69,15 +82,16 @@ start_sidecar() {
 }
 
 declare -A url=(
-    [none]="http://127.0.0.1:$up_port/bench/x"
+    [none]="$up_scheme://127.0.0.1:$up_port/bench/x"
     [nginx]="http://127.0.0.1:$nginx_port/bench/x"
     [sidecar]="http://127.0.0.1:$sidecar_port/bench/x"
 )
 report="$work/report.md"
 {
-    echo "## mcp-credentials sidecar benchmark"
+    echo "## mcp-credentials sidecar benchmark, $upstream_mode upstream"
     echo
     echo "$(date -u +%FT%TZ), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(nginx -v 2>&1), wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}'), $duration per run, $repeat rounds (medians), wrk -t1, keep-alive, load average before: $(cut -d' ' -f1-3 /proc/loadavg)."
+    [ "$upstream_mode" = http ] || echo "Upstream: TLS 1.3 (ECDSA P-256, a local CA the proxies verify), ALPN $([ "$upstream_mode" = h2 ] && echo 'h2, http/1.1' || echo 'http/1.1'); nginx: proxy_pass https:// with keepalive, proxy_ssl_session_reuse on, proxy_http_version 1.1."
     echo "The upstream (2 threads) answers 401 without the injected header; every run below had 0 non-2xx answers unless noted."
 } > "$report"
 

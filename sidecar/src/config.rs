@@ -90,7 +90,8 @@ pub const REPLAY_WAIT: (&str, &str) = ("MCP_SIDECAR_REPLAY_WAIT", "2s");
 /// server running on the same laptop. Off by default: a metadata document must not be able to aim
 /// token requests at local services. Link-local and cloud metadata addresses stay refused.
 pub const DISCOVERY_ALLOW_LOOPBACK: (&str, &str) = ("MCP_SIDECAR_DISCOVERY_ALLOW_LOOPBACK", "false");
-/// Serve ordinary HTTP/1.1 requests to plain-http upstreams on the fast path (httparse and byte
+/// Serve ordinary HTTP/1.1 requests to plain-http upstreams, and to HTTPS upstreams that speak
+/// HTTP/1.1, on the fast path (httparse and byte
 /// forwarding, see `proxy::h1`) instead of hyper's message types. On by default: it costs less than
 /// half the CPU per request. `false` is the way back if an upstream or client ever disagrees with it.
 pub const HTTP1_FAST_PATH: (&str, &str) = ("MCP_SIDECAR_HTTP1_FAST_PATH", "true");

@@ -32,7 +32,7 @@ pub struct Metrics {
     /// `not_found`, `no_token`, `error`).
     pub reports: IntCounterVec,
     /// `mcp_credentials_sidecar_http1_handoffs_total{reason}`: agent connections the HTTP/1.1 fast
-    /// path handed to the hyper path, by the first request's reason (`https_upstream`,
+    /// path handed to the hyper path, by the first request's reason (`http2_upstream`,
     /// `not_http1` (HTTP/2, HTTP/1.0, malformed), `request_target`, `unknown_credential`,
     /// `credential_unavailable` (not loaded or expired),
     /// `request_header`, `connection_header`, `content_length`, `headers_too_large`, `large_body`).

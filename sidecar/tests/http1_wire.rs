@@ -298,10 +298,75 @@ impl Wire {
     }
 }
 
+/// The scripted upstream's listener and the URL the sidecar reaches it by: itself, or, in the tests
+/// run against an HTTPS upstream, a TLS front (HTTP/1.1 by ALPN, a test CA the sidecar trusts) that
+/// opens one connection to it per TLS connection and passes bytes and closes through both ways, so
+/// everything the scripted upstream sees and does reaches the sidecar the same way over TLS.
 async fn listen() -> (TcpListener, String) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let plain = listener.local_addr().unwrap();
+    if !over_tls() {
+        return (listener, format!("http://{plain}"));
+    }
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", front.local_addr().unwrap());
+    let acceptor = tokio_rustls::TlsAcceptor::from(test_tls().server.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = front.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut inner) = TcpStream::connect(plain).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut inner).await;
+            });
+        }
+    });
     (listener, url)
+}
+
+tokio::task_local! {
+    /// Set by the `over_tls` test modules: the scripted upstreams are reached over HTTPS.
+    static OVER_TLS: bool;
+}
+
+fn over_tls() -> bool {
+    OVER_TLS.try_with(|tls| *tls).unwrap_or(false)
+}
+
+/// The test CA's certificate file (for the sidecar) and the upstream's TLS configuration.
+struct TestTls {
+    ca_file: std::path::PathBuf,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn test_tls() -> &'static TestTls {
+    static TLS: std::sync::OnceLock<TestTls> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        let ca_file = std::env::temp_dir().join(format!("mcp-sidecar-wire-ca-{}.pem", std::process::id()));
+        std::fs::write(&ca_file, certified.cert.pem()).unwrap();
+        let mut server =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![rustls_pki_types::CertificateDer::from(
+                        certified.cert.der().to_vec(),
+                    )],
+                    rustls_pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into()),
+                )
+                .unwrap();
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        TestTls {
+            ca_file,
+            server: Arc::new(server),
+        }
+    })
 }
 
 /// A request as the scripted upstream read it, with the number of its upstream connection (from 1).
@@ -379,7 +444,7 @@ impl Upstream {
 
     /// `host:port`, what the upstream's Host must say.
     fn authority(&self) -> &str {
-        self.url.strip_prefix("http://").unwrap()
+        self.url.split_once("://").unwrap().1
     }
 
     async fn next(&mut self) -> Received {
@@ -1084,6 +1149,26 @@ fn handoffs(sidecar: &common::Sidecar) -> std::collections::BTreeMap<String, u64
         .collect()
 }
 
+/// An HTTPS upstream that speaks HTTP/1.1 is served on the fast path, over its own TLS connection:
+/// nothing is handed to hyper, and the agent connection's requests share one upstream connection.
+#[tokio::test]
+async fn an_https_upstream_speaking_http1_stays_on_the_fast_path() {
+    OVER_TLS
+        .scope(true, async {
+            let mut upstream = echo_target().await;
+            assert!(upstream.url.starts_with("https://"));
+            let sidecar = sidecar(&upstream.url, true).await;
+            let mut agent = Wire::connect(&sidecar.url).await;
+            for i in 0..3 {
+                get_works(&mut agent, &sidecar, &format!("/tls/{i}")).await;
+                assert_eq!(upstream.next().await.connection, 1);
+            }
+            assert_eq!(upstream.accepted(), 1);
+            assert!(handoffs(&sidecar).is_empty(), "{:?}", handoffs(&sidecar));
+        })
+        .await
+}
+
 /// Ordinary requests stay on the fast path; each kind the fast path leaves to hyper is handed over
 /// with its reason, and hyper then answers it and the connection's later requests.
 #[tokio::test]
@@ -1159,7 +1244,8 @@ async fn sidecar_with_a_session(upstream: &str, fast_path: bool) -> common::Side
         ]))
         .unwrap();
     store.set("session", session);
-    common::sidecar_on(store, fast_path).await
+    let ca = over_tls().then(|| test_tls().ca_file.clone());
+    common::sidecar_trusting(store, fast_path, ca).await
 }
 
 async fn an_upstreams_cookies_never_reach_the_agent_whatever_the_credential(fast_path: bool) {
@@ -1407,7 +1493,8 @@ async fn a_replay_goes_to_the_newer_credentials_upstream_and_never_to_the_old_on
 async fn sidecar(upstream: &str, fast_path: bool) -> common::Sidecar {
     let store = mcp_credentials_sidecar::store::Store::new(["demo".to_owned()]);
     store.set("demo", common::credential(upstream, "key", "1", None));
-    common::sidecar_on(store, fast_path).await
+    let ca = over_tls().then(|| test_tls().ca_file.clone());
+    common::sidecar_trusting(store, fast_path, ca).await
 }
 
 /// Every test runs on both paths: the HTTP/1.1 fast path and the hyper path must agree on the wire.
@@ -1424,6 +1511,21 @@ macro_rules! on_both_paths {
             async fn $name() {
                 super::$name(false).await
             })*
+        }
+        /// The same against an HTTPS upstream speaking HTTP/1.1.
+        mod over_tls {
+            mod fast_path {
+                $(#[tokio::test]
+                async fn $name() {
+                    crate::OVER_TLS.scope(true, crate::$name(true)).await
+                })*
+            }
+            mod hyper_path {
+                $(#[tokio::test]
+                async fn $name() {
+                    crate::OVER_TLS.scope(true, crate::$name(false)).await
+                })*
+            }
         }
     };
 }

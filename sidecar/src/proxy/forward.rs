@@ -1,7 +1,8 @@
 //! The last step: send the request to the upstream and stream the answer back. Bodies flow frame by
 //! frame both ways; nothing is buffered. An HTTP/1 agent connection keeps its own upstream connection
 //! for plain-http upstreams (no pool lookup, no task per request, and MCP sessions stay on one
-//! connection); HTTPS upstreams share a pool (one TLS handshake, HTTP/2 by ALPN).
+//! connection); HTTPS upstreams share a pool (HTTP/2 by ALPN). The HTTP/1.1 fast path keeps its
+//! own connections to both kinds, opened here too (see [`super::tls`]).
 
 use std::{
     error::Error as StdError,
@@ -16,7 +17,6 @@ use axum::{
 };
 use http::{HeaderValue, Method, Request, StatusCode, Uri, Version, header, uri::Scheme};
 use hyper::{body::Incoming, client::conn::http1};
-use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
@@ -24,10 +24,14 @@ use hyper_util::{
 use mcp_credentials_core::report::Rejection;
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use tokio::time::Instant;
-use tower::ServiceExt;
 
 use super::{
-    Local, Proxy, Routed, measure::Handles, replay, route, sse::EndpointRewrite, strip::strip_answer_headers,
+    Local, Proxy, Routed,
+    measure::Handles,
+    replay, route,
+    sse::EndpointRewrite,
+    strip::strip_answer_headers,
+    tls::{Connected, UpstreamConnector},
 };
 use crate::{credential::Credential, error::ProxyError};
 
@@ -38,8 +42,8 @@ pub type UpstreamError = Box<dyn StdError + Send + Sync>;
 /// that agent connections use for their own upstream connections.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    pool: Client<HttpsConnector<HttpConnector>, Body>,
-    tcp: HttpConnector,
+    pool: Client<UpstreamConnector, Body>,
+    connector: UpstreamConnector,
     idle_timeout: Duration,
 }
 
@@ -131,20 +135,15 @@ pub fn upstream_client(settings: &ClientSettings) -> Result<UpstreamClient, Clie
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.connect_timeout));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http.clone());
+    let connector = UpstreamConnector::new(http, tls, settings.connect_timeout);
     let pool = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(settings.pool_idle_timeout)
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
-        .build(connector);
+        .build(connector.clone());
     Ok(UpstreamClient {
         pool,
-        tcp: http,
+        connector,
         idle_timeout: settings.pool_idle_timeout,
     })
 }
@@ -219,12 +218,21 @@ impl UpstreamClient {
         &self,
         authority: &http::uri::Authority,
     ) -> Result<tokio::net::TcpStream, UpstreamError> {
-        let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(authority.clone())
-            .path_and_query("/")
-            .build()?;
-        Ok(self.tcp.clone().oneshot(uri).await?.into_inner())
+        self.connector.tcp(Scheme::HTTP, authority).await
+    }
+
+    /// A connection of the HTTP/1.1 fast path's own: plain TCP, or TLS offering HTTP/2 and 1.1.
+    pub(super) async fn connect_own(
+        &self,
+        scheme: &Scheme,
+        authority: &http::uri::Authority,
+    ) -> Result<Connected, UpstreamError> {
+        self.connector.connect_own(scheme, authority).await
+    }
+
+    /// Whether requests to this HTTPS upstream belong to the pool (it chose HTTP/2).
+    pub(super) fn prefers_http2(&self, authority: &http::uri::Authority) -> bool {
+        self.connector.is_http2(authority)
     }
 
     /// Opens a new connection; callers box this rare, large future so that every request's own
@@ -242,7 +250,7 @@ impl UpstreamClient {
             local.driving.push(connection);
             local.opened = true;
         }
-        let host = HeaderValue::from_str(host(&authority))?;
+        let host = HeaderValue::from_str(host(&Scheme::HTTP, &authority))?;
         Ok(Own {
             authority,
             host,
@@ -253,9 +261,9 @@ impl UpstreamClient {
 }
 
 /// The Host an upstream gets: like the pool's client, without the port when it is the default.
-pub(super) fn host(authority: &http::uri::Authority) -> &str {
+pub(super) fn host<'a>(scheme: &Scheme, authority: &'a http::uri::Authority) -> &'a str {
     match authority.port_u16() {
-        Some(80) => authority.host(),
+        Some(port) if port == super::tls::default_port(scheme) => authority.host(),
         _ => authority.as_str(),
     }
 }

@@ -1,5 +1,6 @@
-//! The HTTP/1.1 fast path. An agent connection's ordinary requests to plain-http upstreams are
-//! parsed with httparse and forwarded as bytes on the connection's own upstream connection, and the
+//! The HTTP/1.1 fast path. An agent connection's ordinary requests are parsed with httparse and
+//! forwarded as bytes on the connection's own upstream connection (plain TCP, or TLS speaking
+//! HTTP/1.1, see [`super::own_io`]), and the
 //! answer is streamed back as it arrives: no message types, header maps or tasks in between, which is
 //! how nginx proxies too. The same steps run as on the hyper path (guard, route, strip, attach,
 //! forward, measure), and the checks are the same functions.
@@ -7,14 +8,18 @@
 //! Everything else goes to the hyper path, which takes over the connection for good with the bytes
 //! already read: HTTP/2, HTTP/1.0, every refusal (so its answer is the hyper path's, word for word),
 //! request bodies that are chunked or over [`replay::MAX_BODY`], `Expect`, upgrades and other
-//! hop-by-hop request headers, and HTTPS upstreams (shared TLS pool).
+//! hop-by-hop request headers, and HTTPS upstreams that choose HTTP/2 by ALPN (the shared pool
+//! multiplexes their requests).
 
 use std::{mem::MaybeUninit, pin::Pin, sync::Arc, time::Duration};
 
-use http::{StatusCode, uri::Authority};
+use http::{
+    StatusCode,
+    uri::{Authority, Scheme},
+};
 use mcp_credentials_core::report::Rejection;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
     sync::watch,
     time::{Instant, Sleep},
@@ -26,6 +31,7 @@ use super::{
     measure::{self, Handles},
     replay, route, sse,
     strip::{is_hop_by_hop_name, is_withheld_answer_header},
+    tls::{Connected, OwnIo},
 };
 use crate::{credential::Credential, error::ProxyError};
 
@@ -104,10 +110,11 @@ struct Conn<'p> {
     header_read_timeout: Duration,
 }
 
-/// An agent connection's own connection to one plain-http upstream.
+/// An agent connection's own connection to one upstream (plain TCP, or TLS speaking HTTP/1.1).
 struct UpstreamConn {
     authority: Authority,
-    tcp: TcpStream,
+    https: bool,
+    tcp: OwnIo,
     /// Bytes read from the upstream and not passed on yet.
     read: Vec<u8>,
     last_used: Instant,
@@ -209,6 +216,7 @@ impl Conn<'_> {
         let (mut up, mut answer) = match self.send(planned, started).await {
             Ok(sent) => sent,
             Err(Failed::AgentGone) => return Err(End::Closed),
+            Err(Failed::Hyper(reason)) => return Err(End::Hyper(reason)),
             Err(Failed::Upstream(source)) => return self.refuse(planned, source).await,
         };
         handles.upstream_duration.observe(started.elapsed().as_secs_f64());
@@ -242,6 +250,7 @@ impl Conn<'_> {
                 (up, answer) = match Box::pin(self.send(again, Instant::now())).await {
                     Ok(sent) => sent,
                     Err(Failed::AgentGone) => return Err(End::Closed),
+                    Err(Failed::Hyper(reason)) => return Err(End::Hyper(reason)),
                     Err(Failed::Upstream(source)) => return self.refuse(planned, source).await,
                 };
             }
@@ -282,14 +291,17 @@ impl Conn<'_> {
     /// the answer head into the connection's buffer. A reused connection that the upstream had closed
     /// is replaced once.
     async fn send(&mut self, planned: &Planned, now: Instant) -> Result<(UpstreamConn, Answer), Failed> {
-        let authority = &planned.credential.upstream.authority;
+        let (scheme, authority) = (
+            &planned.credential.upstream.scheme,
+            &planned.credential.upstream.authority,
+        );
         let body = planned.head_len..planned.head_len + planned.body_len;
-        let mut reused = self.take_upstream(authority, now);
+        let mut reused = self.take_upstream(scheme, authority, now);
         loop {
             let was_reused = reused.is_some();
             let mut up = match reused.take() {
                 Some(up) => up,
-                None => self.connect(authority).await?,
+                None => self.connect(scheme, authority).await?,
             };
             let sent = write_two(&mut up.tcp, &self.out, &self.read[body.clone()]).await;
             let result = match sent {
@@ -316,22 +328,34 @@ impl Conn<'_> {
     }
 
     /// The agent's own connection to `authority`, if it has a live one.
-    fn take_upstream(&mut self, authority: &Authority, now: Instant) -> Option<UpstreamConn> {
-        let i = self.upstreams.iter().position(|u| u.authority == *authority)?;
-        let up = self.upstreams.swap_remove(i);
+    fn take_upstream(
+        &mut self,
+        scheme: &Scheme,
+        authority: &Authority,
+        now: Instant,
+    ) -> Option<UpstreamConn> {
+        let https = *scheme == Scheme::HTTPS;
+        let i = self
+            .upstreams
+            .iter()
+            .position(|u| u.authority == *authority && u.https == https)?;
+        let mut up = self.upstreams.swap_remove(i);
         let idle = now.saturating_duration_since(up.last_used);
         // Readable while idle means closed (or stray bytes): either way it cannot carry a request.
-        let alive =
-            matches!(up.tcp.try_read(&mut [0; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-        (alive && idle < self.proxy.client.idle_timeout()).then_some(up)
+        (up.tcp.is_idle_and_open() && idle < self.proxy.client.idle_timeout()).then_some(up)
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<UpstreamConn, Failed> {
-        let tcp = Box::pin(self.proxy.client.connect_plain(authority))
-            .await
-            .map_err(Failed::Upstream)?;
+    /// A new connection; an HTTPS upstream that chooses HTTP/2 sends the request to the hyper path
+    /// (nothing was sent on this one).
+    async fn connect(&self, scheme: &Scheme, authority: &Authority) -> Result<UpstreamConn, Failed> {
+        let tcp = match Box::pin(self.proxy.client.connect_own(scheme, authority)).await {
+            Ok(Connected::Io(io)) => io,
+            Ok(Connected::Http2) => return Err(Failed::Hyper("http2_upstream")),
+            Err(e) => return Err(Failed::Upstream(e)),
+        };
         Ok(UpstreamConn {
             authority: authority.clone(),
+            https: *scheme == Scheme::HTTPS,
             tcp,
             read: Vec::with_capacity(8 << 10),
             last_used: Instant::now(),
@@ -526,6 +550,8 @@ enum Failed {
     AgentGone,
     /// The upstream could not be reached or answered with something that is not HTTP/1.x.
     Upstream(forward::UpstreamError),
+    /// Nothing was sent: the hyper path takes the connection over, for this reason.
+    Hyper(&'static str),
 }
 
 /// Whether the agent closed its connection (`true`), or sent more bytes (`false`, kept in `read`).
@@ -604,8 +630,11 @@ fn plan(
     if credential.is_expired_now() {
         return Plan::Hyper("credential_unavailable");
     }
-    if credential.upstream.scheme != http::uri::Scheme::HTTP {
-        return Plan::Hyper("https_upstream");
+    // An HTTPS upstream that chose HTTP/2 is the pool's: it multiplexes, this path does not.
+    if credential.upstream.scheme == Scheme::HTTPS
+        && proxy.client.prefers_http2(&credential.upstream.authority)
+    {
+        return Plan::Hyper("http2_upstream");
     }
     let handles = match cached {
         Some(h) if *h.name == *name => h.clone(),
@@ -616,7 +645,9 @@ fn plan(
     out.push(b' ');
     credential.upstream.push_path(rest, query, out);
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    out.extend_from_slice(forward::host(&credential.upstream.authority).as_bytes());
+    out.extend_from_slice(
+        forward::host(&credential.upstream.scheme, &credential.upstream.authority).as_bytes(),
+    );
     out.extend_from_slice(b"\r\n");
     let is_get = method == "GET";
     let mut sse = false;
@@ -1065,7 +1096,7 @@ impl Chunks {
 }
 
 /// Writes `head` then `body` (either may be empty), as one write when the socket takes it.
-async fn write_two(tcp: &mut TcpStream, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+async fn write_two<W: AsyncWrite + Unpin>(tcp: &mut W, head: &[u8], body: &[u8]) -> std::io::Result<()> {
     let (mut head, mut body) = (head, body);
     while !head.is_empty() {
         let n = tcp
@@ -1078,7 +1109,9 @@ async fn write_two(tcp: &mut TcpStream, head: &[u8], body: &[u8]) -> std::io::Re
         head = &head[from_head..];
         body = &body[n - from_head..];
     }
-    tcp.write_all(body).await
+    tcp.write_all(body).await?;
+    // TLS may hold the last record back until flushed; plain TCP has nothing to flush.
+    tcp.flush().await
 }
 
 #[cfg(test)]

@@ -37,6 +37,7 @@ mod replay;
 mod route;
 mod sse;
 mod strip;
+mod tls;
 
 pub use forward::{ClientError, ClientSettings, UpstreamClient, UpstreamError, upstream_client};
 pub use replay::set_wait as set_replay_wait;

@@ -51,11 +51,20 @@ pub async fn sidecar_with_store(store: Arc<Store>) -> Sidecar {
 
 /// A sidecar serving `store`, with the HTTP/1.1 fast path on or off (every request on hyper's path).
 pub async fn sidecar_on(store: Arc<Store>, http1_fast_path: bool) -> Sidecar {
+    sidecar_trusting(store, http1_fast_path, None).await
+}
+
+/// [`sidecar_on`], trusting the CA certificates in `extra_ca_file` too.
+pub async fn sidecar_trusting(
+    store: Arc<Store>,
+    http1_fast_path: bool,
+    extra_ca_file: Option<std::path::PathBuf>,
+) -> Sidecar {
     mcp_credentials_sidecar::install_crypto_provider();
     let client = proxy::upstream_client(&ClientSettings {
         connect_timeout: Duration::from_secs(5),
         pool_idle_timeout: Duration::from_secs(30),
-        extra_ca_file: None,
+        extra_ca_file,
     })
     .unwrap();
     let metrics = Metrics::register();
