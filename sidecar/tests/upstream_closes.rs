@@ -5,9 +5,12 @@
 //! reaches the upstream exactly once (counted there, by its unique body).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -54,6 +57,62 @@ fn tls(alpn: &[&[u8]], tag: &str) -> (tokio_rustls::TlsAcceptor, PathBuf) {
     (tokio_rustls::TlsAcceptor::from(Arc::new(config)), ca_file)
 }
 
+/// A server's TCP connection that closes the way nginx's `lingering_close` does: after its FIN it
+/// reads and drops what the client still sends, until the client closes too. A socket closed with
+/// unread bytes resets the connection, and the client then loses the frames it had not read yet
+/// (the GOAWAY saying which streams were not processed among them): the proxy could no longer
+/// tell that those requests were not processed.
+struct Lingering(Option<tokio::net::TcpStream>);
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        if let Some(mut tcp) = self.0.take() {
+            tokio::spawn(async move {
+                let _ = tcp.shutdown().await;
+                let mut sink = [0; 4096];
+                let _ = tokio::time::timeout(Duration::from_secs(30), async {
+                    while matches!(tcp.read(&mut sink).await, Ok(1..)) {}
+                })
+                .await;
+            });
+        }
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(self.0.as_mut().unwrap()).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(self.0.as_mut().unwrap()).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(self.0.as_mut().unwrap()).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(self.0.as_mut().unwrap()).poll_shutdown(cx)
+    }
+}
+
 /// How an HTTP/2 upstream ends its streams and connections.
 #[derive(Clone, Copy)]
 struct H2Behaviour {
@@ -62,23 +121,31 @@ struct H2Behaviour {
     goaway_after: usize,
     /// Every this-many-th stream is reset with `REFUSED_STREAM` before anything of it is read.
     refuse_every: Option<usize>,
+    /// Whether a request already refused (by its path and query) may be refused again: when not,
+    /// each request is refused at most once, so that the bounded resends always suffice.
+    refuse_again: bool,
 }
 
 /// An HTTPS upstream speaking only HTTP/2 (raw `h2`, so GOAWAY and refusals are explicit), echoing
-/// each request body. Returns its URL, the counts and the CA file.
-async fn h2_upstream(behaviour: H2Behaviour, tag: &str) -> (String, Received, PathBuf) {
+/// each request body. Returns its URL, the counts, the CA file and how many streams were opened.
+async fn h2_upstream(behaviour: H2Behaviour, tag: &str) -> (String, Received, PathBuf, Arc<AtomicUsize>) {
     let (acceptor, ca_file) = tls(&[b"h2"], tag);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     let received = Received::default();
     let counts = received.clone();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let all_streams = opened.clone();
+    let refused = Arc::new(Mutex::new(HashSet::new()));
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
             let acceptor = acceptor.clone();
             let counts = counts.clone();
+            let all_streams = all_streams.clone();
+            let refused = refused.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
+                let Ok(tls) = acceptor.accept(Lingering(Some(tcp))).await else {
                     return;
                 };
                 let Ok(mut conn) = h2::server::handshake(tls).await else {
@@ -87,7 +154,11 @@ async fn h2_upstream(behaviour: H2Behaviour, tag: &str) -> (String, Received, Pa
                 let mut streams = 0;
                 while let Some(Ok((request, mut respond))) = conn.accept().await {
                     streams += 1;
-                    if behaviour.refuse_every.is_some_and(|k| streams % k == 0) {
+                    all_streams.fetch_add(1, Ordering::SeqCst);
+                    if behaviour.refuse_every.is_some_and(|k| streams % k == 0)
+                        && (refused.lock().unwrap().insert(request.uri().to_string())
+                            || behaviour.refuse_again)
+                    {
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                         continue;
                     }
@@ -118,7 +189,7 @@ async fn h2_upstream(behaviour: H2Behaviour, tag: &str) -> (String, Received, Pa
             });
         }
     });
-    (url, received, ca_file)
+    (url, received, ca_file, opened)
 }
 
 /// Serves HTTP/1.1 on `io`: requests with a `Content-Length` body, each echoed; the connection is
@@ -208,6 +279,16 @@ async fn sidecar(
     ca_file: Option<PathBuf>,
     http1_fast_path: bool,
 ) -> (String, watch::Sender<bool>) {
+    let (url, stop, _) = sidecar_with_metrics(upstream, ca_file, http1_fast_path).await;
+    (url, stop)
+}
+
+/// [`sidecar`], and its metrics.
+async fn sidecar_with_metrics(
+    upstream: &str,
+    ca_file: Option<PathBuf>,
+    http1_fast_path: bool,
+) -> (String, watch::Sender<bool>, Metrics) {
     mcp_credentials_sidecar::install_crypto_provider();
     let store = Store::new(["up".to_owned()]);
     store.set("up", common::credential(upstream, "key", "1", None));
@@ -217,10 +298,11 @@ async fn sidecar(
         extra_ca_file: ca_file,
     })
     .unwrap();
+    let metrics = Metrics::register();
     let app = proxy::app(Proxy {
         store,
         client,
-        metrics: Metrics::register(),
+        metrics: metrics.clone(),
         max_header_bytes: 65536,
         header_read_timeout: Duration::from_secs(60),
         http1_fast_path,
@@ -229,7 +311,7 @@ async fn sidecar(
     let url = format!("http://{}/up/mcp", listener.local_addr().unwrap());
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(serve(listener, app, stopped));
-    (url, stop)
+    (url, stop, metrics)
 }
 
 /// Sends `workers` × `each` POSTs (each worker on its own keep-alive connection to the sidecar,
@@ -247,8 +329,9 @@ async fn drive(url: &str, received: &Received, workers: usize, each: usize) {
             let mut failures = Vec::new();
             for i in 0..each {
                 let body = format!(r#"{{"jsonrpc":"2.0","id":"{worker}-{i}","method":"tools/list"}}"#);
+                // A query naming the request, so that an upstream can tell it from the others.
                 let response = client
-                    .post(&url)
+                    .post(format!("{url}?{worker}-{i}"))
                     .header("content-type", "application/json")
                     .body(body.clone())
                     .send()
@@ -292,8 +375,9 @@ async fn an_http2_upstream_sending_goaway_under_load_costs_no_request() {
     let behaviour = H2Behaviour {
         goaway_after: 20,
         refuse_every: None,
+        refuse_again: false,
     };
-    let (upstream, received, ca_file) = h2_upstream(behaviour, "goaway").await;
+    let (upstream, received, ca_file, _) = h2_upstream(behaviour, "goaway").await;
     let (url, _stop) = sidecar(&upstream, Some(ca_file.clone()), true).await;
     drive(&url, &received, 24, 50).await;
     std::fs::remove_file(&ca_file).unwrap();
@@ -304,10 +388,22 @@ async fn refused_http2_streams_are_sent_again() {
     let behaviour = H2Behaviour {
         goaway_after: 0,
         refuse_every: Some(5),
+        refuse_again: false,
     };
-    let (upstream, received, ca_file) = h2_upstream(behaviour, "refused").await;
-    let (url, _stop) = sidecar(&upstream, Some(ca_file.clone()), true).await;
+    let (upstream, received, ca_file, opened) = h2_upstream(behaviour, "refused").await;
+    let (url, _stop, metrics) = sidecar_with_metrics(&upstream, Some(ca_file.clone()), true).await;
     drive(&url, &received, 8, 25).await;
+    let resends = metrics
+        .upstream_resends
+        .with_label_values(&["up", "refused_stream"])
+        .get();
+    let opened = opened.load(Ordering::SeqCst) as u64;
+    assert!(resends > 0, "streams were refused");
+    assert_eq!(
+        resends,
+        opened - 200,
+        "every stream but the first of each request was a resend"
+    );
     std::fs::remove_file(&ca_file).unwrap();
 }
 
@@ -331,4 +427,63 @@ async fn a_plain_http1_upstream_closing_connections_costs_no_request_on_the_hype
     let (upstream, received) = h1_upstream(10).await;
     let (url, _stop) = sidecar(&upstream, None, false).await;
     drive(&url, &received, 8, 40).await;
+}
+
+/// An upstream refusing every stream: a request whose body the sidecar kept goes out three times
+/// (two resends, counted), then the agent gets the 502; one whose body streams (chunked: not kept,
+/// and part of it may be gone) goes out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resends_are_bounded_and_a_streamed_body_is_not_sent_again() {
+    let behaviour = H2Behaviour {
+        goaway_after: 0,
+        refuse_every: Some(1),
+        refuse_again: true,
+    };
+    let (upstream, _, ca_file, opened) = h2_upstream(behaviour, "always").await;
+    let (url, _stop, metrics) = sidecar_with_metrics(&upstream, Some(ca_file.clone()), true).await;
+    let response = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    assert_eq!(opened.load(Ordering::SeqCst), 3, "sent once and again twice");
+    let resends = metrics
+        .upstream_resends
+        .with_label_values(&["up", "refused_stream"]);
+    assert_eq!(resends.get(), 2);
+
+    let address = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut agent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    agent
+        .write_all(
+            format!(
+                "POST /up/mcp HTTP/1.1\r\nhost: {address}\r\ncontent-type: application/json\r\n\
+                 transfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    agent.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 502"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(
+        opened.load(Ordering::SeqCst),
+        4,
+        "the streamed request went out once"
+    );
+    assert_eq!(resends.get(), 2, "and was not sent again");
+    std::fs::remove_file(&ca_file).unwrap();
 }
