@@ -177,7 +177,7 @@ impl UpstreamClient {
     /// on it. The pool itself already sends again what it never started on a reused connection.
     async fn send_pooled(
         &self,
-        request: Request<Body>,
+        mut request: Request<Body>,
         resend: &Resend<'_>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
         // A body that streams is not kept: part of it may be gone already and it cannot be read
@@ -190,7 +190,6 @@ impl UpstreamClient {
             request.uri().clone(),
             request.headers().clone(),
         );
-        let mut request = request;
         let mut resends = 0;
         loop {
             match self.pool.request(request).await {
@@ -508,4 +507,23 @@ pub(super) fn rejection_reason<'a, I: Iterator<Item = &'a [u8]>>(
     challenges: impl Fn() -> I,
 ) -> Option<Rejection> {
     Rejection::of(status.as_u16(), challenges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_the_upstream_said_it_did_not_process_counts_as_unprocessed() {
+        // h2 errors the sidecar made itself, even with the refusal's code, prove nothing.
+        let local = h2::Error::from(h2::Reason::REFUSED_STREAM);
+        assert_eq!(unprocessed(&local), None);
+        let broken = std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "stream closed because of a broken pipe",
+        );
+        assert_eq!(unprocessed(&broken), None);
+        let wrapped: UpstreamError = Box::new(broken);
+        assert_eq!(unprocessed(wrapped.as_ref()), None);
+    }
 }
