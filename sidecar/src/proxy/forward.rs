@@ -1,7 +1,9 @@
 //! The last step: send the request to the upstream and stream the answer back. Bodies flow frame by
-//! frame both ways; nothing is buffered. An HTTP/1 agent connection keeps its own upstream connection
-//! for plain-http upstreams (no pool lookup, no task per request, and MCP sessions stay on one
-//! connection); HTTPS upstreams share a pool (one TLS handshake, HTTP/2 by ALPN).
+//! frame both ways; only a small request body is kept ([`replay::keep`]), so that the request can
+//! go out again after a 401 or when the upstream did not process it ([`Resend`]). An HTTP/1 agent
+//! connection keeps its own upstream connection for plain-http upstreams (no pool lookup, no task
+//! per request, and MCP sessions stay on one connection); HTTPS upstreams share a pool (one TLS
+//! handshake, HTTP/2 by ALPN).
 
 use std::{
     error::Error as StdError,
