@@ -74,7 +74,7 @@ async fn ready(State(admin): State<Admin>) -> impl IntoResponse {
 pub struct StatusLine {
     /// The credential's name.
     pub name: String,
-    /// `ready`, `needs sign-in`, `expired`, `failing` or `waiting`.
+    /// `ready`, `needs sign-in`, `needs more consent`, `expired`, `failing` or `waiting`.
     pub state: &'static str,
     /// When the served credential expires (RFC 3339), if it does.
     pub expires_at: Option<String>,
@@ -96,6 +96,8 @@ pub fn status_lines(store: &Store, now: Timestamp) -> Vec<StatusLine> {
                 .is_some_and(|c| c.expires_at.is_none_or(|e| e > now));
             let state = match (&slot.current, valid, &slot.sign_in, &slot.last_failure) {
                 (_, false, Some(_), _) => "needs sign-in",
+                // A step-up: what was granted is still served, more needs a person's consent.
+                (Some(_), true, Some(_), _) if slot.more_consent => "needs more consent",
                 (Some(_), true, _, Some(_)) => "ready (last refresh failed)",
                 (Some(_), true, _, None) => "ready",
                 (Some(_), false, _, _) => "expired",

@@ -11,7 +11,10 @@ use std::{
 use kube::ResourceExt;
 use mcp_credentials_core::source::{
     OutboundPolicy, SecretResolver, SourceContext,
-    sign_in::{self, Options, Registrations, SignInError, SignedIn},
+    sign_in::{
+        self, Options, Registrations, SignInError, SignedIn,
+        step_up::{self, StepUp},
+    },
 };
 
 use crate::store::standalone::{self, write_private_file};
@@ -184,6 +187,8 @@ pub async fn run(args: &Args, policy: OutboundPolicy) -> Result<SignedIn, LoginE
         device: args.device,
         client_metadata_url: args.client_metadata_url.clone(),
         timeout: None,
+        // A step-up the sidecar recorded (403 insufficient_scope): its scopes are asked for too.
+        step_up: read_step_up(&dir)?,
     };
     let browser = args.browser_command.clone();
     let signed_in = sign_in::login(&ctx, &credential.spec, existing, client_secret, &options, |p| {
@@ -210,8 +215,24 @@ fn read_registrations(dir: &Path) -> Result<Option<Registrations>, LoginError> {
     }
 }
 
+/// The step-up the running sidecar recorded in the sign-in directory, if any.
+fn read_step_up(dir: &Path) -> Result<Option<StepUp>, LoginError> {
+    let path = dir.join(step_up::STEP_UP_KEY);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            StepUp::parse(&text).map_err(|e| SignInError::Stored(format!("{}: {e}", path.display())).into())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(LoginError::File {
+            what: "cannot read",
+            path,
+            source,
+        }),
+    }
+}
+
 /// Writes the sign-in's files, each atomically at 0600 in a 0700 directory: the registration
-/// first, the refresh token last (its arrival is what a running sidecar acts on).
+/// and the settled step-up first, the refresh token last (its arrival is what a running sidecar acts on).
 pub fn store(dir: &Path, signed_in: &SignedIn) -> Result<(), LoginError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let file_error = |what, path: &Path| {
@@ -225,8 +246,13 @@ pub fn store(dir: &Path, signed_in: &SignedIn) -> Result<(), LoginError> {
         .map_err(file_error("cannot create", dir))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(file_error("cannot restrict", dir))?;
-    let mut data = signed_in.data();
-    data.sort_by_key(|(k, _)| *k == sign_in::REFRESH_TOKEN_KEY);
+    let mut data: Vec<_> = signed_in
+        .data()
+        .into_iter()
+        .chain(signed_in.step_up_data())
+        .collect();
+    // The settled step-up first, so the sidecar never reads the new token beside a pending one.
+    data.sort_by_key(|(k, _)| (*k != step_up::STEP_UP_KEY, *k == sign_in::REFRESH_TOKEN_KEY));
     for (key, value) in data {
         let path = dir.join(key);
         write_private_file(&path, value.expose().as_bytes()).map_err(file_error("cannot write", &path))?;

@@ -206,6 +206,7 @@ mod tests {
             name: "github".into(),
             reason: Rejection::Curable(Reason::InvalidToken),
             version: "1".into(),
+            scope: None,
         };
         assert_eq!(reporter.send(&request, Reason::InvalidToken).await, "no_token");
     }
@@ -216,6 +217,7 @@ mod tests {
             name: "github".into(),
             reason,
             version: version.into(),
+            scope: None,
         };
         let (invalid, scope) = (
             Rejection::Curable(Reason::InvalidToken),
