@@ -900,8 +900,9 @@ pub struct Pending {
     iss_required: bool,
 }
 
-/// 32 random bytes, base64url without padding (43 characters).
-fn random_token() -> String {
+/// 32 random bytes, base64url without padding (43 characters): `state`, PKCE verifiers, and the
+/// standalone status page's sign-in token.
+pub fn random_token() -> String {
     use rand_core::RngCore;
     let mut bytes = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut bytes);
