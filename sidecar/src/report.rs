@@ -126,6 +126,10 @@ impl Reporter {
             credential: request.name.clone(),
             reason,
             version: request.version.clone(),
+            scope: request
+                .scope
+                .clone()
+                .filter(|s| mcp_credentials_core::report::valid_scope(s)),
         };
         let response = self
             .client
