@@ -123,6 +123,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
 
+    // Standalone mode's status page starts sign-ins (`login` in-process).
+    let sign_in_page = match &config.store {
+        StoreConfig::Standalone {
+            credentials_file,
+            secrets_dir,
+            discovery_allow_loopback,
+        } => {
+            let (file, dir) = (credentials_file.clone(), secrets_dir.clone());
+            let policy = mcp_credentials_core::source::OutboundPolicy {
+                allow_loopback: *discovery_allow_loopback,
+            };
+            Some(admin::SignInPage::new(move |name| {
+                login::start_from_page(name, file.clone(), dir.clone(), policy)
+            }))
+        }
+        _ => None,
+    };
     tracing::info!(proxy = %config.listen, admin = %config.admin_listen, probes = ?config.probe_listen, credentials = ?store.names(), "serving");
     let proxy = Proxy {
         store: store.clone(),
@@ -152,7 +169,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         serve_on(proxy_listener, proxy::app(proxy), stopped.clone(), workers),
         serve_admin(
             admin_listener,
-            admin::app(store.clone(), metrics),
+            admin::app(store.clone(), metrics, sign_in_page),
             limits,
             stopped.clone(),
         ),

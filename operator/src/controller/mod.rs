@@ -623,6 +623,9 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     .due(now);
     if !due {
         status.ready_describe_current(current.as_ref(), now);
+        if let Some(m) = inputs.more_consent(&cred) {
+            status.more_consent_required(&m);
+        }
         if session_dead {
             status.session_expired_not_ready();
         }
@@ -768,6 +771,10 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     status.describe_current(Some(&new_current), &cred.spec, key);
     status.succeeded(kind, now);
     status.ready_describe_current(Some(&new_current), now);
+    if let Some(m) = inputs.more_consent(&cred) {
+        // Served with what was granted; a person must consent to more.
+        status.more_consent_required(&m);
+    }
     if let Some(check) = check {
         // New cookies: check them at once, so stale imported ones show before an agent uses them.
         let (header, value) = source::header(&cred.spec, &issued);
@@ -799,6 +806,12 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         ctx.next_check(mkey, check),
         SystemTime::now(),
     ))
+}
+
+/// The command that signs the credential `credential` of `namespace` in: the kubectl plugin, run
+/// with the person's own kubeconfig (so their RBAC decides).
+pub fn sign_in_command(credential: &str, namespace: &str) -> String {
+    format!("kubectl mcpcred login {credential} -n {namespace}")
 }
 
 /// Wakes up at the renewal or the next session check, whichever comes first.

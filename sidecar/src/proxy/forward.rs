@@ -24,7 +24,10 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
 };
-use mcp_credentials_core::{process::ErrorChain, report::Rejection};
+use mcp_credentials_core::{
+    process::ErrorChain,
+    report::{Reason, Rejection},
+};
 use prometheus::IntCounterVec;
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use tokio::time::Instant;
@@ -421,6 +424,7 @@ pub(super) async fn forward(
     };
     let challenges = response.headers().get_all(header::WWW_AUTHENTICATE);
     let reason = rejection_reason(response.status(), || challenges.iter().map(HeaderValue::as_bytes));
+    let scope = challenged_scope(reason, challenges.iter().map(HeaderValue::as_bytes));
     if let Some(reason) = reason {
         proxy
             .metrics
@@ -430,7 +434,14 @@ pub(super) async fn forward(
     }
     if let (Some(reason), Some((method, mut headers, bytes))) = (reason, again)
         && replay::worth_replaying(&proxy.store, &name, reason)
-        && let Some(newer) = Box::pin(replay::newer_credential(&proxy.store, &name, &used, reason)).await
+        && let Some(newer) = Box::pin(replay::newer_credential(
+            &proxy.store,
+            &name,
+            &used,
+            reason,
+            scope,
+        ))
+        .await
     {
         // To the newer credential's upstream, which may have changed since the request was routed:
         // the first URI may name a host the newer credential was never meant for.
@@ -517,6 +528,19 @@ pub(super) fn rejection_reason<'a, I: Iterator<Item = &'a [u8]>>(
     challenges: impl Fn() -> I,
 ) -> Option<Rejection> {
     Rejection::of(status.as_u16(), challenges)
+}
+
+/// The `scope` of a 403 `insufficient_scope` Bearer challenge (what a step-up asks for, SEP-2350);
+/// `None` for any other rejection. Both paths use it.
+pub(super) fn challenged_scope<'a>(
+    reason: Option<Rejection>,
+    challenges: impl Iterator<Item = &'a [u8]>,
+) -> Option<String> {
+    if reason != Some(Rejection::Curable(Reason::InsufficientScope)) {
+        return None;
+    }
+    let values: Vec<&str> = challenges.filter_map(|v| std::str::from_utf8(v).ok()).collect();
+    mcp_credentials_core::source::discovery::bearer_param(values, "scope")
 }
 
 #[cfg(test)]

@@ -232,6 +232,7 @@ impl Conn<'_> {
                     &handles.name,
                     &planned.credential,
                     reason,
+                    answer.challenged_scope.take(),
                 ))
                 .await
             {
@@ -816,6 +817,8 @@ struct Answer {
     upstream_keeps_alive: bool,
     /// A 401/403's reason, from `WWW-Authenticate`.
     rejection: Option<Rejection>,
+    /// The `scope` of a 403 `insufficient_scope` challenge (a step-up's).
+    challenged_scope: Option<String>,
     /// An event stream answering a GET: its head says `Transfer-Encoding: chunked` and its body is
     /// re-framed, event by event.
     reframed: bool,
@@ -990,7 +993,16 @@ fn parse_answer(
             .filter(|h| challenges && h.name.eq_ignore_ascii_case("www-authenticate"))
             .map(|h| h.value)
     });
+    let challenged_scope = super::forward::challenged_scope(
+        rejection,
+        response
+            .headers
+            .iter()
+            .filter(|h| challenges && h.name.eq_ignore_ascii_case("www-authenticate"))
+            .map(|h| h.value),
+    );
     Ok(Parsed::Final(Answer {
+        challenged_scope,
         status,
         head_len,
         framing,

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     io::Write,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -19,6 +19,10 @@ use mcp_credentials_core::{
     policy::{self, Next},
     secret::CredentialData,
     source::{self, Issued, OutboundPolicy, ResolveError, SecretResolver, SourceContext, SourceError},
+};
+use mcp_credentials_core::{
+    report::{Reason, Rejection},
+    source::sign_in::step_up::{self, StepUp},
 };
 use serde::Deserialize;
 use tokio::{
@@ -316,6 +320,8 @@ async fn keep_fresh(
     // An API key is one file: it is read again on every change to the secrets directory and on
     // every upstream rejection, with no rate limit (reading a small file costs nothing).
     let api_key = spec.source.api_key.is_some();
+    // A signed-in credential answered 403 insufficient_scope needs more consent, not a refresh.
+    let sign_in = source::sign_in::applies(&spec);
     let mut failures = 0u32;
     let mut published: Option<(String, Option<SystemTime>)> = None;
     let mut version = 0u64;
@@ -362,6 +368,10 @@ async fn keep_fresh(
                         Err(e) => store.fail(&name, e.to_string()),
                     }
                     published = Some(fingerprint);
+                }
+                if sign_in {
+                    // After publishing, which clears it: a step-up nobody signed in for yet.
+                    pending_step_up(&store, &name, &spec, &secrets).await;
                 }
                 if let Some(e) = unsaved {
                     // After publishing, which clears the last failure: the credential says so until saved.
@@ -456,6 +466,9 @@ async fn keep_fresh(
                         tracing::debug!(credential = %name, "the upstream rejected the key: reading its file again");
                         break;
                     }
+                    Ok(r) if r.name == name && sign_in && r.reason == Rejection::Curable(Reason::InsufficientScope) => {
+                        step_up(&store, &name, &spec, &secrets, r.scope.as_deref().unwrap_or("")).await;
+                    }
                     Ok(r) if r.name == name && attempted.elapsed() >= MIN_FORCED_RENEWAL_INTERVAL => {
                         tracing::info!(credential = %name, "the upstream rejected the credential: renewing now");
                         break;
@@ -470,6 +483,93 @@ async fn keep_fresh(
                 },
             }
         }
+    }
+}
+
+/// The stored step-up state of the sign-in credential `name`, and the granted scopes.
+async fn step_up_state(
+    name: &str,
+    spec: &McpCredentialSpec,
+    secrets: &SecretFiles,
+) -> (Option<StepUp>, Option<String>) {
+    let Some(o) = spec.source.oauth2.as_ref() else {
+        return (None, None);
+    };
+    let step_up = match secrets.get(&step_up::step_up_ref(name, o)).await {
+        Ok(text) => StepUp::parse(text.expose()).unwrap_or_else(|e| {
+            tracing::warn!(credential = %name, error = %e, "the stored step-up is ignored");
+            None
+        }),
+        Err(_) => None,
+    };
+    let granted = match secrets.get(&source::sign_in::registration_ref(name, o)).await {
+        Ok(text) => source::sign_in::Registrations::parse(text.expose())
+            .ok()
+            .and_then(|r| r.granted_scope().map(str::to_owned)),
+        Err(_) => None,
+    };
+    (step_up, granted)
+}
+
+/// Says so when the credential `name` waits for a step-up sign-in (after a restart, or a
+/// renewal, which clear what the store said).
+async fn pending_step_up(store: &Store, name: &str, spec: &McpCredentialSpec, secrets: &SecretFiles) {
+    if let (Some(s), _) = step_up_state(name, spec, secrets).await
+        && s.pending
+    {
+        let command = secrets.sign_in_command(name).unwrap_or_default();
+        store.needs_more_consent(name, s.message(&command), command);
+    }
+}
+
+/// An upstream answered 403 `insufficient_scope` to the signed-in credential `name`, challenging
+/// `challenged`: records the step-up (the union of the granted and the challenged scopes, which the
+/// next `login` asks for) and says that a person must sign in for it, at most
+/// [`step_up::MAX_ATTEMPTS`] times per scope set. The credential keeps being served.
+async fn step_up(
+    store: &Store,
+    name: &str,
+    spec: &McpCredentialSpec,
+    secrets: &SecretFiles,
+    challenged: &str,
+) {
+    let Some(o) = spec.source.oauth2.as_ref() else {
+        return;
+    };
+    let (previous, granted) = step_up_state(name, spec, secrets).await;
+    let command = secrets.sign_in_command(name).unwrap_or_default();
+    let (state, message) = match step_up::decide(previous.as_ref(), granted.as_deref(), challenged) {
+        step_up::Decision::Waiting(s) => {
+            store.needs_more_consent(name, s.message(&command), command);
+            return;
+        }
+        step_up::Decision::Ask(s) => {
+            tracing::info!(credential = %name, scope = %s.scope, attempt = s.attempts_for(&s.scope), "the upstream needs more scopes: a step-up sign-in is needed");
+            let m = s.message(&command);
+            (s, m)
+        }
+        step_up::Decision::GiveUp(s) => {
+            let m = s.gave_up_message(challenged);
+            if previous.as_ref() == Some(&s)
+                && store.get(name).and_then(|s| s.last_failure).as_deref() == Some(&m)
+            {
+                // Said already, and nothing to write.
+                return;
+            }
+            (s, m)
+        }
+    };
+    let path = secrets.path(&step_up::step_up_ref(name, o));
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+    }
+    if let Err(e) = secrets.store(path, state.to_json()).await {
+        tracing::warn!(credential = %name, error = %crate::error::error_chain(&e), "cannot write the step-up; the next login asks for the default scopes");
+    }
+    if state.pending {
+        store.needs_more_consent(name, message, command);
+    } else {
+        store.more_consent_refused(name, message);
     }
 }
 
