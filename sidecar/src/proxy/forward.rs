@@ -283,9 +283,9 @@ impl UpstreamClient {
         self.connector.connect_own(scheme, authority).await
     }
 
-    /// Whether requests to this HTTPS upstream belong to the pool (it chose HTTP/2).
+    /// Whether requests to this HTTPS upstream belong to the pool (it speaks only HTTP/2).
     pub(super) fn prefers_http2(&self, authority: &http::uri::Authority) -> bool {
-        self.connector.is_http2(authority)
+        self.connector.is_http2_only(authority)
     }
 
     /// Opens a new connection; callers box this rare, large future so that every request's own
