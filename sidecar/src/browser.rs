@@ -63,6 +63,9 @@ pub struct Browser {
     origins: Vec<String>,
     sites: Vec<Site>,
     secrets_dir: PathBuf,
+    /// Held while a cookies file is compared and written: two requests at once (a burst of
+    /// changes) must not interleave their writes of the same temporary file.
+    writing: std::sync::Mutex<()>,
 }
 
 /// Why the browser endpoints could not start.
@@ -115,6 +118,7 @@ impl Browser {
             origins: ids.iter().map(|id| format!("chrome-extension://{id}")).collect(),
             sites,
             secrets_dir: secrets_dir.to_path_buf(),
+            writing: std::sync::Mutex::new(()),
         })))
     }
 
@@ -352,6 +356,10 @@ async fn cookies(State(b): State<Arc<Browser>>, headers: HeaderMap, body: Body) 
     let dir = b.secrets_dir.join(&r.name);
     let file = dir.join(&r.key);
     let content = browser::to_json(&accepted);
+    let _writing = b
+        .writing
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let unchanged = std::fs::read(&file).is_ok_and(|old| old == content.expose().as_bytes());
     if !unchanged {
         let written = std::fs::DirBuilder::new()
