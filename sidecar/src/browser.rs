@@ -198,39 +198,39 @@ fn loopback_host(headers: &HeaderMap) -> bool {
 
 impl Browser {
     /// The allowed extension origin of the request, or the refusal.
-    fn origin(&self, headers: &HeaderMap) -> Result<HeaderValue, Response> {
+    fn origin(&self, headers: &HeaderMap) -> Result<HeaderValue, Box<Response>> {
         if !loopback_host(headers) {
-            return Err(refuse(
+            return Err(Box::new(refuse(
                 StatusCode::FORBIDDEN,
                 "the browser endpoints answer only requests to 127.0.0.1 or localhost",
-            ));
+            )));
         }
         match headers.get(header::ORIGIN) {
             Some(o) if self.origins.iter().any(|a| a.as_bytes() == o.as_bytes()) => Ok(o.clone()),
-            Some(_) => Err(refuse(
+            Some(_) => Err(Box::new(refuse(
                 StatusCode::FORBIDDEN,
                 format!(
                     "only the mcp-credentials extension may call this (origin {}); set {EXTENSION_IDS} for another \
                      build of it",
                     self.origins.join(", ")
                 ),
-            )),
-            None => Err(refuse(
+            ))),
+            None => Err(Box::new(refuse(
                 StatusCode::FORBIDDEN,
                 "no Origin header: only the mcp-credentials extension may call this",
-            )),
+            ))),
         }
     }
 
     /// The allowed origin, once the pairing code is checked too.
-    fn authorize(&self, headers: &HeaderMap) -> Result<HeaderValue, Response> {
+    fn authorize(&self, headers: &HeaderMap) -> Result<HeaderValue, Box<Response>> {
         let origin = self.origin(headers)?;
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
         match presented {
             Some(p) if browser::same_secret(p, self.code.expose().as_bytes()) => Ok(origin),
-            _ => Err(with_cors(
+            _ => Err(Box::new(with_cors(
                 refuse(
                     StatusCode::UNAUTHORIZED,
                     format!(
@@ -239,7 +239,7 @@ impl Browser {
                     ),
                 ),
                 &origin,
-            )),
+            ))),
         }
     }
 
@@ -301,21 +301,21 @@ async fn preflight(State(b): State<Arc<Browser>>, headers: HeaderMap) -> Respons
             );
             r
         }
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
 async fn sites(State(b): State<Arc<Browser>>, headers: HeaderMap) -> Response {
     match b.authorize(&headers) {
         Ok(origin) => with_cors(Json(json!({ "sites": b.states() })).into_response(), &origin),
-        Err(r) => r,
+        Err(r) => *r,
     }
 }
 
 async fn cookies(State(b): State<Arc<Browser>>, headers: HeaderMap, body: Body) -> Response {
     let origin = match b.authorize(&headers) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let answer = |r: Response| with_cors(r, &origin);
     let bytes = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
