@@ -344,6 +344,17 @@ async fn a_person_signs_in_in_their_browser_and_agents_use_that_session_until_th
             && failure.contains(&format!("sign in to {site_name} in your browser")),
         "{body}"
     );
+    // The status page says it too, for the person looking at the sidecar.
+    let status = reqwest::get(format!("{}/status", sidecar.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        status.contains(&format!("sign in to {site_name} in your browser")),
+        "{status}"
+    );
     let popup = browser.popup_until("signed out");
     assert!(popup.contains("Sign in again"), "{popup}");
 
