@@ -2,7 +2,7 @@
 headless mode, which runs extensions), with the unpacked extension of extension/ loaded, driven by
 Playwright (its Python package, no browser download: the system's chromium is used).
 
-python3 extension.py <site-url> <extension-dir>, then one command a line on stdin, each answered by
+python3 extension.py [--as-shipped] <site-url> <extension-dir>, then one command a line on stdin, each answered by
 one line on stdout ("ok <details>" or "error <why>"):
 
   sign-in                 signs in on the site's login form (user alice)
@@ -14,6 +14,7 @@ The permission prompt for the site cannot be clicked in headless Chromium, so th
 extension (a copy in a temporary directory) declares the site in `host_permissions`, which an
 unpacked extension gets at install: the only difference from extension/ is that manifest line.
 Everything else (pairing, the cookie matching, onChanged, the popup) is the extension's own code.
+With --as-shipped the manifest is left as it is: the extension has access to no site.
 """
 import json
 import os
@@ -24,7 +25,8 @@ import urllib.parse
 
 from playwright.sync_api import sync_playwright
 
-site, source = sys.argv[1], sys.argv[2]
+as_shipped = "--as-shipped" in sys.argv
+site, source = [a for a in sys.argv[1:] if not a.startswith("--")][:2]
 chromium = shutil.which("chromium") or shutil.which("chromium-browser")
 if chromium is None:
     sys.exit("chromium is not installed (apt-get install chromium)")
@@ -32,11 +34,12 @@ if chromium is None:
 work = tempfile.mkdtemp(prefix="mcp-extension-")
 extension = os.path.join(work, "extension")
 shutil.copytree(source, extension, ignore=shutil.ignore_patterns("test", "node_modules", "package*.json"))
-manifest_file = os.path.join(extension, "manifest.json")
-manifest = json.load(open(manifest_file))
-u = urllib.parse.urlsplit(site)
-manifest["host_permissions"] = [f"{u.scheme}://{u.hostname}/*"]
-json.dump(manifest, open(manifest_file, "w"))
+if not as_shipped:
+    manifest_file = os.path.join(extension, "manifest.json")
+    manifest = json.load(open(manifest_file))
+    u = urllib.parse.urlsplit(site)
+    manifest["host_permissions"] = [f"{u.scheme}://{u.hostname}/*"]
+    json.dump(manifest, open(manifest_file, "w"))
 
 
 def answer(line):

@@ -157,9 +157,12 @@ struct Browser {
 }
 
 impl Browser {
-    fn start(site: &str, dir: &Path) -> Self {
+    /// The browser with the test build of the extension (granted access to the site), or with
+    /// the extension `as_shipped` (access to no site).
+    fn start(site: &str, dir: &Path, as_shipped: bool) -> Self {
         let mut child = Command::new("python3")
             .arg(repo_root().join("tests/browser/extension.py"))
+            .args(as_shipped.then_some("--as-shipped"))
             .arg(site)
             .arg(repo_root().join("extension"))
             .stdin(Stdio::piped())
@@ -311,8 +314,25 @@ async fn a_person_signs_in_in_their_browser_and_agents_use_that_session_until_th
         "{page}"
     );
 
+    // As shipped, the extension reads no site until the person allows it: paired, it lists the
+    // site the sidecar needs with a button asking for access, and has sent nothing.
+    let stored = secrets.join(format!("{NAME}-browser/cookies.json"));
+    {
+        let mut shipped = Browser::start(&site, &dir, true);
+        assert_eq!(shipped.run("sign-in"), "signed in");
+        let popup = shipped.run(&format!("pair {} {}", sidecar.admin, code.trim()));
+        assert!(
+            popup.contains("no access yet") && popup.contains(&format!("Allow access to {site_name}")),
+            "{popup}"
+        );
+        assert!(
+            !stored.exists(),
+            "cookies were sent without the site's permission"
+        );
+    }
+
     // The person signs in to the site and pairs the extension once.
-    let mut browser = Browser::start(&site, &dir);
+    let mut browser = Browser::start(&site, &dir, false);
     assert_eq!(browser.run("sign-in"), "signed in");
     let popup = browser.run(&format!("pair {} {}", sidecar.admin, code.trim()));
     assert!(popup.contains(site_name), "{popup}");
@@ -322,7 +342,6 @@ async fn a_person_signs_in_in_their_browser_and_agents_use_that_session_until_th
     .await;
     let popup = browser.popup_until("live");
     assert!(popup.contains("Open"), "{popup}");
-    let stored = secrets.join(format!("{NAME}-browser/cookies.json"));
     {
         use std::os::unix::fs::PermissionsExt as _;
         assert_eq!(
