@@ -199,6 +199,102 @@ mod tests {
         .unwrap()
     }
 
+    /// A resolver inside a cluster (it names a namespace).
+    struct InCluster;
+
+    impl SecretResolver for InCluster {
+        async fn get(&self, r: &SecretKeyRef) -> Result<SecretString, ResolveError> {
+            Err(ResolveError::NotFound {
+                name: r.name.clone(),
+                key: r.key.clone(),
+            })
+        }
+
+        fn namespace(&self) -> Option<&str> {
+            Some("team")
+        }
+    }
+
+    fn credential() -> (McpCredentialSpec, BrowserSession) {
+        let s = spec("https://wiki.example.com/mcp");
+        let b = s.source.session.clone().unwrap().browser.unwrap();
+        (s, b)
+    }
+
+    fn sent(cookies: &str) -> crate::source::test_support::MapResolver {
+        let r = cookies_ref("wiki");
+        crate::source::test_support::MapResolver::default().with(&r.name, &r.key, cookies)
+    }
+
+    #[tokio::test]
+    async fn in_a_cluster_the_browser_source_says_it_is_for_standalone_mode() {
+        let (s, b) = credential();
+        let e = obtain("wiki", &s, &b, &InCluster).await.unwrap_err();
+        assert!(matches!(e, SourceError::Config(_)), "{e:?}");
+        assert!(e.to_string().contains("standalone mode"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn no_session_yet_or_a_signed_out_browser_asks_for_a_sign_in_in_the_browser() {
+        let (s, b) = credential();
+        for (resolver, why) in [
+            (
+                crate::source::test_support::MapResolver::default(),
+                "no session from the browser yet",
+            ),
+            (sent("[]"), "signed out"),
+        ] {
+            let e = obtain("wiki", &s, &b, &resolver).await.unwrap_err();
+            assert_eq!(e.reason(), SIGNED_OUT);
+            assert!(
+                e.to_string().contains(why)
+                    && e.to_string()
+                        .contains("sign in to wiki.example.com in your browser"),
+                "{e}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sent_cookies_make_the_credential_until_the_earliest_expires() {
+        let (s, b) = credential();
+        let issued = obtain(
+            "wiki",
+            &s,
+            &b,
+            &sent(
+                r#"[{"name":"sid","value":"v1","domain":"wiki.example.com","hostOnly":true,"path":"/","secure":true,"expirationDate":4000000000},
+                    {"name":"csrf","value":"v2","domain":".example.com","path":"/","secure":true,"expirationDate":3900000000}]"#,
+            ),
+        )
+        .await
+        .unwrap();
+        let header = issued.token.expose().to_owned();
+        assert!(
+            header.contains("sid=v1") && header.contains("csrf=v2"),
+            "{header}"
+        );
+        assert_eq!(
+            issued.expires_at,
+            Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(3_900_000_000))
+        );
+        let e = obtain(
+            "wiki",
+            &s,
+            &b,
+            &sent(r#"[{"name":"sid","value":"old","domain":"wiki.example.com","path":"/","expirationDate":1000}]"#),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.reason(), SESSION_EXPIRED);
+        assert!(
+            e.to_string()
+                .contains("sign in to wiki.example.com in your browser")
+                && !e.to_string().contains("old"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn the_pinned_id_is_the_one_of_the_extensions_manifest_key() {
         let manifest: serde_json::Value = serde_json::from_str(
