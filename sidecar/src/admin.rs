@@ -22,17 +22,24 @@ use crate::{metrics::Metrics, store::Store};
 struct Admin {
     store: Arc<Store>,
     metrics: Metrics,
+    /// The credentials whose sessions come from the browser extension (`/browser` serves them).
+    browser_sessions: Arc<[String]>,
 }
 
-/// The admin Router.
-pub fn app(store: Arc<Store>, metrics: Metrics) -> Router {
+/// The admin Router. `browser_sessions`: the `session.browser` credentials, whose line on the
+/// status page points to `/browser` (pairing, each site's state).
+pub fn app(store: Arc<Store>, metrics: Metrics, browser_sessions: Vec<String>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/", get(status_page))
         .route("/status", get(status_page))
-        .with_state(Admin { store, metrics })
+        .with_state(Admin {
+            store,
+            metrics,
+            browser_sessions: browser_sessions.into(),
+        })
 }
 
 /// The probe Router: `/healthz` and `/readyz` only, saying ready or not and nothing about which
@@ -126,6 +133,11 @@ async fn status_page(State(admin): State<Admin>) -> impl IntoResponse {
     for l in status_lines(&admin.store, Timestamp::now()) {
         let action = match &l.sign_in {
             Some(cmd) => format!("<b>Sign in:</b> run <code>{}</code>", escape(cmd)),
+            None if admin.browser_sessions.contains(&l.name) => match l.state {
+                "ready" => "from the browser (<a href=\"/browser\">extension</a>)".to_owned(),
+                _ => "<b>Sign in</b> to the site in your browser (the extension: <a href=\"/browser\">pairing</a>)"
+                    .to_owned(),
+            },
             None => String::new(),
         };
         rows.push_str(&format!(

@@ -153,7 +153,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             serve_admin(listener, admin::probes(store.clone()), limits, stopped.clone()).await;
         }
     };
-    let mut admin_app = admin::app(store.clone(), metrics);
+    // The browser extension's endpoints, and the status page's pointer to them.
+    let mut browser_routes = None;
     if let StoreConfig::Standalone {
         credentials_file,
         secrets_dir,
@@ -170,11 +171,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     credentials = ?b.credentials(),
                     "browser sessions: pair the mcp-credentials extension with the code in the file"
                 );
-                admin_app = admin_app.merge(browser::routes(b));
+                browser_routes = Some(b);
             } else {
                 tracing::warn!(admin = %config.admin_listen, "browser sessions need the admin listener on loopback: the extension's endpoints are off");
             }
         }
+    }
+    let browser_sessions = browser_routes
+        .as_ref()
+        .map(|b| b.credentials())
+        .unwrap_or_default();
+    let mut admin_app = admin::app(store.clone(), metrics, browser_sessions);
+    if let Some(b) = browser_routes {
+        admin_app = admin_app.merge(browser::routes(b));
     }
     let servers = futures_util::future::join3(
         serve_on(proxy_listener, proxy::app(proxy), stopped.clone(), workers),

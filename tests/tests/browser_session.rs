@@ -371,7 +371,8 @@ async fn a_person_signs_in_in_their_browser_and_agents_use_that_session_until_th
         .await
         .unwrap();
     assert!(
-        status.contains(&format!("sign in to {site_name} in your browser")),
+        status.contains(&format!("sign in to {site_name} in your browser"))
+            && status.contains("href=\"/browser\""),
         "{status}"
     );
     let popup = browser.popup_until("signed out");
