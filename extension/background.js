@@ -1,6 +1,7 @@
 // The service worker: sends each needed site's cookies to the paired sidecar after pairing, when the
-// popup asks, and whenever a cookie the browser would send to one of those sites changes. Only
-// sites the sidecar lists and the person granted access to are ever read.
+// popup asks, whenever a cookie the browser would send to one of those sites changes, and every 5
+// minutes (a change made while the sidecar was down). Only sites the sidecar lists and the person
+// granted access to are ever read.
 
 import { cookiesFor, forSidecar, hostPermission, wouldSend } from "./cookies.js";
 import * as sidecar from "./sidecar.js";
@@ -58,4 +59,10 @@ chrome.runtime.onMessage.addListener((message, _sender, reply) => {
 });
 
 chrome.runtime.onStartup.addListener(() => syncAll().catch(() => {}));
+// A change sent while the sidecar was not running is not lost: every few minutes the sites are
+// sent again (the sidecar writes nothing when they are unchanged).
+chrome.alarms.create("sync", { periodInMinutes: 5 });
+chrome.alarms.onAlarm.addListener((alarm) => {
+  if (alarm.name === "sync") syncAll().catch(() => {});
+});
 chrome.permissions.onAdded.addListener(() => syncAll().catch(() => {}));
