@@ -5,6 +5,9 @@
 //!
 //! - `GET /browser`: a page for the person: how to pair (the file holding the pairing code, never
 //!   the code: any local user can reach a loopback port), and each site's state.
+//! - `GET /browser/hello` with `X-Mcp-Credentials-Nonce: <nonce>`: `{"proof": ...}`
+//!   ([`browser::sidecar_proof`]): the sidecar shows it holds the pairing code, so the extension
+//!   sends the code and cookies to this sidecar only, not to a program that took its port.
 //! - `GET /browser/sites`: `{"sites": [{credential, site, url, signInUrl, state, message}]}`.
 //! - `POST /browser/cookies`: `{"credential": name, "cookies": [chrome.cookies.Cookie...]}`.
 //!
@@ -43,6 +46,8 @@ use crate::store::{Store, standalone::write_private_file};
 pub const EXTENSION_IDS: &str = "MCP_SIDECAR_BROWSER_EXTENSION_IDS";
 /// The largest request body accepted: a site's session is a few cookies of at most 4 KiB each.
 pub const MAX_BODY: usize = 64 * 1024;
+/// The header carrying the extension's challenge to `GET /browser/hello`.
+pub const NONCE_HEADER: &str = "x-mcp-credentials-nonce";
 /// The file holding the pairing code: `<secrets dir>/browser-extension/pairing-code`.
 pub const PAIRING_CODE: (&str, &str) = ("browser-extension", "pairing-code");
 
@@ -171,6 +176,7 @@ fn pairing_code(path: &Path) -> std::io::Result<SecretString> {
 pub fn routes(b: Arc<Browser>) -> Router {
     Router::new()
         .route("/browser", get(page))
+        .route("/browser/hello", get(hello).options(preflight))
         .route("/browser/sites", get(sites).options(preflight))
         .route(
             "/browser/cookies",
@@ -291,7 +297,7 @@ async fn preflight(State(b): State<Arc<Browser>>, headers: HeaderMap) -> Respons
             );
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("authorization, content-type"),
+                HeaderValue::from_static("authorization, content-type, x-mcp-credentials-nonce"),
             );
             h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
             // Chromium's Private Network Access preflight.
@@ -303,6 +309,29 @@ async fn preflight(State(b): State<Arc<Browser>>, headers: HeaderMap) -> Respons
         }
         Err(r) => *r,
     }
+}
+
+async fn hello(State(b): State<Arc<Browser>>, headers: HeaderMap) -> Response {
+    let origin = match b.origin(&headers) {
+        Ok(o) => o,
+        Err(r) => return *r,
+    };
+    let nonce = headers
+        .get(NONCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| {
+            (16..=128).contains(&n.len())
+                && n.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        });
+    let answer = match nonce {
+        Some(n) => Json(json!({ "proof": browser::sidecar_proof(&b.code, n) })).into_response(),
+        None => refuse(
+            StatusCode::BAD_REQUEST,
+            format!("{NONCE_HEADER} must be 16 to 128 characters of base64url"),
+        ),
+    };
+    with_cors(answer, &origin)
 }
 
 async fn sites(State(b): State<Arc<Browser>>, headers: HeaderMap) -> Response {

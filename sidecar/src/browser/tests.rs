@@ -290,3 +290,34 @@ async fn the_page_names_the_code_file_but_never_shows_the_code() {
     assert!(page.contains("wiki.example.com"), "{page}");
     assert!(!page.contains(&f.code), "the page shows the code");
 }
+
+#[tokio::test]
+async fn the_sidecar_proves_it_holds_the_code_to_the_extension_only() {
+    let f = fixture("hello");
+    let hello = |origin: Option<&'static str>, nonce: &str| {
+        let mut r = request("GET", "/browser/hello", origin, None, String::new());
+        r.headers_mut()
+            .insert(NONCE_HEADER, HeaderValue::from_str(nonce).unwrap());
+        r
+    };
+    let nonce = "a-fresh-random-nonce-0123456789";
+    let (status, headers, body) = send(&f.app, hello(Some(ORIGIN), nonce)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(headers["access-control-allow-origin"], ORIGIN);
+    let proof: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        proof["proof"],
+        browser::sidecar_proof(&SecretString::new(f.code.trim()), nonce)
+    );
+    assert!(!body.contains(f.code.trim()));
+    // Not for a web page, and not without a usable challenge.
+    let (status, headers, _) = send(&f.app, hello(Some("https://evil.example"), nonce)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(headers.get("access-control-allow-origin").is_none());
+    for bad in ["short", "not base64url: spaces and more spaces"] {
+        assert_eq!(
+            send(&f.app, hello(Some(ORIGIN), bad)).await.0,
+            StatusCode::BAD_REQUEST
+        );
+    }
+}

@@ -56,6 +56,20 @@ pub fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
     std::hint::black_box(a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
 }
 
+/// What the sidecar answers the extension's challenge `nonce` with, to show it holds the pairing
+/// code before the extension sends it the code or any cookie (a program that took the sidecar's
+/// port while it was not running cannot): base64url (no padding) of HMAC-SHA256 keyed with the code
+/// over `mcp-credentials sidecar proof\n<nonce>` (the same in `extension/sidecar.js`).
+pub fn sidecar_proof(code: &SecretString, nonce: &str) -> String {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(code.expose().as_bytes())
+        .expect("HMAC takes a key of any length");
+    mac.update(b"mcp-credentials sidecar proof\n");
+    mac.update(nonce.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+}
+
 /// Where the sidecar keeps the cookies the extension sent for credential `name`.
 pub fn cookies_ref(name: &str) -> SecretKeyRef {
     SecretKeyRef {
@@ -305,6 +319,21 @@ mod tests {
         assert_eq!(
             extension_id(manifest["key"].as_str().unwrap()).as_deref(),
             Some(EXTENSION_ID)
+        );
+    }
+
+    #[test]
+    fn the_sidecars_proof_is_hmac_sha256_of_the_nonce_keyed_with_the_code() {
+        // The value extension/test/sidecar.test.js expects for the same code and nonce.
+        let code = SecretString::new("pairing-code-for-tests-0123456789abcdef");
+        assert_eq!(
+            sidecar_proof(&code, "nonce-1"),
+            "OwQLWevBI9dJk05kgrPCMALOx1nk3Ks05YyyFYcbK_8"
+        );
+        assert_ne!(sidecar_proof(&code, "nonce-2"), sidecar_proof(&code, "nonce-1"));
+        assert_ne!(
+            sidecar_proof(&SecretString::new("another code"), "nonce-1"),
+            sidecar_proof(&code, "nonce-1")
         );
     }
 
