@@ -24,6 +24,8 @@ struct Admin {
     store: Arc<Store>,
     metrics: Metrics,
     sign_in: Option<Arc<SignInPage>>,
+    /// The credentials whose sessions come from the browser extension (`/browser` serves them).
+    browser_sessions: Arc<[String]>,
 }
 
 /// What starting a sign-in gives: the URL to send the person's browser to, or why it cannot start.
@@ -53,7 +55,14 @@ impl SignInPage {
 }
 
 /// The admin Router; `sign_in` adds the status page's "Sign in" buttons and `POST /sign-in`.
-pub fn app(store: Arc<Store>, metrics: Metrics, sign_in: Option<SignInPage>) -> Router {
+/// `browser_sessions`: the `session.browser` credentials, whose line on the status page points to
+/// `/browser` (pairing, each site's state).
+pub fn app(
+    store: Arc<Store>,
+    metrics: Metrics,
+    sign_in: Option<SignInPage>,
+    browser_sessions: Vec<String>,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -65,6 +74,7 @@ pub fn app(store: Arc<Store>, metrics: Metrics, sign_in: Option<SignInPage>) -> 
             store,
             metrics,
             sign_in: sign_in.map(Arc::new),
+            browser_sessions: browser_sessions.into(),
         })
 }
 
@@ -172,6 +182,11 @@ async fn status_page(State(admin): State<Admin>, headers: HeaderMap) -> Response
                 escape(cmd)
             ),
             (Some(cmd), None) => format!("<b>Sign in:</b> run <code>{}</code>", escape(cmd)),
+            (None, _) if admin.browser_sessions.contains(&l.name) => match l.state {
+                "ready" => "from the browser (<a href=\"/browser\">extension</a>)".to_owned(),
+                _ => "<b>Sign in</b> to the site in your browser (the extension: <a href=\"/browser\">pairing</a>)"
+                    .to_owned(),
+            },
             (None, _) => String::new(),
         };
         rows.push_str(&format!(
@@ -397,7 +412,11 @@ mod tests {
             Box::pin(async move { Ok(format!("https://as.example/authorize?for={name}")) })
         });
         let token = page.token().to_owned();
-        (app(store, Metrics::register(), Some(page)), token, started)
+        (
+            app(store, Metrics::register(), Some(page), Vec::new()),
+            token,
+            started,
+        )
     }
 
     async fn send(router: &Router, req: Request<Body>) -> (StatusCode, HeaderMap, String) {
@@ -525,7 +544,7 @@ mod tests {
     async fn without_standalone_mode_there_is_no_button_and_no_sign_in() {
         let store = Store::new(["a".to_owned()]);
         store.needs_sign_in("a", "run login a", Some("login a".into()));
-        let router = app(store, Metrics::register(), None);
+        let router = app(store, Metrics::register(), None, Vec::new());
         let (_, _, page) = send(
             &router,
             Request::get("/")

@@ -330,6 +330,10 @@ async fn keep_fresh(
     let session = spec.source.session.as_ref();
     let check = session.and_then(|s| s.check.clone());
     let form_login = session.is_some_and(|s| s.form_login.is_some());
+    // A browser session is renewed by the person, in their browser.
+    let browser_fix = session
+        .and_then(|s| s.browser.as_ref())
+        .map(|b| source::session::browser::fix(&spec, b));
     let mut served: Option<Credential> = None;
     let mut session_dead = false;
     let mut next_check = None;
@@ -389,7 +393,13 @@ async fn keep_fresh(
                     published.as_ref().and_then(|p| p.1),
                     &name,
                 );
-                if matches!(e, SourceError::SignInRequired { .. }) {
+                if e.reason() == source::session::browser::SIGNED_OUT {
+                    // The person signed out (or never sent a session): the old cookies are dead,
+                    // nothing is served until the extension sends new ones.
+                    store.remove(&name, &e.to_string());
+                    published = None;
+                    served = None;
+                } else if matches!(e, SourceError::SignInRequired { .. }) {
                     // The message is the one to act on: it names the command. The credential
                     // starts the moment `login` writes its files (they are among its inputs).
                     store.needs_sign_in(&name, e.to_string(), secrets.sign_in_command(&name));
@@ -455,7 +465,7 @@ async fn keep_fresh(
                 () = sleep_until(check_at) => {
                     next_check = None;
                     if let (Some(check), Some(served)) = (&check, &served)
-                        && check_session(&store, &name, check, served, form_login, &sources, &mut session_dead).await
+                        && check_session(&store, &name, check, served, (form_login, browser_fix.as_deref()), &sources, &mut session_dead).await
                     {
                         tracing::info!(credential = %name, "the session has expired: logging in again");
                         break;
@@ -591,7 +601,7 @@ async fn check_session(
     name: &str,
     check: &mcp_credentials_core::SessionCheck,
     served: &Credential,
-    form_login: bool,
+    (form_login, browser_fix): (bool, Option<&str>),
     sources: &SourceContext,
     dead: &mut bool,
 ) -> bool {
@@ -610,9 +620,10 @@ async fn check_session(
             false
         }
         Err(e) if e.reason() == source::session::SESSION_EXPIRED => {
-            let fix = match form_login {
-                true => "logging in again",
-                false => "export fresh cookies into the cookies file",
+            let fix = match (form_login, browser_fix) {
+                (true, _) => "logging in again",
+                (false, Some(fix)) => fix,
+                (false, None) => "export fresh cookies into the cookies file",
             };
             tracing::warn!(credential = %name, error = %e, "the session has expired");
             store.fail(name, format!("{e}; {fix}"));
@@ -1049,6 +1060,69 @@ mod tests {
         site.revoked.lock().unwrap().clear();
         until("the failure to clear", || failure().is_none()).await;
         assert_eq!(site.logins.load(std::sync::atomic::Ordering::SeqCst), 0);
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_browser_session_is_served_until_the_person_signs_out_and_again_once_signed_in() {
+        use source::session::{Cookie, browser};
+        let site = site().await;
+        let dir = temp_dir("browser");
+        let (store, task) = start_wiki(&dir, &site, "browser: {}").await;
+        let failure = || store.get("wiki").unwrap().last_failure.map(|f| f.to_string());
+        until("the request to sign in", || {
+            failure().is_some_and(|f| f.contains("sign in to 127.0.0.1:") && f.contains("in your browser"))
+        })
+        .await;
+        // What the sidecar's endpoint writes when the extension sends the browser's cookies.
+        let send = |value: Option<&str>| {
+            let cookies: Vec<Cookie> = value
+                .map(|v| Cookie {
+                    name: "sid".into(),
+                    value: SecretString::new(v),
+                    domain: "127.0.0.1".into(),
+                    include_subdomains: false,
+                    path: "/".into(),
+                    secure: false,
+                    expires: None,
+                })
+                .into_iter()
+                .collect();
+            let r = browser::cookies_ref("wiki");
+            std::fs::create_dir_all(dir.join(&r.name)).unwrap();
+            write_private_file(
+                &dir.join(&r.name).join(&r.key),
+                browser::to_json(&cookies).expose().as_bytes(),
+            )
+            .unwrap();
+        };
+        send(Some("b1"));
+        until("the browser's session", || {
+            cookie(&store).as_deref() == Some("sid=b1")
+        })
+        .await;
+        // The person signs out: nothing is served, and the message says what to do.
+        send(None);
+        until("the signed-out session to be dropped", || {
+            cookie(&store).is_none()
+        })
+        .await;
+        let message = failure().unwrap();
+        assert!(
+            message.contains("signed out") && message.contains("in your browser"),
+            "{message}"
+        );
+        send(Some("b2"));
+        until("the new session", || cookie(&store).as_deref() == Some("sid=b2")).await;
+        assert!(failure().is_none());
+        // The site ends the session: the check says so, in the browser's words.
+        site.revoked.lock().unwrap().push("sid=b2".into());
+        until("the failing check", || {
+            failure().is_some_and(|f| f.contains("expected 200") && f.contains("sign in to 127.0.0.1:"))
+        })
+        .await;
+        assert!(!failure().unwrap().contains("b2"), "the cookie value leaked");
         task.abort();
         std::fs::remove_dir_all(&dir).unwrap();
     }
