@@ -22,7 +22,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use futures::{SinkExt, Stream, StreamExt, channel::mpsc};
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client,
@@ -34,6 +34,7 @@ use mcp_credentials_core::{
     process::ErrorChain,
     secret::{MANAGED_BY, MANAGED_BY_LABEL},
 };
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 /// Which credentials write or read each Secret, as each credential's last reconcile found: a
@@ -166,7 +167,9 @@ impl NamespaceWatches {
             changes,
             tasks: HashMap::new(),
         });
-        received.map(Ok)
+        futures::stream::unfold(received, |mut received| async move {
+            received.recv().await.map(|secret| (Ok(secret), received))
+        })
     }
 
     /// Watches the Secrets of `namespace` unless that is done already (or the watches are not
@@ -184,21 +187,27 @@ impl NamespaceWatches {
         let selector = unmanaged_selector();
         let config = watcher::Config::default().labels(&selector);
         let changes = watcher(api, config).default_backoff().touched_objects();
-        let mut sink = running.changes.clone();
+        let sink = running.changes.clone();
         let ns = namespace.to_owned();
         let task = tokio::spawn(async move {
             let mut changes = std::pin::pin!(changes);
-            while let Some(change) = changes.next().await {
+            loop {
+                // The controller is gone (leading stopped): so is the watch, at once.
+                let change = tokio::select! {
+                    _ = sink.closed() => return,
+                    change = changes.next() => change,
+                };
                 match change {
-                    Ok(secret) => {
+                    Some(Ok(secret)) => {
                         if sink.send(secret).await.is_err() {
                             return;
                         }
                     }
                     // The watch backs off and lists again by itself.
-                    Err(e) => {
+                    Some(Err(e)) => {
                         warn!(namespace = %ns, error = %ErrorChain(&e), "watching the namespace's Secrets failed; retrying")
                     }
+                    None => return,
                 }
             }
         });
@@ -308,7 +317,7 @@ mod tests {
         watches.ensure("agents");
         assert!(watches.watched().is_empty(), "inert until started");
 
-        let _changes = watches.start(Client::new(mock, "default"));
+        let changes = watches.start(Client::new(mock, "default"));
         watches.ensure("agents");
         watches.ensure("tools");
         watches.ensure("agents");
@@ -335,6 +344,21 @@ mod tests {
 
         watches.retain(&HashSet::from(["tools"]));
         assert_eq!(watches.watched(), ["tools"]);
+        // The controller drops the stream when leading stops: the watches end with it.
+        drop(changes);
+        let task = watches
+            .running
+            .lock()
+            .unwrap()
+            .as_mut()
+            .unwrap()
+            .tasks
+            .remove("tools")
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("the watch ends once nobody takes its changes")
+            .unwrap();
         watches.stop();
         assert!(watches.watched().is_empty());
     }
