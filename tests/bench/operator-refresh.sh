@@ -168,9 +168,23 @@ echo "operator warnings: $(grep -c WARN "$work/operator.log" || true)"
 echo "==> restart"
 kill -TERM "$op"
 wait "$op" 2>/dev/null || true
+kubectl get mcpcredentials -n "$ns" -o json > "$work/before.json"
 t0=$(tokens)
 start_operator
 wait_ready
 t1=$(tokens)
-due=$(metric "$ok")
-echo "all $count Ready again after ${all_ready}s; token requests meanwhile: $((t1 - t0)), refreshes that fell due meanwhile: ${due%.*}"
+kubectl get mcpcredentials -n "$ns" -o json > "$work/after.json"
+# A refresh by the new process before the renewal time the old one had set was not due.
+early=$(python3 - "$work/before.json" "$work/after.json" <<'PY'
+import json, sys
+from datetime import datetime
+def times(path, field):
+    return {c["metadata"]["name"]: datetime.fromisoformat(c["status"][field].replace("Z", "+00:00"))
+            for c in json.load(open(path))["items"] if c.get("status", {}).get(field)}
+renewal = times(sys.argv[1], "renewalTime")
+last_before, last_after = times(sys.argv[1], "lastRefreshTime"), times(sys.argv[2], "lastRefreshTime")
+print(sum(1 for n, t in last_after.items()
+          if t != last_before.get(n) and n in renewal and (renewal[n] - t).total_seconds() > 1))
+PY
+)
+echo "all $count Ready again after ${all_ready}s; token requests meanwhile: $((t1 - t0)), of them before the credential's renewal time: $early"
