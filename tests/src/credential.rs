@@ -28,6 +28,10 @@ use mcp_credentials_core::{
     TokenExchangeSource,
 };
 
+/// The label that shards an operator watching every namespace onto one test's credentials
+/// (`--selector mcpcredentials.dev/test-shard=<value>`), so other tests' credentials stay out.
+pub const SHARD_LABEL: &str = "mcpcredentials.dev/test-shard";
+
 /// A key in a Secret of the credential's namespace.
 pub fn secret_key(name: &str, key: &str) -> SecretKeyRef {
     SecretKeyRef {
@@ -190,6 +194,22 @@ impl OAuth2 {
     pub fn client_auth(mut self, auth: ClientAuth) -> Self {
         self.0.client_auth = Some(auth);
         self
+    }
+}
+
+/// The clients of the tests' OAuth server (`tests/oauth-server/server.mjs`), their secrets where
+/// the tests create them.
+impl OAuth2 {
+    /// `cc-basic`: client credentials, its secret in Secret `idp`, key `secret`.
+    pub fn cc_basic() -> Self {
+        Self::client_credentials("cc-basic").client_secret(secret_key("idp", "secret"))
+    }
+
+    /// `rt-client`: a rotating refresh token, it and the client secret in Secret `login` (keys
+    /// `refresh-token`, `client-secret`).
+    pub fn rt_client() -> Self {
+        Self::refresh_token("rt-client", secret_key("login", "refresh-token"))
+            .client_secret(secret_key("login", "client-secret"))
     }
 }
 
@@ -452,7 +472,7 @@ mod tests {
             "https://api.githubcopilot.com/mcp/",
             api_key(secret_key("gh", "token")),
         )
-        .label("mcpcredentials.dev/test-shard", "a")
+        .label(SHARD_LABEL, "a")
         .header("X-API-Key")
         .format("{token}")
         .renew_before_percentage(50)
