@@ -213,15 +213,6 @@ impl OAuth2 {
     }
 }
 
-impl From<OAuth2> for CredentialSource {
-    fn from(oauth2: OAuth2) -> Self {
-        Self {
-            oauth2: Some(oauth2.0),
-            ..Self::default()
-        }
-    }
-}
-
 /// `source.tokenExchange`: a subject token traded for an upstream token.
 #[derive(Clone, Debug)]
 pub struct TokenExchange(TokenExchangeSource);
@@ -271,15 +262,6 @@ impl TokenExchange {
     }
 }
 
-impl From<TokenExchange> for CredentialSource {
-    fn from(exchange: TokenExchange) -> Self {
-        Self {
-            token_exchange: Some(exchange.0),
-            ..Self::default()
-        }
-    }
-}
-
 /// `source.jwt`: a JWT the operator mints.
 #[derive(Clone, Debug)]
 pub struct Jwt(JwtSource);
@@ -321,15 +303,6 @@ impl Jwt {
     }
 }
 
-impl From<Jwt> for CredentialSource {
-    fn from(jwt: Jwt) -> Self {
-        Self {
-            jwt: Some(jwt.0),
-            ..Self::default()
-        }
-    }
-}
-
 /// `source.githubApp`: an installation token made from the App's key.
 #[derive(Clone, Debug)]
 pub struct GitHubApp(GitHubAppSource);
@@ -363,15 +336,6 @@ impl GitHubApp {
     pub fn api_url(mut self, url: &str) -> Self {
         self.0.api_url = Some(url.into());
         self
-    }
-}
-
-impl From<GitHubApp> for CredentialSource {
-    fn from(app: GitHubApp) -> Self {
-        Self {
-            github_app: Some(app.0),
-            ..Self::default()
-        }
     }
 }
 
@@ -447,14 +411,24 @@ impl Session {
     }
 }
 
-impl From<Session> for CredentialSource {
-    fn from(session: Session) -> Self {
-        Self {
-            session: Some(session.0),
-            ..Self::default()
+/// Each source builder fills its one field of `spec.source`.
+macro_rules! into_source {
+    ($($builder:ident => $field:ident),* $(,)?) => {$(
+        impl From<$builder> for CredentialSource {
+            fn from(source: $builder) -> Self {
+                Self { $field: Some(source.0), ..Self::default() }
+            }
         }
-    }
+    )*};
 }
+
+into_source!(
+    OAuth2 => oauth2,
+    TokenExchange => token_exchange,
+    Jwt => jwt,
+    GitHubApp => github_app,
+    Session => session,
+);
 
 #[cfg(test)]
 mod tests {
