@@ -17,7 +17,10 @@ use mcp_credentials_core::{
     McpCredential,
     source::{
         OutboundPolicy, SourceContext,
-        sign_in::{self, Options, Registrations},
+        sign_in::{
+            self, Options, Registrations,
+            step_up::{self, StepUp},
+        },
     },
 };
 
@@ -97,6 +100,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 device,
                 client_metadata_url,
                 timeout: None,
+                step_up: None,
             };
             login(
                 client,
@@ -152,6 +156,15 @@ async fn login(
         Some(text) => Some(Registrations::parse(&text).map_err(|e| format!("Secret {secret_name}: {e}"))?),
         None => None,
     };
+    // A step-up the operator recorded (403 insufficient_scope): this sign-in asks for its scopes too.
+    let step_up = match existing.as_ref().and_then(|s| value(s, step_up::STEP_UP_KEY)) {
+        Some(text) => StepUp::parse(&text).map_err(|e| format!("Secret {secret_name}: {e}"))?,
+        None => None,
+    };
+    let options = &Options {
+        step_up,
+        ..options.clone()
+    };
     let client_secret = match &o.client_secret {
         Some(r) => {
             let s = secrets
@@ -180,6 +193,7 @@ async fn login(
     let data: BTreeMap<String, ByteString> = signed_in
         .data()
         .into_iter()
+        .chain(signed_in.step_up_data())
         .map(|(k, v)| (k.to_owned(), ByteString(v.expose().as_bytes().to_vec())))
         .collect();
     let secret = serde_json::json!({

@@ -597,12 +597,12 @@ pub enum CookieFormat {
     Json,
 }
 
-/// A browser session: exactly one of `cookies` or `formLogin`.
+/// A browser session: exactly one of `cookies`, `formLogin` or `browser`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.cookies) != has(self.formLogin)").message(
-    "session must set exactly one of cookies or formLogin"
-))]
+#[x_kube(validation = Rule::new(
+    "[has(self.cookies), has(self.formLogin), has(self.browser)].filter(x, x).size() == 1"
+).message("session must set exactly one of cookies, formLogin or browser"))]
 pub struct SessionSource {
     /// Cookies exported from a browser and stored in a Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -611,6 +611,11 @@ pub struct SessionSource {
     /// Log in through a form and keep the cookies it sets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub form_login: Option<FormLogin>,
+
+    /// The session the person has in their own browser, handed to the standalone sidecar by the
+    /// mcp-credentials browser extension (standalone mode only: a cluster has no browser).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub browser: Option<BrowserSession>,
 
     /// A URL that answers `expectStatus` while the session is alive. Default: no check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -626,6 +631,25 @@ pub struct ImportedCookies {
     /// The format. Default: detected (JSON if the value starts with `[`, otherwise Netscape).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<CookieFormat>,
+}
+
+/// A session from the person's browser: the cookies the browser would send to `url`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BrowserSession {
+    /// The site whose cookies make the session: the extension reads the cookies the browser would
+    /// send to this URL (domain, path, secure) and the sidecar accepts no other. Default:
+    /// `spec.upstream`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_URL_LENGTH))]
+    #[x_kube(validation = https_url("session.browser.url"))]
+    pub url: Option<String>,
+    /// The page the extension opens for the person to sign in again. Default: the origin of `url`
+    /// (`https://wiki.example.com/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_URL_LENGTH))]
+    #[x_kube(validation = https_url("session.browser.signInUrl"))]
+    pub sign_in_url: Option<String>,
 }
 
 /// A form login.

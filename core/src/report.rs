@@ -79,7 +79,14 @@ pub struct Report {
     pub reason: Reason,
     /// The Secret's `version` the sidecar sent when it was rejected.
     pub version: String,
+    /// For `insufficient_scope`: the `scope` the upstream's challenge named (space-separated), what
+    /// a step-up asks for (SEP-2350). Absent from older sidecars and other reasons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
+
+/// The longest `scope` a report carries.
+pub const MAX_SCOPE: usize = 1024;
 
 /// A report body, for error messages.
 const EXAMPLE: &str =
@@ -104,8 +111,22 @@ impl Report {
         if report.version.is_empty() || report.version.len() > 128 {
             return Err("version must be 1 to 128 characters".into());
         }
+        if let Some(scope) = &report.scope
+            && !valid_scope(scope)
+        {
+            return Err(format!(
+                "scope must be at most {MAX_SCOPE} characters of space-separated RFC 6749 scope tokens"
+            ));
+        }
         Ok(report)
     }
+}
+
+/// Whether `scope` can ride in a report: at most [`MAX_SCOPE`] characters of RFC 6749 §3.3 scope
+/// tokens separated by spaces (a sidecar leaves out anything else an upstream sent).
+pub fn valid_scope(scope: &str) -> bool {
+    let token_char = |c: char| c == ' ' || (c.is_ascii_graphic() && c != '"' && c != '\\');
+    scope.len() <= MAX_SCOPE && scope.chars().all(token_char)
 }
 
 fn is_name(s: &str) -> bool {
@@ -128,12 +149,21 @@ mod tests {
             credential: "github".into(),
             reason: Reason::InsufficientScope,
             version: "v7".into(),
+            scope: None,
         };
         let body = serde_json::to_vec(&report).unwrap();
         assert_eq!(
             String::from_utf8(body.clone()).unwrap(),
             r#"{"namespace":"agents","credential":"github","reason":"insufficient_scope","version":"v7"}"#
         );
+        assert_eq!(Report::parse(&body).unwrap(), report);
+        // A step-up's challenged scopes ride along.
+        let report = Report {
+            scope: Some("repo read:org".into()),
+            ..report
+        };
+        let body = serde_json::to_vec(&report).unwrap();
+        assert!(String::from_utf8_lossy(&body).ends_with(r#""version":"v7","scope":"repo read:org"}"#));
         assert_eq!(Report::parse(&body).unwrap(), report);
     }
 
@@ -155,6 +185,11 @@ mod tests {
                 "version",
             ),
             ("x".repeat(MAX_BODY + 1), "at most"),
+            (
+                r#"{"namespace":"a","credential":"g","reason":"insufficient_scope","version":"1","scope":"a\"b"}"#
+                    .to_owned(),
+                "scope",
+            ),
         ] {
             let e = Report::parse(body.as_bytes()).unwrap_err();
             assert!(e.contains(says), "{body}: {e}");

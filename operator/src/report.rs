@@ -22,6 +22,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
+use base64::Engine as _;
 use jiff::Timestamp;
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec},
@@ -35,6 +36,10 @@ use kube::{
 use mcp_credentials_core::{
     McpCredential,
     secret::{VERSION_KEY, secret_name},
+    source::sign_in::{
+        self,
+        step_up::{self, StepUp},
+    },
 };
 use tracing::{info, warn};
 
@@ -481,6 +486,20 @@ async fn answer(app: &ReportApp, peer: Option<std::net::IpAddr>, headers: &Heade
             return Answer::Unavailable;
         }
     };
+    if report.reason == Reason::InsufficientScope
+        && current_version.as_deref() == Some(report.version.as_str())
+        && let Some(o) = credential
+            .spec
+            .source
+            .oauth2
+            .as_ref()
+            .filter(|_| sign_in::applies(&credential.spec))
+    {
+        // A signed-in credential lacks consent: no refresh widens a grant, a person must sign in.
+        if let Err(answer) = record_step_up(app, &secrets, &report, credential, o).await {
+            return logged(&report, &identity, answer);
+        }
+    }
     let key = format!("{}/{}", report.namespace, report.credential);
     // Check and record under one lock, so two concurrent reports force one refresh.
     let answer = {
@@ -545,6 +564,79 @@ async fn answer(app: &ReportApp, peer: Option<std::net::IpAddr>, headers: &Heade
     logged(&report, &identity, Answer::Refresh)
 }
 
+/// Records the step-up a 403 `insufficient_scope` asks for (core's [`step_up::decide`]) in the
+/// credential's sign-in Secret, key [`step_up::STEP_UP_KEY`], which `kubectl mcpcred login` reads;
+/// the reconcile then says in `ReauthRequired` that more consent is needed and names the command.
+/// Nothing is written while the same step-up waits for its sign-in.
+async fn record_step_up(
+    app: &ReportApp,
+    secrets: &Api<Secret>,
+    report: &Report,
+    credential: &McpCredential,
+    o: &mcp_credentials_core::OAuth2Source,
+) -> Result<(), Answer> {
+    let name = sign_in::secret_name(&report.credential, o);
+    let secret = match secrets.get_opt(&name).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, namespace = %report.namespace, secret = %name, "reading the sign-in Secret failed");
+            return Err(Answer::Unavailable);
+        }
+    };
+    let value = |key: &str| {
+        secret
+            .as_ref()
+            .and_then(|s| s.data.as_ref())
+            .and_then(|d| d.get(key))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+    };
+    let previous = value(step_up::STEP_UP_KEY).and_then(|t| {
+        StepUp::parse(&t).unwrap_or_else(|e| {
+            warn!(namespace = %report.namespace, credential = %report.credential, error = %e, "the stored step-up is ignored");
+            None
+        })
+    });
+    let granted = value(sign_in::REGISTRATION_KEY)
+        .and_then(|t| sign_in::Registrations::parse(&t).ok())
+        .and_then(|r| r.granted_scope().map(str::to_owned));
+    let challenged = report.scope.as_deref().unwrap_or("");
+    let command = crate::controller::sign_in_command(&report.credential, &report.namespace);
+    let (state, reason, note) = match step_up::decide(previous.as_ref(), granted.as_deref(), challenged) {
+        step_up::Decision::Waiting(_) => return Ok(()),
+        step_up::Decision::Ask(s) => {
+            let note = s.message(&command);
+            (s, "StepUpRequested", note)
+        }
+        step_up::Decision::GiveUp(s) if previous.as_ref() == Some(&s) => return Ok(()),
+        step_up::Decision::GiveUp(s) => {
+            let note = s.gave_up_message(challenged);
+            (s, "StepUpExhausted", note)
+        }
+    };
+    let patch = serde_json::json!({
+        "data": {step_up::STEP_UP_KEY: base64::engine::general_purpose::STANDARD.encode(state.to_json().expose())}
+    });
+    if let Err(e) = secrets
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        warn!(error = %e, namespace = %report.namespace, secret = %name, "recording the step-up failed");
+        return Err(Answer::Unavailable);
+    }
+    info!(namespace = %report.namespace, credential = %report.credential, scope = %state.scope, reason, "step-up recorded");
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Report".into(),
+        secondary: None,
+    };
+    if let Err(e) = app.recorder.publish(&event, &credential.object_ref(&())).await {
+        warn!(error = %e, "publishing an event failed");
+    }
+    Ok(())
+}
+
 fn logged(report: &Report, identity: &Identity, answer: Answer) -> Answer {
     let sender = match identity {
         Identity::ServiceAccount { namespace, name, .. } => format!("{namespace}/{name}"),
@@ -595,6 +687,7 @@ mod tests {
             credential: "github".into(),
             reason: Reason::InvalidToken,
             version: version.into(),
+            scope: None,
         }
     }
 

@@ -14,6 +14,8 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::watch};
 
 pub mod admin;
+/// The browser extension's endpoints (standalone `session.browser` credentials).
+pub mod browser;
 pub mod config;
 pub mod credential;
 pub mod error;
@@ -53,6 +55,9 @@ pub enum RunError {
     /// Standalone mode could not load its McpCredentials.
     #[error("standalone mode")]
     Standalone(#[from] store::standalone::StandaloneError),
+    /// The browser extension's pairing code cannot be read or created.
+    #[error(transparent)]
+    Browser(#[from] browser::PairingError),
     /// Reports to the operator cannot be sent.
     #[error("reports to the operator")]
     Report(#[from] report::ReportError),
@@ -123,6 +128,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     };
 
+    // Standalone mode's status page starts sign-ins (`login` in-process).
+    let sign_in_page = match &config.store {
+        StoreConfig::Standalone {
+            credentials_file,
+            secrets_dir,
+            discovery_allow_loopback,
+        } => {
+            let (file, dir) = (credentials_file.clone(), secrets_dir.clone());
+            let policy = mcp_credentials_core::source::OutboundPolicy {
+                allow_loopback: *discovery_allow_loopback,
+            };
+            Some(admin::SignInPage::new(move |name| {
+                login::start_from_page(name, file.clone(), dir.clone(), policy)
+            }))
+        }
+        _ => None,
+    };
     tracing::info!(proxy = %config.listen, admin = %config.admin_listen, probes = ?config.probe_listen, credentials = ?store.names(), "serving");
     let proxy = Proxy {
         store: store.clone(),
@@ -148,14 +170,41 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             serve_admin(listener, admin::probes(store.clone()), limits, stopped.clone()).await;
         }
     };
+    // The browser extension's endpoints, and the status page's pointer to them.
+    let mut browser_routes = None;
+    if let StoreConfig::Standalone {
+        credentials_file,
+        secrets_dir,
+        ..
+    } = &config.store
+    {
+        let credentials = store::standalone::load(credentials_file)?;
+        let ids = browser::extension_ids_from_env();
+        if let Some(b) = browser::Browser::new(store.clone(), &credentials, secrets_dir, &ids)? {
+            if config.admin_listen.ip().is_loopback() {
+                tracing::info!(
+                    page = %format!("http://{}/browser", config.admin_listen),
+                    pairing_code_file = %b.code_file().display(),
+                    credentials = ?b.credentials(),
+                    "browser sessions: pair the mcp-credentials extension with the code in the file"
+                );
+                browser_routes = Some(b);
+            } else {
+                tracing::warn!(admin = %config.admin_listen, "browser sessions need the admin listener on loopback: the extension's endpoints are off");
+            }
+        }
+    }
+    let browser_sessions = browser_routes
+        .as_ref()
+        .map(|b| b.credentials())
+        .unwrap_or_default();
+    let mut admin_app = admin::app(store.clone(), metrics, sign_in_page, browser_sessions);
+    if let Some(b) = browser_routes {
+        admin_app = admin_app.merge(browser::routes(b));
+    }
     let servers = futures_util::future::join3(
         serve_on(proxy_listener, proxy::app(proxy), stopped.clone(), workers),
-        serve_admin(
-            admin_listener,
-            admin::app(store.clone(), metrics),
-            limits,
-            stopped.clone(),
-        ),
+        serve_admin(admin_listener, admin_app, limits, stopped.clone()),
         probes,
     );
     tokio::pin!(servers);

@@ -11,7 +11,10 @@ use std::{
 use kube::ResourceExt;
 use mcp_credentials_core::source::{
     OutboundPolicy, SecretResolver, SourceContext,
-    sign_in::{self, Options, Registrations, SignInError, SignedIn},
+    sign_in::{
+        self, Options, Registrations, SignInError, SignedIn,
+        step_up::{self, StepUp},
+    },
 };
 
 use crate::store::standalone::{self, write_private_file};
@@ -112,6 +115,57 @@ pub enum LoginError {
     },
 }
 
+/// Starts the sign-in of `credential` for the status page's button: the login runs on in the
+/// background (it waits for the browser's redirect, then stores what it gets, which the running
+/// sidecar picks up); the answer is the authorization URL to send the browser to, or why the
+/// sign-in could not start.
+pub fn start_from_page(
+    credential: String,
+    credentials_file: PathBuf,
+    secrets_dir: PathBuf,
+    policy: OutboundPolicy,
+) -> crate::admin::Started {
+    let (tx, rx) = tokio::sync::oneshot::channel::<Result<String, String>>();
+    let tx = std::sync::Arc::new(std::sync::Mutex::new(Some(tx)));
+    let send = {
+        let tx = tx.clone();
+        move |answer: Result<String, String>| {
+            if let Some(tx) = tx.lock().expect("sign-in answer").take() {
+                let _ = tx.send(answer);
+            }
+        }
+    };
+    let args = Args {
+        credential,
+        credentials_file,
+        secrets_dir,
+        browser_command: None,
+        device: false,
+        client_metadata_url: None,
+    };
+    tokio::spawn(async move {
+        let early = send.clone();
+        let result = run_with(&args, policy, move |p| match p {
+            sign_in::Prompt::Browser { url } => early(Ok(url.clone())),
+            sign_in::Prompt::Device { .. } => early(Err("the server asked for the device grant".into())),
+        })
+        .await;
+        match result {
+            Ok(s) => {
+                tracing::info!(credential = %args.credential, issuer = %s.issuer, "signed in from the status page")
+            }
+            Err(e) => {
+                tracing::warn!(credential = %args.credential, error = %e, "the sign-in started from the status page failed");
+                send(Err(e.to_string()));
+            }
+        }
+    });
+    Box::pin(async move {
+        rx.await
+            .unwrap_or_else(|_| Err("the sign-in ended before it had a URL to open".into()))
+    })
+}
+
 /// Runs `login` with the arguments after the subcommand; prints progress and the outcome.
 pub async fn main(args: &[String], policy: OutboundPolicy) -> ExitCode {
     let args = match Args::parse(args) {
@@ -150,8 +204,19 @@ pub async fn main(args: &[String], policy: OutboundPolicy) -> ExitCode {
     }
 }
 
-/// Signs in and stores the result.
+/// Signs in and stores the result, showing the prompt on stderr and opening the browser.
 pub async fn run(args: &Args, policy: OutboundPolicy) -> Result<SignedIn, LoginError> {
+    let browser = args.browser_command.clone();
+    run_with(args, policy, |p| p.show(browser.as_deref())).await
+}
+
+/// Signs in and stores the result; `prompt` is given what the person must open (the status page's
+/// sign-in sends their browser there).
+pub async fn run_with(
+    args: &Args,
+    policy: OutboundPolicy,
+    prompt: impl FnOnce(&sign_in::Prompt),
+) -> Result<SignedIn, LoginError> {
     let credentials = standalone::load(&args.credentials_file)?;
     let credential = credentials
         .iter()
@@ -184,12 +249,10 @@ pub async fn run(args: &Args, policy: OutboundPolicy) -> Result<SignedIn, LoginE
         device: args.device,
         client_metadata_url: args.client_metadata_url.clone(),
         timeout: None,
+        // A step-up the sidecar recorded (403 insufficient_scope): its scopes are asked for too.
+        step_up: read_step_up(&dir)?,
     };
-    let browser = args.browser_command.clone();
-    let signed_in = sign_in::login(&ctx, &credential.spec, existing, client_secret, &options, |p| {
-        p.show(browser.as_deref())
-    })
-    .await?;
+    let signed_in = sign_in::login(&ctx, &credential.spec, existing, client_secret, &options, prompt).await?;
     store(&dir, &signed_in)?;
     Ok(signed_in)
 }
@@ -210,8 +273,24 @@ fn read_registrations(dir: &Path) -> Result<Option<Registrations>, LoginError> {
     }
 }
 
+/// The step-up the running sidecar recorded in the sign-in directory, if any.
+fn read_step_up(dir: &Path) -> Result<Option<StepUp>, LoginError> {
+    let path = dir.join(step_up::STEP_UP_KEY);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            StepUp::parse(&text).map_err(|e| SignInError::Stored(format!("{}: {e}", path.display())).into())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(LoginError::File {
+            what: "cannot read",
+            path,
+            source,
+        }),
+    }
+}
+
 /// Writes the sign-in's files, each atomically at 0600 in a 0700 directory: the registration
-/// first, the refresh token last (its arrival is what a running sidecar acts on).
+/// and the settled step-up first, the refresh token last (its arrival is what a running sidecar acts on).
 pub fn store(dir: &Path, signed_in: &SignedIn) -> Result<(), LoginError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let file_error = |what, path: &Path| {
@@ -225,8 +304,13 @@ pub fn store(dir: &Path, signed_in: &SignedIn) -> Result<(), LoginError> {
         .map_err(file_error("cannot create", dir))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(file_error("cannot restrict", dir))?;
-    let mut data = signed_in.data();
-    data.sort_by_key(|(k, _)| *k == sign_in::REFRESH_TOKEN_KEY);
+    let mut data: Vec<_> = signed_in
+        .data()
+        .into_iter()
+        .chain(signed_in.step_up_data())
+        .collect();
+    // The settled step-up first, so the sidecar never reads the new token beside a pending one.
+    data.sort_by_key(|(k, _)| (*k != step_up::STEP_UP_KEY, *k == sign_in::REFRESH_TOKEN_KEY));
     for (key, value) in data {
         let path = dir.join(key);
         write_private_file(&path, value.expose().as_bytes()).map_err(file_error("cannot write", &path))?;

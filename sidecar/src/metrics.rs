@@ -21,6 +21,12 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     /// `mcp_credentials_sidecar_upstream_rejections_total{credential,reason}`: upstream 401 and 403.
     pub upstream_rejections: IntCounterVec,
+    /// `mcp_credentials_sidecar_upstream_resends_total{credential,reason}`: requests sent again
+    /// because the upstream provably did not process them: `not_sent` (the connection closed before
+    /// the request was started on it), `refused_stream` (HTTP/2 `REFUSED_STREAM`), `goaway` (HTTP/2
+    /// GOAWAY naming a lower last stream). The pool's own resends of requests it never started on a
+    /// reused connection are not seen, so not counted.
+    pub upstream_resends: IntCounterVec,
     /// `mcp_credentials_sidecar_expired_refusals_total{credential}`: 503s instead of an expired credential.
     pub expired_refusals: IntCounterVec,
     /// `mcp_credentials_sidecar_credential_age_seconds{credential}`: since this version was loaded.
@@ -69,6 +75,14 @@ impl Metrics {
             Opts::new(
                 "upstream_rejections_total",
                 "Upstream 401 and 403 answers, by reason (invalid_token, insufficient_scope, other)",
+            ),
+            &["credential", "reason"],
+        )
+        .expect("valid metric");
+        let upstream_resends = IntCounterVec::new(
+            Opts::new(
+                "upstream_resends_total",
+                "Requests sent again because the upstream did not process them, by reason (not_sent, refused_stream, goaway)",
             ),
             &["credential", "reason"],
         )
@@ -126,6 +140,7 @@ impl Metrics {
             Box::new(sse_events_too_large.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(upstream_rejections.clone()),
+            Box::new(upstream_resends.clone()),
             Box::new(expired_refusals.clone()),
             Box::new(credential_age.clone()),
             Box::new(credential_expiration.clone()),
@@ -139,6 +154,7 @@ impl Metrics {
             requests,
             upstream_duration,
             upstream_rejections,
+            upstream_resends,
             expired_refusals,
             credential_age,
             credential_expiration,

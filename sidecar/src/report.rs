@@ -126,6 +126,10 @@ impl Reporter {
             credential: request.name.clone(),
             reason,
             version: request.version.clone(),
+            scope: request
+                .scope
+                .clone()
+                .filter(|s| mcp_credentials_core::report::valid_scope(s)),
         };
         let response = self
             .client
@@ -206,6 +210,7 @@ mod tests {
             name: "github".into(),
             reason: Rejection::Curable(Reason::InvalidToken),
             version: "1".into(),
+            scope: None,
         };
         assert_eq!(reporter.send(&request, Reason::InvalidToken).await, "no_token");
     }
@@ -216,6 +221,7 @@ mod tests {
             name: "github".into(),
             reason,
             version: version.into(),
+            scope: None,
         };
         let (invalid, scope) = (
             Rejection::Curable(Reason::InvalidToken),

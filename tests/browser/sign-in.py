@@ -5,6 +5,8 @@ consent page, and follows the redirect to the loopback listener of `mcp-credenti
 
 python3 sign-in.py [--deny] <authorization-url>   exit 0 when the listener's page says "Signed in"
 (or, with --deny, when consent was refused and the listener says the sign-in failed).
+python3 sign-in.py --status-page <status-page-url>  the same, started with the "Sign in" button of
+the standalone sidecar's status page.
 """
 import shutil
 import sys
@@ -21,6 +23,10 @@ with sync_playwright() as p:
     browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
     page = browser.new_page()
     page.goto(url)
+    if "--status-page" in sys.argv:
+        # The person presses the page's button, which sends the browser to the authorization server.
+        page.click("button:has-text('Sign in')")
+        page.wait_for_load_state()
     for _ in range(5):
         # What the person saw, for a failing test's output (no secrets: the code is single use).
         print(f"page: {page.url.split('?')[0]} {page.title()!r}", file=sys.stderr)

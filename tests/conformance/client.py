@@ -11,7 +11,10 @@ mcp-credentials, and nothing an MCP client does itself:
 3. for a sign-in credential, runs `mcp-credentials-sidecar login`, whose browser is
    `follow-redirects` (the suite's authorization server approves at once);
 4. connects the official MCP Python SDK, with no credential of its own, to the sidecar's
-   http://127.0.0.1:<port>/conformance, and initializes, lists tools and calls `test-tool`.
+   http://127.0.0.1:<port>/conformance, and initializes, lists tools and calls `test-tool`;
+5. when the calls fail and the sidecar's status page says the credential "needs more consent" (an
+   upstream's 403 insufficient_scope: a step-up), runs `login` again, as the page says, and repeats
+   the calls (at most MAX_STEP_UPS times).
 
 Exit status 0 when the MCP calls succeeded. Everything the sidecar logs goes to stderr, which the
 suite keeps in its results directory.
@@ -38,6 +41,8 @@ NAME = "conformance"
 # MCP calls: together under the suite's --timeout (90 s, tests/conformance/run), so the client
 # always stops its sidecar itself.
 READY_WAIT_SECONDS = 25
+# Sign-ins for more consent the client does, as a person would: the sidecar asks for at most 3.
+MAX_STEP_UPS = 3
 
 
 def log(*parts: object) -> None:
@@ -116,6 +121,15 @@ def get(url: str) -> int:
         return 0
 
 
+def needs_more_consent(admin: int) -> bool:
+    """Whether the sidecar's status page says a person must sign in for more scopes."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=5) as r:
+            return "needs more consent" in r.read().decode()
+    except OSError:
+        return False
+
+
 def wait_for(url: str, want: int, sidecar: subprocess.Popen, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -185,22 +199,38 @@ def main() -> int:
         if not wait_for(f"http://127.0.0.1:{admin}/healthz", 200, sidecar, READY_WAIT_SECONDS):
             log("the sidecar's /healthz did not answer 200")
             return 1
-        if sign_in:
+        def login() -> bool:
             browser = HERE / "follow-redirects"
-            login = subprocess.run(
+            run = subprocess.run(
                 [sidecar_bin, "login", NAME, str(config), str(secrets), "--browser-command", str(browser)],
                 env=env,
                 stdout=sys.stderr,
                 timeout=READY_WAIT_SECONDS,
             )
-            log("login exited with", login.returncode)
-            if login.returncode != 0:
-                return 1
+            log("login exited with", run.returncode)
+            return run.returncode == 0
+
+        if sign_in and not login():
+            return 1
         if not wait_for(f"http://127.0.0.1:{admin}/readyz", 200, sidecar, READY_WAIT_SECONDS):
             log("the sidecar did not become ready (no credential)")
             # Still try the MCP calls: what the agent sees is the product's answer.
-        anyio.run(use, f"http://127.0.0.1:{listen}/{NAME}")
-        return 0
+        step_ups = 0
+        while True:
+            try:
+                anyio.run(use, f"http://127.0.0.1:{listen}/{NAME}")
+                return 0
+            except Exception as e:  # noqa: BLE001 - a step-up may cure it, else the log says why
+                if not (sign_in and step_ups < MAX_STEP_UPS and needs_more_consent(admin)):
+                    raise
+                step_ups += 1
+                log("the calls failed:", repr(e), "- the status page asks for more consent: signing in again")
+                if not login():
+                    return 1
+                # The new sign-in is served once the status page no longer asks for it.
+                deadline = time.monotonic() + READY_WAIT_SECONDS
+                while needs_more_consent(admin) and time.monotonic() < deadline:
+                    time.sleep(0.1)
     except Exception as e:  # noqa: BLE001 - the suite wants an exit status, the log says why
         log("failed:", repr(e))
         return 1

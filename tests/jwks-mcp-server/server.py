@@ -86,6 +86,8 @@ def whoami() -> str:
     return token.subject if token else "anonymous"
 
 
+# Listening before the port is printed, so that a client connecting at once is queued, not refused.
+sock.listen(128)
 print(PORT, flush=True)
 config = uvicorn.Config(server.streamable_http_app(), log_level="warning")
 uvicorn.Server(config).run(sockets=[sock])

@@ -107,6 +107,33 @@ fn invalid_credentials_are_rejected_with_a_message_naming_the_fix() {
             "spec.source must set exactly one of",
         ),
         (
+            "a session from both imported cookies and the browser",
+            credential(
+                "session-cookies-and-browser",
+                "
+                upstream: https://wiki.example.com/mcp
+                source:
+                  session:
+                    cookies: {secretKeyRef: {name: wiki, key: cookies.txt}}
+                    browser: {}
+                ",
+            ),
+            "session must set exactly one of cookies, formLogin or browser",
+        ),
+        (
+            "a browser session whose site is plain http and not loopback",
+            credential(
+                "session-browser-http",
+                "
+                upstream: https://wiki.example.com/mcp
+                source:
+                  session:
+                    browser: {url: http://wiki.example.com/}
+                ",
+            ),
+            "session.browser.url must be an absolute https:// URL",
+        ),
+        (
             "an http upstream that is not loopback",
             credential(
                 "http-upstream",
@@ -381,6 +408,29 @@ fn loopback_http_is_accepted_for_local_servers() {
         let doc = credential(&format!("local-{i}"), &format!("upstream: {url}\n{VALID_SOURCE}"));
         let out = cp.apply(&ns, &doc);
         assert!(out.success, "{url} was rejected: {}", out.stderr);
+    }
+}
+
+#[test]
+fn a_browser_session_is_accepted() {
+    let cp = cluster();
+    let ns = cp.namespace("crd-browser");
+    for (name, browser) in [
+        ("wiki", "{}"),
+        (
+            "wiki-sso",
+            "{url: https://wiki.example.com/api, signInUrl: https://sso.example.com/login}",
+        ),
+    ] {
+        let doc = credential(
+            name,
+            &format!(
+                "upstream: https://wiki.example.com/api/mcp\nsource:\n  session:\n    browser: {browser}\n    \
+                 check: {{url: https://wiki.example.com/api/me}}\n"
+            ),
+        );
+        let out = cp.apply(&ns, &doc);
+        assert!(out.success, "{browser} was rejected: {}", out.stderr);
     }
 }
 

@@ -26,6 +26,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// An upstream that rejects the first bearer token it sees (and only that one) with 401
 /// `invalid_token`, as a server does after revoking a token; it records every token it was sent.
 async fn revoking_upstream() -> (u16, Arc<Mutex<Vec<String>>>) {
+    rejecting_upstream(
+        "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer error=\"invalid_token\"\r\n\
+         content-length: 0\r\nconnection: close\r\n\r\n",
+    )
+    .await
+}
+
+/// An upstream that answers the first bearer token it sees (and only that one) with `rejection`;
+/// it records every token it was sent.
+async fn rejecting_upstream(rejection: &'static str) -> (u16, Arc<Mutex<Vec<String>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -78,9 +88,7 @@ async fn revoking_upstream() -> (u16, Arc<Mutex<Vec<String>>>) {
                     seen[0] == token
                 };
                 let response = if rejected {
-                    "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer error=\"invalid_token\"\r\n\
-                     content-length: 0\r\nconnection: close\r\n\r\n"
-                        .to_owned()
+                    rejection.to_owned()
                 } else {
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\
                      connection: close\r\n\r\n{\"ok\":true}"
@@ -337,6 +345,146 @@ async fn a_rejected_credential_is_reported_refreshed_and_the_request_replayed() 
         secret_version(&secrets.get("github-mcp-credential").await.unwrap()),
         second
     );
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = cp.kubectl(&["delete", "namespace", &ns, "--wait=false"]);
+}
+
+/// Step-up (SEP-2350) in a cluster: a signed-in credential (here the access token of a sign-in
+/// that gave no refresh token, as the sign-in Secret holds it) that its upstream answers 403
+/// `insufficient_scope, scope="mcp:basic mcp:write"`. The sidecar reports it with the challenged
+/// scopes; the operator records the step-up (the union with the granted `mcp:basic`) in the
+/// sign-in Secret, where `kubectl mcpcred login` reads it, and the credential says in
+/// `ReauthRequired` that more consent is needed and what to run, while it stays Ready. More 403s
+/// before the sign-in are the same step-up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_403_insufficient_scope_records_a_step_up_and_the_condition_names_the_login_command() {
+    let (cp, ns) = setup("stepup");
+    let (upstream_port, seen) = rejecting_upstream(
+        "HTTP/1.1 403 Forbidden\r\nwww-authenticate: Bearer error=\"insufficient_scope\", \
+         scope=\"mcp:basic mcp:write\"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    let upstream = format!("http://127.0.0.1:{upstream_port}/mcp");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let held = format!(
+        r#"{{"accessToken":"held-access-token","issuedAt":{now},"expiresAt":{}}}"#,
+        now + 3600
+    );
+    let registration = r#"{"http://127.0.0.1:9":{"client_id":"c","method":"preRegistered","scope":"mcp:basic","signed_in_at":"2026-12-04T00:00:00Z"}}"#;
+    create_secret(
+        cp,
+        &ns,
+        "github-sign-in",
+        &[("access-token", &held), ("registration", registration)],
+    );
+    apply(
+        cp,
+        &ns,
+        &format!(
+            r#"apiVersion: mcpcredentials.dev/v1alpha1
+kind: McpCredential
+metadata: {{ name: github }}
+spec:
+  upstream: {upstream}
+  source:
+    oauth2:
+      grant: authorizationCode
+      tokenUrl: http://127.0.0.1:9/token
+      clientId: c
+  access:
+    serviceAccounts: [agent]
+"#
+        ),
+    );
+    let agent_token = service_account_token(cp, &ns, "agent");
+    let dir = std::env::temp_dir().join(format!("mcp-report-certs-{ns}"));
+    let WebhookOperator {
+        operator: op,
+        listen,
+        ca_pem,
+    } = WebhookOperator::start(cp, &ns, "a", &dir, &[]);
+    let report_url = format!("https://{listen}/v1/report");
+    let client = client(cp).await;
+    let creds: Api<McpCredential> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client, &ns);
+    wait_condition(&creds, "github", "Ready", "True", None).await;
+
+    let sidecar = Sidecar::start(cp, &ns, &agent_token, &report_url, &ca_pem);
+    let readyz = format!("http://127.0.0.1:{}/readyz", sidecar.admin_port);
+    wait_for("the sidecar to be ready", || async {
+        let r = reqwest::get(&readyz).await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    // The agent gets the upstream's 403: no refresh cures it.
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/github/mcp", sidecar.port))
+        .header("content-type", "application/json")
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403, "sidecar log:\n{}", sidecar.log_text());
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .all(|t| t == "Bearer held-access-token")
+    );
+
+    let cred = wait_condition(
+        &creds,
+        "github",
+        "ReauthRequired",
+        "True",
+        Some("MoreConsentRequired"),
+    )
+    .await;
+    let (_, _, message) = condition(&cred, "ReauthRequired").unwrap();
+    assert!(
+        message.contains(&format!("run kubectl mcpcred login github -n {ns}"))
+            && message.contains(r#""mcp:basic mcp:write""#),
+        "{message}\noperator log:\n{}",
+        op.log_text()
+    );
+    assert_eq!(
+        condition(&cred, "Ready").unwrap().0,
+        "True",
+        "what was granted is still served"
+    );
+    let sign_in = secrets.get("github-sign-in").await.unwrap();
+    let step_up: serde_json::Value =
+        serde_json::from_str(&data(&sign_in, "step-up").expect("a step-up")).unwrap();
+    assert_eq!(step_up["scope"], "mcp:basic mcp:write");
+    assert_eq!(step_up["pending"], true);
+    // Another 403 before anyone signed in is the same step-up: not another attempt.
+    let version = secret_version(&secrets.get("github-mcp-credential").await.unwrap());
+    let again = operator_client(&ca_pem)
+        .post(&report_url)
+        .bearer_auth(&agent_token)
+        .json(&serde_json::json!({
+            "namespace": ns, "credential": "github", "reason": "insufficient_scope", "version": version,
+            "scope": "mcp:write mcp:basic",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        again.status().is_success() || again.status() == 429,
+        "{}",
+        again.status()
+    );
+    let sign_in = secrets.get("github-sign-in").await.unwrap();
+    let step_up: serde_json::Value = serde_json::from_str(&data(&sign_in, "step-up").unwrap()).unwrap();
+    assert_eq!(
+        step_up["attempts"]["mcp:basic mcp:write"], 1,
+        "the second 403 is the same step-up"
+    );
+    let events = cp.kubectl(&["get", "events", "-n", &ns, "-o", "json"]);
+    assert!(events.stdout.contains("StepUpRequested"), "{}", events.stdout);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = cp.kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }

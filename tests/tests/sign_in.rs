@@ -202,6 +202,50 @@ async fn a_person_signs_in_once_in_chromium_and_agents_use_the_server_for_more_t
     }
 }
 
+/// The standalone status page's "Sign in" button, pressed in Chromium: the sidecar runs the sign-in
+/// itself, the browser goes through oidc-provider's pages to its loopback listener, and the
+/// credential is served; no `login` command is run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_person_signs_in_with_the_status_page_button_in_chromium() {
+    let (dir, _oauth, _server, file, secrets) = setup("sign-in-page").await;
+    let sidecar = Standalone::start(&file, &secrets, &dir);
+    wait_for("the status page to offer a sign-in", || async {
+        let page = reqwest::get(format!("{}/status", sidecar.admin))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (page.contains("needs sign-in") && page.contains("<button>Sign in</button>")).then_some(())
+    })
+    .await;
+    let out = Command::new("python3")
+        .arg(repo_root().join("tests/browser/sign-in.py"))
+        .args(["--status-page", &format!("{}/status", sidecar.admin)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the browser sign-in failed: {}\n{}",
+        text(&out.stderr),
+        std::fs::read_to_string(dir.join("logs").join("sidecar.log")).unwrap_or_default()
+    );
+    wait_for("the sidecar to serve the signed-in credential", || async {
+        reqwest::get(format!("{}/readyz", sidecar.admin))
+            .await
+            .ok()
+            .filter(|r| r.status() == 200)
+    })
+    .await;
+    let session = connect(&sidecar.url).await.unwrap();
+    call_sum(&session, 1).await.unwrap();
+    let mode = std::fs::metadata(secrets.join(format!("{NAME}-sign-in")).join("refresh-token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn consent_denied_in_the_browser_stores_nothing_and_says_what_to_do() {
     let (_dir, _oauth, _server, file, secrets) = setup("sign-in-denied").await;

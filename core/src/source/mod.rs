@@ -486,6 +486,9 @@ pub fn referenced_secrets(name: &str, spec: &McpCredentialSpec) -> Vec<SecretKey
             out.push(&f.username);
             out.push(&f.password);
         }
+        if sess.browser.is_some() {
+            signed_in.push(session::browser::cookies_ref(name));
+        }
     }
     out.into_iter().cloned().chain(signed_in).collect()
 }
@@ -532,7 +535,7 @@ pub async fn obtain(
         return github_app::obtain(g, secrets, ctx.http()).await;
     }
     if let Some(s) = &spec.source.session {
-        return session::obtain(spec, s, secrets, ctx.http()).await;
+        return session::obtain(name, spec, s, secrets, ctx.http()).await;
     }
     Err(SourceError::Unsupported(kind(spec)))
 }

@@ -6,6 +6,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// `session.browser`: the session from the person's browser, through the extension.
+pub mod browser;
+
 use super::{
     Issued, SecretResolver, SourceError,
     oauth2::{endpoint_label, form_encode, read_body, send},
@@ -315,8 +318,10 @@ fn http_date(v: &str) -> Option<u64> {
     u64::try_from(ts.as_second()).ok()
 }
 
-/// Obtains the session's cookies: reads the imported ones, or logs in. See [`super::obtain`].
+/// Obtains the session's cookies: reads the imported ones or the browser's, or logs in. See
+/// [`super::obtain`].
 pub async fn obtain(
+    name: &str,
     spec: &McpCredentialSpec,
     s: &SessionSource,
     secrets: &impl SecretResolver,
@@ -334,8 +339,11 @@ pub async fn obtain(
     if let Some(f) = &s.form_login {
         return login(spec, f, secrets, http).await;
     }
+    if let Some(b) = &s.browser {
+        return browser::obtain(name, spec, b, secrets).await;
+    }
     Err(SourceError::Config(
-        "session must set cookies or formLogin".into(),
+        "session must set cookies, formLogin or browser".into(),
     ))
 }
 

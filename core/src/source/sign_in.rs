@@ -203,6 +203,14 @@ impl Registrations {
     pub fn to_json(&self) -> SecretString {
         SecretString::new(serde_json::to_string_pretty(self).expect("registrations serialize"))
     }
+
+    /// The scopes granted at the latest sign-in (of any issuer), if it said.
+    pub fn granted_scope(&self) -> Option<&str> {
+        self.0
+            .values()
+            .max_by(|a, b| a.signed_in_at.cmp(&b.signed_in_at))
+            .and_then(|r| r.scope.as_deref())
+    }
 }
 
 /// The result of a sign-in: what is stored, every key at once.
@@ -219,6 +227,8 @@ pub struct SignedIn {
     pub registrations: Registrations,
     /// When the access token issued with it expires, if it said.
     pub expires_in: Option<Duration>,
+    /// The step-up this sign-in asked for, settled ([`step_up::StepUp::signed_in`]).
+    pub step_up: Option<step_up::StepUp>,
 }
 
 impl SignedIn {
@@ -237,6 +247,12 @@ impl SignedIn {
             ),
             (REGISTRATION_KEY, self.registrations.to_json()),
         ]
+    }
+
+    /// The settled step-up to store beside [`SignedIn::data`] (key [`step_up::STEP_UP_KEY`]), when
+    /// this sign-in asked for one: its attempts stay counted.
+    pub fn step_up_data(&self) -> Option<(&'static str, SecretString)> {
+        self.step_up.as_ref().map(|s| (step_up::STEP_UP_KEY, s.to_json()))
     }
 }
 
@@ -483,6 +499,8 @@ pub struct Options {
     pub client_metadata_url: Option<String>,
     /// How long to wait for the person (default [`BROWSER_TIMEOUT`]).
     pub timeout: Option<Duration>,
+    /// The stored step-up: its scopes are asked for besides the usual ones (SEP-2350).
+    pub step_up: Option<step_up::StepUp>,
 }
 
 /// Signs the McpCredential `credential` in: discovery, registration, the person's consent (shown
@@ -505,7 +523,10 @@ pub async fn login(
     let d = discover(ctx, spec).await?;
     let mut registrations = existing.unwrap_or_default();
     let resource = oauth2::resource(spec, o).map(str::to_owned);
-    let scope = scope(&d, o);
+    let scope = match options.step_up.as_ref().filter(|s| !s.scope.trim().is_empty()) {
+        Some(s) => Some(step_up::union(scope(&d, o).as_deref(), &s.scope)),
+        None => scope(&d, o),
+    };
     let timeout = options.timeout.unwrap_or(BROWSER_TIMEOUT);
     let cimd = options
         .client_metadata_url
@@ -615,6 +636,7 @@ pub async fn login(
         held,
         registrations,
         expires_in: tokens.expires_in,
+        step_up: options.step_up.clone().map(step_up::StepUp::signed_in),
     })
 }
 
@@ -878,8 +900,9 @@ pub struct Pending {
     iss_required: bool,
 }
 
-/// 32 random bytes, base64url without padding (43 characters).
-fn random_token() -> String {
+/// 32 random bytes, base64url without padding (43 characters): `state`, PKCE verifiers, and the
+/// standalone status page's sign-in token.
+pub fn random_token() -> String {
     use rand_core::RngCore;
     let mut bytes = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut bytes);
@@ -1279,6 +1302,8 @@ fn s256(verifier: &str) -> String {
     use sha2::Digest;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()))
 }
+
+pub mod step_up;
 
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,7 @@
 //! resolver a source reads through (those Secrets, service-account tokens, the signing keys).
 
 use super::*;
+use mcp_credentials_core::source::sign_in::step_up;
 
 /// Secret types never read as inputs, whoever wrote the McpCredential (the admission webhook may be
 /// off, or the credential older than it): the cluster's own credentials, which a source would send
@@ -37,6 +38,24 @@ impl Inputs {
             text.push_str(&format!("|{name}={rv}"));
         }
         format!("{:016x}", fnv1a(text.as_bytes()))
+    }
+}
+
+impl Inputs {
+    /// What `ReauthRequired` says while a step-up (SEP-2350) waits for a person to sign in for more
+    /// scopes, naming the command; `None` when none does.
+    pub(super) fn more_consent(&self, cred: &McpCredential) -> Option<String> {
+        let o = cred
+            .spec
+            .source
+            .oauth2
+            .as_ref()
+            .filter(|_| source::sign_in::applies(&cred.spec))?;
+        let name = cred.name_any();
+        let text = self.value(&step_up::step_up_ref(&name, o)).ok()?;
+        let state = step_up::StepUp::parse(text.expose()).ok()??;
+        let command = sign_in_command(&name, &cred.namespace().unwrap_or_default());
+        state.pending.then(|| state.message(&command))
     }
 }
 
@@ -107,10 +126,7 @@ impl SecretResolver for Resolver<'_> {
 
     /// A person signs a credential in with the kubectl plugin, with their own kubeconfig.
     fn sign_in_command(&self, credential: &str) -> Option<String> {
-        Some(format!(
-            "kubectl mcpcred login {credential} -n {}",
-            self.namespace
-        ))
+        Some(sign_in_command(credential, self.namespace))
     }
 
     /// Keeps the new refresh token at once, before the answer is checked and before anything can

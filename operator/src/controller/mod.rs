@@ -46,8 +46,7 @@ use kube::{
         Controller,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
-        reflector::{ObjectRef, Store},
-        watcher,
+        reflector::Store,
     },
 };
 use mcp_credentials_core::{
@@ -71,6 +70,7 @@ mod inputs;
 mod output;
 mod session;
 mod status;
+mod watches;
 mod write_back;
 
 use inputs::*;
@@ -194,6 +194,10 @@ pub struct Context {
     /// Until then, refresh-token credentials whose access token is still valid are not refreshed:
     /// this term took the Lease over from a leader that may still write back a rotated token.
     handover_until: Option<SystemTime>,
+    /// The watches of the Secrets of the namespaces that hold credentials (every namespace watched).
+    secret_watches: watches::NamespaceWatches,
+    /// Which credentials write or read each Secret.
+    secret_index: Mutex<watches::SecretIndex>,
 }
 
 /// The default of `--refresh-timeout`: well under any real token's lifetime, and long enough for
@@ -238,6 +242,8 @@ impl Context {
             namespace_concurrency: None,
             namespaces: Mutex::default(),
             handover_until: None,
+            secret_watches: watches::NamespaceWatches::default(),
+            secret_index: Mutex::default(),
         }
     }
 
@@ -286,6 +292,8 @@ impl Context {
             .lock()
             .unwrap()
             .retain(|ns, s| namespaces.contains(ns.as_str()) || Arc::strong_count(s) > 1);
+        self.secret_watches.retain(&namespaces);
+        self.secret_index.lock().unwrap().retain(&names);
         let forgotten = self.metrics.forget_all_but(&names);
         if forgotten > 0 {
             debug!(forgotten, "forgot the metric series of deleted credentials");
@@ -317,15 +325,9 @@ impl Context {
 /// Runs the controller until `shutdown` resolves. `namespace`: watch only that namespace;
 /// `selector`: only the McpCredentials with these labels.
 pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16, selector: Option<&str>) {
-    // Secrets are watched for their metadata only: the operator reacts to a change of a Secret it
-    // writes or reads, and reads the data of those few itself, so it never holds the data of the
-    // cluster's other Secrets (nor their memory).
-    let (creds, secrets): (Api<McpCredential>, Api<PartialObjectMeta<Secret>>) = match namespace {
-        Some(ns) => (
-            Api::namespaced(ctx.client.clone(), ns),
-            Api::namespaced(ctx.client.clone(), ns),
-        ),
-        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    let creds: Api<McpCredential> = match namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
     };
     let controller = Controller::new(creds, crate::server::credential_watch(selector))
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
@@ -343,12 +345,30 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16, s
             }
         }
     };
+    // Only the Secrets the operator manages are watched, by their metadata only (see `watches`):
+    // a change of one wakes up the credentials that write it or read it.
+    let mapper = {
+        let ctx = ctx.clone();
+        move |s: PartialObjectMeta<Secret>| {
+            ctx.secret_index
+                .lock()
+                .unwrap()
+                .affected(&s.namespace().unwrap_or_default(), &s.name_any())
+        }
+    };
+    let controller = match namespace {
+        Some(ns) => controller.watches_stream(
+            watches::secret_changes(ctx.client.clone(), Some(ns), None),
+            mapper,
+        ),
+        None => controller
+            .watches_stream(
+                watches::secret_changes(ctx.client.clone(), None, Some(&watches::managed_selector())),
+                mapper.clone(),
+            )
+            .watches_stream(ctx.secret_watches.start(ctx.client.clone()), mapper),
+    };
     let controller = controller
-        // One watch on Secrets covers both the Secrets we write (a foreign or edited one) and the
-        // Secrets a credential references (a new API key, a replaced refresh token).
-        .watches(secrets, watcher::Config::default(), move |s: PartialObjectMeta<Secret>| {
-            affected(&store, &s)
-        })
         .run(
             |cred, ctx| {
                 // One span per reconcile: every line it logs names the credential and its generation.
@@ -360,7 +380,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16, s
                 reconcile(cred, ctx).instrument(span)
             },
             error_policy,
-            ctx,
+            ctx.clone(),
         )
         .for_each(|r| async move {
             match r {
@@ -373,27 +393,10 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16, s
         _ = controller => {}
         _ = sweep => {}
     }
+    ctx.secret_watches.stop();
 }
 
 use mcp_credentials_core::process::ErrorChain;
-
-/// The credentials in the Secret's namespace that write it or read it.
-fn affected(store: &Store<McpCredential>, s: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<McpCredential>> {
-    let ns = s.namespace();
-    let name = s.name_any();
-    store
-        .state()
-        .iter()
-        .filter(|c| c.namespace() == ns)
-        .filter(|c| {
-            secret_name(&c.name_any(), c.spec.secret_name.as_deref()) == name
-                || source::referenced_secrets(&c.name_any(), &c.spec)
-                    .iter()
-                    .any(|r| r.name == name)
-        })
-        .map(|c| ObjectRef::from_obj(c.as_ref()))
-        .collect()
-}
 
 /// What kind of API failure a reconcile met, for the log, the metric and the wait before the next try.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -516,6 +519,18 @@ impl<'a> Run<'a> {
 /// Reconciles one McpCredential.
 pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Action, Error> {
     let run = Run::new(&cred, &ctx);
+    // A change of a Secret it writes or reads wakes it up from now on: the Secrets are in its
+    // namespace, watched from now on (when every namespace is watched).
+    ctx.secret_index.lock().unwrap().set(
+        &run.ns,
+        &run.name,
+        source::referenced_secrets(&run.name, &cred.spec)
+            .into_iter()
+            .map(|r| r.name)
+            .chain([secret_name(&run.name, cred.spec.secret_name.as_deref())])
+            .collect(),
+    );
+    ctx.secret_watches.ensure(&run.ns);
     let Run {
         ns,
         name,
@@ -623,6 +638,9 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     .due(now);
     if !due {
         status.ready_describe_current(current.as_ref(), now);
+        if let Some(m) = inputs.more_consent(&cred) {
+            status.more_consent_required(&m);
+        }
         if session_dead {
             status.session_expired_not_ready();
         }
@@ -768,6 +786,10 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     status.describe_current(Some(&new_current), &cred.spec, key);
     status.succeeded(kind, now);
     status.ready_describe_current(Some(&new_current), now);
+    if let Some(m) = inputs.more_consent(&cred) {
+        // Served with what was granted; a person must consent to more.
+        status.more_consent_required(&m);
+    }
     if let Some(check) = check {
         // New cookies: check them at once, so stale imported ones show before an agent uses them.
         let (header, value) = source::header(&cred.spec, &issued);
@@ -799,6 +821,12 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
         ctx.next_check(mkey, check),
         SystemTime::now(),
     ))
+}
+
+/// The command that signs the credential `credential` of `namespace` in: the kubectl plugin, run
+/// with the person's own kubeconfig (so their RBAC decides).
+pub fn sign_in_command(credential: &str, namespace: &str) -> String {
+    format!("kubectl mcpcred login {credential} -n {namespace}")
 }
 
 /// Wakes up at the renewal or the next session check, whichever comes first.

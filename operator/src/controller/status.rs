@@ -165,6 +165,12 @@ impl StatusBuilder {
         self.condition("ReauthRequired", false, "Authorized", "the grant is valid");
     }
 
+    /// A step-up waits for a person's sign-in (`message` names the command); what was granted is
+    /// still served, so `Ready` is untouched.
+    pub(super) fn more_consent_required(&mut self, message: &str) {
+        self.condition("ReauthRequired", true, "MoreConsentRequired", message);
+    }
+
     /// What discovery found (`None`: nothing, or the token URL is configured), after an attempt.
     pub(super) fn discovered(&mut self, found: Option<mcp_credentials_core::DiscoveryStatus>) {
         self.next.discovery = found;

@@ -1,8 +1,10 @@
 //! The last step: send the request to the upstream and stream the answer back. Bodies flow frame by
-//! frame both ways; nothing is buffered. An HTTP/1 agent connection keeps its own upstream connection
-//! for plain-http upstreams (no pool lookup, no task per request, and MCP sessions stay on one
-//! connection); HTTPS upstreams share a pool (HTTP/2 by ALPN). The HTTP/1.1 fast path keeps its
-//! own connections to both kinds, opened here too (see [`super::tls`]).
+//! frame both ways; only a small request body is kept ([`replay::keep`]), so that the request can
+//! go out again after a 401 or when the upstream did not process it ([`Resend`]). An HTTP/1 agent
+//! connection keeps its own upstream connection for plain-http upstreams (no pool lookup, no task
+//! per request, and MCP sessions stay on one connection); HTTPS upstreams share a pool (HTTP/2 by
+//! ALPN). The HTTP/1.1 fast path keeps its own connections to both kinds, opened here too (see
+//! [`super::tls`]).
 
 use std::{
     error::Error as StdError,
@@ -15,13 +17,18 @@ use axum::{
     body::Body,
     response::{IntoResponse, Response},
 };
+use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode, Uri, Version, header, uri::Scheme};
 use hyper::{body::Incoming, client::conn::http1};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
 };
-use mcp_credentials_core::report::Rejection;
+use mcp_credentials_core::{
+    process::ErrorChain,
+    report::{Reason, Rejection},
+};
+use prometheus::IntCounterVec;
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use tokio::time::Instant;
 
@@ -150,18 +157,60 @@ pub fn upstream_client(settings: &ClientSettings) -> Result<UpstreamClient, Clie
 
 impl UpstreamClient {
     /// Sends `request` (absolute URI): on the agent connection's own upstream connection when there is
-    /// `local` state and the upstream is plain http, otherwise through the pool.
+    /// `local` state and the upstream is plain http, otherwise through the pool. A request the
+    /// upstream provably did not process is sent again (see [`Resend`]).
     async fn send(
         &self,
         local: Option<&Mutex<Local>>,
         request: Request<Body>,
         now: Instant,
+        resend: &Resend<'_>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
         match local {
             Some(local) if request.uri().scheme() == Some(&Scheme::HTTP) => {
-                self.send_own(local, request, now).await
+                self.send_own(local, request, now, resend).await
             }
-            _ => Ok(self.pool.request(request).await?),
+            _ => Box::pin(self.send_pooled(request, resend)).await,
+        }
+    }
+
+    /// Sends `request` through the pool, and again on another stream or connection (at most
+    /// [`RESENDS`] times) while the failure proves that the upstream did not process it (see
+    /// [`unprocessed`]): an HTTP/2 upstream ending its connection (GOAWAY: nginx does after 1,000
+    /// requests) or refusing the stream, or a connection that closed before the request was started
+    /// on it. The pool itself already sends again what it never started on a reused connection.
+    async fn send_pooled(
+        &self,
+        mut request: Request<Body>,
+        resend: &Resend<'_>,
+    ) -> Result<http::Response<Incoming>, UpstreamError> {
+        // A body that streams is not kept: part of it may be gone already and it cannot be read
+        // again, so whatever happens to it stands (the agent gets a 502 and may retry itself).
+        let Some(body) = resend.body else {
+            return Ok(self.pool.request(request).await?);
+        };
+        let head = (
+            request.method().clone(),
+            request.uri().clone(),
+            request.headers().clone(),
+        );
+        let mut resends = 0;
+        loop {
+            match self.pool.request(request).await {
+                Ok(response) => return Ok(response),
+                Err(e) => match unprocessed(&e) {
+                    Some(reason) if resends < RESENDS => {
+                        tracing::debug!(credential = %resend.credential, error = %ErrorChain(&e), reason, "the upstream did not process the request; sending it again");
+                        resend.count(reason);
+                        resends += 1;
+                        request = Request::new(Body::from(body.clone()));
+                        *request.method_mut() = head.0.clone();
+                        *request.uri_mut() = head.1.clone();
+                        *request.headers_mut() = head.2.clone();
+                    }
+                    _ => return Err(e.into()),
+                },
+            }
         }
     }
 
@@ -170,6 +219,7 @@ impl UpstreamClient {
         local: &Mutex<Local>,
         request: Request<Body>,
         now: Instant,
+        resend: &Resend<'_>,
     ) -> Result<http::Response<Incoming>, UpstreamError> {
         let (mut parts, body) = request.into_parts();
         let mut uri = std::mem::take(&mut parts.uri).into_parts();
@@ -193,7 +243,10 @@ impl UpstreamClient {
                         // The upstream closed the idle connection before reading the request: it
                         // was never sent, so it goes out once more on a new connection.
                         Err(mut e) => match e.take_message() {
-                            Some(unsent) => request = unsent,
+                            Some(unsent) => {
+                                resend.count(NOT_SENT);
+                                request = unsent;
+                            }
                             None => return Err(e.into_error().into()),
                         },
                     }
@@ -230,9 +283,9 @@ impl UpstreamClient {
         self.connector.connect_own(scheme, authority).await
     }
 
-    /// Whether requests to this HTTPS upstream belong to the pool (it chose HTTP/2).
+    /// Whether requests to this HTTPS upstream belong to the pool (it speaks only HTTP/2).
     pub(super) fn prefers_http2(&self, authority: &http::uri::Authority) -> bool {
-        self.connector.is_http2(authority)
+        self.connector.is_http2_only(authority)
     }
 
     /// Opens a new connection; callers box this rare, large future so that every request's own
@@ -258,6 +311,62 @@ impl UpstreamClient {
             last_used: Instant::now(),
         })
     }
+}
+
+/// How many times a request is sent again while the upstream did not process it: an upstream
+/// refusing every attempt is failing, and the agent hears so.
+const RESENDS: usize = 2;
+
+/// The `reason` of a resend because the request was never started on its connection.
+const NOT_SENT: &str = "not_sent";
+
+/// What a request needs to be sent again, and where that is counted.
+pub(super) struct Resend<'a> {
+    /// The whole body, when it was kept in memory ([`replay::keep`]); without it only a request whose
+    /// body hyper still holds, unsent, goes out again.
+    pub body: Option<&'a Bytes>,
+    /// The credential (a metric label).
+    pub credential: &'a str,
+    /// `upstream_resends_total`.
+    pub counter: &'a IntCounterVec,
+}
+
+impl Resend<'_> {
+    fn count(&self, reason: &str) {
+        self.counter.with_label_values(&[self.credential, reason]).inc();
+    }
+}
+
+/// Why `error` proves that the upstream never processed the request, so that sending it again
+/// cannot run it twice, or `None` when it may have (a connection that closed after the request was
+/// written, even partly, a timeout, an answer that broke off: never sent again):
+/// - `not_sent`: hyper canceled the request before starting to write it (its connection closed
+///   or was not ready);
+/// - `refused_stream`: an HTTP/2 upstream reset the stream with `REFUSED_STREAM`, which says that
+///   it did no processing (RFC 9113 §8.7);
+/// - `goaway`: an HTTP/2 upstream's GOAWAY. h2 gives a stream the peer's GOAWAY only when the
+///   stream's id is above the GOAWAY's last stream id, or when the stream was opened after it (a
+///   stream at or below the last id keeps running, and fails with an I/O error if the connection
+///   ends first); either way the upstream did not process it (RFC 9113 §6.8).
+fn unprocessed(error: &(dyn StdError + 'static)) -> Option<&'static str> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(e) = e.downcast_ref::<h2::Error>() {
+            let refused = e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM);
+            return match e.is_remote() {
+                true if e.is_go_away() => Some("goaway"),
+                true if refused => Some("refused_stream"),
+                _ => None,
+            };
+        }
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return Some(NOT_SENT);
+        }
+        cause = e.source();
+    }
+    None
 }
 
 /// The Host an upstream gets: like the pool's client, without the port when it is the default.
@@ -297,11 +406,16 @@ pub(super) async fn forward(
         Err(e) => return e.into_response(),
     };
     let again = kept.map(|bytes| (parts.method.clone(), parts.headers.clone(), bytes));
+    let resend = Resend {
+        body: again.as_ref().map(|(_, _, bytes)| bytes),
+        credential: &name,
+        counter: &proxy.metrics.upstream_resends,
+    };
     let started = Instant::now();
     // Dropping this future (the agent went away) drops the upstream request: that is the cancellation.
     let result = proxy
         .client
-        .send(local, http::Request::from_parts(parts, body), started)
+        .send(local, http::Request::from_parts(parts, body), started, &resend)
         .await;
     handles.upstream_duration.observe(started.elapsed().as_secs_f64());
     let mut response = match result {
@@ -310,6 +424,7 @@ pub(super) async fn forward(
     };
     let challenges = response.headers().get_all(header::WWW_AUTHENTICATE);
     let reason = rejection_reason(response.status(), || challenges.iter().map(HeaderValue::as_bytes));
+    let scope = challenged_scope(reason, challenges.iter().map(HeaderValue::as_bytes));
     if let Some(reason) = reason {
         proxy
             .metrics
@@ -319,7 +434,14 @@ pub(super) async fn forward(
     }
     if let (Some(reason), Some((method, mut headers, bytes))) = (reason, again)
         && replay::worth_replaying(&proxy.store, &name, reason)
-        && let Some(newer) = Box::pin(replay::newer_credential(&proxy.store, &name, &used, reason)).await
+        && let Some(newer) = Box::pin(replay::newer_credential(
+            &proxy.store,
+            &name,
+            &used,
+            reason,
+            scope,
+        ))
+        .await
     {
         // To the newer credential's upstream, which may have changed since the request was routed:
         // the first URI may name a host the newer credential was never meant for.
@@ -333,12 +455,18 @@ pub(super) async fn forward(
         for (header, value) in &newer.headers {
             headers.insert(header.clone(), value.clone());
         }
-        let mut request = http::Request::new(Body::from(bytes));
+        let mut request = http::Request::new(Body::from(bytes.clone()));
         *request.method_mut() = method;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
         tracing::info!(credential = %name, version = %newer.version, "replaying once with the new credential");
-        response = match Box::pin(proxy.client.send(local, request, Instant::now())).await {
+        let resend = Resend {
+            body: Some(&bytes),
+            credential: &name,
+            counter: &proxy.metrics.upstream_resends,
+        };
+        let result = Box::pin(proxy.client.send(local, request, Instant::now(), &resend)).await;
+        response = match result {
             Ok(response) => response,
             Err(source) => return ProxyError::Upstream { name, source }.into_response(),
         };
@@ -400,4 +528,36 @@ pub(super) fn rejection_reason<'a, I: Iterator<Item = &'a [u8]>>(
     challenges: impl Fn() -> I,
 ) -> Option<Rejection> {
     Rejection::of(status.as_u16(), challenges)
+}
+
+/// The `scope` of a 403 `insufficient_scope` Bearer challenge (what a step-up asks for, SEP-2350);
+/// `None` for any other rejection. Both paths use it.
+pub(super) fn challenged_scope<'a>(
+    reason: Option<Rejection>,
+    challenges: impl Iterator<Item = &'a [u8]>,
+) -> Option<String> {
+    if reason != Some(Rejection::Curable(Reason::InsufficientScope)) {
+        return None;
+    }
+    let values: Vec<&str> = challenges.filter_map(|v| std::str::from_utf8(v).ok()).collect();
+    mcp_credentials_core::source::discovery::bearer_param(values, "scope")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_the_upstream_said_it_did_not_process_counts_as_unprocessed() {
+        // h2 errors the sidecar made itself, even with the refusal's code, prove nothing.
+        let local = h2::Error::from(h2::Reason::REFUSED_STREAM);
+        assert_eq!(unprocessed(&local), None);
+        let broken = std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "stream closed because of a broken pipe",
+        );
+        assert_eq!(unprocessed(&broken), None);
+        let wrapped: UpstreamError = Box::new(broken);
+        assert_eq!(unprocessed(wrapped.as_ref()), None);
+    }
 }

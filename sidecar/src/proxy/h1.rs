@@ -8,8 +8,7 @@
 //! Everything else goes to the hyper path, which takes over the connection for good with the bytes
 //! already read: HTTP/2, HTTP/1.0, every refusal (so its answer is the hyper path's, word for word),
 //! request bodies that are chunked or over [`replay::MAX_BODY`], `Expect`, upgrades and other
-//! hop-by-hop request headers, and HTTPS upstreams that choose HTTP/2 by ALPN (the shared pool
-//! multiplexes their requests).
+//! hop-by-hop request headers, and HTTPS upstreams that speak only HTTP/2 (the shared pool).
 
 use std::{mem::MaybeUninit, pin::Pin, sync::Arc, time::Duration};
 
@@ -232,6 +231,7 @@ impl Conn<'_> {
                     &handles.name,
                     &planned.credential,
                     reason,
+                    answer.challenged_scope.take(),
                 ))
                 .await
             {
@@ -345,8 +345,8 @@ impl Conn<'_> {
         (up.tcp.is_idle_and_open() && idle < self.proxy.client.idle_timeout()).then_some(up)
     }
 
-    /// A new connection; an HTTPS upstream that chooses HTTP/2 sends the request to the hyper path
-    /// (nothing was sent on this one).
+    /// A new connection; an HTTPS upstream that speaks only HTTP/2 sends the request to the hyper
+    /// path (nothing was sent).
     async fn connect(&self, scheme: &Scheme, authority: &Authority) -> Result<UpstreamConn, Failed> {
         let tcp = match Box::pin(self.proxy.client.connect_own(scheme, authority)).await {
             Ok(Connected::Io(io)) => io,
@@ -630,7 +630,7 @@ fn plan(
     if credential.is_expired_now() {
         return Plan::Hyper("credential_unavailable");
     }
-    // An HTTPS upstream that chose HTTP/2 is the pool's: it multiplexes, this path does not.
+    // An HTTPS upstream that speaks only HTTP/2 is the pool's: this path speaks HTTP/1.1.
     if credential.upstream.scheme == Scheme::HTTPS
         && proxy.client.prefers_http2(&credential.upstream.authority)
     {
@@ -816,6 +816,8 @@ struct Answer {
     upstream_keeps_alive: bool,
     /// A 401/403's reason, from `WWW-Authenticate`.
     rejection: Option<Rejection>,
+    /// The `scope` of a 403 `insufficient_scope` challenge (a step-up's).
+    challenged_scope: Option<String>,
     /// An event stream answering a GET: its head says `Transfer-Encoding: chunked` and its body is
     /// re-framed, event by event.
     reframed: bool,
@@ -990,7 +992,16 @@ fn parse_answer(
             .filter(|h| challenges && h.name.eq_ignore_ascii_case("www-authenticate"))
             .map(|h| h.value)
     });
+    let challenged_scope = super::forward::challenged_scope(
+        rejection,
+        response
+            .headers
+            .iter()
+            .filter(|h| challenges && h.name.eq_ignore_ascii_case("www-authenticate"))
+            .map(|h| h.value),
+    );
     Ok(Parsed::Final(Answer {
+        challenged_scope,
         status,
         head_len,
         framing,

@@ -68,7 +68,8 @@ pub fn worth_replaying(store: &Store, name: &str, reason: Rejection) -> bool {
     }
 }
 
-/// Asks for a new credential for `name` (the upstream rejected `used` for `reason`) and waits up to
+/// Asks for a new credential for `name` (the upstream rejected `used` for `reason`, challenging
+/// `scope` if it said) and waits up to
 /// [`WAIT`] for a version other than `used`. For a credential read from files, when none comes:
 /// `used` itself if it is still the current one and was loaded less than the wait before the
 /// rejection (the upstream may not have switched to it yet; it has had the wait to do so).
@@ -77,6 +78,7 @@ pub async fn newer_credential(
     name: &str,
     used: &Credential,
     reason: Rejection,
+    scope: Option<String>,
 ) -> Option<std::sync::Arc<Credential>> {
     let newer = || {
         store
@@ -89,6 +91,7 @@ pub async fn newer_credential(
         name: name.to_owned(),
         reason,
         version: used.version.clone(),
+        scope,
     });
     if let Some(c) = newer() {
         return Some(c);

@@ -1,18 +1,20 @@
-//! TLS to upstreams, one connector for both paths: rustls with the client's trust roots, `h2` and
-//! `http/1.1` offered by ALPN, the handshake bounded by the connect timeout.
+//! TLS to upstreams, one connector for both paths: rustls with the client's trust roots, the
+//! handshake bounded by the connect timeout.
 //!
-//! The pool (hyper's client) connects through [`UpstreamConnector`]. The HTTP/1.1 fast path opens
-//! its own connections with [`UpstreamConnector::connect_own`]: an upstream that answers `http/1.1`
-//! (or nothing) is spoken to on the fast path; one that picks HTTP/2 is remembered, its fresh
-//! connection is left for the pool (whose next connect to that upstream takes it, so no handshake is
-//! wasted), and its requests go to the pool, which multiplexes them.
+//! The pool (hyper's client) connects through [`UpstreamConnector`], offering `h2` and `http/1.1`
+//! by ALPN. The HTTP/1.1 fast path opens its own connections with
+//! [`UpstreamConnector::connect_own`], offering `http/1.1` only, as nginx does: an HTTP/1.1 agent
+//! connection's requests pass as bytes over it, at about a third of the instructions per request
+//! of hyper's HTTP/2 client (`sidecar/bench/RESULTS.md`). An upstream that refuses that handshake
+//! and picks HTTP/2 when offered both speaks only HTTP/2: it is remembered, and its requests go to
+//! the pool.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     future::Future,
     io,
     pin::Pin,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, RwLock},
     task::{Context, Poll},
     time::Duration,
 };
@@ -29,7 +31,6 @@ use rustls_pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
-    time::Instant,
 };
 use tokio_rustls::{TlsConnector, client::TlsStream};
 use tower::ServiceExt;
@@ -48,28 +49,21 @@ pub(crate) enum OwnIo {
 /// What the fast path's connect gave.
 pub(crate) enum Connected {
     Io(OwnIo),
-    /// The upstream speaks HTTP/2: the request (never sent) belongs to the pool.
+    /// The upstream speaks only HTTP/2: the request (never sent) belongs to the pool.
     Http2,
 }
-
-/// A connection left by the fast path for the pool is taken only this fresh.
-const PARKED_FOR: Duration = Duration::from_secs(10);
 
 /// Connects to upstreams, for the pool (as a `Service<Uri>`) and for the fast path.
 #[derive(Clone)]
 pub(crate) struct UpstreamConnector {
     tcp: HttpConnector,
+    /// `h2` and `http/1.1`, for the pool.
     tls: TlsConnector,
+    /// `http/1.1` only, for the fast path.
+    tls_http1: TlsConnector,
     handshake_timeout: Duration,
-    shared: Arc<Shared>,
-}
-
-#[derive(Default)]
-struct Shared {
-    /// Upstreams that chose HTTP/2; never asked again in this process.
-    http2: RwLock<HashSet<Authority>>,
-    /// At most one fresh HTTP/2 connection per upstream, opened by the fast path, for the pool.
-    parked: Mutex<HashMap<Authority, (Instant, Tls)>>,
+    /// Upstreams that refused HTTP/1.1; not asked again in this process.
+    http2_only: Arc<RwLock<HashSet<Authority>>>,
 }
 
 impl UpstreamConnector {
@@ -79,18 +73,21 @@ impl UpstreamConnector {
         mut tls: rustls::ClientConfig,
         handshake_timeout: Duration,
     ) -> Self {
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tls_http1 = TlsConnector::from(Arc::new(tls.clone()));
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         UpstreamConnector {
             tcp,
             tls: TlsConnector::from(Arc::new(tls)),
+            tls_http1,
             handshake_timeout,
-            shared: Arc::default(),
+            http2_only: Arc::default(),
         }
     }
 
-    /// Whether `authority` chose HTTP/2 (its requests belong to the pool).
-    pub(crate) fn is_http2(&self, authority: &Authority) -> bool {
-        self.shared.http2.read().is_ok_and(|set| set.contains(authority))
+    /// Whether `authority` speaks only HTTP/2 (its requests belong to the pool).
+    pub(crate) fn is_http2_only(&self, authority: &Authority) -> bool {
+        self.http2_only.read().is_ok_and(|set| set.contains(authority))
     }
 
     /// A TCP connection to `scheme://authority` (the scheme gives the default port).
@@ -118,38 +115,38 @@ impl UpstreamConnector {
                 self.tcp(Scheme::HTTP, authority).await?,
             )));
         }
-        if self.is_http2(authority) {
+        if self.is_http2_only(authority) {
             return Ok(Connected::Http2);
         }
-        let (tls, http2) = self.handshake(authority).await?;
-        if !http2 {
-            return Ok(Connected::Io(OwnIo::Tls(tls)));
+        let refused = match self.handshake(&self.tls_http1, authority).await {
+            Ok(tls) => return Ok(Connected::Io(OwnIo::Tls(tls))),
+            Err(e) => e,
+        };
+        // An HTTP/2-only upstream ends the handshake with `no_application_protocol`, or just closes
+        // (the alert is not always delivered). Asked again as the pool asks, an upstream that then
+        // picks HTTP/2 is remembered for the pool; one that picks HTTP/1.1 (the first failure was
+        // passing) is used here; one that fails again fails with the first error.
+        match self.handshake(&self.tls, authority).await {
+            Ok(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                if let Ok(mut set) = self.http2_only.write() {
+                    set.insert(authority.clone());
+                }
+                Ok(Connected::Http2)
+            }
+            Ok(tls) => Ok(Connected::Io(OwnIo::Tls(tls))),
+            Err(_) => Err(refused),
         }
-        if let Ok(mut parked) = self.shared.parked.lock() {
-            parked.insert(authority.clone(), (Instant::now(), tls));
-        }
-        Ok(Connected::Http2)
     }
 
-    /// TCP then TLS to `authority`, the certificate checked for its host name (or address);
-    /// `true` when the upstream chose HTTP/2 (then remembered).
-    async fn handshake(&self, authority: &Authority) -> Result<(Tls, bool), UpstreamError> {
+    /// TCP then TLS to `authority`, the certificate checked for its host name (or address).
+    async fn handshake(&self, tls: &TlsConnector, authority: &Authority) -> Result<Tls, UpstreamError> {
         let tcp = self.tcp(Scheme::HTTPS, authority).await?;
         let host = authority.host().trim_start_matches('[').trim_end_matches(']');
         let name = ServerName::try_from(host.to_owned())?;
-        let tls = tokio::time::timeout(self.handshake_timeout, self.tls.connect(name, tcp))
-            .await
-            .map_err(|_| "the upstream's TLS handshake took longer than the connect timeout")??;
-        let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        if http2 && let Ok(mut set) = self.shared.http2.write() {
-            set.insert(authority.clone());
+        match tokio::time::timeout(self.handshake_timeout, tls.connect(name, tcp)).await {
+            Ok(tls) => Ok(Box::new(tls?)),
+            Err(_) => Err("the upstream's TLS handshake took longer than the connect timeout".into()),
         }
-        Ok((Box::new(tls), http2))
-    }
-
-    fn take_parked(&self, authority: &Authority) -> Option<Tls> {
-        let (at, tls) = self.shared.parked.lock().ok()?.remove(authority)?;
-        (at.elapsed() < PARKED_FOR).then_some(tls)
     }
 }
 
@@ -176,13 +173,9 @@ impl tower::Service<Uri> for UpstreamConnector {
                 .ok_or("the upstream URI has no authority")?
                 .clone();
             let (io, http2) = if uri.scheme() == Some(&Scheme::HTTPS) {
-                match this.take_parked(&authority) {
-                    Some(tls) => (OwnIo::Tls(tls), true),
-                    None => {
-                        let (tls, http2) = this.handshake(&authority).await?;
-                        (OwnIo::Tls(tls), http2)
-                    }
-                }
+                let tls = this.handshake(&this.tls, &authority).await?;
+                let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                (OwnIo::Tls(tls), http2)
             } else {
                 (OwnIo::Plain(this.tcp(Scheme::HTTP, &authority).await?), false)
             };

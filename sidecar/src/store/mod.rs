@@ -30,6 +30,9 @@ pub struct Slot {
     pub last_failure: Option<Arc<str>>,
     /// The credential needs a person to sign in: the command to run (standalone mode).
     pub sign_in: Option<Arc<str>>,
+    /// The sign-in is for more consent (a step-up, SEP-2350): the credential still serves what it
+    /// was granted.
+    pub more_consent: bool,
 }
 
 /// An upstream rejected a credential: the source should renew it now.
@@ -42,6 +45,8 @@ pub struct RefreshRequest {
     pub reason: Rejection,
     /// The version that was rejected (so a renewal that already happened is not asked for again).
     pub version: String,
+    /// The scopes a 403 `insufficient_scope` challenge asked for (a step-up's, SEP-2350).
+    pub scope: Option<String>,
 }
 
 /// Credentials by name. Cheap to read; writers are the one store task.
@@ -109,6 +114,7 @@ impl Store {
             {
                 slot.last_failure = None;
                 slot.sign_in = None;
+                slot.more_consent = false;
                 return;
             }
             tracing::info!(
@@ -120,6 +126,7 @@ impl Store {
             slot.current = Some(Arc::new(credential));
             slot.last_failure = None;
             slot.sign_in = None;
+            slot.more_consent = false;
         }
         self.generation.send_modify(|g| *g += 1);
     }
@@ -145,6 +152,35 @@ impl Store {
         }
     }
 
+    /// Records that `name` needs a person to consent to more scopes (a step-up): `why` names
+    /// `command`, the command to run. The credential keeps being served meanwhile. Saying it again
+    /// changes nothing.
+    pub fn needs_more_consent(&self, name: &str, why: impl Into<String>, command: String) {
+        let why: String = why.into();
+        {
+            let mut slots = self.slots.write().expect("store lock");
+            let slot = slots.entry(name.to_owned()).or_default();
+            if slot.more_consent && slot.last_failure.as_deref() == Some(why.as_str()) {
+                return;
+            }
+            tracing::warn!(credential = %name, reason = %why, "the credential needs more consent (still served)");
+            slot.last_failure = Some(why.into());
+            slot.sign_in = Some(command.into());
+            slot.more_consent = true;
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Records that no more sign-ins for more consent are asked for `name` (`why` says so and what
+    /// to check): the credential keeps being served, with no command to run.
+    pub fn more_consent_refused(&self, name: &str, why: impl Into<String>) {
+        self.fail(name, why);
+        if let Some(slot) = self.slots.write().expect("store lock").get_mut(name) {
+            slot.sign_in = None;
+            slot.more_consent = false;
+        }
+    }
+
     /// Forgets the credential of `name` (its Secret or directory was deleted). A required name
     /// stays listed, with no credential.
     pub fn remove(&self, name: &str, why: &str) {
@@ -156,6 +192,7 @@ impl Store {
                     current: None,
                     last_failure: Some(why.into()),
                     sign_in: None,
+                    more_consent: false,
                 },
             );
         } else {
@@ -302,5 +339,30 @@ mod tests {
         store.set("a", Credential::from_data(&d).unwrap());
         store.set("a", Credential::from_data(&d).unwrap());
         assert_eq!(*rx.borrow(), 1);
+    }
+
+    #[test]
+    fn a_credential_that_needs_more_consent_is_still_served_and_says_what_to_run() {
+        let store = Store::new(["a".to_owned()]);
+        let rx = store.subscribe();
+        let mut d = data("https://a.example", "Authorization", "x");
+        d.insert("expires-at".into(), b"2999-01-01T00:00:00Z".to_vec());
+        store.set("a", Credential::from_data(&d).unwrap());
+        store.needs_more_consent("a", "more consent needed: run login a", "login a".into());
+        store.needs_more_consent("a", "more consent needed: run login a", "login a".into());
+        assert_eq!(*rx.borrow(), 2, "saying it again is no change");
+        assert_eq!(
+            store.ready(Timestamp::now()),
+            Ok(()),
+            "what was granted is still served"
+        );
+        let lines = crate::admin::status_lines(&store, Timestamp::now());
+        assert_eq!(lines[0].state, "needs more consent");
+        assert_eq!(lines[0].sign_in.as_deref(), Some("login a"));
+        // The sign-in for more scopes publishes a new version: nothing is pending any more.
+        d.insert("version".into(), b"2".to_vec());
+        store.set("a", Credential::from_data(&d).unwrap());
+        let lines = crate::admin::status_lines(&store, Timestamp::now());
+        assert_eq!((lines[0].state, lines[0].sign_in.as_deref()), ("ready", None));
     }
 }

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     io::Write,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -19,6 +19,10 @@ use mcp_credentials_core::{
     policy::{self, Next},
     secret::CredentialData,
     source::{self, Issued, OutboundPolicy, ResolveError, SecretResolver, SourceContext, SourceError},
+};
+use mcp_credentials_core::{
+    report::{Reason, Rejection},
+    source::sign_in::step_up::{self, StepUp},
 };
 use serde::Deserialize;
 use tokio::{
@@ -316,6 +320,8 @@ async fn keep_fresh(
     // An API key is one file: it is read again on every change to the secrets directory and on
     // every upstream rejection, with no rate limit (reading a small file costs nothing).
     let api_key = spec.source.api_key.is_some();
+    // A signed-in credential answered 403 insufficient_scope needs more consent, not a refresh.
+    let sign_in = source::sign_in::applies(&spec);
     let mut failures = 0u32;
     let mut published: Option<(String, Option<SystemTime>)> = None;
     let mut version = 0u64;
@@ -324,6 +330,10 @@ async fn keep_fresh(
     let session = spec.source.session.as_ref();
     let check = session.and_then(|s| s.check.clone());
     let form_login = session.is_some_and(|s| s.form_login.is_some());
+    // A browser session is renewed by the person, in their browser.
+    let browser_fix = session
+        .and_then(|s| s.browser.as_ref())
+        .map(|b| source::session::browser::fix(&spec, b));
     let mut served: Option<Credential> = None;
     let mut session_dead = false;
     let mut next_check = None;
@@ -363,6 +373,10 @@ async fn keep_fresh(
                     }
                     published = Some(fingerprint);
                 }
+                if sign_in {
+                    // After publishing, which clears it: a step-up nobody signed in for yet.
+                    pending_step_up(&store, &name, &spec, &secrets).await;
+                }
                 if let Some(e) = unsaved {
                     // After publishing, which clears the last failure: the credential says so until saved.
                     store.fail(&name, unsaved_message(&e));
@@ -379,7 +393,13 @@ async fn keep_fresh(
                     published.as_ref().and_then(|p| p.1),
                     &name,
                 );
-                if matches!(e, SourceError::SignInRequired { .. }) {
+                if e.reason() == source::session::browser::SIGNED_OUT {
+                    // The person signed out (or never sent a session): the old cookies are dead,
+                    // nothing is served until the extension sends new ones.
+                    store.remove(&name, &e.to_string());
+                    published = None;
+                    served = None;
+                } else if matches!(e, SourceError::SignInRequired { .. }) {
                     // The message is the one to act on: it names the command. The credential
                     // starts the moment `login` writes its files (they are among its inputs).
                     store.needs_sign_in(&name, e.to_string(), secrets.sign_in_command(&name));
@@ -445,7 +465,7 @@ async fn keep_fresh(
                 () = sleep_until(check_at) => {
                     next_check = None;
                     if let (Some(check), Some(served)) = (&check, &served)
-                        && check_session(&store, &name, check, served, form_login, &sources, &mut session_dead).await
+                        && check_session(&store, &name, check, served, (form_login, browser_fix.as_deref()), &sources, &mut session_dead).await
                     {
                         tracing::info!(credential = %name, "the session has expired: logging in again");
                         break;
@@ -455,6 +475,9 @@ async fn keep_fresh(
                     Ok(r) if r.name == name && api_key => {
                         tracing::debug!(credential = %name, "the upstream rejected the key: reading its file again");
                         break;
+                    }
+                    Ok(r) if r.name == name && sign_in && r.reason == Rejection::Curable(Reason::InsufficientScope) => {
+                        step_up(&store, &name, &spec, &secrets, r.scope.as_deref().unwrap_or("")).await;
                     }
                     Ok(r) if r.name == name && attempted.elapsed() >= MIN_FORCED_RENEWAL_INTERVAL => {
                         tracing::info!(credential = %name, "the upstream rejected the credential: renewing now");
@@ -470,6 +493,93 @@ async fn keep_fresh(
                 },
             }
         }
+    }
+}
+
+/// The stored step-up state of the sign-in credential `name`, and the granted scopes.
+async fn step_up_state(
+    name: &str,
+    spec: &McpCredentialSpec,
+    secrets: &SecretFiles,
+) -> (Option<StepUp>, Option<String>) {
+    let Some(o) = spec.source.oauth2.as_ref() else {
+        return (None, None);
+    };
+    let step_up = match secrets.get(&step_up::step_up_ref(name, o)).await {
+        Ok(text) => StepUp::parse(text.expose()).unwrap_or_else(|e| {
+            tracing::warn!(credential = %name, error = %e, "the stored step-up is ignored");
+            None
+        }),
+        Err(_) => None,
+    };
+    let granted = match secrets.get(&source::sign_in::registration_ref(name, o)).await {
+        Ok(text) => source::sign_in::Registrations::parse(text.expose())
+            .ok()
+            .and_then(|r| r.granted_scope().map(str::to_owned)),
+        Err(_) => None,
+    };
+    (step_up, granted)
+}
+
+/// Says so when the credential `name` waits for a step-up sign-in (after a restart, or a
+/// renewal, which clear what the store said).
+async fn pending_step_up(store: &Store, name: &str, spec: &McpCredentialSpec, secrets: &SecretFiles) {
+    if let (Some(s), _) = step_up_state(name, spec, secrets).await
+        && s.pending
+    {
+        let command = secrets.sign_in_command(name).unwrap_or_default();
+        store.needs_more_consent(name, s.message(&command), command);
+    }
+}
+
+/// An upstream answered 403 `insufficient_scope` to the signed-in credential `name`, challenging
+/// `challenged`: records the step-up (the union of the granted and the challenged scopes, which the
+/// next `login` asks for) and says that a person must sign in for it, at most
+/// [`step_up::MAX_ATTEMPTS`] times per scope set. The credential keeps being served.
+async fn step_up(
+    store: &Store,
+    name: &str,
+    spec: &McpCredentialSpec,
+    secrets: &SecretFiles,
+    challenged: &str,
+) {
+    let Some(o) = spec.source.oauth2.as_ref() else {
+        return;
+    };
+    let (previous, granted) = step_up_state(name, spec, secrets).await;
+    let command = secrets.sign_in_command(name).unwrap_or_default();
+    let (state, message) = match step_up::decide(previous.as_ref(), granted.as_deref(), challenged) {
+        step_up::Decision::Waiting(s) => {
+            store.needs_more_consent(name, s.message(&command), command);
+            return;
+        }
+        step_up::Decision::Ask(s) => {
+            tracing::info!(credential = %name, scope = %s.scope, attempt = s.attempts_for(&s.scope), "the upstream needs more scopes: a step-up sign-in is needed");
+            let m = s.message(&command);
+            (s, m)
+        }
+        step_up::Decision::GiveUp(s) => {
+            let m = s.gave_up_message(challenged);
+            if previous.as_ref() == Some(&s)
+                && store.get(name).and_then(|s| s.last_failure).as_deref() == Some(&m)
+            {
+                // Said already, and nothing to write.
+                return;
+            }
+            (s, m)
+        }
+    };
+    let path = secrets.path(&step_up::step_up_ref(name, o));
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+    }
+    if let Err(e) = secrets.store(path, state.to_json()).await {
+        tracing::warn!(credential = %name, error = %crate::error::error_chain(&e), "cannot write the step-up; the next login asks for the default scopes");
+    }
+    if state.pending {
+        store.needs_more_consent(name, message, command);
+    } else {
+        store.more_consent_refused(name, message);
     }
 }
 
@@ -491,7 +601,7 @@ async fn check_session(
     name: &str,
     check: &mcp_credentials_core::SessionCheck,
     served: &Credential,
-    form_login: bool,
+    (form_login, browser_fix): (bool, Option<&str>),
     sources: &SourceContext,
     dead: &mut bool,
 ) -> bool {
@@ -510,9 +620,10 @@ async fn check_session(
             false
         }
         Err(e) if e.reason() == source::session::SESSION_EXPIRED => {
-            let fix = match form_login {
-                true => "logging in again",
-                false => "export fresh cookies into the cookies file",
+            let fix = match (form_login, browser_fix) {
+                (true, _) => "logging in again",
+                (false, Some(fix)) => fix,
+                (false, None) => "export fresh cookies into the cookies file",
             };
             tracing::warn!(credential = %name, error = %e, "the session has expired");
             store.fail(name, format!("{e}; {fix}"));
@@ -949,6 +1060,69 @@ mod tests {
         site.revoked.lock().unwrap().clear();
         until("the failure to clear", || failure().is_none()).await;
         assert_eq!(site.logins.load(std::sync::atomic::Ordering::SeqCst), 0);
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_browser_session_is_served_until_the_person_signs_out_and_again_once_signed_in() {
+        use source::session::{Cookie, browser};
+        let site = site().await;
+        let dir = temp_dir("browser");
+        let (store, task) = start_wiki(&dir, &site, "browser: {}").await;
+        let failure = || store.get("wiki").unwrap().last_failure.map(|f| f.to_string());
+        until("the request to sign in", || {
+            failure().is_some_and(|f| f.contains("sign in to 127.0.0.1:") && f.contains("in your browser"))
+        })
+        .await;
+        // What the sidecar's endpoint writes when the extension sends the browser's cookies.
+        let send = |value: Option<&str>| {
+            let cookies: Vec<Cookie> = value
+                .map(|v| Cookie {
+                    name: "sid".into(),
+                    value: SecretString::new(v),
+                    domain: "127.0.0.1".into(),
+                    include_subdomains: false,
+                    path: "/".into(),
+                    secure: false,
+                    expires: None,
+                })
+                .into_iter()
+                .collect();
+            let r = browser::cookies_ref("wiki");
+            std::fs::create_dir_all(dir.join(&r.name)).unwrap();
+            write_private_file(
+                &dir.join(&r.name).join(&r.key),
+                browser::to_json(&cookies).expose().as_bytes(),
+            )
+            .unwrap();
+        };
+        send(Some("b1"));
+        until("the browser's session", || {
+            cookie(&store).as_deref() == Some("sid=b1")
+        })
+        .await;
+        // The person signs out: nothing is served, and the message says what to do.
+        send(None);
+        until("the signed-out session to be dropped", || {
+            cookie(&store).is_none()
+        })
+        .await;
+        let message = failure().unwrap();
+        assert!(
+            message.contains("signed out") && message.contains("in your browser"),
+            "{message}"
+        );
+        send(Some("b2"));
+        until("the new session", || cookie(&store).as_deref() == Some("sid=b2")).await;
+        assert!(failure().is_none());
+        // The site ends the session: the check says so, in the browser's words.
+        site.revoked.lock().unwrap().push("sid=b2".into());
+        until("the failing check", || {
+            failure().is_some_and(|f| f.contains("expected 200") && f.contains("sign in to 127.0.0.1:"))
+        })
+        .await;
+        assert!(!failure().unwrap().contains("b2"), "the cookie value leaked");
         task.abort();
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -33,6 +33,9 @@ def require_key(app):
 
 sock = socket.socket()
 sock.bind(("127.0.0.1", 0))
+# Listening before the port is printed: a connection made at once is queued, not refused (the test
+# failed on a loaded machine with the sidecar's 502 while uvicorn was still starting).
+sock.listen(128)
 print(sock.getsockname()[1], flush=True)
 config = uvicorn.Config(require_key(server.sse_app()), log_level="warning")
 uvicorn.Server(config).run(sockets=[sock])
