@@ -165,6 +165,11 @@ impl OAuth2 {
         Self::grant(OAuth2Grant::ClientCredentials, client_id)
     }
 
+    /// The authorization code grant (a person signs in) with a client registered beforehand.
+    pub fn authorization_code(client_id: &str) -> Self {
+        Self::grant(OAuth2Grant::AuthorizationCode, client_id)
+    }
+
     /// The refresh token grant for `client_id`, redeeming (and rotating) `refresh_token`.
     pub fn refresh_token(client_id: &str, refresh_token: SecretKeyRef) -> Self {
         let mut oauth2 = Self::grant(OAuth2Grant::RefreshToken, client_id);
@@ -358,6 +363,7 @@ impl Session {
         Self(SessionSource {
             cookies,
             form_login,
+            browser: None,
             check: None,
         })
     }

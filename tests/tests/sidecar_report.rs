@@ -383,21 +383,13 @@ async fn a_403_insufficient_scope_records_a_step_up_and_the_condition_names_the_
     apply(
         cp,
         &ns,
-        &format!(
-            r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: github }}
-spec:
-  upstream: {upstream}
-  source:
-    oauth2:
-      grant: authorizationCode
-      tokenUrl: http://127.0.0.1:9/token
-      clientId: c
-  access:
-    serviceAccounts: [agent]
-"#
-        ),
+        &Credential::new(
+            "github",
+            &upstream,
+            OAuth2::authorization_code("c").token_url("http://127.0.0.1:9/token"),
+        )
+        .service_accounts(&["agent"])
+        .yaml(),
     );
     let agent_token = service_account_token(cp, &ns, "agent");
     let dir = std::env::temp_dir().join(format!("mcp-report-certs-{ns}"));
