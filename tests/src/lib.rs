@@ -149,3 +149,6 @@ impl ControlPlane {
 
 /// A TCP fault proxy (reset or blackhole all traffic on command) for fault-injection tests.
 pub mod fault_proxy;
+
+/// A typed builder for the McpCredentials the tests apply.
+pub mod credential;

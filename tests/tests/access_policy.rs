@@ -7,7 +7,10 @@ mod operator_support;
 
 use std::time::{Duration, Instant};
 
-use mcp_credentials_e2e::ControlPlane;
+use mcp_credentials_e2e::{
+    ControlPlane,
+    credential::{Credential, api_key, secret_key, yaml_stream},
+};
 use operator_support::{Operator, create_secret, setup};
 
 fn can_i(cp: &ControlPlane, ns: &str, sa: &str, args: &[&str]) -> String {
@@ -32,10 +35,27 @@ fn each_service_account_reads_only_the_secrets_of_credentials_it_may_use() {
     let operator = Operator::start(cp, &ns, "access", &[]);
     create_secret(cp, &ns, "gh", &[("token", "gh-key")]);
     create_secret(cp, &ns, "wk", &[("token", "wiki-key")]);
-    let credentials = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: github}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {apiKey: {secretKeyRef: {name: gh, key: token}}}\n  access: {serviceAccounts: [coding-agent]}\n---\n\
-         apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: wiki}\nspec:\n  upstream: https://wiki.example.com/mcp\n  source: {apiKey: {secretKeyRef: {name: wk, key: token}}}\n  secretName: wiki-token\n  access: {allServiceAccounts: true}\n---\n\
-         apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: jira}\nspec:\n  upstream: https://jira.example.com/mcp\n  source: {apiKey: {secretKeyRef: {name: gh, key: token}}}\n";
-    let out = cp.apply(&ns, credentials);
+    let credentials = yaml_stream([
+        Credential::new(
+            "github",
+            "https://api.githubcopilot.com/mcp/",
+            api_key(secret_key("gh", "token")),
+        )
+        .service_accounts(&["coding-agent"]),
+        Credential::new(
+            "wiki",
+            "https://wiki.example.com/mcp",
+            api_key(secret_key("wk", "token")),
+        )
+        .secret_name("wiki-token")
+        .all_service_accounts(),
+        Credential::new(
+            "jira",
+            "https://jira.example.com/mcp",
+            api_key(secret_key("gh", "token")),
+        ),
+    ]);
+    let out = cp.apply(&ns, &credentials);
     assert!(out.success, "{}", out.stderr);
     // Each Role names its Secret once the operator has written it (and so owns it).
     wait_for("the grants", || {
@@ -139,9 +159,19 @@ fn a_secret_the_credential_does_not_own_is_never_granted() {
     let operator = Operator::start(cp, &ns, "access-foreign", &[]);
     create_secret(cp, &ns, "db-password", &[("password", "hunter2-not-for-agents")]);
     create_secret(cp, &ns, "key", &[("token", "api-key")]);
-    let credentials = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: thief}\nspec:\n  upstream: https://mcp.example.com/mcp\n  source: {apiKey: {secretKeyRef: {name: key, key: token}}}\n  secretName: db-password\n  access: {serviceAccounts: [mine]}\n---\n\
-         apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: honest}\nspec:\n  upstream: https://mcp.example.com/mcp\n  source: {apiKey: {secretKeyRef: {name: key, key: token}}}\n  access: {serviceAccounts: [mine]}\n";
-    let out = cp.apply(&ns, credentials);
+    let credential = |name: &str| {
+        Credential::new(
+            name,
+            "https://mcp.example.com/mcp",
+            api_key(secret_key("key", "token")),
+        )
+        .service_accounts(&["mine"])
+    };
+    let credentials = yaml_stream([
+        credential("thief").secret_name("db-password"),
+        credential("honest"),
+    ]);
+    let out = cp.apply(&ns, &credentials);
     assert!(out.success, "{}", out.stderr);
     // Both Roles exist; the honest one grants its own Secret, so the access controller has run.
     wait_for("the honest credential's grant", || {

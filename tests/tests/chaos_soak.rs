@@ -58,6 +58,7 @@ use kube::{
 use mcp_credentials_core::McpCredential;
 use mcp_credentials_e2e::{
     ControlPlane,
+    credential::{Credential, OAuth2, SHARD_LABEL, api_key, secret_key, yaml_stream},
     fault_proxy::{Fault, FaultProxy, contains},
     repo_root,
 };
@@ -76,7 +77,7 @@ const UPSTREAMS: usize = 10;
 const CLIENTS_PER_UPSTREAM: usize = 2;
 /// Renew with half of the lifetime left (10 s of 20, at the minimum renewal interval): a
 /// kube-apiserver restart takes about 8 s here, and no Secret can be written while it is down.
-const RENEW_BEFORE_PERCENTAGE: u32 = 50;
+const RENEW_BEFORE_PERCENTAGE: i32 = 50;
 /// A lease this short lets a standby take over well within a token's remaining life.
 const LEASE_SECONDS: &str = "4";
 /// One round of events; the soak repeats rounds until its time is up.
@@ -500,16 +501,6 @@ struct BlackholeRound {
     writers: Vec<String>,
 }
 
-fn labelled(yaml: &str, name: &str, shard: &str) -> String {
-    let plain = format!("metadata: {{ name: {name} }}");
-    assert!(yaml.contains(&plain), "{yaml}");
-    yaml.replacen(
-        &plain,
-        &format!("metadata: {{ name: {name}, labels: {{ mcpcredentials.dev/test-shard: {shard} }} }}"),
-        1,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn clients_see_no_authentication_failure_through_restarts_kills_and_outages() {
     let seconds: u64 = std::env::var("MCP_SOAK_SECONDS")
@@ -520,7 +511,7 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
     let (cp, ns) = setup("soak");
     let slow_ns = cp.namespace("soak-slow");
     let shard = ns.clone();
-    let selector = format!("mcpcredentials.dev/test-shard={shard}");
+    let selector = format!("{SHARD_LABEL}={shard}");
     let dir = run_dir("soak");
     let mut oauth = OAuth::start(&dir, TOKEN_TTL);
     create_secret(cp, &ns, "idp", &[("secret", CLIENT_SECRET)]);
@@ -529,8 +520,8 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
     for i in 0..UPSTREAMS {
         let server = McpServer::start(&oauth, &dir).await;
         let name = format!("upstream-{i}");
-        let yaml = credential_yaml(&name, &server.url, &oauth.token_url(), RENEW_BEFORE_PERCENTAGE);
-        apply(cp, &ns, &labelled(&yaml, &name, &shard));
+        let credential = credential(&name, &server.url, &oauth.token_url(), RENEW_BEFORE_PERCENTAGE);
+        apply(cp, &ns, &credential.label(SHARD_LABEL, &shard).yaml());
         servers.push(server);
         names.push(name);
     }
@@ -540,24 +531,10 @@ async fn clients_see_no_authentication_failure_through_restarts_kills_and_outage
     let hole = blackhole().await;
     let slow_url = slow_upstream(hole, SLOW_SERVERS).await;
     create_secret(cp, &slow_ns, "idp", &[("secret", "unused")]);
-    let slow_yaml: Vec<String> = (0..SLOW_CREDENTIALS)
-        .map(|i| {
-            format!(
-                r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: slow-{i}, labels: {{ mcpcredentials.dev/test-shard: {shard} }} }}
-spec:
-  upstream: {slow_url}
-  source:
-    oauth2:
-      grant: clientCredentials
-      clientId: cc-basic
-      clientSecret: {{ name: idp, key: secret }}
-"#
-            )
-        })
-        .collect();
-    apply(cp, &slow_ns, &slow_yaml.join("---\n"));
+    let slow_credentials = (0..SLOW_CREDENTIALS).map(|i| {
+        Credential::new(&format!("slow-{i}"), &slow_url, OAuth2::cc_basic()).label(SHARD_LABEL, &shard)
+    });
+    apply(cp, &slow_ns, &yaml_stream(slow_credentials));
 
     // A rotating refresh-token credential, from an OAuth server of its own that is never restarted
     // (oidc-provider keeps its grants in memory), reached through a proxy that sees its answers.
@@ -574,22 +551,13 @@ spec:
     apply(
         cp,
         &ns,
-        &format!(
-            r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: rotating, labels: {{ mcpcredentials.dev/test-shard: {shard} }} }}
-spec:
-  upstream: {rotating_upstream}
-  source:
-    oauth2:
-      grant: refreshToken
-      tokenUrl: http://{}/token
-      clientId: rt-client
-      clientSecret: {{ name: login, key: client-secret }}
-      refreshToken: {{ name: login, key: refresh-token }}
-"#,
-            token_proxy.addr()
-        ),
+        &Credential::new(
+            "rotating",
+            &rotating_upstream,
+            OAuth2::rt_client().token_url(&format!("http://{}/token", token_proxy.addr())),
+        )
+        .label(SHARD_LABEL, &shard)
+        .yaml(),
     );
 
     // An API-key credential served by the sidecar too, rotated twice a round.
@@ -600,17 +568,15 @@ spec:
     apply(
         cp,
         &ns,
-        &format!(
-            r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: apikey, labels: {{ mcpcredentials.dev/test-shard: {shard} }} }}
-spec:
-  upstream: {}
-  source: {{ apiKey: {{ secretKeyRef: {{ name: keys, key: api-key }} }} }}
-  inject: {{ header: X-API-Key, format: "{{token}}" }}
-"#,
-            key_upstream.url
-        ),
+        &Credential::new(
+            "apikey",
+            &key_upstream.url,
+            api_key(secret_key("keys", "api-key")),
+        )
+        .label(SHARD_LABEL, &shard)
+        .header("X-API-Key")
+        .format("{token}")
+        .yaml(),
     );
     let mut served = names.clone();
     served.push("apikey".to_owned());

@@ -19,6 +19,7 @@ use e2e_support::*;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use mcp_credentials_core::McpCredential;
+use mcp_credentials_e2e::credential::{Credential, OAuth2};
 use operator_support::*;
 
 /// Short tokens, so that each credential is renewed twice within the test.
@@ -26,24 +27,6 @@ const TOKEN_TTL: u64 = 12;
 const NAMES: [&str; 4] = ["alpha", "beta", "gamma", "delta"];
 /// The credential that comes from a user's refresh token (rotated on every use) instead.
 const FROM_REFRESH_TOKEN: &str = "delta";
-
-fn refresh_token_credential(name: &str, upstream: &str, token_url: &str) -> String {
-    format!(
-        r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: {name} }}
-spec:
-  upstream: {upstream}
-  source:
-    oauth2:
-      grant: refreshToken
-      tokenUrl: {token_url}
-      clientId: rt-client
-      clientSecret: {{ name: login, key: client-secret }}
-      refreshToken: {{ name: login, key: refresh-token }}
-"#
-    )
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mcp_clients_call_four_audience_bound_servers_through_the_sidecar_while_prometheus_watches() {
@@ -67,13 +50,18 @@ async fn mcp_clients_call_four_audience_bound_servers_through_the_sidecar_while_
             apply(
                 cp,
                 &ns,
-                &refresh_token_credential(name, &server.url, &oauth.token_url()),
+                &Credential::new(
+                    name,
+                    &server.url,
+                    OAuth2::rt_client().token_url(&oauth.token_url()),
+                )
+                .yaml(),
             );
         } else {
             apply(
                 cp,
                 &ns,
-                &credential_yaml(name, &server.url, &oauth.token_url(), 33),
+                &credential(name, &server.url, &oauth.token_url(), 33).yaml(),
             );
         }
         servers.push(server);

@@ -14,6 +14,7 @@ mod operator_support;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use mcp_credentials_core::McpCredential;
+use mcp_credentials_e2e::credential::{Credential, OAuth2, SHARD_LABEL, yaml_stream};
 use operator_support::*;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -21,51 +22,28 @@ async fn sixteen_credentials_whose_servers_never_answer_do_not_delay_another_nam
     let (cp, fast_ns) = setup("fair-fast");
     let slow_ns = cp.namespace("fair-slow");
     // Only this test's credentials: the operator watches every namespace, other tests' too.
-    let shard = format!("mcpcredentials.dev/test-shard={fast_ns}");
-    let label = format!("labels: {{ mcpcredentials.dev/test-shard: {fast_ns} }}");
+    let shard = format!("{SHARD_LABEL}={fast_ns}");
 
     let hole = blackhole().await;
     let upstream = slow_upstream(hole, 1000).await;
     create_secret(cp, &slow_ns, "idp", &[("secret", "unused")]);
     // One apply for all 16 (one kubectl run).
-    let slow_yaml: Vec<String> = (0..16)
-        .map(|i| {
-            format!(
-                r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: slow-{i}, {label} }}
-spec:
-  upstream: {upstream}
-  source:
-    oauth2:
-      grant: clientCredentials
-      clientId: cc-basic
-      clientSecret: {{ name: idp, key: secret }}
-"#
-            )
-        })
-        .collect();
-    apply(cp, &slow_ns, &slow_yaml.join("---\n"));
+    let slow_credentials = (0..16).map(|i| {
+        Credential::new(&format!("slow-{i}"), &upstream, OAuth2::cc_basic()).label(SHARD_LABEL, &fast_ns)
+    });
+    apply(cp, &slow_ns, &yaml_stream(slow_credentials));
     let oauth = OAuthServer::start(0, 30);
     create_secret(cp, &fast_ns, "idp", &[("secret", "cc-basic-secret")]);
     apply(
         cp,
         &fast_ns,
-        &format!(
-            r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: ordinary, {label} }}
-spec:
-  upstream: http://127.0.0.1:7001/mcp
-  source:
-    oauth2:
-      grant: clientCredentials
-      tokenUrl: {}
-      clientId: cc-basic
-      clientSecret: {{ name: idp, key: secret }}
-"#,
-            oauth.token_url()
-        ),
+        &Credential::new(
+            "ordinary",
+            "http://127.0.0.1:7001/mcp",
+            OAuth2::cc_basic().token_url(&oauth.token_url()),
+        )
+        .label(SHARD_LABEL, &fast_ns)
+        .yaml(),
     );
     // The defaults that matter: 16 reconcile slots, so a quarter (4) per namespace; a refresh
     // deadline of 60 s.

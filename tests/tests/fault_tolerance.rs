@@ -29,6 +29,7 @@ use kube::{
 use mcp_credentials_core::McpCredential;
 use mcp_credentials_e2e::{
     ControlPlane,
+    credential::{Credential, OAuth2},
     fault_proxy::{Fault, FaultProxy, contains},
 };
 use operator_support::*;
@@ -106,22 +107,12 @@ async fn rotated_refresh_token_survives_failed_api_writes(two_replicas: bool) {
     apply(
         cp,
         &ns,
-        &format!(
-            r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: rotating }}
-spec:
-  upstream: {upstream}
-  source:
-    oauth2:
-      grant: refreshToken
-      tokenUrl: http://{}/token
-      clientId: rt-client
-      clientSecret: {{ name: login, key: client-secret }}
-      refreshToken: {{ name: login, key: refresh-token }}
-"#,
-            oauth_proxy.addr()
-        ),
+        &Credential::new(
+            "rotating",
+            upstream,
+            OAuth2::rt_client().token_url(&format!("http://{}/token", oauth_proxy.addr())),
+        )
+        .yaml(),
     );
     let client = client(cp).await;
     let creds: Api<McpCredential> = Api::namespaced(client.clone(), &ns);
@@ -244,21 +235,12 @@ async fn a_blackholed_leader_stops_leading_before_the_standby_takes_over() {
     apply(
         cp,
         &ns,
-        &format!(
-            r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: github }}
-spec:
-  upstream: http://127.0.0.1:7100/github
-  source:
-    oauth2:
-      grant: clientCredentials
-      tokenUrl: {}
-      clientId: cc-basic
-      clientSecret: {{ name: idp, key: secret }}
-"#,
-            oauth.token_url()
-        ),
+        &Credential::new(
+            "github",
+            "http://127.0.0.1:7100/github",
+            OAuth2::cc_basic().token_url(&oauth.token_url()),
+        )
+        .yaml(),
     );
     let client = client(cp).await;
     let creds: Api<McpCredential> = Api::namespaced(client.clone(), &ns);

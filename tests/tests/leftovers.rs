@@ -26,6 +26,7 @@ use kube::{
     api::{DeleteParams, ListParams},
 };
 use mcp_credentials_core::McpCredential;
+use mcp_credentials_e2e::credential::{Credential, OAuth2};
 use operator_support::*;
 use tokio::net::TcpListener;
 
@@ -75,21 +76,8 @@ async fn token_endpoint(answer: Answer) -> (String, Arc<Endpoint>) {
 }
 
 fn refresh_credential(name: &str, token_url: &str) -> String {
-    format!(
-        r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: {name} }}
-spec:
-  upstream: http://127.0.0.1:7001/mcp
-  source:
-    oauth2:
-      grant: refreshToken
-      tokenUrl: {token_url}
-      clientId: rt-client
-      clientSecret: {{ name: login, key: client-secret }}
-      refreshToken: {{ name: login, key: refresh-token }}
-"#
-    )
+    let source = OAuth2::rt_client().token_url(token_url);
+    Credential::new(name, "http://127.0.0.1:7001/mcp", source).yaml()
 }
 
 /// The series of the operator's metrics that name credential `name`.

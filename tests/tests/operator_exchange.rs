@@ -12,8 +12,11 @@ use std::{
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, api::ListParams};
-use mcp_credentials_core::McpCredential;
-use mcp_credentials_e2e::ControlPlane;
+use mcp_credentials_core::{ExchangeGrant as Grant, McpCredential};
+use mcp_credentials_e2e::{
+    ControlPlane,
+    credential::{Credential, OAuth2, TokenExchange},
+};
 use operator_support::*;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -51,32 +54,6 @@ fn service_account(cp: &ControlPlane, ns: &str, name: &str, audiences: Option<&s
     );
 }
 
-fn exchange_credential(
-    name: &str,
-    upstream: &str,
-    token_url: &str,
-    grant: &str,
-    sa: &str,
-    audience: &str,
-) -> String {
-    format!(
-        r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: {name} }}
-spec:
-  upstream: {upstream}
-  source:
-    tokenExchange:
-      grant: {grant}
-      tokenUrl: {token_url}
-      clientId: wi-client
-      subject:
-        serviceAccount: {{ name: {sa}, audience: "{audience}" }}
-      scopes: [read]
-"#
-    )
-}
-
 async fn bearer(secrets: &Api<Secret>, name: &str) -> serde_json::Value {
     let s = secrets.get(&format!("{name}-mcp-credential")).await.unwrap();
     let header = data(&s, "header.Authorization").unwrap();
@@ -93,21 +70,31 @@ async fn a_service_account_token_is_exchanged_for_an_upstream_token_with_no_stor
     service_account(cp, &ns, "other-audience", Some("https://elsewhere.example.com"));
     let upstream = "http://127.0.0.1:7101/mcp";
     for (name, grant, sa, aud) in [
-        ("exchanged", "tokenExchange", "research-agent", audience.as_str()),
-        ("bearer", "jwtBearer", "research-agent", audience.as_str()),
-        ("unannotated", "tokenExchange", "not-annotated", audience.as_str()),
+        (
+            "exchanged",
+            Grant::TokenExchange,
+            "research-agent",
+            audience.as_str(),
+        ),
+        ("bearer", Grant::JwtBearer, "research-agent", audience.as_str()),
+        (
+            "unannotated",
+            Grant::TokenExchange,
+            "not-annotated",
+            audience.as_str(),
+        ),
         (
             "untrusted",
-            "tokenExchange",
+            Grant::TokenExchange,
             "other-audience",
             "https://elsewhere.example.com",
         ),
     ] {
-        apply(
-            cp,
-            &ns,
-            &exchange_credential(name, upstream, &oauth.token_url(), grant, sa, aud),
-        );
+        let source = TokenExchange::service_account(grant, sa, aud)
+            .token_url(&oauth.token_url())
+            .client_id("wi-client")
+            .scopes(&["read"]);
+        apply(cp, &ns, &Credential::new(name, upstream, source).yaml());
     }
     let op = Operator::start(cp, &ns, "a", &[]);
     let client = client(cp).await;
@@ -305,20 +292,7 @@ async fn the_token_endpoint_is_discovered_from_the_upstreams_protected_resource_
         apply(
             cp,
             &ns,
-            &format!(
-                r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: {name} }}
-spec:
-  upstream: {}
-  source:
-    oauth2:
-      grant: clientCredentials
-      clientId: cc-basic
-      clientSecret: {{ name: idp, key: secret }}
-"#,
-                upstream.url(name)
-            ),
+            &Credential::new(name, &upstream.url(name), OAuth2::cc_basic()).yaml(),
         );
     }
     // The test servers are on loopback: only the explicit opt-in lets learned URLs point there.

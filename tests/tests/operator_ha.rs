@@ -11,23 +11,12 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use mcp_credentials_core::McpCredential;
+use mcp_credentials_e2e::credential::{Credential, OAuth2};
 use operator_support::*;
 
 fn credential(name: &str, token_url: &str) -> String {
-    format!(
-        r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: {name} }}
-spec:
-  upstream: http://127.0.0.1:7100/{name}
-  source:
-    oauth2:
-      grant: clientCredentials
-      tokenUrl: {token_url}
-      clientId: cc-basic
-      clientSecret: {{ name: idp, key: secret }}
-"#
-    )
+    let upstream = format!("http://127.0.0.1:7100/{name}");
+    Credential::new(name, &upstream, OAuth2::cc_basic().token_url(token_url)).yaml()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -28,7 +28,10 @@ use kube::{
     api::{ListParams, Patch, PatchParams},
 };
 use mcp_credentials_core::{JwtAlgorithm, McpCredential, source::jwt};
-use mcp_credentials_e2e::repo_root;
+use mcp_credentials_e2e::{
+    credential::{Credential, GitHubApp, Jwt, Session, secret_key},
+    repo_root,
+};
 use operator_support::*;
 
 /// The Python MCP server that validates with the operator's JWKS, killed when dropped.
@@ -102,23 +105,15 @@ async fn initialize(url: &str, authorization: Option<&str>) -> u16 {
     req.send().await.unwrap().status().as_u16()
 }
 
-fn jwt_credential(name: &str, upstream: &str, algorithm: &str, audience: Option<&str>) -> String {
-    let audience = audience.map(|a| format!("audience: {a}")).unwrap_or_default();
-    format!(
-        r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: {name} }}
-spec:
-  upstream: {upstream}
-  source:
-    jwt:
-      subject: system:serviceaccount:agents:research
-      ttl: 15m
-      algorithm: {algorithm}
-      claims: {{ tenant: acme }}
-      {audience}
-"#
-    )
+fn jwt_credential(name: &str, upstream: &str, algorithm: JwtAlgorithm, audience: Option<&str>) -> String {
+    let mut jwt = Jwt::new("system:serviceaccount:agents:research")
+        .ttl("15m")
+        .algorithm(algorithm)
+        .claim("tenant", "acme");
+    if let Some(audience) = audience {
+        jwt = jwt.audience(audience);
+    }
+    Credential::new(name, upstream, jwt).yaml()
 }
 
 async fn warning_events(cp_client: kube::Client, ns: &str, reason: &str) -> usize {
@@ -158,7 +153,7 @@ async fn minted_jwts_pass_an_mcp_servers_jwks_validation_for_their_audience_only
     apply(
         cp,
         &ns,
-        &jwt_credential("inventory", &server.url(), "RS256", None),
+        &jwt_credential("inventory", &server.url(), JwtAlgorithm::RS256, None),
     );
     apply(
         cp,
@@ -166,7 +161,7 @@ async fn minted_jwts_pass_an_mcp_servers_jwks_validation_for_their_audience_only
         &jwt_credential(
             "elsewhere",
             &server.url(),
-            "ES256",
+            JwtAlgorithm::ES256,
             Some("https://other.example.com/mcp"),
         ),
     );
@@ -277,19 +272,11 @@ fn minting_operator(
     (Operator::start(cp, ns, "a", &args), issuer)
 }
 
-fn minted_credential(name: &str, upstream: &str, subject: &str, claims: &str) -> String {
-    format!(
-        r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: {name} }}
-spec:
-  upstream: {upstream}
-  source:
-    jwt:
-      subject: "{subject}"
-      claims: {claims}
-"#
-    )
+fn minted_credential(name: &str, upstream: &str, subject: &str, claims: &[(&str, &str)]) -> String {
+    let jwt = claims
+        .iter()
+        .fold(Jwt::new(subject), |jwt, (name, value)| jwt.claim(name, value));
+    Credential::new(name, upstream, jwt).yaml()
 }
 
 /// The token in a credential's Secret (`Bearer {token}`).
@@ -318,13 +305,13 @@ async fn a_namespace_cannot_mint_another_namespaces_subject_nor_pass_an_upstream
             "impersonate",
             &server_b.url(),
             &format!("system:serviceaccount:{b}:admin"),
-            &format!("{{tenant: {b}}}"),
+            &[("tenant", &b)],
         ),
     );
     apply(
         cp,
         &a,
-        &minted_credential("own", &server_a.url(), "research", "{}"),
+        &minted_credential("own", &server_a.url(), "research", &[]),
     );
     let client = client(cp).await;
     let creds: Api<McpCredential> = Api::namespaced(client.clone(), &a);
@@ -384,7 +371,7 @@ async fn the_api_server_refuses_jwt_claims_that_set_the_namespace_binding() {
             "forged",
             "https://inventory.example.com/mcp",
             "research",
-            &format!("{{\"{claim}\": other}}"),
+            &[(claim, "other")],
         );
         let out = cp.apply(&ns, &yaml);
         assert!(!out.success, "{claim} was accepted");
@@ -443,13 +430,13 @@ async fn with_an_audience_policy_a_namespace_mints_only_for_the_audiences_allowe
             "theirs",
             &server_b.url(),
             &format!("system:serviceaccount:{b}:admin"),
-            "{}",
+            &[],
         ),
     );
     apply(
         cp,
         &a,
-        &minted_credential("allowed", &server_a.url(), "legacy-agent", "{}"),
+        &minted_credential("allowed", &server_a.url(), "legacy-agent", &[]),
     );
     let client = client(cp).await;
     let creds: Api<McpCredential> = Api::namespaced(client.clone(), &a);
@@ -494,7 +481,12 @@ async fn without_jwks_listen_a_jwt_credential_says_how_to_enable_minting() {
     apply(
         cp,
         &ns,
-        &jwt_credential("inventory", "http://127.0.0.1:7001/mcp", "ES256", None),
+        &jwt_credential(
+            "inventory",
+            "http://127.0.0.1:7001/mcp",
+            JwtAlgorithm::ES256,
+            None,
+        ),
     );
     let creds: Api<McpCredential> = Api::namespaced(client(cp).await, &ns);
     let cred = wait_condition(&creds, "inventory", "Ready", "False", Some("NoSigningKey")).await;
@@ -566,23 +558,12 @@ async fn serve(app: Router) -> SocketAddr {
     addr
 }
 
-fn github_credential(name: &str, api: &str, installation: u64, key_secret: &str) -> String {
-    format!(
-        r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: {name} }}
-spec:
-  upstream: http://127.0.0.1:7001/mcp
-  source:
-    githubApp:
-      appId: "4242"
-      installationId: {installation}
-      privateKey: {{ name: {key_secret}, key: private-key.pem }}
-      repositories: [agent-playground]
-      permissions: {{ contents: read }}
-      apiUrl: {api}
-"#
-    )
+fn github_credential(name: &str, api: &str, installation: i64, key_secret: &str) -> String {
+    let app = GitHubApp::new("4242", installation, secret_key(key_secret, "private-key.pem"))
+        .repositories(&["agent-playground"])
+        .permission("contents", "read")
+        .api_url(api);
+    Credential::new(name, "http://127.0.0.1:7001/mcp", app).yaml()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -729,18 +710,16 @@ async fn imported_cookies_are_served_and_a_dead_session_shows_before_an_agent_hi
     apply(
         cp,
         &ns,
-        &format!(
-            r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: wiki }}
-spec:
-  upstream: http://{addr}/mcp
-  source:
-    session:
-      cookies: {{ secretKeyRef: {{ name: browser, key: cookies.txt }} }}
-      check: {{ url: "http://{addr}/check", expectStatus: 200, interval: 1m }}
-"#
-        ),
+        &Credential::new(
+            "wiki",
+            &format!("http://{addr}/mcp"),
+            Session::cookies(secret_key("browser", "cookies.txt")).check(
+                &format!("http://{addr}/check"),
+                Some(200),
+                "1m",
+            ),
+        )
+        .yaml(),
     );
     let op = Operator::start(cp, &ns, "a", &[]);
     let client = client(cp).await;
@@ -803,23 +782,14 @@ async fn a_form_login_captures_its_cookie_and_logs_in_again_when_the_check_fails
     create_secret(cp, &ns, "login", &[("user", "agent"), ("pass", "s3cret")]);
     create_secret(cp, &ns, "bad", &[("user", "agent"), ("pass", "wrong")]);
     let credential = |name: &str, secret: &str| {
-        format!(
-            r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: {name} }}
-spec:
-  upstream: http://{addr}/mcp
-  source:
-    session:
-      formLogin:
-        url: http://{addr}/login
-        username: {{ name: {secret}, key: user }}
-        password: {{ name: {secret}, key: pass }}
-        usernameField: user
-        passwordField: pass
-      check: {{ url: "http://{addr}/check", interval: 1m }}
-"#
+        let login = Session::form_login(
+            &format!("http://{addr}/login"),
+            secret_key(secret, "user"),
+            secret_key(secret, "pass"),
         )
+        .form_fields("user", "pass")
+        .check(&format!("http://{addr}/check"), None, "1m");
+        Credential::new(name, &format!("http://{addr}/mcp"), login).yaml()
     };
     apply(cp, &ns, &credential("wiki", "login"));
     apply(cp, &ns, &credential("denied", "bad"));

@@ -9,33 +9,9 @@ use kube::{
     Api,
     api::{Patch, PatchParams},
 };
-use mcp_credentials_core::McpCredential;
+use mcp_credentials_core::{ClientAuth, McpCredential};
+use mcp_credentials_e2e::credential::{Credential, OAuth2, api_key, secret_key};
 use operator_support::*;
-
-fn cc_credential(
-    name: &str,
-    upstream: &str,
-    token_url: &str,
-    client: &str,
-    auth: &str,
-    secret: &str,
-) -> String {
-    format!(
-        r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: {name} }}
-spec:
-  upstream: {upstream}
-  source:
-    oauth2:
-      grant: clientCredentials
-      tokenUrl: {token_url}
-      clientId: {client}
-      clientAuth: {auth}
-      {secret}
-"#
-    )
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn client_credentials_give_a_jwt_for_the_upstream_and_one_refresh_costs_two_writes() {
@@ -46,14 +22,14 @@ async fn client_credentials_give_a_jwt_for_the_upstream_and_one_refresh_costs_tw
     apply(
         cp,
         &ns,
-        &cc_credential(
+        &Credential::new(
             "github",
             upstream,
-            &oauth.token_url(),
-            "cc-basic",
-            "clientSecretBasic",
-            "clientSecret: { name: idp, key: secret }",
-        ),
+            OAuth2::cc_basic()
+                .token_url(&oauth.token_url())
+                .client_auth(ClientAuth::ClientSecretBasic),
+        )
+        .yaml(),
     );
     let op = Operator::start(cp, &ns, "a", &[]);
     let client = client(cp).await;
@@ -170,26 +146,28 @@ async fn client_secret_post_and_private_key_jwt_authenticate_the_client() {
     apply(
         cp,
         &ns,
-        &cc_credential(
+        &Credential::new(
             "posted",
             "http://127.0.0.1:7002/mcp",
-            &oauth.token_url(),
-            "cc-post",
-            "clientSecretPost",
-            "clientSecret: { name: idp, key: post }",
-        ),
+            OAuth2::client_credentials("cc-post")
+                .token_url(&oauth.token_url())
+                .client_auth(ClientAuth::ClientSecretPost)
+                .client_secret(secret_key("idp", "post")),
+        )
+        .yaml(),
     );
     apply(
         cp,
         &ns,
-        &cc_credential(
+        &Credential::new(
             "signed",
             "http://127.0.0.1:7003/mcp",
-            &oauth.token_url(),
-            "cc-jwt",
-            "privateKeyJwt",
-            "privateKey: { name: idp, key: key }",
-        ),
+            OAuth2::client_credentials("cc-jwt")
+                .token_url(&oauth.token_url())
+                .client_auth(ClientAuth::PrivateKeyJwt)
+                .private_key(secret_key("idp", "key")),
+        )
+        .yaml(),
     );
     let _op = Operator::start(cp, &ns, "a", &[]);
     let client = client(cp).await;
@@ -227,22 +205,12 @@ async fn a_rotated_refresh_token_is_stored_back_and_a_refresh_can_be_forced() {
     apply(
         cp,
         &ns,
-        &format!(
-            r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: slack }}
-spec:
-  upstream: {upstream}
-  source:
-    oauth2:
-      grant: refreshToken
-      tokenUrl: {}
-      clientId: rt-client
-      clientSecret: {{ name: login, key: client-secret }}
-      refreshToken: {{ name: login, key: refresh-token }}
-"#,
-            oauth.token_url()
-        ),
+        &Credential::new(
+            "slack",
+            upstream,
+            OAuth2::rt_client().token_url(&oauth.token_url()),
+        )
+        .yaml(),
     );
     let _op = Operator::start(cp, &ns, "a", &[]);
     let client = client(cp).await;
@@ -300,22 +268,12 @@ async fn invalid_grant_requires_reauth_without_retrying_until_the_secret_changes
     apply(
         cp,
         &ns,
-        &format!(
-            r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: jira }}
-spec:
-  upstream: {upstream}
-  source:
-    oauth2:
-      grant: refreshToken
-      tokenUrl: {}
-      clientId: rt-client
-      clientSecret: {{ name: login, key: client-secret }}
-      refreshToken: {{ name: login, key: refresh-token }}
-"#,
-            oauth.token_url()
-        ),
+        &Credential::new(
+            "jira",
+            upstream,
+            OAuth2::rt_client().token_url(&oauth.token_url()),
+        )
+        .yaml(),
     );
     let op = Operator::start(cp, &ns, "a", &[]);
     let client = client(cp).await;
@@ -359,14 +317,14 @@ async fn a_token_endpoint_that_is_down_is_retried_until_it_is_back() {
     apply(
         cp,
         &ns,
-        &cc_credential(
+        &Credential::new(
             "linear",
             "http://127.0.0.1:7006/mcp",
-            &token_url,
-            "cc-basic",
-            "clientSecretBasic",
-            "clientSecret: { name: idp, key: secret }",
-        ),
+            OAuth2::cc_basic()
+                .token_url(&token_url)
+                .client_auth(ClientAuth::ClientSecretBasic),
+        )
+        .yaml(),
     );
     let op = Operator::start(cp, &ns, "a", &[]);
     let client = client(cp).await;
@@ -420,13 +378,12 @@ async fn a_secret_it_does_not_own_is_never_overwritten() {
     apply(
         cp,
         &ns,
-        r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: { name: notion }
-spec:
-  upstream: http://127.0.0.1:7007/mcp
-  source: { apiKey: { secretKeyRef: { name: keys, key: notion } } }
-"#,
+        &Credential::new(
+            "notion",
+            "http://127.0.0.1:7007/mcp",
+            api_key(secret_key("keys", "notion")),
+        )
+        .yaml(),
     );
     let _op = Operator::start(cp, &ns, "a", &[]);
     let client = client(cp).await;
@@ -458,14 +415,13 @@ async fn an_api_key_follows_its_secret_quickly() {
     apply(
         cp,
         &ns,
-        r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: { name: internal }
-spec:
-  upstream: http://127.0.0.1:7008/mcp
-  source: { apiKey: { secretKeyRef: { name: keys, key: internal } } }
-  inject: { header: X-API-Key }
-"#,
+        &Credential::new(
+            "internal",
+            "http://127.0.0.1:7008/mcp",
+            api_key(secret_key("keys", "internal")),
+        )
+        .header("X-API-Key")
+        .yaml(),
     );
     let _op = Operator::start(cp, &ns, "a", &[]);
     let client = client(cp).await;
@@ -501,14 +457,14 @@ async fn the_last_good_credential_is_kept_while_the_endpoint_is_down() {
     apply(
         cp,
         &ns,
-        &cc_credential(
+        &Credential::new(
             "kept",
             "http://127.0.0.1:7009/mcp",
-            &oauth.token_url(),
-            "cc-basic",
-            "clientSecretBasic",
-            "clientSecret: { name: idp, key: secret }",
-        ),
+            OAuth2::cc_basic()
+                .token_url(&oauth.token_url())
+                .client_auth(ClientAuth::ClientSecretBasic),
+        )
+        .yaml(),
     );
     let _op = Operator::start(cp, &ns, "a", &[]);
     let client = client(cp).await;

@@ -16,7 +16,10 @@ use std::{
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use mcp_credentials_core::McpCredential;
-use mcp_credentials_e2e::ControlPlane;
+use mcp_credentials_e2e::{
+    ControlPlane,
+    credential::{Credential, OAuth2},
+};
 use operator_support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -191,23 +194,13 @@ async fn a_rejected_credential_is_reported_refreshed_and_the_request_replayed() 
     apply(
         cp,
         &ns,
-        &format!(
-            r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: github }}
-spec:
-  upstream: {upstream}
-  source:
-    oauth2:
-      grant: clientCredentials
-      tokenUrl: {token_url}
-      clientId: cc-basic
-      clientSecret: {{ name: idp, key: secret }}
-  access:
-    serviceAccounts: [agent]
-"#,
-            token_url = oauth.token_url()
-        ),
+        &Credential::new(
+            "github",
+            &upstream,
+            OAuth2::cc_basic().token_url(&oauth.token_url()),
+        )
+        .service_accounts(&["agent"])
+        .yaml(),
     );
     let agent_token = service_account_token(cp, &ns, "agent");
     let intruder_token = service_account_token(cp, &ns, "intruder");
@@ -390,21 +383,13 @@ async fn a_403_insufficient_scope_records_a_step_up_and_the_condition_names_the_
     apply(
         cp,
         &ns,
-        &format!(
-            r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: github }}
-spec:
-  upstream: {upstream}
-  source:
-    oauth2:
-      grant: authorizationCode
-      tokenUrl: http://127.0.0.1:9/token
-      clientId: c
-  access:
-    serviceAccounts: [agent]
-"#
-        ),
+        &Credential::new(
+            "github",
+            &upstream,
+            OAuth2::authorization_code("c").token_url("http://127.0.0.1:9/token"),
+        )
+        .service_accounts(&["agent"])
+        .yaml(),
     );
     let agent_token = service_account_token(cp, &ns, "agent");
     let dir = std::env::temp_dir().join(format!("mcp-report-certs-{ns}"));

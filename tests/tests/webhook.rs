@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mcp_credentials_e2e::ControlPlane;
+use mcp_credentials_e2e::{
+    ControlPlane,
+    credential::{Credential, api_key, secret_key, yaml_stream},
+};
 use operator_support::{Operator, WebhookOperator, free_port, setup};
 
 fn b64(s: &str) -> String {
@@ -66,6 +69,15 @@ fn create(cp: &ControlPlane, ns: &str, doc: &str) -> mcp_credentials_e2e::Outcom
     cp.tool("kubectl", &["create", "-n", ns, "-f", "-"], Some(doc))
 }
 
+/// The GitHub MCP server's credential, an API key from Secret `gh`.
+fn github() -> Credential {
+    Credential::new(
+        "github",
+        "https://api.githubcopilot.com/mcp/",
+        api_key(secret_key("gh", "token")),
+    )
+}
+
 #[test]
 fn the_api_server_injects_the_sidecar_through_the_operators_webhook() {
     let (cp, ns) = setup("webhook");
@@ -85,9 +97,17 @@ fn the_api_server_injects_the_sidecar_through_the_operators_webhook() {
     for sa in ["coding-agent", "research"] {
         assert!(cp.kubectl(&["create", "serviceaccount", sa, "-n", &ns]).success);
     }
-    let credentials = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: github}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {apiKey: {secretKeyRef: {name: gh, key: token}}}\n  access: {serviceAccounts: [coding-agent]}\n---\n\
-         apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: slack}\nspec:\n  upstream: https://mcp.slack.com/mcp\n  source: {apiKey: {secretKeyRef: {name: sl, key: token}}}\n  secretName: slack-token\n  access: {serviceAccounts: [coding-agent]}\n";
-    let out = cp.apply(&ns, credentials);
+    let credentials = yaml_stream([
+        github().service_accounts(&["coding-agent"]),
+        Credential::new(
+            "slack",
+            "https://mcp.slack.com/mcp",
+            api_key(secret_key("sl", "token")),
+        )
+        .secret_name("slack-token")
+        .service_accounts(&["coding-agent"]),
+    ]);
+    let out = cp.apply(&ns, &credentials);
     assert!(out.success, "{}", out.stderr);
 
     // Only this test's namespace and only labelled pods reach the webhook.
@@ -271,8 +291,8 @@ fn self_managed_webhook_certificates_are_issued_trusted_and_rotated() {
     let webhook_name = format!("mcp-credentials-certs-{ns}");
     // Registered without a caBundle: the operator fills it in.
     register_webhook(cp, &webhook_name, &listen, &ns, None);
-    let credential = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: github}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {apiKey: {secretKeyRef: {name: gh, key: token}}}\n  access: {serviceAccounts: [default]}\n";
-    assert!(cp.apply(&ns, credential).success);
+    let credential = github().service_accounts(&["default"]).yaml();
+    assert!(cp.apply(&ns, &credential).success);
 
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     let operator = Operator::start(
@@ -405,8 +425,8 @@ fn host_network_pods_are_denied_and_only_the_probes_face_the_pod_network() {
         cp.kubectl(&["create", "serviceaccount", "coding-agent", "-n", &ns])
             .success
     );
-    let credential = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: github}\nspec:\n  upstream: https://api.githubcopilot.com/mcp/\n  source: {apiKey: {secretKeyRef: {name: gh, key: token}}}\n  access: {serviceAccounts: [coding-agent]}\n";
-    assert!(cp.apply(&ns, credential).success);
+    let credential = github().service_accounts(&["coding-agent"]).yaml();
+    assert!(cp.apply(&ns, &credential).success);
     let webhook_name = format!("mcp-credentials-test-{ns}");
     register_webhook(cp, &webhook_name, &listen, &ns, Some(&b64(&ca)));
 

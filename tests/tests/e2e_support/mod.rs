@@ -40,7 +40,11 @@ use rmcp::{
     },
 };
 
-use mcp_credentials_e2e::{ControlPlane, repo_root};
+use mcp_credentials_e2e::{
+    ControlPlane,
+    credential::{Credential, OAuth2},
+    repo_root,
+};
 
 use crate::operator_support::{free_port, token_kubeconfig};
 
@@ -534,23 +538,15 @@ fn serve_tls(listener: tokio::net::TcpListener, app: Router, cert: &Path, key: &
     });
 }
 
-/// The YAML of a client-credentials McpCredential `name` for `upstream`.
-pub fn credential_yaml(name: &str, upstream: &str, token_url: &str, renew_before_percentage: u32) -> String {
-    format!(
-        r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: {name} }}
-spec:
-  upstream: {upstream}
-  refresh: {{ renewBeforePercentage: {renew_before_percentage} }}
-  source:
-    oauth2:
-      grant: clientCredentials
-      tokenUrl: {token_url}
-      clientId: cc-basic
-      clientSecret: {{ name: idp, key: secret }}
-"#
-    )
+/// A client-credentials McpCredential `name` for `upstream`, with the OAuth server's client `cc-basic`.
+pub fn credential(name: &str, upstream: &str, token_url: &str, renew_before_percentage: i32) -> Credential {
+    Credential::new(name, upstream, OAuth2::cc_basic().token_url(token_url))
+        .renew_before_percentage(renew_before_percentage)
+}
+
+/// The YAML of [`credential`].
+pub fn credential_yaml(name: &str, upstream: &str, token_url: &str, renew_before_percentage: i32) -> String {
+    credential(name, upstream, token_url, renew_before_percentage).yaml()
 }
 
 // ---- MCP clients -----------------------------------------------------------------------------------
