@@ -26,6 +26,7 @@ use axum::{
 };
 use http::StatusCode;
 use mcp_credentials_core::source::OutboundPolicy;
+use mcp_credentials_e2e::credential::{Credential, api_key, secret_key};
 use mcp_credentials_sidecar::store::{Store, files, standalone};
 use rmcp::{
     ServerHandler, ServiceExt,
@@ -332,12 +333,13 @@ async fn standalone_api_key_rotations_fail_no_call() {
     let credentials = dir.join("mcpcredentials.yaml");
     std::fs::write(
         &credentials,
-        format!(
-            "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: demo}}\n\
-             spec:\n  upstream: {}/mcp\n  source:\n    apiKey:\n      secretKeyRef: {{name: demo-key, key: api-key}}\n  \
-             inject: {{header: X-API-Key}}\n",
-            upstream.url
-        ),
+        Credential::new(
+            "demo",
+            &format!("{}/mcp", upstream.url),
+            api_key(secret_key("demo-key", "api-key")),
+        )
+        .header("X-API-Key")
+        .yaml(),
     )
     .unwrap();
     let store = Store::new(["demo".to_owned()]);

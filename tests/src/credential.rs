@@ -22,10 +22,10 @@
 use std::collections::BTreeMap;
 
 use mcp_credentials_core::{
-    Access, ApiKeySource, ClientAuth, CredentialSource, ExchangeGrant, FormLogin, GitHubAppSource,
-    ImportedCookies, Inject, JwtAlgorithm, JwtSource, McpCredential, McpCredentialSpec, OAuth2Grant,
-    OAuth2Source, Refresh, SecretKeyRef, ServiceAccountSubject, SessionCheck, SessionSource, SubjectToken,
-    TokenExchangeSource,
+    Access, ApiKeySource, BrowserSession, ClientAuth, CredentialSource, ExchangeGrant, FormLogin,
+    GitHubAppSource, ImportedCookies, Inject, JwtAlgorithm, JwtSource, McpCredential, McpCredentialSpec,
+    OAuth2Grant, OAuth2Source, Refresh, SecretKeyRef, ServiceAccountSubject, SessionCheck, SessionSource,
+    SubjectToken, TokenExchangeSource,
 };
 
 /// The label that shards an operator watching every namespace onto one test's credentials
@@ -168,6 +168,11 @@ impl OAuth2 {
     /// The authorization code grant (a person signs in) with a client registered beforehand.
     pub fn authorization_code(client_id: &str) -> Self {
         Self::grant(OAuth2Grant::AuthorizationCode, client_id)
+    }
+
+    /// The authorization code grant with the client registering itself at sign-in (no `clientId`).
+    pub fn sign_in() -> Self {
+        Self::grant(OAuth2Grant::AuthorizationCode, "")
     }
 
     /// The refresh token grant for `client_id`, redeeming (and rotating) `refresh_token`.
@@ -377,6 +382,13 @@ impl Session {
             }),
             None,
         )
+    }
+
+    /// Cookies the browser extension sends (standalone mode), for `spec.upstream`'s site.
+    pub fn browser() -> Self {
+        let mut session = Self::with(None, None);
+        session.0.browser = Some(BrowserSession::default());
+        session
     }
 
     /// A form login posting to `url` with the user name and password from these Secret keys.

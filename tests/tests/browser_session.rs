@@ -26,7 +26,10 @@ use axum::{
     routing::get,
 };
 use e2e_support::*;
-use mcp_credentials_e2e::repo_root;
+use mcp_credentials_e2e::{
+    credential::{Credential, Session},
+    repo_root,
+};
 use operator_support::{free_port, wait_for};
 use rmcp::transport::streamable_http_server::{
     StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
@@ -281,11 +284,12 @@ async fn a_person_signs_in_in_their_browser_and_agents_use_that_session_until_th
     let file = dir.join("credentials.yaml");
     std::fs::write(
         &file,
-        format!(
-            "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: {NAME}}}\n\
-             spec:\n  upstream: {site}/mcp\n  source:\n    session:\n      browser: {{}}\n      \
-             check: {{url: {site}/me, interval: 2s}}\n"
-        ),
+        Credential::new(
+            NAME,
+            &format!("{site}/mcp"),
+            Session::browser().check(&format!("{site}/me"), None, "2s"),
+        )
+        .yaml(),
     )
     .unwrap();
     let secrets: PathBuf = dir.join("secrets");

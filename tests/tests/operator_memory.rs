@@ -8,6 +8,7 @@ mod operator_support;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use mcp_credentials_core::McpCredential;
+use mcp_credentials_e2e::credential::{Credential, api_key, secret_key};
 use operator_support::{Operator, client, create_secret, data, setup, wait_condition, wait_for};
 
 /// Unrelated Secrets and their size: 16 MiB of data the operator must not hold.
@@ -48,14 +49,23 @@ fn create_unrelated(cp: &mcp_credentials_e2e::ControlPlane, ns: &str, count: usi
     assert!(out.success, "creating the unrelated Secrets: {}", out.stderr);
 }
 
+/// The API-key credential `tool` reading Secret `key`.
+fn tool_credential() -> Credential {
+    Credential::new(
+        "tool",
+        "https://mcp.example.com/mcp",
+        api_key(secret_key("key", "token")),
+    )
+}
+
 /// Starts an operator in `ns` with one API-key credential, waits until it is Ready, changes the key
 /// and waits for the new one (watch events arrive in order, so by then the operator has seen every
 /// Secret created before), and returns its resident memory.
 async fn settled_rss(cp: &'static mcp_credentials_e2e::ControlPlane, ns: &str) -> u64 {
     create_secret(cp, ns, "key", &[("token", "first-key")]);
     let operator = Operator::start(cp, ns, "memory", &[]);
-    let yaml = "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {name: tool}\nspec:\n  upstream: https://mcp.example.com/mcp\n  source: {apiKey: {secretKeyRef: {name: key, key: token}}}\n";
-    assert!(cp.apply(ns, yaml).success);
+    let yaml = tool_credential().yaml();
+    assert!(cp.apply(ns, &yaml).success);
     let kube = client(cp).await;
     let creds: Api<McpCredential> = Api::namespaced(kube.clone(), ns);
     wait_condition(&creds, "tool", "Ready", "True", None).await;
@@ -307,9 +317,7 @@ fn replace_secret(cp: &mcp_credentials_e2e::ControlPlane, ns: &str, name: &str, 
 /// until it is Ready, replaces the key and waits until the operator serves the new one: the change
 /// of a referenced Secret reached the operator through its watches.
 async fn credential_follows_its_key(cp: &'static mcp_credentials_e2e::ControlPlane, ns: &str) {
-    let yaml = format!(
-        "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: tool, labels: {{shard: {ns}}}}}\nspec:\n  upstream: https://mcp.example.com/mcp\n  source: {{apiKey: {{secretKeyRef: {{name: key, key: token}}}}}}\n"
-    );
+    let yaml = tool_credential().label("shard", ns).yaml();
     assert!(cp.apply(ns, &yaml).success);
     let kube = client(cp).await;
     let creds: Api<McpCredential> = Api::namespaced(kube.clone(), ns);

@@ -16,7 +16,10 @@ use std::{
 };
 
 use e2e_support::*;
-use mcp_credentials_e2e::repo_root;
+use mcp_credentials_e2e::{
+    credential::{Credential, OAuth2},
+    repo_root,
+};
 use operator_support::{free_port, wait_for};
 
 /// Short tokens, so that the test outlives several of them.
@@ -29,17 +32,7 @@ fn sidecar() -> PathBuf {
 
 /// The whole McpCredential a person writes for a server that supports the MCP authorization spec.
 fn credential(upstream: &str) -> String {
-    format!(
-        r#"apiVersion: mcpcredentials.dev/v1alpha1
-kind: McpCredential
-metadata: {{ name: {NAME} }}
-spec:
-  upstream: {upstream}
-  source:
-    oauth2:
-      grant: authorizationCode
-"#
-    )
+    Credential::new(NAME, upstream, OAuth2::sign_in()).yaml()
 }
 
 /// The standalone sidecar as a process.
