@@ -227,20 +227,10 @@ impl Conn<'_> {
         };
         handles.upstream_duration.observe(started.elapsed().as_secs_f64());
         if let Some(reason) = answer.rejection {
-            proxy
-                .metrics
-                .upstream_rejections
-                .with_label_values(&[&handles.name, reason.as_str()])
-                .inc();
-            if replay::worth_replaying(&proxy.store, &handles.name, reason)
-                && let Some(newer) = Box::pin(replay::newer_credential(
-                    &proxy.store,
-                    &handles.name,
-                    &planned.credential,
-                    reason,
-                    answer.challenged_scope.take(),
-                ))
-                .await
+            // Every request of the fast path can go out again: its body is in `read`.
+            let rejected = (reason, answer.challenged_scope.take());
+            if let Some(newer) =
+                replay::after_rejection(proxy, &handles.name, &planned.credential, rejected, true).await
             {
                 tracing::info!(credential = %handles.name, version = %newer.version, "replaying once with the new credential");
                 // The rejected answer is not read to its end: that connection closes.
