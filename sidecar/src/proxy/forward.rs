@@ -36,7 +36,7 @@ use super::{
     Local, Proxy, Routed,
     measure::Handles,
     replay, route,
-    sse::EndpointRewrite,
+    sse::{self, EndpointRewrite},
     strip::strip_answer_headers,
     tls::{Connected, UpstreamConnector},
 };
@@ -463,12 +463,10 @@ pub(super) async fn forward(
     let (mut parts, body) = response.into_parts();
     strip_answer_headers(&mut parts.headers);
     let is_sse = is_get
-        && parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
-            v.as_bytes()
-                .trim_ascii_start()
-                .get(..17)
-                .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
-        });
+        && parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| sse::is_event_stream(v.as_bytes()));
     // A GET stream may be the legacy HTTP+SSE transport: its `endpoint` event must point back
     // through the sidecar, resolved against the upstream path of this request.
     let body = match is_sse

@@ -72,10 +72,7 @@ pub(super) fn plan(
     {
         return Plan::Hyper("http2_upstream");
     }
-    let handles = match cached {
-        Some(h) if *h.name == *name => h.clone(),
-        _ => Arc::new(Handles::new(&proxy.metrics, name)),
-    };
+    let handles = Handles::of(&proxy.metrics, name, cached);
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');

@@ -138,11 +138,7 @@ pub(super) fn parse_answer(
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if header.name.eq_ignore_ascii_case("content-type") {
-            event_stream = header
-                .value
-                .trim_ascii_start()
-                .get(..17)
-                .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"));
+            event_stream = sse::is_event_stream(header.value);
         } else if header.name.eq_ignore_ascii_case("content-length") {
             let n = parse_length(header.value).ok_or("the upstream's Content-Length is invalid")? as u64;
             if length.is_some_and(|m| m != n) {
