@@ -173,21 +173,24 @@ impl fmt::Display for Upstream {
     }
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1); never forwarded.
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the non-standard
+/// ones still seen in the wild: never forwarded either way, and never a credential's header. The
+/// one list both paths and the credential parser use.
+pub const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "keep-alive",
+    "proxy-connection",
+];
+
+/// Whether `name` is one of [`HOP_BY_HOP`].
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    use http::header::*;
-    [
-        CONNECTION,
-        TE,
-        TRAILER,
-        TRANSFER_ENCODING,
-        UPGRADE,
-        PROXY_AUTHORIZATION,
-        PROXY_AUTHENTICATE,
-    ]
-    .contains(name)
-        || name == "keep-alive"
-        || name == "proxy-connection"
+    HOP_BY_HOP.contains(&name.as_str())
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use super::{
     Local, Proxy, Routed,
     measure::Handles,
     replay, route,
-    sse::EndpointRewrite,
+    sse::{self, EndpointRewrite},
     strip::strip_answer_headers,
     tls::{Connected, UpstreamConnector},
 };
@@ -425,24 +425,11 @@ pub(super) async fn forward(
     let challenges = response.headers().get_all(header::WWW_AUTHENTICATE);
     let reason = rejection_reason(response.status(), || challenges.iter().map(HeaderValue::as_bytes));
     let scope = challenged_scope(reason, challenges.iter().map(HeaderValue::as_bytes));
-    if let Some(reason) = reason {
-        proxy
-            .metrics
-            .upstream_rejections
-            .with_label_values(&[&name, reason.as_str()])
-            .inc();
-    }
-    if let (Some(reason), Some((method, mut headers, bytes))) = (reason, again)
-        && replay::worth_replaying(&proxy.store, &name, reason)
-        && let Some(newer) = Box::pin(replay::newer_credential(
-            &proxy.store,
-            &name,
-            &used,
-            reason,
-            scope,
-        ))
-        .await
-    {
+    let newer = match reason {
+        Some(reason) => replay::after_rejection(proxy, &name, &used, (reason, scope), again.is_some()).await,
+        None => None,
+    };
+    if let (Some(newer), Some((method, mut headers, bytes))) = (newer, again) {
         // To the newer credential's upstream, which may have changed since the request was routed:
         // the first URI may name a host the newer credential was never meant for.
         let uri = match route::upstream_uri(&newer, &agent_uri) {
@@ -476,12 +463,10 @@ pub(super) async fn forward(
     let (mut parts, body) = response.into_parts();
     strip_answer_headers(&mut parts.headers);
     let is_sse = is_get
-        && parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| {
-            v.as_bytes()
-                .trim_ascii_start()
-                .get(..17)
-                .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
-        });
+        && parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| sse::is_event_stream(v.as_bytes()));
     // A GET stream may be the legacy HTTP+SSE transport: its `endpoint` event must point back
     // through the sidecar, resolved against the upstream path of this request.
     let body = match is_sse

@@ -29,6 +29,15 @@ impl Handles {
                 .with_label_values(&[name, StatusCode::OK.as_str()]),
         }
     }
+
+    /// The handles of credential `name`: `cached` (the agent connection's last ones) when they are
+    /// its, else looked up once.
+    pub(super) fn of(metrics: &Metrics, name: &str, cached: Option<&Arc<Handles>>) -> Arc<Handles> {
+        match cached {
+            Some(h) if *h.name == *name => h.clone(),
+            _ => Arc::new(Handles::new(metrics, name)),
+        }
+    }
 }
 
 /// Counts one answer; `handles` is `None` when the request matched no credential.

@@ -18,6 +18,7 @@ use http_body::Body as _;
 use http_body_util::BodyExt;
 use mcp_credentials_core::report::Rejection;
 
+use super::Proxy;
 use crate::{
     credential::Credential,
     error::ProxyError,
@@ -56,6 +57,27 @@ pub async fn keep(body: Body) -> Result<(Body, Option<Bytes>), ProxyError> {
         }
         _ => Ok((body, None)),
     }
+}
+
+/// What both paths do with an upstream's rejection of credential `name` (`used`): count it, then,
+/// when the request can go out again (`replayable`: its body was kept or it has none) and a new
+/// credential may answer the rejection, ask for one and wait: the credential to send it again with.
+pub(super) async fn after_rejection(
+    proxy: &Proxy,
+    name: &str,
+    used: &Credential,
+    (reason, scope): (Rejection, Option<String>),
+    replayable: bool,
+) -> Option<std::sync::Arc<Credential>> {
+    proxy
+        .metrics
+        .upstream_rejections
+        .with_label_values(&[name, reason.as_str()])
+        .inc();
+    if !replayable || !worth_replaying(&proxy.store, name, reason) {
+        return None;
+    }
+    Box::pin(newer_credential(&proxy.store, name, used, reason, scope)).await
 }
 
 /// Whether a new credential may answer the upstream's rejection: its challenge says the credential

@@ -30,10 +30,7 @@ pub(super) fn route(proxy: &Proxy, uri: &Uri, cached: Option<Arc<Handles>>) -> R
             configured: proxy.store.names(),
         });
     };
-    let handles = match cached {
-        Some(h) if *h.name == *name => h,
-        _ => Arc::new(Handles::new(&proxy.metrics, name)),
-    };
+    let handles = Handles::of(&proxy.metrics, name, cached.as_ref());
     let upstream_uri = match &slot.current {
         Some(c) => Some(join(c, rest, uri.query())?),
         None => None,

@@ -19,6 +19,15 @@ use crate::credential::Upstream;
 /// The default largest event held ([`crate::config::MAX_SSE_EVENT_BYTES`]).
 pub const MAX_EVENT: usize = 1 << 20;
 
+/// Whether a `Content-Type` value says `text/event-stream` (parameters and case aside); both paths
+/// use it to find the streams whose legacy `endpoint` events are rewritten.
+pub(super) fn is_event_stream(content_type: &[u8]) -> bool {
+    content_type
+        .trim_ascii_start()
+        .get(..17)
+        .is_some_and(|t| t.eq_ignore_ascii_case(b"text/event-stream"))
+}
+
 static MAX_EVENT_SETTING: OnceLock<usize> = OnceLock::new();
 
 /// Sets the event size limit for this process (`MCP_SIDECAR_MAX_SSE_EVENT_BYTES`), once, at

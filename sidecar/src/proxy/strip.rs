@@ -2,7 +2,9 @@
 //! connection (Host and hop-by-hop headers), on every method. The MCP headers pass untouched. On the
 //! way back, the upstream's connection headers and cookies are stripped from its answer.
 
-use http::{HeaderMap, HeaderName, header};
+use http::{HeaderMap, header};
+
+use crate::credential::{HOP_BY_HOP, is_hop_by_hop};
 
 /// Strips the agent's credentials and connection headers. The headers of the credential about to be
 /// attached need no removal here: attaching replaces every value the agent sent under their names
@@ -37,10 +39,6 @@ pub(super) fn strip_connection_headers(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
 }
 
 /// Whether `name` (any case) is a hop-by-hop header of [`HOP_BY_HOP`]; compared without allocating,
@@ -78,19 +76,6 @@ pub(super) fn strip_answer_headers(headers: &mut HeaderMap) {
         headers.remove(name);
     }
 }
-
-/// The hop-by-hop headers of RFC 9110 §7.6.1, plus the non-standard ones still seen in the wild.
-pub(super) const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "keep-alive",
-    "proxy-connection",
-];
 
 #[cfg(test)]
 mod tests {

@@ -70,6 +70,13 @@ fn credential(upstream: &str, header: &str, value: &str, expires_at: Option<&str
     Credential::from_data(&d).unwrap()
 }
 
+/// The proxy serving one credential, `name`.
+fn serving(name: &str, credential: Credential) -> App {
+    let store = Store::new([]);
+    store.set(name, credential);
+    app_with(store)
+}
+
 /// The proxy with `store`, as the sidecar assembles it.
 fn app_with(store: Arc<Store>) -> App {
     let client = upstream_client(&ClientSettings {
@@ -119,12 +126,10 @@ async fn an_unknown_credential_gets_404_listing_the_configured_ones() {
 #[tokio::test]
 async fn the_agents_credentials_are_stripped_and_the_current_one_attached() {
     let (upstream, _) = echo_upstream().await;
-    let store = Store::new([]);
-    store.set(
+    let app = serving(
         "api",
         credential(&format!("{upstream}/mcp"), "X-API-Key", "the-real-key", None),
     );
-    let app = app_with(store);
     let (status, headers, body) = send(
         &app,
         get("/api/tools?x=1")
@@ -169,12 +174,10 @@ async fn the_agents_credentials_are_stripped_and_the_current_one_attached() {
 #[tokio::test]
 async fn every_method_gets_the_credential() {
     let (upstream, _) = echo_upstream().await;
-    let store = Store::new([]);
-    store.set(
+    let app = serving(
         "gh",
         credential(&upstream, "Authorization", "Bearer current", None),
     );
-    let app = app_with(store);
     for method in ["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS"] {
         let (status, _, body) = send(
             &app,
@@ -195,12 +198,10 @@ async fn every_method_gets_the_credential() {
 #[tokio::test]
 async fn the_host_header_and_absolute_targets_cannot_choose_the_upstream() {
     let (upstream, hits) = echo_upstream().await;
-    let store = Store::new([]);
-    store.set(
+    let app = serving(
         "gh",
         credential(&upstream, "Authorization", "Bearer current", None),
     );
-    let app = app_with(store);
     let authority = upstream.trim_start_matches("http://");
 
     let (status, _, body) = send(&app, get("/gh/x").header("host", "localhost:7007")).await;
@@ -248,8 +249,7 @@ async fn the_host_header_and_absolute_targets_cannot_choose_the_upstream() {
 #[tokio::test]
 async fn paths_that_could_leave_the_upstream_path_never_reach_it() {
     let (upstream, hits) = echo_upstream().await;
-    let store = Store::new([]);
-    store.set(
+    let app = serving(
         "gh",
         credential(
             &format!("{upstream}/mcp"),
@@ -258,7 +258,6 @@ async fn paths_that_could_leave_the_upstream_path_never_reach_it() {
             None,
         ),
     );
-    let app = app_with(store);
     for uri in [
         "/gh/../admin",
         "/gh/%2e%2e/admin",
@@ -314,12 +313,10 @@ async fn a_credential_not_loaded_yet_gets_503_naming_it() {
 #[tokio::test]
 async fn oversized_headers_get_431() {
     let (upstream, hits) = echo_upstream().await;
-    let store = Store::new([]);
-    store.set(
+    let app = serving(
         "gh",
         credential(&upstream, "Authorization", "Bearer current", None),
     );
-    let app = app_with(store);
     let (status, _, body) = send(&app, get("/gh/mcp").header("x-big", "a".repeat(9000))).await;
     assert_eq!(status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     assert_eq!(body["error"], "headers_too_large");
@@ -329,12 +326,10 @@ async fn oversized_headers_get_431() {
 #[tokio::test]
 async fn upstream_status_codes_pass_unchanged() {
     let (upstream, _) = echo_upstream().await;
-    let store = Store::new([]);
-    store.set(
+    let app = serving(
         "gh",
         credential(&upstream, "Authorization", "Bearer current", None),
     );
-    let app = app_with(store);
     for code in [202, 400, 401, 403, 404, 405, 500] {
         let (status, headers, _) = send(&app, get("/gh/mcp").header("x-test-status", code.to_string())).await;
         assert_eq!(status.as_u16(), code);
@@ -350,12 +345,10 @@ async fn an_unreachable_upstream_gets_502_without_internals() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let store = Store::new([]);
-    store.set(
+    let app = serving(
         "gh",
         credential(&format!("http://{addr}"), "Authorization", "Bearer current", None),
     );
-    let app = app_with(store);
     let (status, _, body) = send(&app, get("/gh/mcp")).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(body["error"], "upstream_unreachable");
