@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use super::{
     Local, Proxy, Routed,
     measure::Handles,
-    replay, route,
+    own, replay, route,
     sse::{self, EndpointRewrite},
     strip::strip_answer_headers,
     tls::{Connected, UpstreamConnector},
@@ -54,10 +54,6 @@ pub struct UpstreamClient {
     idle_timeout: Duration,
 }
 
-/// How many upstreams one agent connection keeps a connection to: an agent's HTTP client may send
-/// requests for several credentials over one keep-alive connection to the sidecar.
-pub(super) const MAX_OWN: usize = 8;
-
 /// The connection behind an [`Own`], driven by the agent connection's task.
 pub(crate) type OwnConnection = http1::Connection<hyper_util::rt::TokioIo<tokio::net::TcpStream>, Body>;
 
@@ -68,6 +64,12 @@ pub(crate) struct Own {
     sender: http1::SendRequest<Body>,
     /// When its last request started (an idle period is at least as long as measured from there).
     last_used: Instant,
+}
+
+impl own::Own for Own {
+    fn last_used(&self) -> Instant {
+        self.last_used
+    }
 }
 
 /// Settings of the upstream client.
@@ -228,10 +230,12 @@ impl UpstreamClient {
         parts.uri = Uri::from(uri.path_and_query.take().ok_or("the upstream URI has no path")?);
         let reusable = {
             let mut local = local.lock().expect("connection state");
-            let found = local.upstream.iter().position(|own| own.authority == authority);
-            found
-                .map(|i| local.upstream.swap_remove(i))
-                .filter(|own| now.saturating_duration_since(own.last_used) < self.idle_timeout)
+            own::take(
+                &mut local.upstream,
+                |own| own.authority == authority,
+                now,
+                self.idle_timeout,
+            )
         };
         let mut request = Request::from_parts(parts, body);
         let mut own = match reusable {
@@ -495,14 +499,7 @@ fn keep(
     started: Instant,
 ) -> http::Response<Incoming> {
     own.last_used = started;
-    let upstream = &mut local.lock().expect("connection state").upstream;
-    if upstream.len() == MAX_OWN {
-        // The one used least recently goes (its connection closes).
-        if let Some(oldest) = (0..upstream.len()).min_by_key(|&i| upstream[i].last_used) {
-            upstream.swap_remove(oldest);
-        }
-    }
-    upstream.push(own);
+    own::put(&mut local.lock().expect("connection state").upstream, own);
     response
 }
 

@@ -33,6 +33,7 @@ mod forward;
 mod guard;
 pub(crate) mod h1;
 mod measure;
+mod own;
 mod replay;
 mod route;
 mod sse;

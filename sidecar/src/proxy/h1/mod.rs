@@ -31,7 +31,7 @@ use super::{
     Proxy, forward,
     guard::{self, is_loopback_authority},
     measure::{self, Handles},
-    replay, route, sse,
+    own, replay, route, sse,
     strip::{is_hop_by_hop_name, is_withheld_answer_header},
     tls::{Connected, OwnIo},
 };
@@ -124,6 +124,12 @@ struct UpstreamConn {
     /// Bytes read from the upstream and not passed on yet.
     read: Vec<u8>,
     last_used: Instant,
+}
+
+impl own::Own for UpstreamConn {
+    fn last_used(&self) -> Instant {
+        self.last_used
+    }
 }
 
 /// A request the fast path forwards; its upstream head is in `Conn::out`.
@@ -332,14 +338,11 @@ impl Conn<'_> {
         now: Instant,
     ) -> Option<UpstreamConn> {
         let https = *scheme == Scheme::HTTPS;
-        let i = self
-            .upstreams
-            .iter()
-            .position(|u| u.authority == *authority && u.https == https)?;
-        let mut up = self.upstreams.swap_remove(i);
-        let idle = now.saturating_duration_since(up.last_used);
+        let idle_timeout = self.proxy.client.idle_timeout();
+        let is_for = |u: &UpstreamConn| u.authority == *authority && u.https == https;
+        let mut up = own::take(&mut self.upstreams, is_for, now, idle_timeout)?;
         // Readable while idle means closed (or stray bytes): either way it cannot carry a request.
-        (up.tcp.is_idle_and_open() && idle < self.proxy.client.idle_timeout()).then_some(up)
+        up.tcp.is_idle_and_open().then_some(up)
     }
 
     /// A new connection; an HTTPS upstream that speaks only HTTP/2 sends the request to the hyper
@@ -364,12 +367,7 @@ impl Conn<'_> {
         if up.read.capacity() > 64 << 10 {
             up.read.shrink_to(8 << 10);
         }
-        if self.upstreams.len() == forward::MAX_OWN
-            && let Some(oldest) = (0..self.upstreams.len()).min_by_key(|&i| self.upstreams[i].last_used)
-        {
-            self.upstreams.swap_remove(oldest);
-        }
-        self.upstreams.push(up);
+        own::put(&mut self.upstreams, up);
     }
 
     /// Writes the agent head (in `out`) and the body as it arrives: passed through as it is, or, for
