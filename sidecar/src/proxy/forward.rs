@@ -287,11 +287,6 @@ impl UpstreamClient {
         self.connector.connect_own(scheme, authority).await
     }
 
-    /// Whether requests to this HTTPS upstream belong to the pool (it speaks only HTTP/2).
-    pub(super) fn prefers_http2(&self, authority: &http::uri::Authority) -> bool {
-        self.connector.is_http2_only(authority)
-    }
-
     /// Opens a new connection; callers box this rare, large future so that every request's own
     /// future stays small (hyper moves it, and moving costs its size).
     /// The connection is driven by the agent connection's task (it joins `local`'s list).

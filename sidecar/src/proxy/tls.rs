@@ -86,7 +86,7 @@ impl UpstreamConnector {
     }
 
     /// Whether `authority` speaks only HTTP/2 (its requests belong to the pool).
-    pub(crate) fn is_http2_only(&self, authority: &Authority) -> bool {
+    fn is_http2_only(&self, authority: &Authority) -> bool {
         self.http2_only.read().is_ok_and(|set| set.contains(authority))
     }
 

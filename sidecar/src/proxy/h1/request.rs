@@ -62,15 +62,10 @@ pub(super) fn plan(
             None => return Plan::Hyper("unknown_credential"),
         },
     };
-    // Step 4's refusal (expired) is the hyper path's; HTTPS upstreams use its TLS pool.
+    // Step 4's refusal (expired) is the hyper path's. An HTTPS upstream that speaks only HTTP/2 is
+    // the pool's too: found when this path connects (`Conn::connect`), not looked up per request.
     if credential.is_expired_now() {
         return Plan::Hyper("credential_unavailable");
-    }
-    // An HTTPS upstream that speaks only HTTP/2 is the pool's: this path speaks HTTP/1.1.
-    if credential.upstream.scheme == Scheme::HTTPS
-        && proxy.client.prefers_http2(&credential.upstream.authority)
-    {
-        return Plan::Hyper("http2_upstream");
     }
     let handles = Handles::of(&proxy.metrics, name, cached);
     out.clear();
