@@ -35,39 +35,7 @@ async fn answer(request: Request<hyper::body::Incoming>) -> Result<Response<Full
 
 #[tokio::test]
 async fn an_https_upstream_with_an_extra_ca_is_reached_over_http2() {
-    mcp_credentials_sidecar::install_crypto_provider();
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let ca_file = std::env::temp_dir().join(format!("mcp-sidecar-ca-{}.pem", std::process::id()));
-    std::fs::write(&ca_file, certified.cert.pem()).unwrap();
-
-    let mut tls =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![CertificateDer::from(certified.cert.der().to_vec())],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der())),
-            )
-            .unwrap();
-    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = format!("https://{}", listener.local_addr().unwrap());
-    let (connections_tx, mut connections) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let _ = connections_tx.send(());
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let tls = acceptor.accept(tcp).await.unwrap();
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service_fn(answer))
-                    .await;
-            });
-        }
-    });
+    let (upstream, ca_file, mut connections) = upstream(&[b"h2", b"http/1.1"], "pool").await;
 
     let store = Store::new(["secure".to_owned()]);
     store.set("secure", common::credential(&upstream, "tls-key", "1", None));
@@ -120,10 +88,11 @@ fn an_unreadable_extra_ca_file_is_an_error_naming_it() {
     assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
 }
 
-/// An HTTPS upstream offering `alpn`, answering like [`answer`]: its URL, the CA file to trust, and
-/// one message per accepted TCP connection.
+/// An HTTPS upstream offering `alpn`, answering like [`answer`]: its URL, the CA file to trust
+/// (named by `tag`, one per test), and one message per accepted TCP connection.
 async fn upstream(
     alpn: &[&[u8]],
+    tag: &str,
 ) -> (
     String,
     std::path::PathBuf,
@@ -131,11 +100,7 @@ async fn upstream(
 ) {
     mcp_credentials_sidecar::install_crypto_provider();
     let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let ca_file = std::env::temp_dir().join(format!(
-        "mcp-sidecar-ca-{}-{}.pem",
-        std::process::id(),
-        alpn.len()
-    ));
+    let ca_file = std::env::temp_dir().join(format!("mcp-sidecar-ca-{}-{tag}.pem", std::process::id()));
     std::fs::write(&ca_file, certified.cert.pem()).unwrap();
     let mut tls =
         rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -199,7 +164,7 @@ async fn three_gets(upstream: &str, ca_file: std::path::PathBuf) -> (Vec<String>
 
 #[tokio::test]
 async fn the_fast_path_speaks_http1_over_tls_to_an_upstream_offering_both() {
-    let (url, ca_file, mut connections) = upstream(&[b"h2", b"http/1.1"]).await;
+    let (url, ca_file, mut connections) = upstream(&[b"h2", b"http/1.1"], "both").await;
     let (bodies, handoffs) = three_gets(&url, ca_file).await;
     assert_eq!(bodies, ["HTTP/1.1 tls-key"; 3]);
     assert_eq!(handoffs, "", "nothing handed to the hyper path");
@@ -212,7 +177,7 @@ async fn the_fast_path_speaks_http1_over_tls_to_an_upstream_offering_both() {
 
 #[tokio::test]
 async fn an_http2_only_upstream_is_served_by_the_pool_without_a_failed_request() {
-    let (url, ca_file, _connections) = upstream(&[b"h2"]).await;
+    let (url, ca_file, _connections) = upstream(&[b"h2"], "h2-only").await;
     let (bodies, handoffs) = three_gets(&url, ca_file).await;
     assert_eq!(bodies, ["HTTP/2.0 tls-key"; 3]);
     assert!(
