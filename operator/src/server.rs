@@ -264,18 +264,31 @@ const LOST_LEASE_DRAIN: Duration = Duration::from_secs(60);
 /// leader's write-back gets to land first. Equal to [`DRAIN_GRACE`].
 const HANDOVER_GRACE: Duration = DRAIN_GRACE;
 
-/// Writes back the rotated refresh tokens the stopped controller still kept, within `grace`.
+/// Writes back the rotated refresh tokens the stopped controller still kept, within `grace`: first
+/// the answers of the token requests still running (they outlive the controller), then the tokens.
 async fn drain(ctx: &controller::Context, grace: Duration) {
-    if controller::pending_refresh_tokens(ctx) == 0 {
+    let running = controller::token_requests_running(ctx);
+    if running == 0 && controller::pending_refresh_tokens(ctx) == 0 {
         return;
     }
-    match tokio::time::timeout(grace, controller::flush_pending_refresh_tokens(ctx)).await {
+    if running > 0 {
+        info!(
+            running,
+            "waiting for the answers of token requests still running before stopping"
+        );
+    }
+    let work = async {
+        controller::token_requests_finished(ctx).await;
+        controller::flush_pending_refresh_tokens(ctx).await
+    };
+    match tokio::time::timeout(grace, work).await {
         Ok(_) => info!("every rotated refresh token is written back"),
         Err(_) => tracing::error!(
             not_written = controller::pending_refresh_tokens(ctx),
+            still_running = controller::token_requests_running(ctx),
             grace_seconds = grace.as_secs(),
-            "stopping with rotated refresh tokens not written back (the API server did not accept them in time); \
-             the credentials concerned may need a new sign-in"
+            "stopping with rotated refresh tokens not written back (the API server did not accept them in time, \
+             or a token request did not end); the credentials concerned may need a new sign-in"
         ),
     }
 }

@@ -77,9 +77,21 @@ fn handled(s: &Secret) -> Option<String> {
         .cloned()
 }
 
+/// Where the fault of [`rotated_refresh_token_survives_failed_api_writes`] falls.
+#[derive(Clone, Copy, PartialEq)]
+enum Scenario {
+    /// One replica; every API connection fails for 10 s right after the token answer.
+    ApiWrites,
+    /// Two replicas; only the leader is cut off (12 s), after it read the answer.
+    LeaderCutOff,
+    /// Two replicas; the leader is cut off (6 s) while the answer is held back (5 s): it loses the
+    /// Lease with its token request still running.
+    AnswerHeld,
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rotated_refresh_token_survives_ten_seconds_of_failed_api_writes() {
-    rotated_refresh_token_survives_failed_api_writes(false).await;
+    rotated_refresh_token_survives_failed_api_writes(Scenario::ApiWrites).await;
 }
 
 /// The same with two replicas and a 4 s Lease, only the leader cut off (12 s): it loses the Lease
@@ -87,11 +99,25 @@ async fn a_rotated_refresh_token_survives_ten_seconds_of_failed_api_writes() {
 /// the old leader's write-back lands (oidc-provider would then revoke the whole grant).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_leader_that_loses_the_lease_mid_rotation_hands_over_the_rotated_refresh_token() {
-    rotated_refresh_token_survives_failed_api_writes(true).await;
+    rotated_refresh_token_survives_failed_api_writes(Scenario::LeaderCutOff).await;
 }
 
-async fn rotated_refresh_token_survives_failed_api_writes(two_replicas: bool) {
-    let (cp, ns) = setup(if two_replicas { "fault-rt-ha" } else { "fault-rt" });
+/// The leader loses the Lease between sending the token request and reading its answer (the
+/// authorization server has rotated the refresh token by then): the request is not cancelled with
+/// the controller, its answer is kept and written back, and the standby that took over waits for it.
+/// The chaos soak found this: the old code dropped the request with the term, and the grant with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_leader_that_loses_the_lease_while_its_token_request_runs_keeps_the_answer() {
+    rotated_refresh_token_survives_failed_api_writes(Scenario::AnswerHeld).await;
+}
+
+async fn rotated_refresh_token_survives_failed_api_writes(scenario: Scenario) {
+    let two_replicas = scenario != Scenario::ApiWrites;
+    let (cp, ns) = setup(match scenario {
+        Scenario::ApiWrites => "fault-rt",
+        Scenario::LeaderCutOff => "fault-rt-ha",
+        Scenario::AnswerHeld => "fault-rt-held",
+    });
     let oauth = OAuthServer::start(0, 300);
     // The operator reaches the token endpoint through a proxy too: it sees the token answer pass.
     let oauth_proxy = FaultProxy::start(([127, 0, 0, 1], oauth.port).into()).await;
@@ -118,7 +144,9 @@ async fn rotated_refresh_token_survives_failed_api_writes(two_replicas: bool) {
     let creds: Api<McpCredential> = Api::namespaced(client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(client, &ns);
     let (op, standby) = if two_replicas {
-        let ha = ["--lease-duration", "4"];
+        // The held answer must arrive within the token timeout: a request that times out after the
+        // authorization server read it loses the rotated token whatever the operator does.
+        let ha = ["--lease-duration", "4", "--token-timeout", "15"];
         let a = Operator::start_with_kubeconfig(cp, &ns, "a", &ha, &kubeconfig);
         wait_condition(&creds, "rotating", "Ready", "True", None).await;
         // Only the leader is cut off: the standby reaches the API server directly, takes the
@@ -146,15 +174,26 @@ async fn rotated_refresh_token_survives_failed_api_writes(two_replicas: bool) {
 
     // With two replicas, longer than the standby takes to lead (4 s Lease): it leads while the
     // cut-off leader still holds the only copy of the rotated token.
-    let fault = Duration::from_secs(if two_replicas { 12 } else { 10 });
+    let fault = Duration::from_secs(match scenario {
+        Scenario::ApiWrites => 10,
+        Scenario::LeaderCutOff => 12,
+        // Longer than the leader's renew deadline (2/3 of the Lease): it stops leading before
+        // the answer arrives.
+        Scenario::AnswerHeld => 6,
+    });
     // The next token answer that carries a refresh token starts 10 s of reset API connections
     // before the operator reads it: the write-back of the rotated token meets a dead API server.
+    // Held back, the answer reaches the operator only after the leader lost its Lease.
     let armed = Arc::new(AtomicBool::new(true));
     let control = api.control();
+    let token_control = oauth_proxy.control();
     let trigger = armed.clone();
     oauth_proxy.on_upstream_bytes(move |chunk| {
         if contains(chunk, b"\"refresh_token\"") && trigger.swap(false, Ordering::SeqCst) {
             control.fault_for(Fault::Reset, fault);
+            if scenario == Scenario::AnswerHeld {
+                token_control.fault_for(Fault::Blackhole, Duration::from_secs(5));
+            }
         }
     });
     creds

@@ -562,6 +562,16 @@ pub fn header(spec: &McpCredentialSpec, issued: &Issued) -> (String, SecretStrin
     )
 }
 
+/// Whether obtaining the credential redeems a refresh token that the authorization server may
+/// rotate (and revoke the grant for, if the spent one comes back): a token request of such a
+/// source must never be cancelled once sent, and its answer must be kept until it is stored.
+pub fn redeems_refresh_token(spec: &McpCredentialSpec) -> bool {
+    spec.source.oauth2.as_ref().is_some_and(|o| match o.grant {
+        crate::OAuth2Grant::RefreshToken | crate::OAuth2Grant::AuthorizationCode => true,
+        crate::OAuth2Grant::ClientCredentials => false,
+    })
+}
+
 /// The token URL a source configures, if any (`None`: discovered).
 pub fn configured_token_url(spec: &McpCredentialSpec) -> Option<&str> {
     let s = &spec.source;

@@ -14,6 +14,7 @@ pub(super) const REFUSED_INPUT_TYPES: [&str; 2] = [
 ];
 
 /// The referenced Secrets, read once per reconcile: resolves keys and fingerprints the inputs.
+#[derive(Clone)]
 pub(super) struct Inputs(pub(super) BTreeMap<String, Option<Secret>>);
 
 impl Inputs {

@@ -78,7 +78,9 @@ use output::*;
 use session::*;
 use status::*;
 use write_back::*;
-pub use write_back::{flush_pending_refresh_tokens, pending_refresh_tokens};
+pub use write_back::{
+    flush_pending_refresh_tokens, pending_refresh_tokens, token_requests_finished, token_requests_running,
+};
 
 /// The one field manager for every write.
 pub const FIELD_MANAGER: &str = "mcp-credentials-operator";
@@ -185,14 +187,18 @@ pub struct Context {
     keys: Option<Arc<Keys>>,
     /// Rotated refresh tokens not yet written back, by credential (`namespace/name`).
     pending: Mutex<HashMap<String, PendingRefreshToken>>,
+    /// The credentials (`namespace/name`) whose token request is running: it runs to its end even
+    /// when the reconcile that started it is gone (a lost Lease, the refresh timeout), so that a
+    /// rotated refresh token in its answer is kept ([`write_back::obtain_to_the_end`]).
+    in_flight: tokio::sync::watch::Sender<HashSet<String>>,
     /// The longest one refresh (discovery and token request) may take.
     refresh_timeout: Duration,
     /// At most this many refreshes of one namespace at once (`None`: no per-namespace limit).
     namespace_concurrency: Option<usize>,
     /// The refresh slots of each namespace.
     namespaces: Mutex<HashMap<String, Arc<Semaphore>>>,
-    /// Until then, refresh-token credentials whose access token is still valid are not refreshed:
-    /// this term took the Lease over from a leader that may still write back a rotated token.
+    /// Until then, credentials that redeem a refresh token are not refreshed: this term took the
+    /// Lease over from a leader that may still write back a rotated token.
     handover_until: Option<SystemTime>,
     /// The watches of the Secrets of the namespaces that hold credentials (every namespace watched).
     secret_watches: watches::NamespaceWatches,
@@ -238,6 +244,7 @@ impl Context {
             remembered: Mutex::default(),
             keys: None,
             pending: Mutex::default(),
+            in_flight: tokio::sync::watch::Sender::new(HashSet::new()),
             refresh_timeout: DEFAULT_REFRESH_TIMEOUT,
             namespace_concurrency: None,
             namespaces: Mutex::default(),
@@ -247,7 +254,7 @@ impl Context {
         }
     }
 
-    /// Leaves refresh-token credentials whose access token outlives `until` alone until then.
+    /// Leaves credentials that redeem a refresh token alone until `until`.
     pub fn with_handover(mut self, until: SystemTime) -> Self {
         self.handover_until = Some(until);
         self
@@ -656,17 +663,17 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
 
     // Step 4: obtain the credential (at most one token request, after discovery when no token
     // URL is configured and none is cached), in one of the namespace's slots, within the deadline.
+    // Not while an earlier token request of it still runs: its answer may rotate the refresh token.
+    if ctx.in_flight.borrow().contains(key.as_str()) {
+        debug!(credential = %key, "an earlier token request is still running; waiting for its answer");
+        return Ok(Action::requeue(IN_FLIGHT_REQUEUE));
+    }
+    // Nor, right after a takeover, before the previous leader could write back a refresh token it
+    // redeemed: the one in the Secret may be spent, and redeeming a spent one revokes the grant at
+    // IdPs that detect reuse. Even an access token expiring meanwhile is the smaller loss.
     if let Some(until) = ctx.handover_until
         && now < until
-        && cred
-            .spec
-            .source
-            .oauth2
-            .as_ref()
-            .is_some_and(|o| o.refresh_token.is_some())
-        && current
-            .as_ref()
-            .is_some_and(|c| c.expires_at.is_none_or(|e| e > until))
+        && source::redeems_refresh_token(&cred.spec)
     {
         info!(credential = %key, "waiting for the previous leader's write-back before redeeming the refresh token");
         return Ok(Action::requeue(until.duration_since(now).unwrap_or_default()));
@@ -678,18 +685,10 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     };
     let kind = source::kind(&cred.spec);
     let cached = ctx.sources.discovered(&cred.spec);
-    let resolver = Resolver {
-        namespace: ns,
-        key,
-        pending: &ctx.pending,
-        inputs: &inputs,
-        service_accounts: Api::namespaced(ctx.client.clone(), ns),
-        keys: ctx.keys.as_deref(),
-    };
     let timer = ctx.metrics.refresh_duration.start_timer();
     let result = tokio::time::timeout(
         ctx.refresh_timeout,
-        source::obtain(name, &cred.spec, &resolver, &ctx.sources),
+        write_back::obtain_to_the_end(&ctx, &cred, key, &inputs),
     )
     .await
     .unwrap_or(Err(SourceError::RefreshTimedOut {

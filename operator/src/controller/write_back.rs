@@ -1,5 +1,7 @@
 //! A rotated refresh token, kept from the moment the answer is read until it is in its Secret:
-//! written back with a resourceVersion precondition, re-read on conflict, drained on shutdown.
+//! the token request that may rotate it runs to its end whatever happens to the reconcile; the
+//! new token is written back with a resourceVersion precondition, re-read on conflict, drained on
+//! shutdown and on a lost Lease.
 
 use super::*;
 
@@ -15,6 +17,96 @@ pub(super) struct PendingRefreshToken {
     pub(super) token: SecretString,
     /// Failed write-backs so far (for the backoff).
     pub(super) attempts: u32,
+}
+
+/// How soon a credential whose earlier token request still runs looks again.
+pub(super) const IN_FLIGHT_REQUEUE: Duration = Duration::from_secs(1);
+
+/// Obtains the credential. A source that redeems a refresh token sends its token request from a
+/// task of its own, which runs to its end (bounded by the HTTP client's timeout) even when this
+/// future is dropped: by a lost Lease, shutdown, or the refresh timeout. The authorization server
+/// spends the refresh token as soon as it reads the request, and only the answer holds the new
+/// one ([`Resolver::refresh_token_rotated`] keeps it for the write-back): a request cancelled in
+/// between loses the grant. Until the task ends, the credential is in `in_flight`: no other token
+/// request of it starts, and a drain waits for it ([`token_requests_finished`]).
+pub(super) async fn obtain_to_the_end(
+    ctx: &Arc<Context>,
+    cred: &Arc<McpCredential>,
+    key: &str,
+    inputs: &Inputs,
+) -> Result<Issued, SourceError> {
+    async fn obtain(
+        ctx: &Context,
+        cred: &McpCredential,
+        key: &str,
+        inputs: &Inputs,
+    ) -> Result<Issued, SourceError> {
+        let (ns, name) = (cred.namespace().unwrap_or_default(), cred.name_any());
+        let resolver = Resolver {
+            namespace: &ns,
+            key,
+            pending: &ctx.pending,
+            inputs,
+            service_accounts: Api::namespaced(ctx.client.clone(), &ns),
+            keys: ctx.keys.as_deref(),
+        };
+        source::obtain(&name, &cred.spec, &resolver, &ctx.sources).await
+    }
+    if !source::redeems_refresh_token(&cred.spec) {
+        return obtain(ctx, cred, key, inputs).await;
+    }
+    let running = InFlight::enter(ctx.clone(), key);
+    let (ctx, cred, key, inputs) = (ctx.clone(), cred.clone(), key.to_owned(), inputs.clone());
+    let task = tokio::spawn(
+        async move {
+            let _running = running;
+            obtain(&ctx, &cred, &key, &inputs).await
+        }
+        .in_current_span(),
+    );
+    match task.await {
+        Ok(result) => result,
+        // Never aborted: a panic in the source is the reconcile's, as if it ran here.
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// A credential's token request while it runs: in `in_flight` until dropped.
+struct InFlight {
+    ctx: Arc<Context>,
+    key: String,
+}
+
+impl InFlight {
+    fn enter(ctx: Arc<Context>, key: &str) -> Self {
+        ctx.in_flight.send_modify(|s| {
+            s.insert(key.to_owned());
+        });
+        Self {
+            ctx,
+            key: key.to_owned(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.ctx.in_flight.send_modify(|s| {
+            s.remove(&self.key);
+        });
+    }
+}
+
+/// Waits until no token request that may rotate a refresh token is running (their answers are
+/// kept in `pending` by then): before a drain writes the kept tokens back.
+pub async fn token_requests_finished(ctx: &Context) {
+    let mut running = ctx.in_flight.subscribe();
+    let _ = running.wait_for(HashSet::is_empty).await;
+}
+
+/// How many token requests that may rotate a refresh token are running.
+pub fn token_requests_running(ctx: &Context) -> usize {
+    ctx.in_flight.borrow().len()
 }
 
 /// What a write-back found.

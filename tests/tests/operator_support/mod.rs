@@ -175,7 +175,7 @@ impl Operator {
                 "--lease-namespace",
                 lease_ns,
             ])
-            .args(["--token-timeout", "3"])
+            .args(if extra.contains(&"--token-timeout") { &[][..] } else { &["--token-timeout", "3"][..] })
             // A short Lease for takeover tests, unless the test sets its own.
             .args(if extra.contains(&"--lease-duration") { &[][..] } else { &["--lease-duration", "12"][..] })
             .args(extra)
