@@ -207,6 +207,15 @@ impl SecretFiles {
         Ok(())
     }
 
+    /// The value kept for `r` that is not on disk yet.
+    fn unsaved_value(&self, r: &SecretKeyRef) -> Option<SecretString> {
+        self.unsaved
+            .lock()
+            .expect("unsaved secrets")
+            .get(&self.path(r))
+            .cloned()
+    }
+
     fn has_unsaved(&self) -> bool {
         !self.unsaved.lock().expect("unsaved secrets").is_empty()
     }
@@ -256,6 +265,16 @@ const SIGNING_KEY_DIR: &str = "jwt-signing-key";
 const DEFAULT_ISSUER: &str = "urn:mcp-credentials:standalone";
 
 impl SecretResolver for SecretFiles {
+    /// Kept at once, and read in place of its file from now on: the answer may still be refused
+    /// (an expired or misbound access token), and the server has revoked the token we sent. The
+    /// refresh loop writes it to disk after the attempt, whatever its outcome.
+    fn refresh_token_rotated(&self, r: &SecretKeyRef, token: &SecretString) {
+        self.unsaved
+            .lock()
+            .expect("unsaved secrets")
+            .insert(self.path(r), token.clone());
+    }
+
     fn sign_in_command(&self, credential: &str) -> Option<String> {
         let file = self.credentials_file.as_ref()?;
         Some(crate::login::command(credential, file, &self.dir))
@@ -350,15 +369,8 @@ async fn keep_fresh(
                 let unsaved = persist_rotated_refresh_token(&name, &spec, &secrets, &issued)
                     .await
                     .err();
-                // Our own write-back is not a new input.
-                if let (Some(token), Some(r)) = (
-                    &issued.rotated_refresh_token,
-                    rotated_refresh_token_ref(&name, &spec),
-                ) && let Some(i) = source::referenced_secrets(&name, &spec)
-                    .iter()
-                    .position(|x| *x == r)
-                {
-                    inputs[i] = digest(token.expose());
+                if let Some(token) = &issued.rotated_refresh_token {
+                    own_write_back(&mut inputs, &name, &spec, token);
                 }
                 let (header, value) = source::header(&spec, &issued);
                 let fingerprint = (format!("{header}\n{}", value.expose()), issued.expires_at);
@@ -386,6 +398,16 @@ async fn keep_fresh(
             }
             Err(e) => {
                 failures += 1;
+                // A rotated refresh token in a refused answer was kept: on disk now, or retried.
+                if let Some(r) = rotated_refresh_token_ref(&name, &spec)
+                    && let Some(token) = secrets.unsaved_value(&r)
+                {
+                    own_write_back(&mut inputs, &name, &spec, &token);
+                    if let Err(e) = secrets.save().await {
+                        tracing::warn!(credential = %name, error = %unsaved_message(&e), "the rotated refresh token is not saved yet");
+                        save_at = Some(tokio::time::Instant::now() + PERSIST_RETRY);
+                    }
+                }
                 let next = policy::after_failure(
                     &e,
                     failures,
@@ -694,6 +716,17 @@ async fn persist_rotated_refresh_token(
     secrets.store(secrets.path(&r), token.clone()).await
 }
 
+/// Our own write-back of the rotated refresh `token` is not a new input of the credential.
+fn own_write_back(inputs: &mut [u64], name: &str, spec: &McpCredentialSpec, token: &SecretString) {
+    if let Some(r) = rotated_refresh_token_ref(name, spec)
+        && let Some(i) = source::referenced_secrets(name, spec)
+            .iter()
+            .position(|x| *x == r)
+    {
+        inputs[i] = digest(token.expose());
+    }
+}
+
 /// Where a rotated refresh token goes: a sign-in credential's sign-in directory, else
 /// `oauth2.refreshToken`.
 fn rotated_refresh_token_ref(name: &str, spec: &McpCredentialSpec) -> Option<SecretKeyRef> {
@@ -908,6 +941,52 @@ mod tests {
             2,
             "one dead attempt, one good"
         );
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A server that rotates the refresh token but answers `expires_in: 0`: the access token is
+    /// refused, the rotated refresh token (the only live one now) is still written to its file,
+    /// and the next refresh redeems it.
+    #[tokio::test]
+    async fn a_rotated_refresh_token_in_a_refused_answer_is_written_to_its_file() {
+        use axum::{Json, routing};
+        let forms = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = forms.clone();
+        let app = axum::Router::new().route(
+            "/token",
+            routing::post(move |form: String| async move {
+                let n = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(form);
+                    seen.len()
+                };
+                Json(serde_json::json!({
+                    "access_token": format!("at-{n}"), "token_type": "Bearer",
+                    "expires_in": 0, "refresh_token": format!("rt-{}", n + 1),
+                }))
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let dir = temp_dir("refused-rotated");
+        let (store, task) = start_refreshing(&dir, &url, "rt-1").await;
+        until("the refusal of the expired access token", || {
+            store.get("api").and_then(|s| s.last_failure).is_some()
+        })
+        .await;
+        let failure = store.get("api").and_then(|s| s.last_failure).unwrap().to_string();
+        assert!(failure.contains("expires_in 0"), "{failure}");
+        until("the rotated refresh token on disk", || {
+            std::fs::read_to_string(dir.join("api-oauth/refresh-token")).is_ok_and(|t| t != "rt-1")
+        })
+        .await;
+        let on_disk = std::fs::read_to_string(dir.join("api-oauth/refresh-token")).unwrap();
+        let sent = forms.lock().unwrap().clone();
+        assert!(sent[0].contains("refresh_token=rt-1"), "{sent:?}");
+        // What is on disk is the newest token the server issued, never a spent one.
+        assert_eq!(on_disk, format!("rt-{}", sent.len() + 1), "{sent:?}");
         task.abort();
         std::fs::remove_dir_all(&dir).unwrap();
     }
