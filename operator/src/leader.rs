@@ -197,9 +197,11 @@ impl LeaderElection {
         {
             return Ok(false);
         }
+        // A takeover only when another process held it: taking our own Lease back (after a lost
+        // renewal) follows our own drain, so nothing of ours is left to wait for.
+        self.took_over
+            .store(!mine && holder.is_some(), std::sync::atomic::Ordering::Relaxed);
         if !mine {
-            self.took_over
-                .store(holder.is_some(), std::sync::atomic::Ordering::Relaxed);
             spec.acquire_time = Some(now());
             spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
             spec.holder_identity = Some(self.identity.clone());
