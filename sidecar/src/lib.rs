@@ -93,6 +93,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         None => None,
     };
 
+    let mut token_requests = None;
     let source = match &config.store {
         StoreConfig::Kubernetes { namespace } => {
             let client = kube::Client::try_default().await.map_err(RunError::Kubernetes)?;
@@ -124,7 +125,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             let policy = mcp_credentials_core::source::OutboundPolicy {
                 allow_loopback: *discovery_allow_loopback,
             };
-            store::standalone::start(store.clone(), credentials_file, secrets_dir, policy).await?
+            let (task, requests) =
+                store::standalone::start(store.clone(), credentials_file, secrets_dir, policy).await?;
+            token_requests = Some(requests);
+            task
         }
     };
 
@@ -218,9 +222,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }
         }
     }
+    // A token request that may rotate a refresh token ends first: stopped before its answer is
+    // saved, it would leave a spent refresh token on disk.
+    if let Some(mut requests) = token_requests
+        && requests.running() > 0
+    {
+        tracing::info!(
+            running = requests.running(),
+            "waiting for token requests to be answered and saved"
+        );
+        if tokio::time::timeout(TOKEN_REQUESTS_GRACE, requests.finished())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = requests.running(),
+                "stopping with a token request unanswered: a refresh token it rotated is lost (sign in again if the next start says so)"
+            );
+        }
+    }
     source.abort();
     Ok(())
 }
+
+/// How long shutting down waits for token requests that may rotate a refresh token: their own
+/// timeout (15 s), plus saving the answer.
+const TOKEN_REQUESTS_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Serves the proxy on `listener` until `stop` turns true, then waits for open connections. Each
 /// connection starts on the HTTP/1.1 fast path (unless it is off) and moves to hyper (HTTP/1.1, or

@@ -215,3 +215,78 @@ async fn the_binary_closes_connections_that_trickle_a_request_head_and_keeps_ser
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Standalone mode, SIGTERM while a refresh-token request is unanswered (the authorization server
+/// has spent the old token by then): the process waits for the answer, saves the rotated refresh
+/// token, then exits. Stopped at once, it left the spent token on disk and the grant was lost.
+#[tokio::test]
+async fn sigterm_in_standalone_mode_waits_for_a_rotating_token_request_and_saves_its_answer() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    };
+    let requests = Arc::new(AtomicU32::new(0));
+    let counted = requests.clone();
+    let app = Router::new().route(
+        "/token",
+        axum::routing::post(move || async move {
+            let n = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            // The first answer comes late: long enough for the test to stop the process meanwhile.
+            if n == 1 {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            axum::Json(serde_json::json!({
+                "access_token": format!("at-{n}"), "token_type": "Bearer",
+                "expires_in": 3600, "refresh_token": format!("rt-{}", n + 1),
+            }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let token_url = format!("http://{}/token", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = std::env::temp_dir().join(format!("mcp-sidecar-sigterm-rt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("login")).unwrap();
+    std::fs::write(dir.join("login/refresh-token"), "rt-1").unwrap();
+    let file = dir.join("creds.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: mcpcredentials.dev/v1alpha1\nkind: McpCredential\nmetadata: {{name: api}}\n\
+             spec:\n  upstream: http://127.0.0.1:9/mcp\n  source:\n    oauth2:\n      grant: refreshToken\n      \
+             tokenUrl: {token_url}\n      clientId: c\n      refreshToken: {{name: login, key: refresh-token}}\n"
+        ),
+    )
+    .unwrap();
+    let (proxy, admin) = (free_port(), free_port());
+    let mut process = Process(
+        Command::new(env!("CARGO_BIN_EXE_mcp-credentials-sidecar"))
+            .args(["standalone".as_ref(), file.as_os_str(), dir.as_os_str()])
+            .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{proxy}"))
+            .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    until("the token request", async || requests.load(Ordering::SeqCst) == 1).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &process.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let child = std::mem::replace(&mut process.0, Command::new("true").spawn().unwrap());
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{:?}\n{log}", output.status);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("login/refresh-token")).unwrap(),
+        "rt-2",
+        "the rotated refresh token is on disk\n{log}"
+    );
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+    assert!(!log.contains("rt-2"), "no refresh token in the log");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -343,7 +343,7 @@ async fn standalone_api_key_rotations_fail_no_call() {
     )
     .unwrap();
     let store = Store::new(["demo".to_owned()]);
-    let task = standalone::start(
+    let (task, _) = standalone::start(
         store.clone(),
         &credentials,
         &dir.join("secrets"),

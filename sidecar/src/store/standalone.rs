@@ -84,7 +84,7 @@ pub async fn start(
     credentials_file: &Path,
     secrets_dir: &Path,
     policy: OutboundPolicy,
-) -> Result<JoinHandle<()>, StandaloneError> {
+) -> Result<(JoinHandle<()>, TokenRequests), StandaloneError> {
     let credentials = load(credentials_file)?;
     // One context for every credential: the discovery cache is shared.
     let sources =
@@ -108,11 +108,48 @@ pub async fn start(
             watch.receiver(),
         ));
     }
-    Ok(tokio::spawn(async move {
+    let requests = TokenRequests(secrets.in_flight.subscribe());
+    let task = tokio::spawn(async move {
         // The watch lives as long as the tasks.
         let _watch = watch;
         while tasks.join_next().await.is_some() {}
-    }))
+    });
+    Ok((task, requests))
+}
+
+/// The token requests that may rotate a refresh token, while they run: shutting down waits for
+/// them ([`TokenRequests::finished`]) before it stops the refresh tasks. The authorization server
+/// spends the refresh token as soon as it reads the request; cancelled before its answer is
+/// saved, the request loses the grant (the next start redeems a spent token).
+pub struct TokenRequests(tokio::sync::watch::Receiver<usize>);
+
+impl TokenRequests {
+    /// How many run now.
+    pub fn running(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    /// Waits until none runs (each one's rotated refresh token is on disk, or kept and retried).
+    pub async fn finished(&mut self) {
+        let _ = self.0.wait_for(|n| *n == 0).await;
+    }
+}
+
+/// One token request that may rotate a refresh token, counted while it and the saving of its
+/// answer run.
+struct Redeeming<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl<'a> Redeeming<'a> {
+    fn start(counter: &'a tokio::sync::watch::Sender<usize>) -> Self {
+        counter.send_modify(|n| *n += 1);
+        Self(counter)
+    }
+}
+
+impl Drop for Redeeming<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// The McpCredential documents of a multi-document YAML file (empty documents skipped).
@@ -150,6 +187,8 @@ pub fn load(path: &Path) -> Result<Vec<McpCredential>, StandaloneError> {
 pub(crate) struct SecretFiles {
     dir: PathBuf,
     unsaved: Mutex<BTreeMap<PathBuf, SecretString>>,
+    /// Token requests that may rotate a refresh token, running now ([`TokenRequests`]).
+    in_flight: tokio::sync::watch::Sender<usize>,
     /// The credentials file, for the sign-in command a credential's messages name.
     credentials_file: Option<PathBuf>,
 }
@@ -159,6 +198,7 @@ impl SecretFiles {
         SecretFiles {
             dir,
             unsaved: Mutex::default(),
+            in_flight: tokio::sync::watch::Sender::new(0),
             credentials_file: None,
         }
     }
@@ -362,6 +402,8 @@ async fn keep_fresh(
         let attempted = tokio::time::Instant::now();
         // What this attempt reads: someone else's change to it afterwards is new inputs.
         let mut inputs = read_inputs(&name, &spec, &secrets).await;
+        // From the request until its answer is saved: what shutting down waits for.
+        let redeeming = source::redeems_refresh_token(&spec).then(|| Redeeming::start(&secrets.in_flight));
         let next = match source::obtain(&name, &spec, &*secrets, &sources).await {
             Ok(issued) => {
                 failures = 0;
@@ -438,6 +480,7 @@ async fn keep_fresh(
                 next
             }
         };
+        drop(redeeming);
         let scheduled = next.at();
         let wait = |scheduled: Option<SystemTime>| match scheduled {
             Some(at) => at
@@ -836,7 +879,7 @@ mod tests {
         .unwrap();
         let store = Store::new(["demo".to_owned()]);
         let mut changes = store.subscribe();
-        let task = start(store.clone(), &file, &dir, OutboundPolicy::default())
+        let (task, _) = start(store.clone(), &file, &dir, OutboundPolicy::default())
             .await
             .unwrap();
         changes
@@ -907,7 +950,7 @@ mod tests {
         .unwrap();
         let store = Store::new(["api".to_owned()]);
         let policy = OutboundPolicy { allow_loopback: true };
-        let task = start(store.clone(), &file, dir, policy).await.unwrap();
+        let (task, _) = start(store.clone(), &file, dir, policy).await.unwrap();
         (store, task)
     }
 
@@ -1066,7 +1109,7 @@ mod tests {
         );
         std::fs::write(&file, yaml.replace("{url}", &site.url)).unwrap();
         let store = Store::new(["wiki".to_owned()]);
-        let task = start(store.clone(), &file, dir, OutboundPolicy::default())
+        let (task, _) = start(store.clone(), &file, dir, OutboundPolicy::default())
             .await
             .unwrap();
         (store, task)
@@ -1211,7 +1254,7 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/standalone");
         let store = Store::new(["demo".to_owned()]);
         let mut changes = store.subscribe();
-        let task = start(
+        let (task, _) = start(
             store.clone(),
             &dir.join("mcpcredentials.yaml"),
             &dir.join("secrets"),
