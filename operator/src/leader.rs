@@ -37,6 +37,9 @@ pub struct LeaderElection {
     /// The last acquisition took the Lease over from another holder that had not released it (it
     /// was killed, or cut off from the API server and may still be writing back what it redeemed).
     took_over: std::sync::atomic::AtomicBool,
+    /// The Lease as this process last wrote it while holding it: a renewal replaces it at once
+    /// (one request, its resourceVersion the precondition), reading it first only on a conflict.
+    written: Mutex<Option<Lease>>,
 }
 
 /// Why [`LeaderElection::hold`] returned.
@@ -64,6 +67,7 @@ impl LeaderElection {
             renew_deadline: lease_duration * 2 / 3,
             observed: Mutex::new(None),
             took_over: std::sync::atomic::AtomicBool::new(false),
+            written: Mutex::new(None),
         }
     }
 
@@ -121,7 +125,7 @@ impl LeaderElection {
                 return Lost::RenewDeadline;
             }
             // Measured from the start of the attempt: the renewal happened no earlier than that.
-            match timeout(deadline - started, self.try_acquire_or_renew()).await {
+            match timeout(deadline - started, self.renew()).await {
                 Ok(Ok(true)) => {
                     last_renewal = started;
                     wait = self.renew_every;
@@ -141,6 +145,7 @@ impl LeaderElection {
 
     /// Gives the Lease up so that a standby takes over at once (on graceful shutdown).
     pub async fn release(&self) {
+        *self.written.lock().unwrap() = None;
         let Ok(Ok(Some(mut lease))) = timeout(self.renew_every, self.api.get_opt(&self.name)).await else {
             return;
         };
@@ -163,6 +168,36 @@ impl LeaderElection {
         }
     }
 
+    /// One renewal while leading: the Lease we last wrote, with a new `renewTime` (one request, so
+    /// a slow API server costs one round trip, not two); on a conflict (someone else wrote it),
+    /// read and decide as [`Self::try_acquire_or_renew`] does.
+    async fn renew(&self) -> Result<bool, kube::Error> {
+        let last = self.written.lock().unwrap().clone();
+        let Some(mut lease) = last else {
+            return self.try_acquire_or_renew().await;
+        };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        spec.renew_time = Some(now());
+        match self.write(lease).await? {
+            true => Ok(true),
+            false => self.try_acquire_or_renew().await,
+        }
+    }
+
+    /// Replaces the Lease with `lease` (its resourceVersion the precondition): false on a conflict.
+    /// Kept for the next renewal when it succeeds.
+    async fn write(&self, lease: Lease) -> Result<bool, kube::Error> {
+        *self.written.lock().unwrap() = None;
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+            Ok(written) => {
+                *self.written.lock().unwrap() = Some(written);
+                Ok(true)
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// One attempt: true when this process holds the Lease afterwards.
     async fn try_acquire_or_renew(&self) -> Result<bool, kube::Error> {
         let secs = i32::try_from(self.lease_duration.as_secs()).unwrap_or(15);
@@ -181,7 +216,11 @@ impl LeaderElection {
                     ..Default::default()
                 }),
             };
-            return conflict_is_false(self.api.create(&PostParams::default(), &lease).await);
+            let created = self.api.create(&PostParams::default(), &lease).await;
+            if let Ok(l) = &created {
+                *self.written.lock().unwrap() = Some(l.clone());
+            }
+            return conflict_is_false(created);
         };
         let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let spec = lease.spec.get_or_insert_with(Default::default);
@@ -209,7 +248,7 @@ impl LeaderElection {
         spec.renew_time = Some(now());
         spec.lease_duration_seconds = Some(secs);
         // `replace` carries the resourceVersion we read: two candidates cannot both win.
-        conflict_is_false(self.api.replace(&self.name, &PostParams::default(), &lease).await)
+        self.write(lease).await
     }
 }
 
