@@ -79,7 +79,10 @@ fn mcpcred(kubeconfig: &Path, args: &[&str], browser: &str) -> Output {
 
 /// Chromium through oidc-provider's login and consent pages to the plugin's loopback listener.
 fn chromium() -> String {
-    format!("python3 {}", repo_root().join("tests/browser/sign-in.py").display())
+    format!(
+        "python3 {}",
+        repo_root().join("tests/browser/sign-in.py").display()
+    )
 }
 
 /// Runs `kubectl mcpcred status -n <ns>` and returns its stdout.
@@ -103,7 +106,10 @@ fn named_command(message: &str) -> Vec<String> {
         .split_whitespace()
         .skip(2)
         .take(4)
-        .map(|w| w.trim_end_matches(|c: char| !c.is_alphanumeric() && c != '-').to_owned())
+        .map(|w| {
+            w.trim_end_matches(|c: char| !c.is_alphanumeric() && c != '-')
+                .to_owned()
+        })
         .collect()
 }
 
@@ -148,7 +154,11 @@ async fn the_command_the_condition_names_signs_in_and_the_operator_takes_over() 
     let dir = run_dir(&format!("mcpcred-login-{ns}"));
     let oauth = OAuth::start_sign_in(&dir, TOKEN_TTL);
     let server = McpServer::start(&oauth, &dir).await;
-    apply(cp, &ns, &Credential::new(NAME, &server.url, OAuth2::sign_in()).yaml());
+    apply(
+        cp,
+        &ns,
+        &Credential::new(NAME, &server.url, OAuth2::sign_in()).yaml(),
+    );
     let op = Operator::start(cp, &ns, "a", &["--discovery-allow-loopback"]);
     let client = client(cp).await;
     let creds: Api<McpCredential> = Api::namespaced(client.clone(), &ns);
@@ -184,7 +194,11 @@ async fn the_command_the_condition_names_signs_in_and_the_operator_takes_over() 
     );
     let registration: serde_json::Value =
         serde_json::from_str(&data(&sign_in, "registration").unwrap()).unwrap();
-    assert_eq!(registration[oauth.issuer()]["method"], "dynamic", "{registration}");
+    assert_eq!(
+        registration[oauth.issuer()]["method"],
+        "dynamic",
+        "{registration}"
+    );
     assert_eq!(
         sign_in.metadata.labels.clone().unwrap_or_default()["mcpcredentials.dev/sign-in-for"],
         NAME
@@ -196,7 +210,10 @@ async fn the_command_the_condition_names_signs_in_and_the_operator_takes_over() 
     let claims = jwt_payload(&bearer(&published));
     assert_eq!(claims["aud"], server.url.as_str(), "{claims}");
     let sidecar = SidecarProcess::start(cp, &ns, &[NAME.to_owned()], &dir);
-    wait_for("the sidecar is ready", || async { sidecar.ready().await.then_some(()) }).await;
+    wait_for("the sidecar is ready", || async {
+        sidecar.ready().await.then_some(())
+    })
+    .await;
     let session = connect(&format!("{}/{NAME}", sidecar.url)).await.unwrap();
     call_sum(&session, 1).await.unwrap();
     assert!(server.counts().0 > 0, "the MCP server accepted the token");
@@ -232,7 +249,11 @@ fn recording_browser(dir: &Path) -> (String, PathBuf) {
     let script = dir.join("browser.sh");
     std::fs::write(
         &script,
-        format!("#!/bin/sh\necho \"$1\" > {}\nexec {} \"$1\"\n", marker.display(), chromium()),
+        format!(
+            "#!/bin/sh\necho \"$1\" > {}\nexec {} \"$1\"\n",
+            marker.display(),
+            chromium()
+        ),
     )
     .unwrap();
     (format!("sh {}", script.display()), marker)
@@ -247,11 +268,20 @@ async fn login_without_the_rbac_to_write_the_secret_or_for_a_wrong_credential_na
     let dir = run_dir(&format!("mcpcred-rbac-{ns}"));
     let oauth = OAuth::start_sign_in(&dir, 3600);
     let server = McpServer::start(&oauth, &dir).await;
-    apply(cp, &ns, &Credential::new(NAME, &server.url, OAuth2::sign_in()).yaml());
     apply(
         cp,
         &ns,
-        &Credential::new("machine", &server.url, OAuth2::cc_basic().token_url(&oauth.token_url())).yaml(),
+        &Credential::new(NAME, &server.url, OAuth2::sign_in()).yaml(),
+    );
+    apply(
+        cp,
+        &ns,
+        &Credential::new(
+            "machine",
+            &server.url,
+            OAuth2::cc_basic().token_url(&oauth.token_url()),
+        )
+        .yaml(),
     );
     let client = client(cp).await;
     let secrets: Api<Secret> = Api::namespaced(client, &ns);
@@ -282,10 +312,18 @@ async fn login_without_the_rbac_to_write_the_secret_or_for_a_wrong_credential_na
         !opened.exists(),
         "no sign-in starts that could not be stored: {stderr}"
     );
-    assert!(secrets.get_opt(&sign_in).await.unwrap().is_none(), "nothing written");
+    assert!(
+        secrets.get_opt(&sign_in).await.unwrap().is_none(),
+        "nothing written"
+    );
 
     // Carol may not even read Secrets.
-    let carol = person(cp, &ns, "carol", &[("get,list", "mcpcredentials.mcpcredentials.dev")]);
+    let carol = person(
+        cp,
+        &ns,
+        "carol",
+        &[("get,list", "mcpcredentials.mcpcredentials.dev")],
+    );
     let out = mcpcred(&carol, &["login", NAME, "-n", &ns], &browser);
     assert!(!out.status.success());
     let stderr = text(&out.stderr);
@@ -328,11 +366,20 @@ async fn status_names_each_state_and_the_command_to_run() {
     let oauth = OAuth::start_sign_in(&dir, 3600);
     let server = McpServer::start(&oauth, &dir).await;
     operator_support::create_secret(cp, &ns, "idp", &[("secret", "cc-basic-secret")]);
-    apply(cp, &ns, &Credential::new(NAME, &server.url, OAuth2::sign_in()).yaml());
     apply(
         cp,
         &ns,
-        &Credential::new("machine", &server.url, OAuth2::cc_basic().token_url(&oauth.token_url())).yaml(),
+        &Credential::new(NAME, &server.url, OAuth2::sign_in()).yaml(),
+    );
+    apply(
+        cp,
+        &ns,
+        &Credential::new(
+            "machine",
+            &server.url,
+            OAuth2::cc_basic().token_url(&oauth.token_url()),
+        )
+        .yaml(),
     );
     let alice = person(cp, &ns, "alice", SIGNER);
     let before = status(&alice, &ns);
@@ -454,7 +501,26 @@ async fn after_more_consent_is_required_login_asks_for_the_union_and_settles_the
         .send()
         .await
         .unwrap();
-    assert!(answer.status().is_success(), "{}", answer.status());
+    assert_eq!(answer.status(), 202);
+    // No refresh is forced (none widens a grant): the step-up's write makes the reconcile publish.
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["result"], "step_up_recorded", "{body}");
+    assert_eq!(
+        op.metric(r#"mcp_credentials_reports_total{result="step_up_recorded"}"#)
+            .await,
+        1.0
+    );
+    let annotations = creds
+        .get(NAME)
+        .await
+        .unwrap()
+        .metadata
+        .annotations
+        .unwrap_or_default();
+    assert!(
+        !annotations.contains_key("mcpcredentials.dev/refresh-requested-at"),
+        "{annotations:?}"
+    );
     let cred = wait_condition(
         &creds,
         NAME,
@@ -478,7 +544,8 @@ async fn after_more_consent_is_required_login_asks_for_the_union_and_settles_the
     assert!(union.contains("read") && union.contains("write"), "{recorded}");
     let page = status(&alice, &ns);
     assert!(
-        page.contains("to do:    more consent needed") && page.contains(&format!("kubectl mcpcred login {NAME} -n {ns}")),
+        page.contains("to do:    more consent needed")
+            && page.contains(&format!("kubectl mcpcred login {NAME} -n {ns}")),
         "{page}"
     );
 
@@ -511,7 +578,11 @@ async fn after_more_consent_is_required_login_asks_for_the_union_and_settles_the
     assert_eq!(condition(&cred, "Ready").unwrap().0, "True");
 
     // The upstream refuses again for the same scopes: the second attempt for them, not the first.
-    let version = data(&secrets.get(&format!("{NAME}-mcp-credential")).await.unwrap(), "version").unwrap();
+    let version = data(
+        &secrets.get(&format!("{NAME}-mcp-credential")).await.unwrap(),
+        "version",
+    )
+    .unwrap();
     let answer = https
         .post(&report_url)
         .bearer_auth(&agent_token)
