@@ -310,7 +310,9 @@ async fn no_such_credential(creds: &Api<McpCredential>, ns: &str, name: &str) ->
         }
         Err(_) => String::new(),
     };
-    format!("there is no McpCredential {name:?} in namespace {ns:?}{there}: check the name, and -n for the namespace")
+    format!(
+        "there is no McpCredential {name:?} in namespace {ns:?}{there}: check the name, and -n for the namespace"
+    )
 }
 
 async fn status(client: Client, ns: &str) -> Result<(), String> {
