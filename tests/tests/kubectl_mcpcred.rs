@@ -28,8 +28,9 @@ use operator_support::{
     wait_condition, wait_for, workspace_binary,
 };
 
-/// Short tokens, so that the operator renews (and rotates the refresh token) within the test.
-const TOKEN_TTL: u64 = 10;
+/// Short tokens, so that the operator renews (and rotates the refresh token) within the test; not
+/// under 15 s, or the renewal floor (10 s after issue) would leave it expired part of the time.
+const TOKEN_TTL: u64 = 15;
 const NAME: &str = "notes";
 
 fn text(b: &[u8]) -> String {
