@@ -8,10 +8,16 @@
 use std::{collections::BTreeMap, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use k8s_openapi::{ByteString, api::core::v1::Secret};
+use k8s_openapi::{
+    ByteString,
+    api::{
+        authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec},
+        core::v1::Secret,
+    },
+};
 use kube::{
     Api, Client, ResourceExt,
-    api::{Patch, PatchParams},
+    api::{Patch, PatchParams, PostParams},
 };
 use mcp_credentials_core::{
     McpCredential,
@@ -125,24 +131,58 @@ async fn login(
     allow_loopback: bool,
 ) -> Result<(), String> {
     let creds: Api<McpCredential> = Api::namespaced(client.clone(), ns);
-    let cred = creds
+    let Some(cred) = creds
         .get_opt(name)
         .await
         .map_err(|e| format!("reading McpCredential {ns}/{name}: {e}"))?
-        .ok_or_else(|| format!("there is no McpCredential {name:?} in namespace {ns:?}"))?;
+    else {
+        return Err(no_such_credential(&creds, ns, name).await);
+    };
     let o = cred
         .spec
         .source
         .oauth2
         .as_ref()
         .filter(|_| sign_in::applies(&cred.spec))
-        .ok_or_else(|| sign_in::SignInError::NotSignIn.to_string())?;
+        .ok_or_else(|| {
+            format!(
+                "McpCredential {ns}/{name} ({}): {}",
+                mcp_credentials_core::source::kind(&cred.spec),
+                sign_in::SignInError::NotSignIn
+            )
+        })?;
     let secret_name = sign_in::secret_name(name, o);
-    let secrets: Api<Secret> = Api::namespaced(client, ns);
-    let existing = secrets
-        .get_opt(&secret_name)
-        .await
-        .map_err(|e| format!("reading Secret {ns}/{secret_name} (your RBAC must allow get): {e}"))?;
+    // Asked before the sign-in: a sign-in that cannot be stored would leave a grant (and its
+    // refresh token) at the authorization server that nobody holds.
+    let may_get = may(&client, ns, &secret_name, "get").await?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let existing = if may_get {
+        secrets
+            .get_opt(&secret_name)
+            .await
+            .map_err(|e| format!("reading Secret {ns}/{secret_name}: {e}"))?
+    } else {
+        None
+    };
+    let mut missing = Vec::new();
+    if !may_get {
+        missing.push("get");
+    }
+    // Server-side apply creates the Secret (create) or changes it (patch).
+    if existing.is_none() && !may(&client, ns, &secret_name, "create").await? {
+        missing.push("create");
+    }
+    if !may(&client, ns, &secret_name, "patch").await? {
+        missing.push("patch");
+    }
+    if !missing.is_empty() {
+        return Err(format!(
+            "you may not {} Secret {ns}/{secret_name}, where the sign-in of McpCredential {name} is stored: ask for \
+             a Role in namespace {ns} that allows get, create and patch on secrets (it may name only this Secret), \
+             bound to you. Nothing was signed in or written",
+            missing.join(", ")
+        ));
+    }
     let value = |s: &Secret, key: &str| {
         s.data
             .as_ref()
@@ -233,6 +273,46 @@ async fn login(
         );
     }
     Ok(())
+}
+
+/// Whether the person may `verb` the Secret `name` of `ns`: the API server's answer to a
+/// SelfSubjectAccessReview, so the same RBAC decides as for the request itself.
+async fn may(client: &Client, ns: &str, name: &str, verb: &str) -> Result<bool, String> {
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(ns.into()),
+                verb: Some(verb.into()),
+                resource: Some("secrets".into()),
+                name: Some(name.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let answer = reviews
+        .create(&PostParams::default(), &review)
+        .await
+        .map_err(|e| format!("asking the API server whether you may {verb} Secret {ns}/{name}: {e}"))?;
+    Ok(answer.status.is_some_and(|s| s.allowed))
+}
+
+/// The error for a credential that does not exist: the names there are, when the person may list them.
+async fn no_such_credential(creds: &Api<McpCredential>, ns: &str, name: &str) -> String {
+    let there = match creds.list(&Default::default()).await {
+        Ok(l) if l.items.is_empty() => " (it has none)".to_owned(),
+        Ok(l) => {
+            let mut names: Vec<String> = l.items.iter().map(ResourceExt::name_any).collect();
+            names.sort();
+            format!(" (it has: {})", names.join(", "))
+        }
+        Err(_) => String::new(),
+    };
+    format!(
+        "there is no McpCredential {name:?} in namespace {ns:?}{there}: check the name, and -n for the namespace"
+    )
 }
 
 async fn status(client: Client, ns: &str) -> Result<(), String> {

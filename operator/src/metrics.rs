@@ -28,7 +28,7 @@ pub struct Metrics {
     /// `renew_deadline` (no renewal within the deadline).
     pub leadership_lost: IntCounterVec,
     /// Sidecar reports (`POST /v1/report`) by result: `refresh_requested`, `already_newer`,
-    /// `rate_limited`, `throttled` (too many reports, before any TokenReview), `unauthenticated`,
+    /// `step_up_recorded` (a signed-in credential's `insufficient_scope`: no refresh), `rate_limited`, `throttled` (too many reports, before any TokenReview), `unauthenticated`,
     /// `forbidden`, `not_found`, `bad_request`, `error`.
     pub reports: IntCounterVec,
     /// Session liveness checks by credential and result: `alive`, `expired`, `error`.

@@ -129,6 +129,10 @@ pub enum Answer {
     Refresh,
     /// 202: the reported version is no longer the current one; the sidecar will see the newer one.
     AlreadyNewer,
+    /// 202: a step-up was recorded in the sign-in Secret (a signed-in credential's 403
+    /// `insufficient_scope`). No refresh is forced: none widens a grant, and the write changed an
+    /// input of the credential, whose reconcile publishes a new version anyway.
+    StepUpRecorded,
     /// 400: the body is not a report.
     BadRequest(String),
     /// 401: no valid service-account token.
@@ -152,6 +156,7 @@ impl Answer {
         match self {
             Answer::Refresh => "refresh_requested",
             Answer::AlreadyNewer => "already_newer",
+            Answer::StepUpRecorded => "step_up_recorded",
             Answer::BadRequest(_) => "bad_request",
             Answer::Unauthenticated => "unauthenticated",
             Answer::Forbidden(_) => "forbidden",
@@ -164,7 +169,7 @@ impl Answer {
 
     fn status(&self) -> StatusCode {
         match self {
-            Answer::Refresh | Answer::AlreadyNewer => StatusCode::ACCEPTED,
+            Answer::Refresh | Answer::AlreadyNewer | Answer::StepUpRecorded => StatusCode::ACCEPTED,
             Answer::BadRequest(_) => StatusCode::BAD_REQUEST,
             Answer::Unauthenticated => StatusCode::UNAUTHORIZED,
             Answer::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -178,6 +183,11 @@ impl Answer {
         match self {
             Answer::Refresh => "refresh requested".into(),
             Answer::AlreadyNewer => "a newer credential is already published".into(),
+            Answer::StepUpRecorded => {
+                "the credential lacks consent, which no refresh gives: recorded in its sign-in Secret; its \
+                 ReauthRequired condition says what to do"
+                    .into()
+            }
             Answer::BadRequest(m) | Answer::Forbidden(m) | Answer::NotFound(m) => m.clone(),
             Answer::Unauthenticated => {
                 "a valid service-account token is required (Authorization: Bearer <token>)".into()
@@ -496,8 +506,10 @@ async fn answer(app: &ReportApp, peer: Option<std::net::IpAddr>, headers: &Heade
             .filter(|_| sign_in::applies(&credential.spec))
     {
         // A signed-in credential lacks consent: no refresh widens a grant, a person must sign in.
-        if let Err(answer) = record_step_up(app, &secrets, &report, credential, o).await {
-            return logged(&report, &identity, answer);
+        match record_step_up(app, &secrets, &report, credential, o).await {
+            Err(answer) => return logged(&report, &identity, answer),
+            Ok(true) => return logged(&report, &identity, Answer::StepUpRecorded),
+            Ok(false) => {}
         }
     }
     let key = format!("{}/{}", report.namespace, report.credential);
@@ -567,14 +579,14 @@ async fn answer(app: &ReportApp, peer: Option<std::net::IpAddr>, headers: &Heade
 /// Records the step-up a 403 `insufficient_scope` asks for (core's [`step_up::decide`]) in the
 /// credential's sign-in Secret, key [`step_up::STEP_UP_KEY`], which `kubectl mcpcred login` reads;
 /// the reconcile then says in `ReauthRequired` that more consent is needed and names the command.
-/// Nothing is written while the same step-up waits for its sign-in.
+/// Nothing is written while the same step-up waits for its sign-in. True when it wrote.
 async fn record_step_up(
     app: &ReportApp,
     secrets: &Api<Secret>,
     report: &Report,
     credential: &McpCredential,
     o: &mcp_credentials_core::OAuth2Source,
-) -> Result<(), Answer> {
+) -> Result<bool, Answer> {
     let name = sign_in::secret_name(&report.credential, o);
     let secret = match secrets.get_opt(&name).await {
         Ok(s) => s,
@@ -602,12 +614,12 @@ async fn record_step_up(
     let challenged = report.scope.as_deref().unwrap_or("");
     let command = crate::controller::sign_in_command(&report.credential, &report.namespace);
     let (state, reason, note) = match step_up::decide(previous.as_ref(), granted.as_deref(), challenged) {
-        step_up::Decision::Waiting(_) => return Ok(()),
+        step_up::Decision::Waiting(_) => return Ok(false),
         step_up::Decision::Ask(s) => {
             let note = s.message(&command);
             (s, "StepUpRequested", note)
         }
-        step_up::Decision::GiveUp(s) if previous.as_ref() == Some(&s) => return Ok(()),
+        step_up::Decision::GiveUp(s) if previous.as_ref() == Some(&s) => return Ok(false),
         step_up::Decision::GiveUp(s) => {
             let note = s.gave_up_message(challenged);
             (s, "StepUpExhausted", note)
@@ -634,7 +646,7 @@ async fn record_step_up(
     if let Err(e) = app.recorder.publish(&event, &credential.object_ref(&())).await {
         warn!(error = %e, "publishing an event failed");
     }
-    Ok(())
+    Ok(true)
 }
 
 fn logged(report: &Report, identity: &Identity, answer: Answer) -> Answer {

@@ -205,6 +205,12 @@ impl OAuth2 {
         self.0.client_auth = Some(auth);
         self
     }
+
+    /// `scopes`.
+    pub fn scopes(mut self, scopes: &[&str]) -> Self {
+        self.0.scopes = scopes.iter().map(|&s| s.into()).collect();
+        self
+    }
 }
 
 /// The clients of the tests' OAuth server (`tests/oauth-server/server.mjs`), their secrets where

@@ -22,8 +22,10 @@ use mcp_credentials_e2e::{
 };
 use operator_support::{free_port, wait_for};
 
-/// Short tokens, so that the test outlives several of them.
-const TOKEN_TTL: u64 = 10;
+/// Short tokens, so that the test outlives several of them; 15 s, not less: renewals are never
+/// sooner than 10 s after issue (core's `timing::MIN_RENEWAL_INTERVAL`), so a 10 s token was renewed
+/// at its expiry and a call at that moment got a 503.
+const TOKEN_TTL: u64 = 15;
 const NAME: &str = "notes";
 
 fn sidecar() -> PathBuf {

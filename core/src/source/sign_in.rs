@@ -138,6 +138,11 @@ pub struct Registration {
     /// When the last sign-in with this client finished (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_in_at: Option<String>,
+    /// The `scope` a dynamic registration asked for (the server may refuse any other scope to this
+    /// client); absent when it sent none, or for a registration made before this was recorded
+    /// (which sent `oauth2.scopes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_scope: Option<String>,
 }
 
 mod opt_secret {
@@ -168,6 +173,7 @@ impl Registration {
             method: RegistrationMethod::PreRegistered,
             scope: None,
             signed_in_at: None,
+            registered_scope: None,
         }
     }
 
@@ -533,6 +539,7 @@ pub async fn login(
         .clone()
         .or_else(|| o.sign_in.as_ref().and_then(|s| s.client_metadata_url.clone()));
     let previous = registrations.0.get(&d.issuer).cloned();
+    let registration_scope = registration_scope(o, options.step_up.as_ref().map(|s| s.scope.as_str()));
 
     let (registration, tokens) = if options.device {
         let endpoint =
@@ -542,7 +549,16 @@ pub async fn login(
                 .ok_or_else(|| SignInError::NoDeviceGrant {
                     issuer: d.issuer.clone(),
                 })?;
-        let reg = register(ctx, &d, o, previous.as_ref(), None, cimd.as_deref()).await?;
+        let reg = register(
+            ctx,
+            &d,
+            o,
+            previous.as_ref(),
+            None,
+            cimd.as_deref(),
+            registration_scope.as_deref(),
+        )
+        .await?;
         let secret = client_secret.clone().or_else(|| reg.client_secret.clone());
         let client = Client::new(o, &reg, secret);
         let grant = device_start(ctx, &d, &endpoint, &client, scope.as_deref(), resource.as_deref()).await?;
@@ -583,6 +599,7 @@ pub async fn login(
             previous.as_ref(),
             Some(&redirect_uri),
             cimd.as_deref(),
+            registration_scope.as_deref(),
         )
         .await?;
         let secret = client_secret.clone().or_else(|| reg.client_secret.clone());
@@ -700,8 +717,27 @@ fn loopback_port(uri: &str) -> Option<u16> {
         .flatten()
 }
 
+/// The `scope` a dynamic registration asks for: `oauth2.scopes` with a step-up's scopes, since a
+/// server may refuse a client any scope it was not registered for; none (the server's default)
+/// when `oauth2.scopes` is empty.
+fn registration_scope(o: &OAuth2Source, step_up: Option<&str>) -> Option<String> {
+    (!o.scopes.is_empty()).then(|| step_up::union(Some(&o.scopes.join(" ")), step_up.unwrap_or("")))
+}
+
+/// Whether a dynamic registration made for `registered` (`None`: `oauth2.scopes`, what a
+/// registration sent before this was recorded) covers every scope of `wanted`.
+fn covers(o: &OAuth2Source, registered: Option<&str>, wanted: Option<&str>) -> bool {
+    let configured = o.scopes.join(" ");
+    let registered = registered.unwrap_or(&configured);
+    wanted.is_none_or(|w| {
+        w.split_whitespace()
+            .all(|s| registered.split_whitespace().any(|r| r == s))
+    })
+}
+
 /// The client to use with `d`: the pre-registered one, a registration kept for this issuer that
-/// fits, a Client ID Metadata Document, else a new dynamic registration. `redirect_uri`: the
+/// fits (its redirect URI, and the scopes it was registered for cover `scope`), a Client ID
+/// Metadata Document, else a new dynamic registration asking for `scope`. `redirect_uri`: the
 /// loopback listener's (`None` for the device grant).
 pub async fn register(
     ctx: &SourceContext,
@@ -710,6 +746,7 @@ pub async fn register(
     previous: Option<&Registration>,
     redirect_uri: Option<&str>,
     client_metadata_url: Option<&str>,
+    scope: Option<&str>,
 ) -> Result<Registration, SignInError> {
     let redirect_uris: Vec<String> = redirect_uri.map(str::to_owned).into_iter().collect();
     if !o.client_id.is_empty() {
@@ -729,11 +766,13 @@ pub async fn register(
             method: RegistrationMethod::ClientMetadataDocument,
             scope: None,
             signed_in_at: None,
+            registered_scope: None,
         });
     }
     if let Some(p) = previous.filter(|p| {
         p.method == RegistrationMethod::Dynamic
             && redirect_uri.is_none_or(|r| p.redirect_uris.iter().any(|u| u == r))
+            && covers(o, p.registered_scope.as_deref(), scope)
     }) {
         return Ok(p.clone());
     }
@@ -751,15 +790,15 @@ pub async fn register(
             },
         });
     };
-    dynamic_registration(ctx, endpoint, redirect_uris, o).await
+    dynamic_registration(ctx, endpoint, redirect_uris, scope).await
 }
 
-/// RFC 7591 registration of a public native client.
+/// RFC 7591 registration of a public native client, for `scope` when given.
 async fn dynamic_registration(
     ctx: &SourceContext,
     endpoint: &str,
     redirect_uris: Vec<String>,
-    o: &OAuth2Source,
+    scope: Option<&str>,
 ) -> Result<Registration, SignInError> {
     let label = endpoint_label(endpoint);
     let fail = |reason: String| SignInError::Registration {
@@ -782,8 +821,8 @@ async fn dynamic_registration(
     if !redirect_uris.is_empty() {
         body["redirect_uris"] = serde_json::json!(redirect_uris);
     }
-    if !o.scopes.is_empty() {
-        body["scope"] = Value::String(o.scopes.join(" "));
+    if let Some(s) = scope {
+        body["scope"] = Value::String(s.to_owned());
     }
     let req = ctx
         .guarded_token()
@@ -834,6 +873,7 @@ async fn dynamic_registration(
         method: RegistrationMethod::Dynamic,
         scope: None,
         signed_in_at: None,
+        registered_scope: scope.map(str::to_owned),
     })
 }
 

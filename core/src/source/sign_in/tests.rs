@@ -577,6 +577,56 @@ async fn a_registration_kept_for_the_issuer_is_reused_on_the_same_port() {
     );
 }
 
+/// A server may refuse a dynamically registered client any scope it was not registered for: a
+/// step-up beyond `oauth2.scopes` registers a client for the union, which later sign-ins reuse.
+#[tokio::test]
+async fn a_step_up_beyond_the_registered_scopes_registers_a_client_for_them() {
+    let (base, log) = start(World::default()).await;
+    let spec = spec(&base, |o| o.scopes = vec!["read".into()]);
+    let first = login(&context(), &spec, None, None, &Options::default(), browser)
+        .await
+        .unwrap();
+    let registered =
+        |i: usize| -> Value { serde_json::from_str(&requests(&log, "/as/register")[i].body).unwrap() };
+    assert_eq!(registered(0)["scope"], "read");
+    let step_up = Options {
+        step_up: Some(step_up::StepUp {
+            scope: "read write".into(),
+            pending: true,
+            attempts: Default::default(),
+        }),
+        ..Options::default()
+    };
+    let second = login(
+        &context(),
+        &spec,
+        Some(first.registrations.clone()),
+        None,
+        &step_up,
+        browser,
+    )
+    .await
+    .unwrap();
+    assert_eq!(requests(&log, "/as/register").len(), 2, "registered again");
+    assert_eq!(registered(1)["scope"], "read write");
+    let kept = second.registrations.0.values().next().unwrap();
+    assert_eq!(kept.registered_scope.as_deref(), Some("read write"));
+    // The same step-up again, and a sign-in for less: the new client covers both.
+    for options in [&step_up, &Options::default()] {
+        login(
+            &context(),
+            &spec,
+            Some(second.registrations.clone()),
+            None,
+            options,
+            browser,
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(requests(&log, "/as/register").len(), 2, "reused");
+}
+
 #[tokio::test]
 async fn the_device_grant_polls_until_the_person_approves() {
     let world = World::default();
