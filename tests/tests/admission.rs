@@ -428,24 +428,7 @@ fn self_managed_certificates_keep_the_validating_webhooks_ca_bundle_current() {
     let out = cp.tool("kubectl", &["apply", "-f", "-"], Some(&validating.to_string()));
     assert!(out.success, "{}", out.stderr);
 
-    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let operator = Operator::start(
-        cp,
-        &ns,
-        "ca",
-        &[
-            "--webhook-listen",
-            &listen,
-            "--webhook-cert-file",
-            cert.to_str().unwrap(),
-            "--webhook-key-file",
-            key.to_str().unwrap(),
-            "--webhook-tls-secret",
-            "webhook-tls",
-            "--webhook-configuration",
-            &name,
-        ],
-    );
+    let operator = Operator::start_issuing_webhook_certs(cp, &ns, "ca", &dir, &listen, &name, &[]);
     let bundle_of = |kind: &str| {
         cp.kubectl(&[
             "get",

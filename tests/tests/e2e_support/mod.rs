@@ -47,7 +47,7 @@ use mcp_credentials_e2e::{
     repo_root,
 };
 
-use crate::operator_support::{free_port, token_kubeconfig};
+use crate::operator_support::{free_port, token_kubeconfig, workspace_binary};
 
 /// The client secret of the client-credentials client these tests use.
 pub const CLIENT_SECRET: &str = "cc-basic-secret";
@@ -634,35 +634,22 @@ fn causes_come_from_the_sdks_error_not_from_port_numbers() {
 
 // ---- The sidecar -----------------------------------------------------------------------------------
 
-/// A binary of this workspace, built once per test binary into this build's target directory.
-pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
-    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
-    let mut built = BUILT.lock().unwrap();
-    built
-        .entry(bin.to_owned())
-        .or_insert_with(|| {
-            // <target>/debug/deps/<this test> -> <target>
-            let exe = std::env::current_exe().unwrap();
-            let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-            let target = profile_dir.parent().unwrap().to_path_buf();
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-q", "-p", package, "--bin", bin])
-                .env("CARGO_TARGET_DIR", &target)
-                // As in `operator_binary`: an inherited CARGO_MANIFEST_DIR rebuilds ring.
-                .env_remove("CARGO_MANIFEST_DIR")
-                .current_dir(repo_root())
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "building {bin} failed");
-            profile_dir.join(bin)
-        })
-        .clone()
-}
-
 /// The sidecar binary (`mcp-credentials-sidecar`), built for this test binary.
 pub fn sidecar_binary() -> PathBuf {
-    workspace_binary("mcp-credentials-sidecar", "mcp-credentials-sidecar")
+    workspace_binary("mcp-credentials-sidecar")
+}
+
+/// The sidecar binary with its proxy on 127.0.0.1:`port` and its admin listener on 127.0.0.1:`admin`,
+/// logging at info into the run folder's `sidecar.log`: its mode and credentials are the caller's.
+fn sidecar_command(dir: &Path, port: u16, admin: u16) -> Command {
+    let mut command = Command::new(sidecar_binary());
+    command
+        .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
+        .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("MCP_SIDECAR_LOG", "info")
+        .stdout(log_file(dir, "sidecar"))
+        .stderr(log_file(dir, "sidecar"));
+    command
 }
 
 /// The standalone sidecar as a process (`mcp-credentials-sidecar standalone <file> <secrets>`),
@@ -696,14 +683,9 @@ impl Standalone {
 
     fn spawn(name: &str, file: &Path, secrets: &Path, dir: &Path, env: &[(&str, &str)]) -> Self {
         let (port, admin) = (free_port(), free_port());
-        let child = Command::new(sidecar_binary())
+        let child = sidecar_command(dir, port, admin)
             .args(["standalone".as_ref(), file.as_os_str(), secrets.as_os_str()])
-            .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
-            .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
             .envs(env.iter().copied())
-            .env("MCP_SIDECAR_LOG", "info")
-            .stdout(log_file(dir, "sidecar"))
-            .stderr(log_file(dir, "sidecar"))
             .spawn()
             .expect("start the sidecar");
         Self {
@@ -749,15 +731,10 @@ impl SidecarProcess {
     /// Starts the sidecar for `credentials` in `ns`, logging into the run folder.
     pub fn start(cp: &ControlPlane, ns: &str, credentials: &[String], dir: &Path) -> Self {
         let (port, admin_port) = (free_port(), free_port());
-        let child = Command::new(sidecar_binary())
+        let child = sidecar_command(dir, port, admin_port)
             .env("KUBECONFIG", token_kubeconfig(cp))
             .env("MCP_SIDECAR_NAMESPACE", ns)
             .env("MCP_SIDECAR_CREDENTIALS", credentials.join(","))
-            .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
-            .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
-            .env("MCP_SIDECAR_LOG", "info")
-            .stdout(log_file(dir, "sidecar"))
-            .stderr(log_file(dir, "sidecar"))
             .spawn()
             .expect("start the sidecar");
         Self {

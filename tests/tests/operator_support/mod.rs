@@ -154,6 +154,35 @@ impl Operator {
         Self::spawn(&["--namespace", ns], ns, identity, extra, kubeconfig)
     }
 
+    /// Starts an operator for `ns` that issues its own webhook certificates: it serves
+    /// `dir`/tls.crt and `dir`/tls.key on `listen`, keeps them in the Secret `webhook-tls` of `ns`
+    /// and writes its CA into the webhook configurations named `configuration`; plus `extra` flags.
+    pub fn start_issuing_webhook_certs(
+        cp: &ControlPlane,
+        ns: &str,
+        identity: &str,
+        dir: &Path,
+        listen: &str,
+        configuration: &str,
+        extra: &[&str],
+    ) -> Self {
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let mut args = vec![
+            "--webhook-listen",
+            listen,
+            "--webhook-cert-file",
+            cert.to_str().unwrap(),
+            "--webhook-key-file",
+            key.to_str().unwrap(),
+            "--webhook-tls-secret",
+            "webhook-tls",
+            "--webhook-configuration",
+            configuration,
+        ];
+        args.extend_from_slice(extra);
+        Self::start(cp, ns, identity, &args)
+    }
+
     /// Starts an operator that watches every namespace (with leader election in `lease_ns`): give
     /// it a `--selector` so that it leaves other tests' credentials alone.
     pub fn start_cluster_wide(cp: &ControlPlane, lease_ns: &str, identity: &str, extra: &[&str]) -> Self {
