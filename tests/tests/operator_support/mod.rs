@@ -480,6 +480,20 @@ pub fn create_secret(cp: &ControlPlane, ns: &str, name: &str, pairs: &[(&str, &s
     assert!(out.success, "creating secret {name}: {}", out.stderr);
 }
 
+/// Creates the Secret `login` in `ns` that `OAuth2::rt_client()` reads: the refresh-token client's
+/// secret (the test OAuth servers' `rt-client-secret`) and `refresh_token`.
+pub fn create_rt_client_login(cp: &ControlPlane, ns: &str, refresh_token: &str) {
+    create_secret(
+        cp,
+        ns,
+        "login",
+        &[
+            ("client-secret", "rt-client-secret"),
+            ("refresh-token", refresh_token),
+        ],
+    );
+}
+
 /// Applies YAML in `ns` and asserts it worked.
 pub fn apply(cp: &ControlPlane, ns: &str, yaml: &str) {
     let out = cp.apply(ns, yaml);
