@@ -597,12 +597,19 @@ pub enum CookieFormat {
     Json,
 }
 
-/// A browser session: exactly one of `cookies`, `formLogin` or `browser`.
+/// A browser session: exactly one of `cookies`, `formLogin` or `browser` (`browser` in standalone
+/// mode only).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new(
     "[has(self.cookies), has(self.formLogin), has(self.browser)].filter(x, x).size() == 1"
 ).message("session must set exactly one of cookies, formLogin or browser"))]
+// The API server refuses `browser` at admission: a cluster has no browser. Standalone mode reads
+// the same type from YAML without the API server, so there it stays valid (nothing in this crate
+// evaluates the CRD's rules).
+#[x_kube(validation = Rule::new("!has(self.browser)")
+    .message(crate::source::session::browser::STANDALONE_ONLY)
+    .field_path(".browser"))]
 pub struct SessionSource {
     /// Cookies exported from a browser and stored in a Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -103,6 +103,20 @@ impl ControlPlane {
         self.tool("kubectl", &["apply", "-n", namespace, "-f", "-"], Some(yaml))
     }
 
+    /// The documents `helm template` renders from the chart (charts/mcp-credentials) with `args`
+    /// added (`--set key=value`, ...); the test fails if helm does.
+    pub fn rendered_chart(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let chart = repo_root().join("charts/mcp-credentials");
+        let mut all = vec!["template", "mcpc", chart.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = self.tool("helm", &all, None);
+        assert!(out.success, "helm template {args:?}: {}", out.stderr);
+        serde_yaml::Deserializer::from_str(&out.stdout)
+            .filter_map(|d| serde::Deserialize::deserialize(d).ok())
+            .filter(|d: &serde_json::Value| !d.is_null())
+            .collect()
+    }
+
     /// Installs (or updates) the CRDs from `crds/` and waits until they are served.
     pub fn install_crds(&self) {
         let dir = repo_root().join("crds");

@@ -321,23 +321,10 @@ async fn the_operator_refuses_a_service_account_token_secret_as_an_input() {
     }
 }
 
-/// The chart's documents with `args` added to `helm template`.
-fn rendered(cp: &ControlPlane, args: &[&str]) -> Vec<serde_json::Value> {
-    let chart = mcp_credentials_e2e::repo_root().join("charts/mcp-credentials");
-    let mut all = vec!["template", "mcpc", chart.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let out = cp.tool("helm", &all, None);
-    assert!(out.success, "helm template {args:?}: {}", out.stderr);
-    serde_yaml::Deserializer::from_str(&out.stdout)
-        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
-        .filter(|d: &serde_json::Value| !d.is_null())
-        .collect()
-}
-
 #[test]
 fn the_chart_registers_the_webhook_on_mcpcredentials_and_lets_the_operator_ask() {
     let cp = mcp_credentials_e2e::control_plane();
-    let docs = rendered(cp, &[]);
+    let docs = cp.rendered_chart(&[]);
     let find = |kind: &str, name: &str| {
         docs.iter()
             .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
@@ -379,7 +366,7 @@ fn the_chart_registers_the_webhook_on_mcpcredentials_and_lets_the_operator_ask()
         "self-managed certificates patch its caBundle too: {ca}"
     );
 
-    let watching = rendered(cp, &["--set", "operator.watchNamespace=team-a"]);
+    let watching = cp.rendered_chart(&["--set", "operator.watchNamespace=team-a"]);
     let hook = watching
         .iter()
         .find(|d| d["kind"] == "ValidatingWebhookConfiguration")
@@ -388,7 +375,7 @@ fn the_chart_registers_the_webhook_on_mcpcredentials_and_lets_the_operator_ask()
         hook["webhooks"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
         "team-a"
     );
-    let with_cert_manager = rendered(cp, &["--set", "webhook.certManager.enabled=true"]);
+    let with_cert_manager = cp.rendered_chart(&["--set", "webhook.certManager.enabled=true"]);
     let hook = with_cert_manager
         .iter()
         .find(|d| d["kind"] == "ValidatingWebhookConfiguration")
@@ -397,7 +384,7 @@ fn the_chart_registers_the_webhook_on_mcpcredentials_and_lets_the_operator_ask()
         hook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
         "default/mcpc-mcp-credentials-webhook"
     );
-    let off = rendered(cp, &["--set", "webhook.enabled=false"]);
+    let off = cp.rendered_chart(&["--set", "webhook.enabled=false"]);
     assert!(!off.iter().any(|d| d["kind"] == "ValidatingWebhookConfiguration"));
 }
 
@@ -441,24 +428,7 @@ fn self_managed_certificates_keep_the_validating_webhooks_ca_bundle_current() {
     let out = cp.tool("kubectl", &["apply", "-f", "-"], Some(&validating.to_string()));
     assert!(out.success, "{}", out.stderr);
 
-    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let operator = Operator::start(
-        cp,
-        &ns,
-        "ca",
-        &[
-            "--webhook-listen",
-            &listen,
-            "--webhook-cert-file",
-            cert.to_str().unwrap(),
-            "--webhook-key-file",
-            key.to_str().unwrap(),
-            "--webhook-tls-secret",
-            "webhook-tls",
-            "--webhook-configuration",
-            &name,
-        ],
-    );
+    let operator = Operator::start_issuing_webhook_certs(cp, &ns, "ca", &dir, &listen, &name, &[]);
     let bundle_of = |kind: &str| {
         cp.kubectl(&[
             "get",

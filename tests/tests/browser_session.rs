@@ -30,7 +30,7 @@ use mcp_credentials_e2e::{
     credential::{Credential, Session},
     repo_root,
 };
-use operator_support::{free_port, wait_for};
+use operator_support::wait_for;
 use rmcp::transport::streamable_http_server::{
     StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
 };
@@ -217,57 +217,6 @@ impl Drop for Browser {
     }
 }
 
-/// The standalone sidecar as a process.
-struct Standalone {
-    child: Child,
-    url: String,
-    admin: String,
-}
-
-impl Standalone {
-    fn start(file: &Path, secrets: &Path, dir: &Path) -> Self {
-        let (port, admin) = (free_port(), free_port());
-        let child = Command::new(workspace_binary(
-            "mcp-credentials-sidecar",
-            "mcp-credentials-sidecar",
-        ))
-        .args(["standalone".as_ref(), file.as_os_str(), secrets.as_os_str()])
-        .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
-        .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-        .env("MCP_SIDECAR_LOG", "info")
-        .stdout(log_file(dir, "sidecar"))
-        .stderr(log_file(dir, "sidecar"))
-        .spawn()
-        .expect("start the sidecar");
-        Self {
-            child,
-            url: format!("http://127.0.0.1:{port}/{NAME}"),
-            admin: format!("http://127.0.0.1:{admin}"),
-        }
-    }
-
-    /// The status and JSON body of a bare MCP request through the sidecar.
-    async fn post(&self) -> Option<(u16, serde_json::Value)> {
-        let r = reqwest::Client::new()
-            .post(&self.url)
-            .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream")
-            .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
-            .send()
-            .await
-            .ok()?;
-        let status = r.status().as_u16();
-        Some((status, r.json().await.unwrap_or_default()))
-    }
-}
-
-impl Drop for Standalone {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A few tool calls in a new MCP session through the sidecar.
 async fn calls_succeed(sidecar: &Standalone) -> Result<(), String> {
     let session = connect(&sidecar.url).await?;
@@ -294,7 +243,7 @@ async fn a_person_signs_in_in_their_browser_and_agents_use_that_session_until_th
     .unwrap();
     let secrets: PathBuf = dir.join("secrets");
     std::fs::create_dir_all(&secrets).unwrap();
-    let sidecar = Standalone::start(&file, &secrets, &dir);
+    let sidecar = Standalone::start(NAME, &file, &secrets, &dir);
     let site_name = site.trim_start_matches("http://");
 
     // Before anything: agents are told to sign in, in the browser.

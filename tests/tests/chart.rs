@@ -331,7 +331,7 @@ fn helm_install_creates_a_least_privilege_operator() {
 #[test]
 fn with_cert_manager_the_chart_asks_for_a_certificate_and_ca_injection() {
     let cp = control_plane();
-    let docs = rendered(cp, &["--set", "webhook.certManager.enabled=true"]);
+    let docs = cp.rendered_chart(&["--set", "webhook.certManager.enabled=true"]);
     assert!(docs.iter().any(|d| d["kind"] == "Certificate"));
     assert!(
         docs.iter().any(|d| d["kind"] == "Issuer"),
@@ -379,23 +379,10 @@ fn rand_suffix() -> u128 {
         .as_nanos()
 }
 
-/// The rendered documents of the chart with `args` added to `helm template`.
-fn rendered(cp: &ControlPlane, args: &[&str]) -> Vec<serde_json::Value> {
-    let chart_path = chart();
-    let mut all = vec!["template", "mcpc", chart_path.as_str()];
-    all.extend_from_slice(args);
-    let out = helm(cp, &all);
-    assert!(out.success, "helm template {args:?}: {}", out.stderr);
-    serde_yaml::Deserializer::from_str(&out.stdout)
-        .filter_map(|d| serde::Deserialize::deserialize(d).ok())
-        .filter(|d: &serde_json::Value| !d.is_null())
-        .collect()
-}
-
 #[test]
 fn the_alerts_are_valid_prometheus_rules_on_the_operators_metrics() {
     let cp = control_plane();
-    let docs = rendered(cp, &["--set", "metrics.prometheusRule.enabled=true"]);
+    let docs = cp.rendered_chart(&["--set", "metrics.prometheusRule.enabled=true"]);
     let rule = docs
         .iter()
         .find(|d| d["kind"] == "PrometheusRule")
@@ -429,7 +416,7 @@ fn the_alerts_are_valid_prometheus_rules_on_the_operators_metrics() {
 #[test]
 fn the_dashboard_is_json_whose_queries_prometheus_accepts() {
     let cp = control_plane();
-    let docs = rendered(cp, &["--set", "metrics.dashboard.enabled=true"]);
+    let docs = cp.rendered_chart(&["--set", "metrics.dashboard.enabled=true"]);
     let cm = docs
         .iter()
         .find(|d| d["kind"] == "ConfigMap")

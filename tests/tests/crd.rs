@@ -411,8 +411,11 @@ fn loopback_http_is_accepted_for_local_servers() {
     }
 }
 
+/// `session.browser` is for standalone mode (the sidecar beside the person's browser): the API
+/// server refuses it at admission, naming the field and what to use in a cluster, and stores
+/// nothing. (Standalone mode reads the same YAML without the API server: tests/browser_session.rs.)
 #[test]
-fn a_browser_session_is_accepted() {
+fn a_browser_session_is_refused_at_admission_with_the_fix() {
     let cp = cluster();
     let ns = cp.namespace("crd-browser");
     for (name, browser) in [
@@ -430,7 +433,16 @@ fn a_browser_session_is_accepted() {
             ),
         );
         let out = cp.apply(&ns, &doc);
-        assert!(out.success, "{browser} was rejected: {}", out.stderr);
+        assert!(!out.success, "{browser} was accepted");
+        for part in [
+            "spec.source.session.browser",
+            "session.browser works only in standalone mode",
+            "in a cluster use session.cookies or session.formLogin instead",
+        ] {
+            assert!(out.stderr.contains(part), "{part:?} is not in: {}", out.stderr);
+        }
+        let got = cp.kubectl(&["get", "mcpcred", name, "-n", &ns]);
+        assert!(!got.success, "{name} was stored: {}", got.stdout);
     }
 }
 

@@ -41,12 +41,7 @@ async fn mcp_clients_call_four_audience_bound_servers_through_the_sidecar_while_
         let server = McpServer::start(&oauth, &dir).await;
         if name == FROM_REFRESH_TOKEN {
             let login = oauth.mint_refresh_token(&server.url).await;
-            create_secret(
-                cp,
-                &ns,
-                "login",
-                &[("client-secret", RT_CLIENT_SECRET), ("refresh-token", &login)],
-            );
+            create_rt_client_login(cp, &ns, &login);
             apply(
                 cp,
                 &ns,

@@ -124,12 +124,7 @@ async fn rotated_refresh_token_survives_failed_api_writes(scenario: Scenario) {
     let (api, kubeconfig) = api_proxy(cp, &ns).await;
     let upstream = "http://127.0.0.1:7005/mcp";
     let rt0 = oauth.mint_refresh_token(upstream).await;
-    create_secret(
-        cp,
-        &ns,
-        "login",
-        &[("client-secret", "rt-client-secret"), ("refresh-token", &rt0)],
-    );
+    create_rt_client_login(cp, &ns, &rt0);
     apply(
         cp,
         &ns,

@@ -196,12 +196,7 @@ async fn a_rotated_refresh_token_is_stored_back_and_a_refresh_can_be_forced() {
     let oauth = OAuthServer::start(0, 300);
     let upstream = "http://127.0.0.1:7004/mcp";
     let rt0 = oauth.mint_refresh_token(upstream).await;
-    create_secret(
-        cp,
-        &ns,
-        "login",
-        &[("client-secret", "rt-client-secret"), ("refresh-token", &rt0)],
-    );
+    create_rt_client_login(cp, &ns, &rt0);
     apply(
         cp,
         &ns,
@@ -256,15 +251,7 @@ async fn invalid_grant_requires_reauth_without_retrying_until_the_secret_changes
     let (cp, ns) = setup("op-ig");
     let oauth = OAuthServer::start(0, 300);
     let upstream = "http://127.0.0.1:7005/mcp";
-    create_secret(
-        cp,
-        &ns,
-        "login",
-        &[
-            ("client-secret", "rt-client-secret"),
-            ("refresh-token", "revoked-or-bogus"),
-        ],
-    );
+    create_rt_client_login(cp, &ns, "revoked-or-bogus");
     apply(
         cp,
         &ns,

@@ -11,7 +11,7 @@ use std::{
     collections::BTreeSet,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Output},
+    process::{Command, Output},
     time::{Duration, Instant},
 };
 
@@ -20,7 +20,7 @@ use mcp_credentials_e2e::{
     credential::{Credential, OAuth2},
     repo_root,
 };
-use operator_support::{free_port, wait_for};
+use operator_support::wait_for;
 
 /// Short tokens, so that the test outlives several of them; 15 s, not less: renewals are never
 /// sooner than 10 s after issue (core's `timing::MIN_RENEWAL_INTERVAL`), so a 10 s token was renewed
@@ -28,48 +28,9 @@ use operator_support::{free_port, wait_for};
 const TOKEN_TTL: u64 = 15;
 const NAME: &str = "notes";
 
-fn sidecar() -> PathBuf {
-    workspace_binary("mcp-credentials-sidecar", "mcp-credentials-sidecar")
-}
-
 /// The whole McpCredential a person writes for a server that supports the MCP authorization spec.
 fn credential(upstream: &str) -> String {
     Credential::new(NAME, upstream, OAuth2::sign_in()).yaml()
-}
-
-/// The standalone sidecar as a process.
-struct Standalone {
-    child: Child,
-    url: String,
-    admin: String,
-}
-
-impl Standalone {
-    fn start(file: &Path, secrets: &Path, dir: &Path) -> Self {
-        let (port, admin) = (free_port(), free_port());
-        let child = Command::new(sidecar())
-            .args(["standalone".as_ref(), file.as_os_str(), secrets.as_os_str()])
-            .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
-            .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
-            .env("MCP_SIDECAR_DISCOVERY_ALLOW_LOOPBACK", "true")
-            .env("MCP_SIDECAR_LOG", "info")
-            .stdout(log_file(dir, "sidecar"))
-            .stderr(log_file(dir, "sidecar"))
-            .spawn()
-            .expect("start the sidecar");
-        Self {
-            child,
-            url: format!("http://127.0.0.1:{port}/{NAME}"),
-            admin: format!("http://127.0.0.1:{admin}"),
-        }
-    }
-}
-
-impl Drop for Standalone {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Runs `login` with Chromium as the browser (`--deny`: the person refuses consent).
@@ -78,7 +39,7 @@ fn login(file: &Path, secrets: &Path, browser_args: &str) -> Output {
         "python3 {} {browser_args}",
         repo_root().join("tests/browser/sign-in.py").display()
     );
-    Command::new(sidecar())
+    Command::new(sidecar_binary())
         .args([
             "login".as_ref(),
             NAME.as_ref(),
@@ -109,7 +70,7 @@ async fn setup(name: &str) -> (PathBuf, OAuth, McpServer, PathBuf, PathBuf) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_person_signs_in_once_in_chromium_and_agents_use_the_server_for_more_than_three_token_lifetimes() {
     let (dir, _oauth, _server, file, secrets) = setup("sign-in").await;
-    let sidecar = Standalone::start(&file, &secrets, &dir);
+    let sidecar = Standalone::start_allowing_loopback_discovery(NAME, &file, &secrets, &dir);
 
     // Before the sign-in: the agent's request says what to run, and so does the status page.
     let body: serde_json::Value = wait_for("the sidecar to say the credential needs a sign-in", || async {
@@ -203,7 +164,7 @@ async fn a_person_signs_in_once_in_chromium_and_agents_use_the_server_for_more_t
 #[tokio::test(flavor = "multi_thread")]
 async fn a_person_signs_in_with_the_status_page_button_in_chromium() {
     let (dir, _oauth, _server, file, secrets) = setup("sign-in-page").await;
-    let sidecar = Standalone::start(&file, &secrets, &dir);
+    let sidecar = Standalone::start_allowing_loopback_discovery(NAME, &file, &secrets, &dir);
     wait_for("the status page to offer a sign-in", || async {
         let page = reqwest::get(format!("{}/status", sidecar.admin))
             .await
@@ -262,7 +223,7 @@ async fn consent_denied_in_the_browser_stores_nothing_and_says_what_to_do() {
 #[tokio::test(flavor = "multi_thread")]
 async fn login_for_an_unknown_or_non_sign_in_credential_names_the_fix() {
     let (_dir, _oauth, server, file, secrets) = setup("sign-in-bad").await;
-    let out = Command::new(sidecar())
+    let out = Command::new(sidecar_binary())
         .args([
             "login".as_ref(),
             "nope".as_ref(),

@@ -294,22 +294,14 @@ fn self_managed_webhook_certificates_are_issued_trusted_and_rotated() {
     let credential = github().service_accounts(&["default"]).yaml();
     assert!(cp.apply(&ns, &credential).success);
 
-    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-    let operator = Operator::start(
+    let operator = Operator::start_issuing_webhook_certs(
         cp,
         &ns,
         "certs",
+        &dir,
+        &listen,
+        &webhook_name,
         &[
-            "--webhook-listen",
-            &listen,
-            "--webhook-cert-file",
-            cert.to_str().unwrap(),
-            "--webhook-key-file",
-            key.to_str().unwrap(),
-            "--webhook-tls-secret",
-            "webhook-tls",
-            "--webhook-configuration",
-            &webhook_name,
             "--webhook-service",
             "mcp-credentials-webhook",
             // 90 s certificates: renewed after about 60 s, within this test.

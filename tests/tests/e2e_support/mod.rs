@@ -1,7 +1,8 @@
 //! Shared by the full end-to-end scenario and the chaos soak: MCP servers from the official Rust SDK
 //! (rmcp) that accept only a JWT signed by the OAuth server for their own audience, MCP clients that
-//! call a tool through the sidecar, the sidecar and Prometheus as processes, and a scan of every
-//! log for token bytes. Every process logs into one folder per run, so the scan sees all of them.
+//! call a tool through the sidecar, the sidecar (in a cluster or standalone) and Prometheus as
+//! processes, and a scan of every log for token bytes. Every process logs into one folder per run,
+//! so the scan sees all of them.
 #![allow(dead_code)]
 
 use std::{
@@ -46,7 +47,7 @@ use mcp_credentials_e2e::{
     repo_root,
 };
 
-use crate::operator_support::{free_port, token_kubeconfig};
+use crate::operator_support::{free_port, token_kubeconfig, workspace_binary};
 
 /// The client secret of the client-credentials client these tests use.
 pub const CLIENT_SECRET: &str = "cc-basic-secret";
@@ -633,30 +634,88 @@ fn causes_come_from_the_sdks_error_not_from_port_numbers() {
 
 // ---- The sidecar -----------------------------------------------------------------------------------
 
-/// A binary of this workspace, built once per test binary into this build's target directory.
-pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
-    static BUILT: Mutex<BTreeMap<String, PathBuf>> = Mutex::new(BTreeMap::new());
-    let mut built = BUILT.lock().unwrap();
-    built
-        .entry(bin.to_owned())
-        .or_insert_with(|| {
-            // <target>/debug/deps/<this test> -> <target>
-            let exe = std::env::current_exe().unwrap();
-            let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-            let target = profile_dir.parent().unwrap().to_path_buf();
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-q", "-p", package, "--bin", bin])
-                .env("CARGO_TARGET_DIR", &target)
-                // As in `operator_binary`: an inherited CARGO_MANIFEST_DIR rebuilds ring.
-                .env_remove("CARGO_MANIFEST_DIR")
-                .current_dir(repo_root())
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "building {bin} failed");
-            profile_dir.join(bin)
-        })
-        .clone()
+/// The sidecar binary (`mcp-credentials-sidecar`), built for this test binary.
+pub fn sidecar_binary() -> PathBuf {
+    workspace_binary("mcp-credentials-sidecar")
+}
+
+/// The sidecar binary with its proxy on 127.0.0.1:`port` and its admin listener on 127.0.0.1:`admin`,
+/// logging at info into the run folder's `sidecar.log`: its mode and credentials are the caller's.
+fn sidecar_command(dir: &Path, port: u16, admin: u16) -> Command {
+    let mut command = Command::new(sidecar_binary());
+    command
+        .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
+        .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("MCP_SIDECAR_LOG", "info")
+        .stdout(log_file(dir, "sidecar"))
+        .stderr(log_file(dir, "sidecar"));
+    command
+}
+
+/// The standalone sidecar as a process (`mcp-credentials-sidecar standalone <file> <secrets>`),
+/// logging into the run folder's `sidecar.log`; stopped when dropped.
+pub struct Standalone {
+    child: Child,
+    /// `http://127.0.0.1:<port>/<name>`: the credential's MCP endpoint through the sidecar.
+    pub url: String,
+    /// `http://127.0.0.1:<port>`: the admin listener (`/status`, `/readyz`, `/browser`).
+    pub admin: String,
+}
+
+impl Standalone {
+    /// Starts the sidecar on the McpCredential YAML `file` and the secrets folder `secrets`; `url`
+    /// is the endpoint of the credential `name`.
+    pub fn start(name: &str, file: &Path, secrets: &Path, dir: &Path) -> Self {
+        Self::spawn(name, file, secrets, dir, &[])
+    }
+
+    /// As [`Standalone::start`], with `MCP_SIDECAR_DISCOVERY_ALLOW_LOOPBACK=true`: the sidecar may
+    /// discover an authorization server on 127.0.0.1, where the tests run theirs.
+    pub fn start_allowing_loopback_discovery(name: &str, file: &Path, secrets: &Path, dir: &Path) -> Self {
+        Self::spawn(
+            name,
+            file,
+            secrets,
+            dir,
+            &[("MCP_SIDECAR_DISCOVERY_ALLOW_LOOPBACK", "true")],
+        )
+    }
+
+    fn spawn(name: &str, file: &Path, secrets: &Path, dir: &Path, env: &[(&str, &str)]) -> Self {
+        let (port, admin) = (free_port(), free_port());
+        let child = sidecar_command(dir, port, admin)
+            .args(["standalone".as_ref(), file.as_os_str(), secrets.as_os_str()])
+            .envs(env.iter().copied())
+            .spawn()
+            .expect("start the sidecar");
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}/{name}"),
+            admin: format!("http://127.0.0.1:{admin}"),
+        }
+    }
+
+    /// The status and JSON body of a bare MCP request (a ping) through the sidecar; `None` while
+    /// it does not answer.
+    pub async fn post(&self) -> Option<(u16, serde_json::Value)> {
+        let r = reqwest::Client::new()
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+            .send()
+            .await
+            .ok()?;
+        let status = r.status().as_u16();
+        Some((status, r.json().await.unwrap_or_default()))
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The sidecar binary in Kubernetes mode, watching the credentials' Secrets of one namespace.
@@ -672,20 +731,12 @@ impl SidecarProcess {
     /// Starts the sidecar for `credentials` in `ns`, logging into the run folder.
     pub fn start(cp: &ControlPlane, ns: &str, credentials: &[String], dir: &Path) -> Self {
         let (port, admin_port) = (free_port(), free_port());
-        let child = Command::new(workspace_binary(
-            "mcp-credentials-sidecar",
-            "mcp-credentials-sidecar",
-        ))
-        .env("KUBECONFIG", token_kubeconfig(cp))
-        .env("MCP_SIDECAR_NAMESPACE", ns)
-        .env("MCP_SIDECAR_CREDENTIALS", credentials.join(","))
-        .env("MCP_SIDECAR_LISTEN", format!("127.0.0.1:{port}"))
-        .env("MCP_SIDECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
-        .env("MCP_SIDECAR_LOG", "info")
-        .stdout(log_file(dir, "sidecar"))
-        .stderr(log_file(dir, "sidecar"))
-        .spawn()
-        .expect("start the sidecar");
+        let child = sidecar_command(dir, port, admin_port)
+            .env("KUBECONFIG", token_kubeconfig(cp))
+            .env("MCP_SIDECAR_NAMESPACE", ns)
+            .env("MCP_SIDECAR_CREDENTIALS", credentials.join(","))
+            .spawn()
+            .expect("start the sidecar");
         Self {
             child,
             url: format!("http://127.0.0.1:{port}"),

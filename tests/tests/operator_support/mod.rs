@@ -154,6 +154,35 @@ impl Operator {
         Self::spawn(&["--namespace", ns], ns, identity, extra, kubeconfig)
     }
 
+    /// Starts an operator for `ns` that issues its own webhook certificates: it serves
+    /// `dir`/tls.crt and `dir`/tls.key on `listen`, keeps them in the Secret `webhook-tls` of `ns`
+    /// and writes its CA into the webhook configurations named `configuration`; plus `extra` flags.
+    pub fn start_issuing_webhook_certs(
+        cp: &ControlPlane,
+        ns: &str,
+        identity: &str,
+        dir: &Path,
+        listen: &str,
+        configuration: &str,
+        extra: &[&str],
+    ) -> Self {
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let mut args = vec![
+            "--webhook-listen",
+            listen,
+            "--webhook-cert-file",
+            cert.to_str().unwrap(),
+            "--webhook-key-file",
+            key.to_str().unwrap(),
+            "--webhook-tls-secret",
+            "webhook-tls",
+            "--webhook-configuration",
+            configuration,
+        ];
+        args.extend_from_slice(extra);
+        Self::start(cp, ns, identity, &args)
+    }
+
     /// Starts an operator that watches every namespace (with leader election in `lease_ns`): give
     /// it a `--selector` so that it leaves other tests' credentials alone.
     pub fn start_cluster_wide(cp: &ControlPlane, lease_ns: &str, identity: &str, extra: &[&str]) -> Self {
@@ -449,6 +478,20 @@ pub fn create_secret(cp: &ControlPlane, ns: &str, name: &str, pairs: &[(&str, &s
     args.extend(literals.iter().map(String::as_str));
     let out = cp.kubectl(&args);
     assert!(out.success, "creating secret {name}: {}", out.stderr);
+}
+
+/// Creates the Secret `login` in `ns` that `OAuth2::rt_client()` reads: the refresh-token client's
+/// secret (the test OAuth servers' `rt-client-secret`) and `refresh_token`.
+pub fn create_rt_client_login(cp: &ControlPlane, ns: &str, refresh_token: &str) {
+    create_secret(
+        cp,
+        ns,
+        "login",
+        &[
+            ("client-secret", "rt-client-secret"),
+            ("refresh-token", refresh_token),
+        ],
+    );
 }
 
 /// Applies YAML in `ns` and asserts it worked.

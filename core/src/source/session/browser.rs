@@ -16,6 +16,12 @@ use crate::{
 /// browser holds no cookie for the site any more). Nothing is served until the extension sends one.
 pub const SIGNED_OUT: &str = "BrowserSignedOut";
 
+/// Why a cluster has no use for `session.browser`, and what to use there instead: the API server's
+/// message when one is applied (the CRD's rule) and the operator's condition should one reach it.
+pub const STANDALONE_ONLY: &str = "session.browser works only in standalone mode (mcp-credentials-sidecar \
+     standalone, on the person's machine beside their browser); in a cluster use session.cookies or \
+     session.formLogin instead";
+
 /// The id Chromium gives the extension in `extension/` (derived from the public `key` pinned in its
 /// `manifest.json`, so it is the same on every machine): the sidecar accepts requests from the
 /// origin `chrome-extension://<this id>` only, unless told other ids.
@@ -162,11 +168,7 @@ pub async fn obtain(
     secrets: &impl SecretResolver,
 ) -> Result<Issued, SourceError> {
     if secrets.namespace().is_some() {
-        return Err(SourceError::Config(
-            "session.browser works only in standalone mode (the sidecar on the person's machine, beside their \
-             browser); in a cluster use session.cookies or session.formLogin"
-                .into(),
-        ));
+        return Err(SourceError::Config(STANDALONE_ONLY.into()));
     }
     let url = site_url(spec, b);
     let signed_out = |why: &str| SourceError::Rejected {
@@ -246,6 +248,27 @@ mod tests {
         let e = obtain("wiki", &s, &b, &InCluster).await.unwrap_err();
         assert!(matches!(e, SourceError::Config(_)), "{e:?}");
         assert!(e.to_string().contains("standalone mode"), "{e}");
+        assert!(e.to_string().contains(STANDALONE_ONLY), "{e}");
+    }
+
+    /// The API server refuses `session.browser` with the CRD's rule (tests/tests/crd.rs applies it),
+    /// in the words the operator uses should one get in; the type itself (what standalone mode
+    /// reads from YAML) still takes it.
+    #[test]
+    fn the_crd_refuses_a_browser_session_in_the_words_of_the_reconcile_error() {
+        use kube::CustomResourceExt as _;
+        let crd = serde_json::to_value(crate::McpCredential::crd()).unwrap();
+        let session = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["source"]["properties"]["session"];
+        let rules = session["x-kubernetes-validations"].as_array().unwrap();
+        let rule = rules
+            .iter()
+            .find(|r| r["fieldPath"] == ".browser")
+            .expect("a rule on session.browser");
+        assert_eq!(rule["rule"], "!has(self.browser)");
+        assert_eq!(rule["message"], STANDALONE_ONLY);
+        let (s, _) = credential();
+        assert!(s.source.session.unwrap().browser.is_some());
     }
 
     #[tokio::test]
