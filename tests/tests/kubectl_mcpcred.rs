@@ -260,6 +260,25 @@ fn recording_browser(dir: &Path) -> (String, PathBuf) {
     (format!("sh {}", script.display()), marker)
 }
 
+/// The sign-in credential `NAME` and a machine one, `machine` (client credentials), for `server`.
+fn sign_in_and_machine_credentials(cp: &ControlPlane, ns: &str, oauth: &OAuth, server: &McpServer) {
+    apply(
+        cp,
+        ns,
+        &Credential::new(NAME, &server.url, OAuth2::sign_in()).yaml(),
+    );
+    apply(
+        cp,
+        ns,
+        &Credential::new(
+            "machine",
+            &server.url,
+            OAuth2::cc_basic().token_url(&oauth.token_url()),
+        )
+        .yaml(),
+    );
+}
+
 /// RBAC decides: a person who may read the credential but not write Secrets is told which Secret,
 /// which namespace and which permission is missing, before any browser opens, and nothing is
 /// written; a credential that does not exist, or is not a sign-in one, names the fix.
@@ -269,21 +288,7 @@ async fn login_without_the_rbac_to_write_the_secret_or_for_a_wrong_credential_na
     let dir = run_dir(&format!("mcpcred-rbac-{ns}"));
     let oauth = OAuth::start_sign_in(&dir, 3600);
     let server = McpServer::start(&oauth, &dir).await;
-    apply(
-        cp,
-        &ns,
-        &Credential::new(NAME, &server.url, OAuth2::sign_in()).yaml(),
-    );
-    apply(
-        cp,
-        &ns,
-        &Credential::new(
-            "machine",
-            &server.url,
-            OAuth2::cc_basic().token_url(&oauth.token_url()),
-        )
-        .yaml(),
-    );
+    sign_in_and_machine_credentials(cp, &ns, &oauth, &server);
     let client = client(cp).await;
     let secrets: Api<Secret> = Api::namespaced(client, &ns);
     let (browser, opened) = recording_browser(&dir);
@@ -367,21 +372,7 @@ async fn status_names_each_state_and_the_command_to_run() {
     let oauth = OAuth::start_sign_in(&dir, 3600);
     let server = McpServer::start(&oauth, &dir).await;
     operator_support::create_secret(cp, &ns, "idp", &[("secret", "cc-basic-secret")]);
-    apply(
-        cp,
-        &ns,
-        &Credential::new(NAME, &server.url, OAuth2::sign_in()).yaml(),
-    );
-    apply(
-        cp,
-        &ns,
-        &Credential::new(
-            "machine",
-            &server.url,
-            OAuth2::cc_basic().token_url(&oauth.token_url()),
-        )
-        .yaml(),
-    );
+    sign_in_and_machine_credentials(cp, &ns, &oauth, &server);
     let alice = person(cp, &ns, "alice", SIGNER);
     let before = status(&alice, &ns);
     assert!(
