@@ -16,7 +16,7 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ObjectMeta, Patch, PatchParams},
-    runtime::{Controller, controller::Action, watcher},
+    runtime::{Controller, WatchStreamExt, controller::Action, predicates, watcher},
 };
 use mcp_credentials_core::{
     Allowed, McpCredential,
@@ -214,7 +214,12 @@ pub async fn run(client: Client, namespace: Option<&str>, selector: Option<&str>
         None => Api::all(client.clone()),
     };
     let managed = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
-    Controller::<McpCredential>::new(credentials, crate::server::credential_watch(selector))
+    // Only a new generation (spec) changes the Role or the RoleBinding: the refresher's status
+    // writes, one per refresh, wake nothing here.
+    let (store, credentials) =
+        crate::credentials::watch(credentials, selector, crate::credentials::Keep::SpecOnly);
+    let credentials = credentials.predicate_filter(predicates::generation, Default::default());
+    Controller::<McpCredential>::for_stream(credentials, store)
         .owns(owned, watcher::Config::default().labels(&managed))
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .run(reconcile, error_policy, Arc::new(client))

@@ -43,7 +43,7 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
     core::PartialObjectMeta,
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
         reflector::Store,
@@ -329,9 +329,12 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16, s
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    let controller = Controller::new(creds, crate::server::credential_watch(selector))
+    let (store, credentials) = crate::credentials::watch(creds, selector, crate::credentials::Keep::Status);
+    // Our own status writes change neither the generation nor an annotation: they wake nothing.
+    let credentials =
+        credentials.predicate_filter(crate::credentials::spec_or_annotations, Default::default());
+    let controller = Controller::for_stream(credentials, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
-    let store = controller.store();
     // Deleted credentials are never reconciled again: forget what they left, from the watch's view.
     let sweep = {
         let (ctx, store) = (ctx.clone(), store.clone());
