@@ -353,10 +353,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16, s
     let mapper = {
         let ctx = ctx.clone();
         move |s: PartialObjectMeta<Secret>| {
-            ctx.secret_index
-                .lock()
-                .unwrap()
-                .affected(&s.namespace().unwrap_or_default(), &s.name_any())
+            ctx.secret_index.lock().unwrap().affected(
+                &s.namespace().unwrap_or_default(),
+                &s.name_any(),
+                s.resource_version().as_deref(),
+            )
         }
     };
     let controller = match namespace {
@@ -764,7 +765,7 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
     // Step 6: apply the Secret (one write), then the status (one write).
     let secret = desired_secret(&cred, &secret_name, &issued, &fingerprint, requested.as_deref());
     let version = secret_version(&secret);
-    secrets
+    let written = secrets
         .patch(
             &secret_name,
             &PatchParams::apply(FIELD_MANAGER).force(),
@@ -776,6 +777,11 @@ pub async fn reconcile(cred: Arc<McpCredential>, ctx: Arc<Context>) -> Result<Ac
             name: secret_name.clone(),
             source,
         })?;
+    // The watch's news of this write is no reason to reconcile again.
+    ctx.secret_index
+        .lock()
+        .unwrap()
+        .wrote(ns, &secret_name, written.resource_version());
     ctx.metrics.refreshes.with_label_values(&["success"]).inc();
     let after_failure = status.previous.failed_attempts.unwrap_or(0) > 0;
     ctx.remember(mkey, |r| r.failure = None);
