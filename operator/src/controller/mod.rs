@@ -333,8 +333,13 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16, s
     // Our own status writes change neither the generation nor an annotation: they wake nothing.
     let credentials =
         credentials.predicate_filter(crate::credentials::spec_or_annotations, Default::default());
-    let controller = Controller::for_stream(credentials, store.clone())
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency));
+    // At most `concurrency` reconciles run at once, and they start in the order they fell due:
+    // the controller's own limit would keep the ones beyond it in a set that it takes from in no
+    // particular order, so under load the same credentials were renewed again and again while
+    // others waited without end (10,000 credentials: 4,299 Ready, then no more). Unbounded there,
+    // every due reconcile waits here instead, for a fair (first-come) semaphore's permit.
+    let workers = Arc::new(Semaphore::new(usize::from(concurrency.max(1))));
+    let controller = Controller::for_stream(credentials, store.clone());
     // Deleted credentials are never reconciled again: forget what they left, from the watch's view.
     let sweep = {
         let (ctx, store) = (ctx.clone(), store.clone());
@@ -374,14 +379,21 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<&str>, concurrency: u16, s
     };
     let controller = controller
         .run(
-            |cred, ctx| {
+            move |cred, ctx| {
                 // One span per reconcile: every line it logs names the credential and its generation.
                 let span = tracing::info_span!(
                     "reconcile",
                     credential = %format!("{}/{}", cred.namespace().unwrap_or_default(), cred.name_any()),
                     generation = cred.metadata.generation.unwrap_or_default(),
                 );
-                reconcile(cred, ctx).instrument(span)
+                let workers = workers.clone();
+                async move {
+                    let _worker = workers.acquire_owned().await;
+                    // Boxed: a reconcile waiting for its turn holds only a pointer, not the
+                    // whole reconcile's state.
+                    Box::pin(reconcile(cred, ctx)).await
+                }
+                .instrument(span)
             },
             error_policy,
             ctx.clone(),
