@@ -6,9 +6,9 @@
 //! namespace to the listed service accounts. Its own controller, because it is a separate concern
 //! from refreshing (and a change of the access list must not cost a token request).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::{
     core::v1::Secret,
     rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
@@ -16,7 +16,8 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ObjectMeta, Patch, PatchParams},
-    runtime::{Controller, controller::Action, watcher},
+    core::PartialObjectMeta,
+    runtime::{Controller, WatchStreamExt, controller::Action, predicates, watcher},
 };
 use mcp_credentials_core::{
     Allowed, McpCredential,
@@ -201,21 +202,68 @@ const RESYNC: Duration = Duration::from_secs(3600);
 /// credential's pair is applied, the refresher's writes are not queued behind them.
 const CONCURRENCY: u16 = 4;
 
+/// The Secrets of `events` that were created (or created again: a new UID), deleted, or given
+/// another controller owner: what decides whether a Role may name them. Other changes, such as the
+/// refresher's write of a new token on each refresh, are left out. A new list (after a watch
+/// restart) lets every listed Secret through once.
+fn ownership_changes(
+    events: impl Stream<Item = watcher::Result<watcher::Event<PartialObjectMeta<Secret>>>> + Send + 'static,
+) -> impl Stream<Item = watcher::Result<PartialObjectMeta<Secret>>> + Send + 'static {
+    let mut owners: HashMap<String, Option<String>> = HashMap::new();
+    events.filter_map(move |event| {
+        let changed = match event {
+            Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
+                let owner = s
+                    .metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .find(|o| o.controller == Some(true) && o.kind == "McpCredential")
+                    .map(|o| o.uid.clone());
+                let uid = s.metadata.uid.clone().unwrap_or_default();
+                (owners.get(&uid) != Some(&owner)).then(|| {
+                    owners.insert(uid, owner);
+                    Ok(s)
+                })
+            }
+            Ok(watcher::Event::Delete(s)) => {
+                owners.remove(s.metadata.uid.as_deref().unwrap_or_default());
+                Some(Ok(s))
+            }
+            Ok(watcher::Event::Init) => {
+                owners.clear();
+                None
+            }
+            Ok(watcher::Event::InitDone) => None,
+            Err(e) => Some(Err(e)),
+        };
+        std::future::ready(changed)
+    })
+}
+
 /// Keeps every McpCredential's Role and RoleBinding in step with its spec until the stream ends.
 pub async fn run(client: Client, namespace: Option<&str>, selector: Option<&str>) {
     let credentials = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    // The credentials' own Secrets (`owns` watches metadata only: no Secret data is cached): a
+    // The credentials' own Secrets, by their metadata only (no Secret data is received): a
     // Secret the operator creates or that is deleted re-evaluates whether the Role may name it.
-    let owned: Api<Secret> = match namespace {
+    let owned: Api<PartialObjectMeta<Secret>> = match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
     let managed = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
-    Controller::<McpCredential>::new(credentials, crate::server::credential_watch(selector))
-        .owns(owned, watcher::Config::default().labels(&managed))
+    // Only a new generation (spec) changes the Role or the RoleBinding: the refresher's status
+    // writes, one per refresh, wake nothing here.
+    let (store, credentials) =
+        crate::credentials::watch(credentials, selector, crate::credentials::Keep::SpecOnly);
+    let credentials = credentials.predicate_filter(predicates::generation, Default::default());
+    // Only a Secret created (or created again: a new UID) or given another owner changes whether
+    // the Role may name it: the refresher's writes of the token, one per refresh, wake nothing.
+    let owned = ownership_changes(watcher(owned, watcher::Config::default().labels(&managed)));
+    Controller::<McpCredential>::for_stream(credentials, store)
+        .owns_stream(owned)
         .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .run(reconcile, error_policy, Arc::new(client))
         .for_each(|_| std::future::ready(()))

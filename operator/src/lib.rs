@@ -14,6 +14,8 @@ pub mod certs;
 pub mod config;
 /// Reconciling McpCredentials into Secrets.
 pub mod controller;
+/// The watch of McpCredentials both controllers run on, trimmed to what they read.
+pub mod credentials;
 /// Test fixtures.
 #[cfg(test)]
 mod fixtures;

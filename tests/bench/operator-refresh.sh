@@ -8,7 +8,10 @@
 # install does; `--selector` keeps it to the bench's credentials) and, after the first window, U
 # Secrets of 10 KiB are created in another namespace; a second window reports the same numbers and
 # the resident memory before and after them.
+# Each window also lists the operator's API requests per refresh by verb and resource.
 # Usage: tests/bench/operator-refresh.sh [count] [ttl-seconds] [observe-seconds] [unrelated]
+# MCP_CREDENTIALS_CONCURRENCY sets --concurrency (as for the operator; also the namespace's limit);
+# OPERATOR_BIN runs that operator binary instead of building this checkout's.
 # Not a test: numbers depend on the machine. It cleans up what it starts.
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -28,9 +31,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "==> building the operator (release)"
-cargo build -q --release -p mcp-credentials-operator
-bin=$CARGO_TARGET_DIR/release/mcp-credentials-operator
+if [ -n "${OPERATOR_BIN:-}" ]; then
+    bin=$OPERATOR_BIN
+else
+    echo "==> building the operator (release)"
+    cargo build -q --release -p mcp-credentials-operator
+    bin=$CARGO_TARGET_DIR/release/mcp-credentials-operator
+fi
 tests/oauth-server/install
 eval "$(tests/control-plane up)"
 kubectl apply --server-side --force-conflicts -f crds/ >/dev/null
@@ -78,7 +85,7 @@ kubectl apply --server-side -n "$ns" -f "$work/creds.yaml" >/dev/null
 if [ "$unrelated" -gt 0 ]; then
     # Every namespace, as a cluster-wide install; the bench's credentials only. One namespace
     # holds them all: no per-namespace refresh limit below --concurrency.
-    scope=(--selector "bench=$ns" --namespace-concurrency 16)
+    scope=(--selector "bench=$ns" --namespace-concurrency "${MCP_CREDENTIALS_CONCURRENCY:-16}")
 else
     scope=(--namespace "$ns")
 fi
@@ -111,20 +118,30 @@ echo "all $count Ready after ${all_ready}s"
 s_w='mcp_credentials_kube_api_requests_total{method="PATCH",resource="secrets"}'
 st_w='mcp_credentials_kube_api_requests_total{method="PATCH",resource="mcpcredentials/status"}'
 ok='mcp_credentials_refreshes_total{result="success"}'
+api_requests() { curl -s "http://127.0.0.1:$mport/metrics" | grep '^mcp_credentials_kube_api_requests_total{' > "$1" || true; }
 # One observation window: refreshes, and token requests and API writes per refresh.
 window() {
     local t0 sw0 stw0 ok0 t1 sw1 stw1 ok1
     t0=$(tokens); sw0=$(metric "$s_w"); stw0=$(metric "$st_w"); ok0=$(metric "$ok")
+    api_requests "$work/api0"
     echo "==> observing ${observe}s of steady-state refreshes ($1)"
     sleep "$observe"
     t1=$(tokens); sw1=$(metric "$s_w"); stw1=$(metric "$st_w"); ok1=$(metric "$ok")
-    python3 - <<PY
+    api_requests "$work/api1"
+    python3 - "$work/api0" "$work/api1" <<PY
+import sys
 refreshes = $ok1 - $ok0
 print(f"refreshes in window:          {refreshes:.0f}")
 if refreshes:
     print(f"token requests per refresh:   {($t1 - $t0) / refreshes:.3f}")
     print(f"Secret writes per refresh:    {($sw1 - $sw0) / refreshes:.3f}")
     print(f"status writes per refresh:    {($stw1 - $stw0) / refreshes:.3f}")
+    def read(path):
+        return {l.rsplit(" ", 1)[0]: float(l.rsplit(" ", 1)[1]) for l in open(path) if l.strip()}
+    a, b = read(sys.argv[1]), read(sys.argv[2])
+    for k in sorted(b):
+        if b[k] - a.get(k, 0):
+            print(f"  API requests per refresh, {k.split('{', 1)[1].rstrip('}')}: {(b[k] - a.get(k, 0)) / refreshes:.3f}")
 PY
 }
 window "$count credentials"

@@ -48,6 +48,9 @@ pub(super) struct SecretIndex {
     secrets: HashMap<(String, String), Vec<String>>,
     /// The credentials (names) that write or read each Secret, by its namespace and name.
     credentials: HashMap<(String, String), HashSet<String>>,
+    /// The resourceVersion of each Secret as this process last wrote it, by namespace and name:
+    /// the watch's news of our own write wakes nobody.
+    written: HashMap<(String, String), String>,
 }
 
 impl SecretIndex {
@@ -83,10 +86,33 @@ impl SecretIndex {
         }
     }
 
-    /// The credentials that write or read Secret `ns/secret`.
-    pub(super) fn affected(&self, ns: &str, secret: &str) -> Vec<ObjectRef<McpCredential>> {
+    /// This process wrote Secret `ns/secret`, which the API server gave `resource_version`.
+    pub(super) fn wrote(&mut self, ns: &str, secret: &str, resource_version: Option<String>) {
+        let key = (ns.to_owned(), secret.to_owned());
+        match resource_version {
+            Some(rv) if self.credentials.contains_key(&key) => {
+                self.written.insert(key, rv);
+            }
+            _ => {
+                self.written.remove(&key);
+            }
+        }
+    }
+
+    /// The credentials that write or read Secret `ns/secret`, now at `resource_version`: none
+    /// when that is the version this process wrote (its own change).
+    pub(super) fn affected(
+        &self,
+        ns: &str,
+        secret: &str,
+        resource_version: Option<&str>,
+    ) -> Vec<ObjectRef<McpCredential>> {
+        let key = (ns.to_owned(), secret.to_owned());
+        if resource_version.is_some() && self.written.get(&key).map(String::as_str) == resource_version {
+            return Vec::new();
+        }
         self.credentials
-            .get(&(ns.to_owned(), secret.to_owned()))
+            .get(&key)
             .map(|names| names.iter().map(|n| ObjectRef::new(n).within(ns)).collect())
             .unwrap_or_default()
     }
@@ -102,6 +128,8 @@ impl SecretIndex {
         for key in &gone {
             self.remove(key);
         }
+        let credentials = &self.credentials;
+        self.written.retain(|k, _| credentials.contains_key(k));
     }
 }
 
@@ -284,30 +312,57 @@ mod tests {
         );
         index.set("tools", "github", strings(&["github-mcp-credential", "keys"]));
         assert_eq!(
-            names(index.affected("agents", "keys")),
+            names(index.affected("agents", "keys", None)),
             ["agents/github", "agents/slack"]
         );
-        assert_eq!(names(index.affected("tools", "keys")), ["tools/github"]);
-        assert!(index.affected("agents", "unrelated").is_empty());
+        assert_eq!(names(index.affected("tools", "keys", None)), ["tools/github"]);
+        assert!(index.affected("agents", "unrelated", None).is_empty());
         // A spec change: the credential reads another Secret from now on, and not the old one.
         index.set(
             "agents",
             "slack",
             strings(&["slack-mcp-credential", "slack-keys"]),
         );
-        assert_eq!(names(index.affected("agents", "keys")), ["agents/github"]);
-        assert_eq!(names(index.affected("agents", "slack-keys")), ["agents/slack"]);
+        assert_eq!(names(index.affected("agents", "keys", None)), ["agents/github"]);
+        assert_eq!(
+            names(index.affected("agents", "slack-keys", None)),
+            ["agents/slack"]
+        );
         // Deleted credentials are forgotten, and with them the Secrets only they named.
         index.retain(&HashSet::from([("agents".to_owned(), "github".to_owned())]));
-        assert!(index.affected("agents", "slack-keys").is_empty());
-        assert!(index.affected("tools", "keys").is_empty());
-        assert_eq!(names(index.affected("agents", "keys")), ["agents/github"]);
+        assert!(index.affected("agents", "slack-keys", None).is_empty());
+        assert!(index.affected("tools", "keys", None).is_empty());
+        assert_eq!(names(index.affected("agents", "keys", None)), ["agents/github"]);
         assert_eq!(
             index.credentials.len(),
             2,
             "no empty entries left: {:?}",
             index.credentials
         );
+    }
+
+    #[test]
+    fn the_news_of_our_own_write_wakes_nobody_but_a_later_change_by_another_writer_does() {
+        let mut index = SecretIndex::default();
+        index.set("agents", "github", vec!["github-mcp-credential".into()]);
+        index.wrote("agents", "github-mcp-credential", Some("41".into()));
+        assert!(
+            index
+                .affected("agents", "github-mcp-credential", Some("41"))
+                .is_empty()
+        );
+        assert_eq!(
+            names(index.affected("agents", "github-mcp-credential", Some("42"))),
+            ["agents/github"]
+        );
+        assert_eq!(
+            names(index.affected("agents", "github-mcp-credential", None)),
+            ["agents/github"]
+        );
+        // A Secret nobody writes or reads is not remembered; a deleted credential's is forgotten.
+        index.wrote("agents", "unrelated", Some("7".into()));
+        index.retain(&HashSet::new());
+        assert!(index.written.is_empty(), "{:?}", index.written);
     }
 
     #[tokio::test]
