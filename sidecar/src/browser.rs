@@ -39,7 +39,10 @@ use mcp_credentials_core::{
 };
 use serde_json::json;
 
-use crate::store::{Store, standalone::write_private_file};
+use crate::{
+    admin::escape,
+    store::{Store, standalone::write_private_file},
+};
 
 /// The environment variable naming the extension ids to accept (comma-separated), for a build
 /// of the extension with another id (a store's). Default: [`EXTENSION_ID`].
@@ -453,13 +456,6 @@ async fn page(State(b): State<Arc<Browser>>, headers: HeaderMap) -> Response {
         page,
     )
         .into_response()
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 #[cfg(test)]
